@@ -1,0 +1,99 @@
+//! `nodescope run`: wires the signals, the telemetry pipeline and the HTTP
+//! listener, and drives the collection loop.
+//!
+//! Data flows one way: kernel maps and procfs -> a snapshot per signal
+//! (published each interval) -> instruments and HTTP handlers.
+
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+
+use crate::cgroup::Mounts;
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::net::metrics::NetMetrics;
+use crate::net::{NetSignal, NetSnapshot};
+use crate::snapshot::Shared;
+use crate::target::Targets;
+use crate::telemetry::Telemetry;
+
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("nodescope-io")
+        .build()
+        .context("starting the async runtime")?;
+
+    let telemetry = Arc::new(Telemetry::new(&config)?);
+    let meter = telemetry.meter();
+    let net_snapshot = Shared::<NetSnapshot>::default();
+    let net_metrics = NetMetrics::register(&meter, net_snapshot.clone());
+
+    let mut net = match NetSignal::load(&config.limits) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::error!("network signal off: {e}");
+            None
+        }
+    };
+
+    let mounts = Mounts::read().unwrap_or_else(|e| {
+        tracing::warn!("reading /proc/self/mountinfo: {e}; cgroup scoping off");
+        Mounts::default()
+    });
+    if mounts.v2.is_none() {
+        tracing::warn!("no cgroup2 hierarchy mounted: nodes are scoped by process and listening ports");
+    }
+    let mut targets = Targets::new(&config, mounts);
+    if targets.is_discovering() {
+        tracing::info!("no [[targets]] configured: looking for bitcoind, litecoind and monerod on this host");
+    }
+
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(config.http.listen))
+        .with_context(|| format!("http.listen: binding {}", config.http.listen))?;
+    tracing::info!("serving /metrics and /peers on http://{}", config.http.listen);
+    let state = Arc::new(AppState { telemetry: telemetry.clone(), net: net_snapshot.clone() });
+    let (stop_http, stop_rx) = tokio::sync::watch::channel(false);
+    let server = runtime.spawn(http::serve(listener, state, stop_rx));
+
+    // Signals end the loop through this channel.
+    let (stop_tx, stop) = mpsc::channel::<()>();
+    runtime.spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        let _ = stop_tx.send(());
+    });
+
+    let interval = config.agent.interval;
+    loop {
+        let started = Instant::now();
+        let current = targets.refresh();
+        if let Some(signal) = net.as_mut() {
+            match signal.collect(current) {
+                Ok(snap) => {
+                    net_metrics.record(&snap);
+                    net_snapshot.publish(snap);
+                }
+                Err(e) => tracing::error!("network collection failed: {e}"),
+            }
+        }
+        let spent = started.elapsed();
+        match stop.recv_timeout(interval.saturating_sub(spent)) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
+
+    tracing::info!("stopping");
+    let _ = stop_http.send(true);
+    let _ = runtime.block_on(server);
+    telemetry.shutdown();
+    Ok(())
+}

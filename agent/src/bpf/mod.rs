@@ -1,0 +1,99 @@
+//! What every eBPF signal shares: the embedded objects, kernel BTF, the
+//! mounts the hooks need, and the report `nodescope probes` prints.
+//! Each signal loads and reads its own object in its own module.
+
+pub mod abi;
+
+use std::path::Path;
+
+use aya::{Btf, Ebpf, EbpfLoader};
+
+/// The compiled `ebpf/net.bpf.c`.
+pub static NET_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/net.bpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("kernel BTF (/sys/kernel/btf/vmlinux) unavailable: {0}")]
+    Btf(#[from] aya::BtfError),
+    #[error("loading {object}: {source}")]
+    Load { object: &'static str, source: aya::EbpfError },
+    #[error("program {0} missing from its object")]
+    MissingProgram(&'static str),
+    #[error("map {0} missing from its object")]
+    MissingMap(&'static str),
+    #[error("program {program}: {source}")]
+    Program { program: &'static str, source: aya::programs::ProgramError },
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: aya::maps::MapError },
+    #[error("{0}")]
+    Mount(String),
+    #[error("running the iterator: {0}")]
+    Iter(String),
+}
+
+pub fn kernel_btf() -> Result<Btf, BpfError> {
+    Ok(Btf::from_sys_fs()?)
+}
+
+/// Loads an object, sizing maps as the caller asks.
+pub fn load(object: &'static str, bytes: &[u8], max_entries: &[(&'static str, u32)]) -> Result<Ebpf, BpfError> {
+    let mut loader = EbpfLoader::new();
+    for (map, n) in max_entries {
+        loader.map_max_entries(map, *n);
+    }
+    loader.load(bytes).map_err(|source| BpfError::Load { object, source })
+}
+
+/// Classic tracepoints attach through tracefs, which these hosts do not
+/// always mount. Mount it when missing; say which mount is missing when that
+/// fails (an unprivileged container, say).
+pub fn ensure_tracefs() -> Result<(), BpfError> {
+    for dir in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        if Path::new(dir).join("events").is_dir() {
+            return Ok(());
+        }
+    }
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: plain mount(2) with NUL-terminated literals.
+    let rc = unsafe {
+        libc::mount(c"tracefs".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(BpfError::Mount(format!(
+            "tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// One hook nodescope uses, and whether this kernel takes it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HookStatus {
+    pub signal: &'static str,
+    pub hook: String,
+    pub program: &'static str,
+    pub supported: bool,
+    pub detail: String,
+}
+
+/// Boot time (CLOCK_BOOTTIME, what bpf_ktime_get_boot_ns reads) to unix
+/// seconds.
+pub fn boot_ns_to_unix(boot_ns: u64) -> Option<u64> {
+    if boot_ns == 0 {
+        return None;
+    }
+    let now_boot = clock_ns(libc::CLOCK_BOOTTIME)?;
+    let now_real = clock_ns(libc::CLOCK_REALTIME)?;
+    let age = now_boot.saturating_sub(boot_ns);
+    Some(now_real.saturating_sub(age) / 1_000_000_000)
+}
+
+pub fn clock_ns(clock: libc::clockid_t) -> Option<u64> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid out pointer.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}

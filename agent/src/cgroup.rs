@@ -1,0 +1,170 @@
+//! Where the cgroup hierarchies are mounted and which group a process is in.
+//! Read from /proc/self/mountinfo, never assumed: hosts mount cgroup2 at
+//! /sys/fs/cgroup (pure v2) or /sys/fs/cgroup/unified (hybrid).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mounts {
+    /// The cgroup2 (unified) hierarchy, if mounted.
+    pub v2: Option<PathBuf>,
+    /// cgroup v1 hierarchies by controller ("memory", "cpu", "cpuacct", "blkio", "pids", ...).
+    pub v1: BTreeMap<String, PathBuf>,
+}
+
+impl Mounts {
+    pub fn read() -> std::io::Result<Mounts> {
+        Ok(Mounts::parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
+    }
+
+    /// Parses mountinfo (proc(5)): `id parent major:minor root mountpoint
+    /// options [optional...] - fstype source superoptions`.
+    pub fn parse(mountinfo: &str) -> Mounts {
+        let mut m = Mounts::default();
+        for line in mountinfo.lines() {
+            let Some((pre, post)) = line.split_once(" - ") else { continue };
+            let pre: Vec<&str> = pre.split(' ').collect();
+            let post: Vec<&str> = post.split(' ').collect();
+            let (Some(mountpoint), Some(fstype)) = (pre.get(4), post.first()) else { continue };
+            let mountpoint = PathBuf::from(unescape(mountpoint));
+            match *fstype {
+                "cgroup2" => {
+                    m.v2.get_or_insert(mountpoint);
+                }
+                "cgroup" => {
+                    let opts = post.get(2).copied().unwrap_or("");
+                    for opt in opts.split(',') {
+                        if matches!(opt, "rw" | "ro") || opt.contains('=') || opt.starts_with("no") {
+                            continue;
+                        }
+                        m.v1.entry(opt.to_string()).or_insert_with(|| mountpoint.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        m
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v as char);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i] as char);
+        i += 1;
+    }
+    out
+}
+
+/// A process's group in each hierarchy, from /proc/PID/cgroup:
+/// `0::/path` for v2, `N:controllers:/path` for v1.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessCgroups {
+    pub v2: Option<String>,
+    pub v1: BTreeMap<String, String>,
+}
+
+impl ProcessCgroups {
+    pub fn read(proc_root: &Path, pid: u32) -> std::io::Result<ProcessCgroups> {
+        Ok(Self::parse(&std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))?))
+    }
+
+    pub fn parse(text: &str) -> ProcessCgroups {
+        let mut pc = ProcessCgroups::default();
+        for line in text.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (Some(id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            if id == "0" && ctrls.is_empty() {
+                pc.v2 = Some(path.to_string());
+            } else {
+                for c in ctrls.split(',') {
+                    pc.v1.insert(c.trim_start_matches("name=").to_string(), path.to_string());
+                }
+            }
+        }
+        pc
+    }
+}
+
+/// Joins a mount point with a cgroup path as /proc/PID/cgroup prints it.
+pub fn join(mount: &Path, cgroup_path: &str) -> PathBuf {
+    mount.join(cgroup_path.trim_start_matches('/'))
+}
+
+/// The cgroup2 id the kernel puts on sockets (the kernfs node id, which is
+/// the directory's inode number).
+pub fn cgroup2_id(dir: &Path) -> std::io::Result<u64> {
+    Ok(std::fs::metadata(dir)?.ino())
+}
+
+/// The processes in a group (not its descendants).
+pub fn procs(dir: &Path) -> std::io::Result<Vec<u32>> {
+    Ok(std::fs::read_to_string(dir.join("cgroup.procs"))?
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+25 1 0:23 / /sys rw,nosuid - sysfs sysfs rw
+30 25 0:26 / /sys/fs/cgroup ro - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate
+33 30 0:29 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+34 30 0:30 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+35 30 0:31 / /sys/fs/cgroup/blkio rw - cgroup cgroup rw,blkio
+36 30 0:32 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd
+";
+
+    #[test]
+    fn hybrid_mounts() {
+        let m = Mounts::parse(HYBRID);
+        assert_eq!(m.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
+        assert_eq!(m.v1["memory"], PathBuf::from("/sys/fs/cgroup/memory"));
+        assert_eq!(m.v1["cpuacct"], PathBuf::from("/sys/fs/cgroup/cpu,cpuacct"));
+        assert!(!m.v1.contains_key("xattr"));
+    }
+
+    #[test]
+    fn pure_v2_and_escapes() {
+        let m = Mounts::parse("40 1 0:33 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n41 1 0:34 / /mnt/a\\040b rw - cgroup2 none rw\n");
+        assert_eq!(m.v2.as_deref(), Some(Path::new("/sys/fs/cgroup")));
+        assert!(m.v1.is_empty());
+        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
+    }
+
+    #[test]
+    fn process_cgroup_lines() {
+        let pc = ProcessCgroups::parse("12:memory:/ns\n5:cpu,cpuacct:/\n1:name=systemd:/x\n0::/nodescope-test\n");
+        assert_eq!(pc.v2.as_deref(), Some("/nodescope-test"));
+        assert_eq!(pc.v1["memory"], "/ns");
+        assert_eq!(pc.v1["cpuacct"], "/");
+        assert_eq!(join(Path::new("/sys/fs/cgroup/unified"), "/a/b"), PathBuf::from("/sys/fs/cgroup/unified/a/b"));
+    }
+
+    #[test]
+    fn this_machine() {
+        let m = Mounts::read().unwrap();
+        let own = ProcessCgroups::read(Path::new("/proc"), std::process::id()).unwrap();
+        if let (Some(v2), Some(path)) = (&m.v2, &own.v2) {
+            assert!(cgroup2_id(&join(v2, path)).unwrap() > 0);
+        }
+    }
+}

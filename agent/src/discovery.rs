@@ -1,0 +1,1177 @@
+//! Finds node processes on the host and works out how each one runs.
+//!
+//! Everything comes from /proc and the node's own config file: nodescope never
+//! talks to the node, so it can describe one that is stuck, still starting, or
+//! has its RPC locked down. Every function takes the procfs root so tests can
+//! point it at a fake tree; real callers pass "/proc".
+//!
+//! Paths are read as the node sees them. A node in a container has its own
+//! mount namespace, so its data dir and config file may not exist at the same
+//! path on the host; the config is then not found and defaults are reported.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::chain::{Chain, Network, Ports};
+
+/// Where a process's home dir is looked up when its environment is unreadable.
+const PASSWD: &str = "/etc/passwd";
+
+/// proc(5) numbering of the /proc/PID/stat fields we read.
+const STAT_STATE: usize = 3;
+const STAT_PPID: usize = 4;
+const STAT_STARTTIME: usize = 22;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub pid: u32,
+    pub chain: Chain,
+    pub network: Network,
+    /// base data dir (what -datadir / --data-dir says, or the chain default under the process user's HOME)
+    pub datadir: Option<PathBuf>,
+    /// the network's own data dir (datadir joined with the network subdir), where blocks/chainstate/lmdb live
+    pub network_datadir: Option<PathBuf>,
+    /// P2P ports: from -port= / --p2p-bind-port (cmdline first, then the node's config file), else the chain default for the network
+    pub p2p_ports: Vec<u16>,
+    /// RPC ports: -rpcport= / --rpc-bind-port (and monero --rpc-restricted-bind-port), else defaults
+    pub rpc_ports: Vec<u16>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("pid file {path}: {reason}")]
+    PidFile { path: PathBuf, reason: String },
+}
+
+/// All processes whose comm names a known chain, as (pid, chain), sorted by
+/// pid. Processes that vanish mid-scan are skipped, and an unreadable procfs
+/// root yields no nodes.
+pub fn find_nodes(proc_root: &Path) -> Vec<(u32, Chain)> {
+    pids(proc_root)
+        .into_iter()
+        .filter_map(|pid| Some((pid, Chain::from_process_name(&read_comm(proc_root, pid)?)?)))
+        .collect()
+}
+
+/// Pids whose comm equals `name` exactly, sorted. The kernel truncates comm
+/// to 15 bytes, so a longer name never matches.
+pub fn find_by_name(proc_root: &Path, name: &str) -> Vec<u32> {
+    pids(proc_root).into_iter().filter(|&pid| read_comm(proc_root, pid).as_deref() == Some(name)).collect()
+}
+
+/// Reads a pid file (trimmed decimal) and checks that the process is alive.
+pub fn read_pid_file(proc_root: &Path, path: &Path) -> Result<u32, DiscoveryError> {
+    let raw = fs::read(path).map_err(|source| DiscoveryError::Io { path: path.to_path_buf(), source })?;
+    let fail = |reason: String| DiscoveryError::PidFile { path: path.to_path_buf(), reason };
+    let text = String::from_utf8_lossy(&raw);
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(fail("empty".to_owned()));
+    }
+    let pid = parse_pid(text).ok_or_else(|| {
+        // Keep the message one readable line even if the file is binary junk.
+        let shown: String = text.chars().take(32).collect();
+        fail(format!("{shown:?} is not a process id"))
+    })?;
+    if !is_alive(proc_root, pid) {
+        return Err(fail(format!("process {pid} is not running")));
+    }
+    Ok(pid)
+}
+
+/// Whether the pid is alive: its /proc dir exists and it is not a zombie.
+pub fn is_alive(proc_root: &Path, pid: u32) -> bool {
+    let dir = pid_dir(proc_root, pid);
+    match fs::read(dir.join("stat")) {
+        Ok(stat) => {
+            let stat = String::from_utf8_lossy(&stat);
+            // X (dead) is only visible for an instant, but is no more alive than Z.
+            !matches!(stat_field(&stat, STAT_STATE), Some("Z" | "X" | "x"))
+        }
+        // Existence is all there is to go on when stat can't be read.
+        Err(_) => dir.is_dir(),
+    }
+}
+
+/// Reads the process's command line, environment and config file and fills
+/// NodeInfo. Fails only when the process itself can't be read; an unreadable
+/// config file or environment falls back to what the node would default to.
+pub fn inspect(proc_root: &Path, pid: u32, chain: Chain) -> Result<NodeInfo, DiscoveryError> {
+    let process = Process::new(proc_root, pid);
+    let args = process.args()?;
+    Ok(match chain {
+        Chain::Bitcoin | Chain::Litecoin => inspect_core(&process, pid, chain, &args),
+        Chain::Monero => inspect_monero(&process, pid, &args),
+        Chain::Generic => NodeInfo {
+            pid,
+            chain,
+            network: Network::Main,
+            datadir: None,
+            network_datadir: None,
+            p2p_ports: Vec::new(),
+            rpc_ports: Vec::new(),
+        },
+    })
+}
+
+/// TCP ports the process listens on: its socket inodes (from /proc/PID/fd)
+/// that appear as LISTEN rows in /proc/PID/net/tcp and tcp6. Those tables are
+/// per network namespace, so reading them through the pid sees the node's
+/// namespace rather than ours. Sorted, deduplicated.
+pub fn listening_ports(proc_root: &Path, pid: u32) -> Result<Vec<u16>, DiscoveryError> {
+    let dir = pid_dir(proc_root, pid);
+    let inodes = socket_inodes(&dir.join("fd"))?;
+    let mut ports = Vec::new();
+    if inodes.is_empty() {
+        return Ok(ports);
+    }
+    for table in ["net/tcp", "net/tcp6"] {
+        let path = dir.join(table);
+        match fs::read_to_string(&path) {
+            Ok(text) => ports.extend(listening_in_table(&text, &inodes)),
+            // tcp6 is absent when the kernel has IPv6 disabled.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DiscoveryError::Io { path, source }),
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
+}
+
+/// Parent pid from /proc/PID/stat.
+pub fn parent_pid(proc_root: &Path, pid: u32) -> Option<u32> {
+    let stat = read_stat(proc_root, pid)?;
+    stat_field(&stat, STAT_PPID)?.parse().ok()
+}
+
+/// Process start time in whole seconds since boot (stat field 22, starttime,
+/// divided by the clock tick rate). Despite the name, not ticks.
+pub fn start_time_ticks(proc_root: &Path, pid: u32) -> Option<u64> {
+    let stat = read_stat(proc_root, pid)?;
+    let ticks: u64 = stat_field(&stat, STAT_STARTTIME)?.parse().ok()?;
+    Some(ticks / clock_ticks_per_second())
+}
+
+fn pid_dir(proc_root: &Path, pid: u32) -> PathBuf {
+    proc_root.join(pid.to_string())
+}
+
+/// Numeric entries of the procfs root, sorted. Listing /proc yields only
+/// thread-group leaders; other threads are reachable by tid but not listed.
+fn pids(proc_root: &Path) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries.filter_map(|e| parse_pid(e.ok()?.file_name().to_str()?)).collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Strict decimal: `str::parse` would also take "+12".
+fn parse_pid(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok().filter(|&pid| pid > 0)
+}
+
+fn read_comm(proc_root: &Path, pid: u32) -> Option<String> {
+    let comm = fs::read_to_string(pid_dir(proc_root, pid).join("comm")).ok()?;
+    Some(comm.strip_suffix('\n').unwrap_or(&comm).to_owned())
+}
+
+/// Lossy, because comm inside stat may be any bytes the process chose.
+fn read_stat(proc_root: &Path, pid: u32) -> Option<String> {
+    let raw = fs::read(pid_dir(proc_root, pid).join("stat")).ok()?;
+    Some(String::from_utf8_lossy(&raw).into_owned())
+}
+
+/// Field `n` of a stat line, numbered as in proc(5). comm (field 2) may
+/// contain spaces and parens, so counting restarts after the last ')'.
+fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(n.checked_sub(3)?)
+}
+
+fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf only reads a system constant and has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    // USER_HZ is 100 on every Linux architecture, should sysconf ever fail.
+    u64::try_from(hz).ok().filter(|&hz| hz > 0).unwrap_or(100)
+}
+
+fn socket_inodes(fd_dir: &Path) -> Result<HashSet<u64>, DiscoveryError> {
+    let entries =
+        fs::read_dir(fd_dir).map_err(|source| DiscoveryError::Io { path: fd_dir.to_path_buf(), source })?;
+    // An fd closed between listing and readlink just drops out.
+    Ok(entries
+        .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
+        .filter_map(|target| socket_inode(target.to_str()?))
+        .collect())
+}
+
+fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// Local ports of the LISTEN rows of a /proc/net/tcp{,6} table owned by one
+/// of `inodes`. Columns: sl local_address rem_address st tx:rx tr:when
+/// retrnsmt uid timeout inode ...; addresses are hex ADDR:PORT.
+fn listening_in_table<'a>(table: &'a str, inodes: &'a HashSet<u64>) -> impl Iterator<Item = u16> + 'a {
+    const LISTEN: &str = "0A";
+    table.lines().skip(1).filter_map(move |row| {
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        let (local, state, inode) = (cols.get(1)?, cols.get(3)?, cols.get(9)?);
+        if *state != LISTEN || !inodes.contains(&inode.parse().ok()?) {
+            return None;
+        }
+        let (_, port) = local.rsplit_once(':')?;
+        u16::from_str_radix(port, 16).ok()
+    })
+}
+
+/// One process's directory under the procfs root.
+struct Process {
+    dir: PathBuf,
+}
+
+impl Process {
+    fn new(proc_root: &Path, pid: u32) -> Self {
+        Process { dir: pid_dir(proc_root, pid) }
+    }
+
+    /// argv without argv[0]. Lossy UTF-8: options are ASCII, and a path that
+    /// isn't UTF-8 is rare enough not to bend the parsers around.
+    fn args(&self) -> Result<Vec<String>, DiscoveryError> {
+        let path = self.dir.join("cmdline");
+        let raw = fs::read(&path).map_err(|source| DiscoveryError::Io { path, source })?;
+        Ok(nul_separated(&raw).skip(1).map(|arg| String::from_utf8_lossy(arg).into_owned()).collect())
+    }
+
+    /// The HOME the node computes its default data dir from.
+    fn home(&self) -> Option<PathBuf> {
+        match fs::read(self.dir.join("environ")) {
+            // Core and monerod both use "/" when HOME is unset or empty.
+            Ok(environ) => Some(home_from_environ(&environ).unwrap_or_else(|| PathBuf::from("/"))),
+            // Another user's environment needs ptrace access; their passwd
+            // entry is what HOME is set from at login and by systemd.
+            Err(_) => {
+                let uid = self.uid()?;
+                let passwd = fs::read_to_string(PASSWD).unwrap_or_default();
+                home_from_passwd(&passwd, uid).or_else(|| (uid == 0).then(|| PathBuf::from("/root")))
+            }
+        }
+    }
+
+    /// Real uid from status, else the owner of the /proc dir (the euid).
+    fn uid(&self) -> Option<u32> {
+        fs::read_to_string(self.dir.join("status"))
+            .ok()
+            .and_then(|status| {
+                let ids = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
+                ids.split_whitespace().next()?.parse().ok()
+            })
+            .or_else(|| fs::metadata(&self.dir).ok().map(|meta| meta.uid()))
+    }
+
+    /// A path from the command line as the node resolved it: relative to its
+    /// working directory. The cwd link needs ptrace access; without it the
+    /// path stays relative, which at least shows what was given.
+    fn absolute(&self, path: &str) -> PathBuf {
+        let path = PathBuf::from(path);
+        if path.is_absolute() {
+            return path;
+        }
+        match fs::read_link(self.dir.join("cwd")) {
+            Ok(cwd) => cwd.join(path),
+            Err(_) => path,
+        }
+    }
+}
+
+/// Splits cmdline/environ contents, whose entries each end in NUL.
+fn nul_separated(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
+    // An empty file (kernel thread, zombie) has no entries, not one empty one.
+    raw.split(|&b| b == 0).filter(move |_| !raw.is_empty())
+}
+
+fn home_from_environ(environ: &[u8]) -> Option<PathBuf> {
+    // getenv() returns the first match, so we do too.
+    let home = nul_separated(environ).find_map(|var| var.strip_prefix(b"HOME="))?;
+    (!home.is_empty()).then(|| PathBuf::from(OsStr::from_bytes(home)))
+}
+
+fn home_from_passwd(passwd: &str, uid: u32) -> Option<PathBuf> {
+    passwd.lines().find_map(|line| {
+        // name:password:uid:gid:gecos:home:shell
+        let fields: Vec<&str> = line.split(':').collect();
+        let home = fields.get(5).filter(|home| !home.is_empty())?;
+        (fields.get(2)?.parse::<u32>().ok()? == uid).then(|| PathBuf::from(home))
+    })
+}
+
+/// A config file's text, or None when it can't be read. A missing file is
+/// normal (nodes run fine without one); anything else means the ports and
+/// network we report may be defaults the node doesn't use, so say so.
+fn read_config(path: &Path) -> Option<String> {
+    match fs::read(path) {
+        Ok(raw) => Some(String::from_utf8_lossy(&raw).into_owned()),
+        Err(e) => {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::debug!(path = %path.display(), error = %e, "node config file unreadable, assuming defaults");
+            }
+            None
+        }
+    }
+}
+
+/// `dir` joined with a network subdir, without the trailing slash that
+/// joining "" would add.
+fn with_subdir(dir: &Path, subdir: &str) -> PathBuf {
+    if subdir.is_empty() {
+        dir.to_path_buf()
+    } else {
+        dir.join(subdir)
+    }
+}
+
+/// A port option's value; 0 means "unset" (or "disabled") to both node families.
+fn parse_port(value: &str) -> Option<u16> {
+    value.trim().parse().ok().filter(|&port| port != 0)
+}
+
+// ---- Bitcoin Core and Litecoin Core -------------------------------------
+
+/// Options that Core ignores at the top level of the config file unless the
+/// network is main (the "network only" ones; these are those we read).
+const CORE_NETWORK_ONLY: &[&str] = &["port", "rpcport"];
+
+/// One setting as Core's ArgsManager stores it: `section.key` split apart,
+/// and `-nofoo` folded into `foo` with a false value.
+#[derive(Debug)]
+struct CoreSetting {
+    section: Option<String>,
+    key: String,
+    value: String,
+    negated: bool,
+}
+
+impl CoreSetting {
+    fn new(section: Option<String>, key: &str, value: Option<&str>) -> Self {
+        let (section, key) = match (section, key.split_once('.')) {
+            (None, Some((section, key))) => (Some(section.to_owned()), key),
+            (section, _) => (section, key),
+        };
+        let (key, value, negated) = match key.strip_prefix("no") {
+            // -nofoo is foo=0; -nofoo=0 double-negates to foo=1.
+            Some(key) => (key, if value.is_none_or(core_bool) { "0" } else { "1" }, true),
+            None => (key, value.unwrap_or(""), false),
+        };
+        CoreSetting { section, key: key.to_owned(), value: value.to_owned(), negated }
+    }
+}
+
+/// Core's InterpretBool: a bare `-flag` (empty value) is true, anything else
+/// is its leading integer as atoi reads it, so "true" is false.
+fn core_bool(value: &str) -> bool {
+    let value = value.trim_start();
+    if value.is_empty() {
+        return true;
+    }
+    let unsigned = value.strip_prefix(['+', '-']).unwrap_or(value);
+    let digits = unsigned.bytes().take_while(u8::is_ascii_digit).count();
+    unsigned[..digits].bytes().any(|b| b != b'0')
+}
+
+#[derive(Debug)]
+struct CoreArgs {
+    cmdline: Vec<CoreSetting>,
+    config: Vec<CoreSetting>,
+}
+
+impl CoreArgs {
+    fn from_cmdline(args: &[String]) -> Self {
+        let mut cmdline = Vec::new();
+        for arg in args {
+            // Core stops parsing at the first argument that isn't an option.
+            let Some(body) = arg.strip_prefix('-') else { break };
+            let body = body.strip_prefix('-').unwrap_or(body);
+            let setting = match body.split_once('=') {
+                Some((key, value)) => CoreSetting::new(None, key, Some(value)),
+                None => CoreSetting::new(None, body, None),
+            };
+            // Core refuses `-section.key` on the command line, so a running node has none.
+            if setting.section.is_none() {
+                cmdline.push(setting);
+            }
+        }
+        CoreArgs { cmdline, config: Vec::new() }
+    }
+
+    fn on_cmdline(&self, key: &str) -> Option<&CoreSetting> {
+        self.cmdline.iter().rev().find(|s| s.key == key)
+    }
+
+    /// Core's precedence for a setting on network `net`: the command line
+    /// (last value wins), then the config's [net] section, then its top
+    /// level. In the config the first value wins, which Core keeps for
+    /// backwards compatibility.
+    fn get(&self, key: &str, net: &str) -> Option<&str> {
+        let in_config = |section: Option<&str>| {
+            self.config.iter().find(|s| s.key == key && s.section.as_deref() == section)
+        };
+        let top_level_applies = net == "main" || !CORE_NETWORK_ONLY.contains(&key);
+        self.on_cmdline(key)
+            .or_else(|| in_config(Some(net)))
+            .or_else(|| in_config(None).filter(|_| top_level_applies))
+            .map(|s| s.value.as_str())
+    }
+
+    /// The chain name Core selects. Only the command line and the config's
+    /// top level count (a section can't pick the network it belongs to), and
+    /// for these options the last value wins in the config too.
+    fn chain(&self) -> &str {
+        let get = |key: &str| {
+            let config = self.config.iter().rev().filter(|s| s.section.is_none());
+            self.cmdline.iter().rev().chain(config).find(|s| s.key == key).map(|s| s.value.as_str())
+        };
+        if let Some(chain) = get("chain").filter(|chain| !chain.is_empty()) {
+            return chain;
+        }
+        let flags =
+            [("regtest", "regtest"), ("signet", "signet"), ("testnet", "test"), ("testnet4", "testnet4")];
+        flags
+            .into_iter()
+            .find(|(flag, _)| get(flag).is_some_and(core_bool))
+            .map_or("main", |(_, chain)| chain)
+    }
+
+    /// Adds the files named by `includeconf` in the chosen network's section
+    /// and the top level, in the order Core reads them. Core allows one level
+    /// of includes, and `-noincludeconf` on the command line turns them off.
+    fn read_includes(&mut self, datadir: Option<&Path>) {
+        if self.on_cmdline("includeconf").is_some() {
+            return;
+        }
+        let net = self.chain().to_owned();
+        let includes_in = |section: Option<&str>| -> Vec<String> {
+            self.config
+                .iter()
+                .filter(|s| s.key == "includeconf" && !s.negated && s.section.as_deref() == section)
+                .map(|s| s.value.clone())
+                .collect()
+        };
+        let mut files = includes_in(Some(&net));
+        files.extend(includes_in(None));
+        for file in files {
+            if let Some(text) = relative_to(datadir, &file).as_deref().and_then(read_config) {
+                self.config.extend(parse_core_config(&text));
+            }
+        }
+    }
+}
+
+/// Core's bitcoin.conf syntax: `key=value`, `#` comments anywhere on a line,
+/// `[net]` section headers, and `net.key=value` as a one-line section.
+fn parse_core_config(text: &str) -> Vec<CoreSetting> {
+    let mut section: Option<String> = None;
+    let mut settings = Vec::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = Some(name.trim().to_owned());
+        } else if let Some((key, value)) = line.split_once('=') {
+            settings.push(CoreSetting::new(section.clone(), key.trim(), Some(value.trim())));
+        }
+    }
+    settings
+}
+
+/// `path` as Core resolves config-relative paths: absolute as is, otherwise
+/// under the data dir. Without a data dir a relative path can't be placed.
+fn relative_to(datadir: Option<&Path>, path: &str) -> Option<PathBuf> {
+    let path = Path::new(path);
+    if path.is_absolute() {
+        Some(path.to_path_buf())
+    } else {
+        datadir.map(|dir| dir.join(path))
+    }
+}
+
+/// What a Core chain name means on disk and on the wire.
+fn core_layout(chain: Chain, name: &str) -> (Network, &'static str, Option<Ports>) {
+    let network = match name {
+        "test" => Network::Test,
+        "signet" => Network::Signet,
+        "regtest" => Network::Regtest,
+        // Bitcoin Core 28+'s testnet4 has no Network of its own. Test is the
+        // nearest, but its dir and ports are testnet4's, not testnet3's.
+        "testnet4" if chain == Chain::Bitcoin => {
+            return (Network::Test, "testnet4", Some(Ports { p2p: 48333, rpc: 48332 }));
+        }
+        // Core refuses to start on a chain it doesn't know, so nothing else
+        // reaches here from a running node.
+        _ => Network::Main,
+    };
+    (network, chain.network_subdir(network), chain.default_ports(network))
+}
+
+fn inspect_core(process: &Process, pid: u32, chain: Chain, args: &[String]) -> NodeInfo {
+    let mut settings = CoreArgs::from_cmdline(args);
+
+    let cmdline_datadir = settings.on_cmdline("datadir").filter(|s| !s.value.is_empty());
+    let base = match cmdline_datadir {
+        Some(datadir) => Some(process.absolute(&datadir.value)),
+        None => process.home().and_then(|home| chain.default_datadir(&home)),
+    };
+
+    let conf_name = if chain == Chain::Litecoin { "litecoin.conf" } else { "bitcoin.conf" };
+    let conf = match settings.on_cmdline("conf") {
+        // -noconf: Core reads no config file at all.
+        Some(conf) if conf.negated => None,
+        Some(conf) if !conf.value.is_empty() => relative_to(base.as_deref(), &conf.value),
+        _ => base.as_ref().map(|base| base.join(conf_name)),
+    };
+    if let Some(text) = conf.as_deref().and_then(read_config) {
+        settings.config = parse_core_config(&text);
+        settings.read_includes(base.as_deref());
+    }
+
+    let net = settings.chain().to_owned();
+    let (network, subdir, defaults) = core_layout(chain, &net);
+    // A datadir= in the config moves the data, though not the config already read.
+    let datadir = match settings.get("datadir", &net) {
+        Some(datadir) if !datadir.is_empty() => Some(process.absolute(datadir)),
+        _ => base,
+    };
+    let p2p = settings.get("port", &net).and_then(parse_port).or(defaults.map(|d| d.p2p));
+    let rpc = settings.get("rpcport", &net).and_then(parse_port).or(defaults.map(|d| d.rpc));
+
+    NodeInfo {
+        pid,
+        chain,
+        network,
+        network_datadir: datadir.as_deref().map(|dir| with_subdir(dir, subdir)),
+        datadir,
+        p2p_ports: p2p.into_iter().collect(),
+        rpc_ports: rpc.into_iter().collect(),
+    }
+}
+
+// ---- Monero ---------------------------------------------------------------
+
+/// monerod's options as boost::program_options leaves them: the command line
+/// is stored before the config file and the first value stored for a key
+/// wins, so the command line overrides the file.
+#[derive(Debug)]
+struct MoneroArgs(Vec<(String, String)>);
+
+impl MoneroArgs {
+    fn from_cmdline(args: &[String]) -> Self {
+        let mut options = Vec::new();
+        let mut args = args.iter().peekable();
+        while let Some(arg) = args.next() {
+            let Some(body) = arg.strip_prefix("--") else { continue };
+            let (key, value) = match body.split_once('=') {
+                Some((key, value)) => (key, value.to_owned()),
+                // A running monerod has no positional arguments (they are
+                // one-shot commands sent to another daemon), so a following
+                // non-option can only be this option's value.
+                None => (body, args.next_if(|next| !next.starts_with('-')).cloned().unwrap_or_default()),
+            };
+            options.push((key.to_owned(), value));
+        }
+        MoneroArgs(options)
+    }
+
+    /// boost's config file syntax: `key=value` with no dashes, `#` comments
+    /// anywhere on a line, and `[section]` prefixing keys with `section.`.
+    fn add_config(&mut self, text: &str) {
+        let mut prefix = String::new();
+        for line in text.lines() {
+            let line = line.split('#').next().unwrap_or_default().trim();
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                prefix = format!("{}.", name.trim());
+            } else if let Some((key, value)) = line.split_once('=') {
+                self.0.push((format!("{prefix}{}", key.trim()), value.trim().to_owned()));
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    fn flag(&self, key: &str) -> bool {
+        // boost's bool spellings; a bare switch is stored as true.
+        self.get(key).is_some_and(|value| {
+            matches!(value.to_ascii_lowercase().as_str(), "" | "1" | "true" | "yes" | "on")
+        })
+    }
+
+    /// monerod refuses more than one of these, so their order doesn't matter.
+    fn network(&self) -> Network {
+        if self.flag("testnet") {
+            Network::Test
+        } else if self.flag("stagenet") {
+            Network::Stagenet
+        } else if self.flag("regtest") {
+            Network::Regtest
+        } else {
+            Network::Main
+        }
+    }
+
+    fn port(&self, key: &str) -> Option<u16> {
+        self.get(key).and_then(parse_port)
+    }
+
+    /// A path option as monerod resolved it: against the working directory
+    /// at startup. --detach then chdir()s to "/", so for a detached daemon
+    /// the cwd in /proc no longer anchors relative paths and they are kept
+    /// as given.
+    fn path(&self, process: &Process, key: &str) -> Option<PathBuf> {
+        let path = self.get(key).filter(|path| !path.is_empty())?;
+        Some(if self.flag("detach") { PathBuf::from(path) } else { process.absolute(path) })
+    }
+}
+
+fn inspect_monero(process: &Process, pid: u32, args: &[String]) -> NodeInfo {
+    let chain = Chain::Monero;
+    let mut options = MoneroArgs::from_cmdline(args);
+    let default_base = process.home().and_then(|home| chain.default_datadir(&home));
+
+    // The default config file sits in the *default* data dir (plus
+    // testnet/stagenet from the command line), whatever --data-dir says.
+    let config = options.path(process, "config-file").or_else(|| {
+        let subdir = chain.network_subdir(options.network());
+        default_base.as_deref().map(|base| with_subdir(base, subdir).join("bitmonero.conf"))
+    });
+    if let Some(text) = config.as_deref().and_then(read_config) {
+        options.add_config(&text);
+    }
+
+    let network = options.network();
+    let datadir = options.path(process, "data-dir").or(default_base);
+    let defaults = chain.default_ports(network);
+    let p2p = options.port("p2p-bind-port").or(defaults.map(|d| d.p2p));
+    let rpc = options.port("rpc-bind-port").or(defaults.map(|d| d.rpc));
+    // The restricted RPC server only runs when asked for; it has no default.
+    let restricted = options.port("rpc-restricted-bind-port");
+
+    let mut rpc_ports: Vec<u16> = rpc.into_iter().chain(restricted).collect();
+    rpc_ports.dedup();
+    NodeInfo {
+        pid,
+        chain,
+        network,
+        // monerod appends the network subdir even to an explicit --data-dir.
+        network_datadir: datadir.as_deref().map(|dir| with_subdir(dir, chain.network_subdir(network))),
+        datadir,
+        p2p_ports: p2p.into_iter().collect(),
+        rpc_ports,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A scratch dir holding a fake procfs root ("proc") next to the files
+    /// its processes point at; removed on drop.
+    struct Sandbox {
+        root: PathBuf,
+    }
+
+    impl Sandbox {
+        fn new(name: &str) -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let unique = format!(
+                "nodescope-discovery-{}-{}-{name}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            );
+            let root = std::env::temp_dir().join(unique);
+            let _ = fs::remove_dir_all(&root);
+            fs::create_dir_all(root.join("proc")).unwrap();
+            Sandbox { root }
+        }
+
+        fn proc_root(&self) -> PathBuf {
+            self.root.join("proc")
+        }
+
+        fn path(&self, rel: &str) -> PathBuf {
+            self.root.join(rel)
+        }
+
+        fn write(&self, rel: &str, contents: &str) -> PathBuf {
+            let path = self.path(rel);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, contents).unwrap();
+            path
+        }
+
+        /// A sleeping process; returns its /proc dir.
+        fn process(&self, pid: u32, comm: &str, argv: &[&str], env: &[&str]) -> PathBuf {
+            let dir = self.proc_root().join(pid.to_string());
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("comm"), format!("{comm}\n")).unwrap();
+            fs::write(dir.join("cmdline"), nul_joined(argv)).unwrap();
+            fs::write(dir.join("environ"), nul_joined(env)).unwrap();
+            fs::write(dir.join("stat"), stat_line(pid, comm, 'S', 1, 4242)).unwrap();
+            dir
+        }
+    }
+
+    impl Drop for Sandbox {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.root);
+        }
+    }
+
+    fn nul_joined(items: &[&str]) -> Vec<u8> {
+        items.iter().flat_map(|item| item.bytes().chain([0])).collect()
+    }
+
+    /// A /proc/PID/stat line as the kernel writes it (52 fields).
+    fn stat_line(pid: u32, comm: &str, state: char, ppid: u32, starttime: u64) -> String {
+        format!(
+            "{pid} ({comm}) {state} {ppid} {pid} {pid} 0 -1 4194560 1626 0 0 0 12 3 0 0 20 0 12 0 \
+             {starttime} 1234567 890 18446744073709551615 1 1 0 0 0 0 0 4096 17575 0 0 0 17 1 0 0 0 0 0 \
+             0 0 0 0 0 0 0 0\n"
+        )
+    }
+
+    fn home_env(sandbox: &Sandbox, user: &str) -> String {
+        format!("HOME={}", sandbox.path(&format!("home/{user}")).display())
+    }
+
+    #[test]
+    fn bitcoind_regtest_with_relative_datadir_and_config_ports() {
+        let sb = Sandbox::new("bitcoind-regtest");
+        let argv = ["/usr/bin/bitcoind", "-datadir=nodes/btc", "-regtest", "-daemon", "--rpcport=19000"];
+        let dir = sb.process(100, "bitcoind", &argv, &["PATH=/usr/bin", "HOME=/nonexistent"]);
+        symlink(sb.path("work"), dir.join("cwd")).unwrap();
+        sb.write(
+            "work/nodes/btc/bitcoin.conf",
+            "# regtest box\n\
+             server=1\n\
+             port=1111   # top level: Core ignores it off main\n\
+             rpcport=2222\n\
+             [test]\n\
+             port=3333\n\
+             [regtest]\n\
+             port = 18555\n\
+             rpcport=18556\n\
+             port=18666\n",
+        );
+
+        let info = inspect(&sb.proc_root(), 100, Chain::Bitcoin).unwrap();
+        assert_eq!(
+            info,
+            NodeInfo {
+                pid: 100,
+                chain: Chain::Bitcoin,
+                network: Network::Regtest,
+                datadir: Some(sb.path("work/nodes/btc")),
+                network_datadir: Some(sb.path("work/nodes/btc/regtest")),
+                p2p_ports: vec![18555],
+                rpc_ports: vec![19000],
+            }
+        );
+    }
+
+    #[test]
+    fn bitcoind_main_with_conf_includes_and_top_level_ports() {
+        let sb = Sandbox::new("bitcoind-main");
+        let datadir = sb.path("btc");
+        let argv = ["bitcoind", &format!("-datadir={}", datadir.display()), "-conf=custom.conf"];
+        sb.process(101, "bitcoind", &argv, &[]);
+        sb.write("btc/custom.conf", "port=8340\nincludeconf=extra.conf\n[main]\nport=8341\n");
+        sb.write("btc/extra.conf", "rpcport=8350\n");
+        sb.write("btc/bitcoin.conf", "regtest=1\n");
+
+        let info = inspect(&sb.proc_root(), 101, Chain::Bitcoin).unwrap();
+        assert_eq!(info.network, Network::Main);
+        assert_eq!(info.datadir.as_deref(), Some(datadir.as_path()));
+        assert_eq!(info.network_datadir.as_deref(), Some(datadir.as_path()));
+        // The [main] section outranks the top level.
+        assert_eq!(info.p2p_ports, vec![8341]);
+        assert_eq!(info.rpc_ports, vec![8350]);
+    }
+
+    #[test]
+    fn bitcoind_defaults_from_home() {
+        let sb = Sandbox::new("bitcoind-defaults");
+        sb.process(102, "bitcoind", &["bitcoind", "-testnet"], &[&home_env(&sb, "alice")]);
+        let info = inspect(&sb.proc_root(), 102, Chain::Bitcoin).unwrap();
+        assert_eq!(info.network, Network::Test);
+        assert_eq!(info.datadir, Some(sb.path("home/alice/.bitcoin")));
+        assert_eq!(info.network_datadir, Some(sb.path("home/alice/.bitcoin/testnet3")));
+        assert_eq!((info.p2p_ports, info.rpc_ports), (vec![18333], vec![18332]));
+
+        // Core falls back to "/" when HOME is unset.
+        sb.process(103, "bitcoind", &["bitcoind", "-chain=testnet4"], &["PATH=/bin"]);
+        let info = inspect(&sb.proc_root(), 103, Chain::Bitcoin).unwrap();
+        assert_eq!(info.datadir, Some(PathBuf::from("/.bitcoin")));
+        assert_eq!(info.network_datadir, Some(PathBuf::from("/.bitcoin/testnet4")));
+        assert_eq!((info.p2p_ports, info.rpc_ports), (vec![48333], vec![48332]));
+    }
+
+    #[test]
+    fn unreadable_environ_falls_back_to_passwd() {
+        let sb = Sandbox::new("passwd");
+        let dir = sb.process(104, "bitcoind", &["bitcoind"], &[]);
+        // A directory can't be read as a file, standing in for EACCES.
+        fs::remove_file(dir.join("environ")).unwrap();
+        fs::create_dir(dir.join("environ")).unwrap();
+        fs::write(dir.join("status"), "Name:\tbitcoind\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n").unwrap();
+        let info = inspect(&sb.proc_root(), 104, Chain::Bitcoin).unwrap();
+        let root_home = home_from_passwd(&fs::read_to_string(PASSWD).unwrap_or_default(), 0)
+            .unwrap_or_else(|| PathBuf::from("/root"));
+        assert_eq!(info.datadir, Some(root_home.join(".bitcoin")));
+    }
+
+    #[test]
+    fn litecoind_regtest_section_port() {
+        let sb = Sandbox::new("litecoind");
+        sb.process(
+            200,
+            "litecoind",
+            &["/opt/litecoin/bin/litecoind", "-printtoconsole"],
+            &[&home_env(&sb, "ltc")],
+        );
+        sb.write(
+            "home/ltc/.litecoin/litecoin.conf",
+            "regtest=1\nport=1234\nrpcport=1235\n[main]\nport=9999\n[regtest]\nport=19555\n",
+        );
+
+        let info = inspect(&sb.proc_root(), 200, Chain::Litecoin).unwrap();
+        assert_eq!(
+            info,
+            NodeInfo {
+                pid: 200,
+                chain: Chain::Litecoin,
+                network: Network::Regtest,
+                datadir: Some(sb.path("home/ltc/.litecoin")),
+                network_datadir: Some(sb.path("home/ltc/.litecoin/regtest")),
+                p2p_ports: vec![19555],
+                // rpcport=1235 is top level, which Core ignores off main.
+                rpc_ports: vec![19443],
+            }
+        );
+    }
+
+    #[test]
+    fn cmdline_chain_flag_beats_config() {
+        let sb = Sandbox::new("litecoind-flag");
+        sb.process(201, "litecoind", &["litecoind", "-noregtest"], &[&home_env(&sb, "ltc")]);
+        sb.write("home/ltc/.litecoin/litecoin.conf", "regtest=1\ntestnet=1\n");
+        let info = inspect(&sb.proc_root(), 201, Chain::Litecoin).unwrap();
+        assert_eq!(info.network, Network::Test);
+        assert_eq!(info.network_datadir, Some(sb.path("home/ltc/.litecoin/testnet4")));
+        assert_eq!((info.p2p_ports, info.rpc_ports), (vec![19335], vec![19332]));
+    }
+
+    #[test]
+    fn monerod_data_dir_and_p2p_bind_port() {
+        let sb = Sandbox::new("monerod");
+        let datadir = sb.path("xmr");
+        let argv = [
+            "monerod",
+            "--testnet",
+            "--data-dir",
+            datadir.to_str().unwrap(),
+            "--p2p-bind-port",
+            "28090",
+            "--rpc-restricted-bind-port=28089",
+            "--non-interactive",
+        ];
+        sb.process(300, "monerod", &argv, &[&home_env(&sb, "xmr")]);
+        // The default config lives under the default data dir, not --data-dir.
+        sb.write(
+            "home/xmr/.bitmonero/testnet/bitmonero.conf",
+            "p2p-bind-port=1   # the command line wins\nrpc-bind-port=28100\n",
+        );
+        sb.write("xmr/bitmonero.conf", "rpc-bind-port=9\n");
+
+        let info = inspect(&sb.proc_root(), 300, Chain::Monero).unwrap();
+        assert_eq!(
+            info,
+            NodeInfo {
+                pid: 300,
+                chain: Chain::Monero,
+                network: Network::Test,
+                datadir: Some(datadir.clone()),
+                network_datadir: Some(datadir.join("testnet")),
+                p2p_ports: vec![28090],
+                rpc_ports: vec![28100, 28089],
+            }
+        );
+    }
+
+    #[test]
+    fn monerod_config_file_sets_data_dir_and_network() {
+        let sb = Sandbox::new("monerod-config");
+        let dir = sb.process(301, "monerod", &["monerod", "--config-file", "etc/monerod.conf"], &[]);
+        symlink(sb.path("work"), dir.join("cwd")).unwrap();
+        sb.write("work/etc/monerod.conf", "# stagenet node\ndata-dir=/var/lib/monero\nstagenet=1\n");
+
+        let info = inspect(&sb.proc_root(), 301, Chain::Monero).unwrap();
+        assert_eq!(info.network, Network::Stagenet);
+        assert_eq!(info.datadir, Some(PathBuf::from("/var/lib/monero")));
+        assert_eq!(info.network_datadir, Some(PathBuf::from("/var/lib/monero/stagenet")));
+        assert_eq!((info.p2p_ports, info.rpc_ports), (vec![38080], vec![38081]));
+    }
+
+    #[test]
+    fn detached_monerod_keeps_relative_data_dir() {
+        let sb = Sandbox::new("monerod-detach");
+        let dir = sb.process(302, "monerod", &["monerod", "--detach", "--data-dir=chain", "--regtest"], &[]);
+        symlink("/", dir.join("cwd")).unwrap();
+        let info = inspect(&sb.proc_root(), 302, Chain::Monero).unwrap();
+        assert_eq!(info.network, Network::Regtest);
+        assert_eq!(info.datadir, Some(PathBuf::from("chain")));
+        assert_eq!(info.network_datadir, Some(PathBuf::from("chain")));
+        assert_eq!((info.p2p_ports, info.rpc_ports), (vec![18080], vec![18081]));
+    }
+
+    #[test]
+    fn generic_and_vanished() {
+        let sb = Sandbox::new("generic");
+        sb.process(400, "geth", &["geth", "--port", "30303"], &[]);
+        let info = inspect(&sb.proc_root(), 400, Chain::Generic).unwrap();
+        assert_eq!(
+            info,
+            NodeInfo {
+                pid: 400,
+                chain: Chain::Generic,
+                network: Network::Main,
+                datadir: None,
+                network_datadir: None,
+                p2p_ports: vec![],
+                rpc_ports: vec![],
+            }
+        );
+        let err = inspect(&sb.proc_root(), 401, Chain::Bitcoin).unwrap_err();
+        assert!(matches!(&err, DiscoveryError::Io { path, .. } if path.ends_with("401/cmdline")), "{err}");
+    }
+
+    #[test]
+    fn listening_ports_from_fd_and_tcp_tables() {
+        let sb = Sandbox::new("ports");
+        let dir = sb.process(500, "bitcoind", &["bitcoind"], &[]);
+        let fd = dir.join("fd");
+        fs::create_dir(&fd).unwrap();
+        for (n, target) in [
+            ("0", "/dev/null"),
+            ("3", "socket:[1001]"),
+            ("4", "socket:[1002]"),
+            ("5", "socket:[1003]"),
+            ("6", "socket:[1005]"),
+            ("7", "anon_inode:[eventpoll]"),
+            ("8", "pipe:[1004]"),
+        ] {
+            symlink(target, fd.join(n)).unwrap();
+        }
+        sb.write(
+            "proc/500/net/tcp",
+            "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+            \x20  0: 00000000:208D 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 1001 1 0000000000000000 100 0 0 10 0\n\
+            \x20  1: 0100007F:208C 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 9999 1 0000000000000000 100 0 0 10 0\n\
+            \x20  2: 0100007F:208D 0100007F:C350 01 00000000:00000000 02:000A7E5B 00000000  1000        0 1003 2 0000000000000000 20 4 30 10 -1\n",
+        );
+        sb.write(
+            "proc/500/net/tcp6",
+            "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+            \x20  0: 00000000000000000000000000000000:208D 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 1002 1 0000000000000000 100 0 0 10 0\n\
+            \x20  1: 00000000000000000000000001000000:4822 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 1005 1 0000000000000000 100 0 0 10 0\n",
+        );
+
+        assert_eq!(listening_ports(&sb.proc_root(), 500).unwrap(), vec![8333, 0x4822]);
+
+        // No tcp6 table (IPv6 disabled) is not an error.
+        fs::remove_file(dir.join("net/tcp6")).unwrap();
+        assert_eq!(listening_ports(&sb.proc_root(), 500).unwrap(), vec![8333]);
+
+        let err = listening_ports(&sb.proc_root(), 501).unwrap_err();
+        assert!(matches!(&err, DiscoveryError::Io { path, .. } if path.ends_with("501/fd")), "{err}");
+    }
+
+    #[test]
+    fn pid_file_errors() {
+        let sb = Sandbox::new("pidfile");
+        let proc_root = sb.proc_root();
+        sb.process(600, "bitcoind", &["bitcoind"], &[]);
+        let zombie = sb.process(601, "monerod", &["monerod"], &[]);
+        fs::write(zombie.join("stat"), stat_line(601, "monerod", 'Z', 1, 1)).unwrap();
+
+        let missing = sb.path("run/missing.pid");
+        let err = read_pid_file(&proc_root, &missing).unwrap_err();
+        assert!(matches!(&err, DiscoveryError::Io { path, .. } if *path == missing), "{err}");
+        assert!(err.to_string().starts_with(&missing.display().to_string()), "{err}");
+
+        let expect_reason = |contents: &str, reason: &str| {
+            let path = sb.write("run/node.pid", contents);
+            match read_pid_file(&proc_root, &path) {
+                Err(DiscoveryError::PidFile { path: p, reason: r }) => {
+                    assert_eq!(p, path);
+                    assert!(r.contains(reason), "{contents:?}: {r}");
+                }
+                other => panic!("{contents:?}: {other:?}"),
+            }
+        };
+        expect_reason("", "empty");
+        expect_reason(" \n", "empty");
+        expect_reason("garbage\n", "\"garbage\" is not a process id");
+        expect_reason("+600", "not a process id");
+        expect_reason("0\n", "not a process id");
+        expect_reason("99999999999", "not a process id");
+        expect_reason("602\n", "process 602 is not running");
+        expect_reason("601\n", "process 601 is not running");
+
+        let path = sb.write("run/node.pid", "  600\n");
+        assert_eq!(read_pid_file(&proc_root, &path).unwrap(), 600);
+        let err = DiscoveryError::PidFile { path: path.clone(), reason: "empty".into() };
+        assert_eq!(err.to_string(), format!("pid file {}: empty", path.display()));
+    }
+
+    #[test]
+    fn stat_parsing_survives_hostile_comm() {
+        let sb = Sandbox::new("stat");
+        let dir = sb.process(700, "x", &["x"], &[]);
+        fs::write(dir.join("stat"), stat_line(700, "a) (b ) S 9 9", 'R', 77, 4242)).unwrap();
+        assert_eq!(parent_pid(&sb.proc_root(), 700), Some(77));
+        assert_eq!(start_time_ticks(&sb.proc_root(), 700), Some(4242 / clock_ticks_per_second()));
+        assert!(is_alive(&sb.proc_root(), 700));
+        assert_eq!(parent_pid(&sb.proc_root(), 701), None);
+        assert_eq!(start_time_ticks(&sb.proc_root(), 701), None);
+        assert!(!is_alive(&sb.proc_root(), 701));
+        assert!(!is_alive(&sb.proc_root(), 0));
+
+        fs::write(dir.join("stat"), stat_line(700, "x", 'Z', 77, 4242)).unwrap();
+        assert!(!is_alive(&sb.proc_root(), 700));
+        fs::remove_file(dir.join("stat")).unwrap();
+        assert!(is_alive(&sb.proc_root(), 700), "no stat: existence decides");
+    }
+
+    #[test]
+    fn finds_nodes_by_comm() {
+        let sb = Sandbox::new("find");
+        sb.process(10, "bitcoind", &["bitcoind"], &[]);
+        sb.process(2, "monerod", &["monerod"], &[]);
+        sb.process(30, "bash", &["bash"], &[]);
+        sb.process(31, "litecoin-qt", &["litecoin-qt"], &[]);
+        sb.process(32, "bitcoind", &["bitcoind", "-regtest"], &[]);
+        // Vanished between readdir and reading comm.
+        fs::create_dir(sb.proc_root().join("40")).unwrap();
+        fs::create_dir(sb.proc_root().join("sys")).unwrap();
+        fs::create_dir(sb.proc_root().join("+5")).unwrap();
+        symlink("10", sb.proc_root().join("self")).unwrap();
+
+        assert_eq!(
+            find_nodes(&sb.proc_root()),
+            vec![(2, Chain::Monero), (10, Chain::Bitcoin), (31, Chain::Litecoin), (32, Chain::Bitcoin)]
+        );
+        assert_eq!(find_by_name(&sb.proc_root(), "bitcoind"), vec![10, 32]);
+        assert_eq!(find_by_name(&sb.proc_root(), "bitcoin"), Vec::<u32>::new());
+        assert!(find_nodes(&sb.path("no-such-proc")).is_empty());
+    }
+
+    #[test]
+    fn core_setting_syntax() {
+        assert!(core_bool(""));
+        assert!(core_bool("1"));
+        assert!(core_bool("-1"));
+        assert!(core_bool("2x"));
+        assert!(!core_bool("0"));
+        assert!(!core_bool("true"), "Core reads booleans with atoi");
+        assert!(!core_bool("+0"));
+
+        let s = CoreSetting::new(None, "noregtest", None);
+        assert_eq!((s.key.as_str(), s.value.as_str(), s.negated), ("regtest", "0", true));
+        let s = CoreSetting::new(None, "noregtest", Some("0"));
+        assert_eq!((s.key.as_str(), s.value.as_str()), ("regtest", "1"));
+        let s = CoreSetting::new(None, "test.port", Some("5"));
+        assert_eq!((s.section.as_deref(), s.key.as_str(), s.value.as_str()), (Some("test"), "port", "5"));
+
+        let conf = parse_core_config("a=1 # c\n#x=2\n\nregtest.port = 7\n[signet]\nport=8\nbad line\n");
+        let flat: Vec<_> =
+            conf.iter().map(|s| (s.section.as_deref(), s.key.as_str(), s.value.as_str())).collect();
+        assert_eq!(
+            flat,
+            vec![(None, "a", "1"), (Some("regtest"), "port", "7"), (Some("signet"), "port", "8")]
+        );
+
+        let mut args =
+            CoreArgs::from_cmdline(&["-port=1".into(), "-port=2".into(), "stop".into(), "-port=3".into()]);
+        assert_eq!(
+            args.get("port", "main"),
+            Some("2"),
+            "last on the command line, up to the first non-option"
+        );
+        args.config = parse_core_config("rpcport=10\nrpcport=11\nchain=signet\nchain=regtest\n");
+        assert_eq!(args.get("rpcport", "main"), Some("10"), "first in the config");
+        assert_eq!(args.chain(), "regtest", "last chain in the config");
+    }
+
+    #[test]
+    fn monero_cmdline_syntax() {
+        let argv: Vec<String> =
+            ["--detach", "--log-level", "1", "--data-dir=/d", "--stagenet", "--rpc-bind-port", "1"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        let args = MoneroArgs::from_cmdline(&argv);
+        assert!(args.flag("detach"));
+        assert_eq!(args.get("log-level"), Some("1"));
+        assert_eq!(args.get("data-dir"), Some("/d"));
+        assert_eq!(args.network(), Network::Stagenet);
+        assert_eq!(args.port("rpc-bind-port"), Some(1));
+        assert!(!args.flag("testnet"));
+    }
+
+    #[test]
+    fn environ_and_passwd_homes() {
+        assert_eq!(home_from_environ(b"A=1\0HOME=/home/x\0HOME=/other\0"), Some(PathBuf::from("/home/x")));
+        assert_eq!(home_from_environ(b"HOME=\0"), None);
+        assert_eq!(home_from_environ(b""), None);
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n#junk\nbitcoin:x:998:998::/var/lib/bitcoind:/usr/sbin/nologin\n";
+        assert_eq!(home_from_passwd(passwd, 998), Some(PathBuf::from("/var/lib/bitcoind")));
+        assert_eq!(home_from_passwd(passwd, 0), Some(PathBuf::from("/root")));
+        assert_eq!(home_from_passwd(passwd, 1000), None);
+    }
+
+    #[test]
+    fn real_proc_smoke() {
+        let proc_root = Path::new("/proc");
+        let me = std::process::id();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+
+        let _ = find_nodes(proc_root);
+        let ports = listening_ports(proc_root, me).unwrap();
+        assert!(ports.contains(&port), "{port} not in {ports:?}");
+        assert!(is_alive(proc_root, me));
+        assert!(parent_pid(proc_root, me).is_some());
+        assert!(start_time_ticks(proc_root, me).is_some());
+        let comm = read_comm(proc_root, me).unwrap();
+        assert!(find_by_name(proc_root, &comm).contains(&me));
+        inspect(proc_root, me, Chain::Generic).unwrap();
+        // Our own command line read as if we were a node: must not fail.
+        inspect(proc_root, me, Chain::Bitcoin).unwrap();
+        inspect(proc_root, me, Chain::Monero).unwrap();
+    }
+}

@@ -1,0 +1,102 @@
+//! The agent's HTTP listener: /metrics, /peers (and the health endpoints).
+//! Handlers only read published snapshots.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{ALLOW, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::net::NetSnapshot;
+use crate::snapshot::Shared;
+use crate::telemetry::Telemetry;
+
+pub struct AppState {
+    pub telemetry: Arc<Telemetry>,
+    pub net: Shared<NetSnapshot>,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("static parts are valid")
+}
+
+fn json_response(status: StatusCode, value: serde_json::Value) -> Resp {
+    respond(status, "application/json", value.to_string())
+}
+
+fn error(status: StatusCode, message: &str) -> Resp {
+    json_response(status, json!({ "error": message }))
+}
+
+pub fn route(state: &AppState, method: &Method, path: &str) -> Resp {
+    let known = matches!(path, "/metrics" | "/peers");
+    if !known {
+        return error(StatusCode::NOT_FOUND, "no such endpoint; see /metrics, /peers");
+    }
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");
+        r.headers_mut().insert(ALLOW, "GET, HEAD".parse().expect("valid header"));
+        return r;
+    }
+    match path {
+        "/metrics" => match state.telemetry.encode() {
+            Ok(body) => respond(StatusCode::OK, prometheus::TEXT_FORMAT, body),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        },
+        "/peers" => json_response(StatusCode::OK, peers(&state.net.get())),
+        _ => unreachable!("checked above"),
+    }
+}
+
+/// Every open P2P connection of every target, not cut to the top N.
+pub fn peers(net: &NetSnapshot) -> serde_json::Value {
+    let targets: Vec<_> = net
+        .targets
+        .iter()
+        .map(|t| json!({ "name": t.name, "peers": t.p2p_peers().collect::<Vec<_>>() }))
+        .collect();
+    json!({ "targets": targets })
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let (stream, _peer): (_, SocketAddr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, req.method(), req.uri().path())) }
+            });
+            let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!("http connection: {e}");
+            }
+        });
+    }
+}

@@ -1,0 +1,104 @@
+//! nodescope: watches a blockchain node from the outside with eBPF, procfs
+//! and cgroups, and serves what it sees as metrics and health verdicts.
+
+mod agent;
+mod bpf;
+mod cgroup;
+mod chain;
+mod config;
+mod discovery;
+mod http;
+mod net;
+mod snapshot;
+mod target;
+mod telemetry;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "nodescope", version, about = "Watches a blockchain node from the outside: eBPF on its sockets and files, procfs and cgroups")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run {
+        /// TOML config; without it nodescope finds nodes on the host itself.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file: exit 0, or 2 naming the bad key.
+    CheckConfig { file: PathBuf },
+    /// List each kernel hook nodescope uses and whether this kernel supports it.
+    Probes {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Exit code for a config the agent refuses.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(Some(&file)) {
+            Ok(c) => {
+                println!("{}: ok ({} targets{})", file.display(), c.targets.len(), if c.targets.is_empty() { ", discovery" } else { "" });
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("nodescope: config error: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("nodescope: config error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            init_logging(&config);
+            match agent::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Probes { json } => {
+            let hooks = net::probe::probe_hooks();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&hooks).expect("serializable"));
+            } else {
+                println!("{:<6} {:<32} {:<14} {:<10} detail", "signal", "hook", "program", "supported");
+                for h in &hooks {
+                    println!("{:<6} {:<32} {:<14} {:<10} {}", h.signal, h.hook, h.program, if h.supported { "yes" } else { "NO" }, h.detail);
+                }
+            }
+            if hooks.iter().all(|h| h.supported) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,187 @@
+//! The network signal's instruments. Observable ones read the latest
+//! `NetSnapshot`; the lifetime histogram is fed from each new snapshot.
+
+use opentelemetry::metrics::{Histogram, Meter};
+use opentelemetry::KeyValue;
+
+use super::NetSnapshot;
+use crate::snapshot::Shared;
+
+pub const TARGET: &str = "nodescope.target";
+const PEER_ADDRESS: &str = "network.peer.address";
+const CONN_DIRECTION: &str = "nodescope.connection.direction";
+const IO_DIRECTION: &str = "network.io.direction";
+const SERVICE: &str = "nodescope.service";
+const NETGROUP: &str = "nodescope.netgroup";
+const ERROR_TYPE: &str = "error.type";
+
+/// Bucket bounds for connection lifetimes: seconds to a week.
+const LIFETIME_BUCKETS: &[f64] = &[1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0, 604800.0];
+
+/// Instruments whose attribute sets grow with peers; views raise their
+/// cardinality limit to what `limits.top_peers` allows.
+pub const PER_PEER_INSTRUMENTS: &[&str] = &["nodescope.peer.io", "nodescope.netgroup.io"];
+
+pub struct NetMetrics {
+    lifetime: Histogram<f64>,
+}
+
+impl NetMetrics {
+    pub fn register(meter: &Meter, net: Shared<NetSnapshot>) -> NetMetrics {
+        let s = net.clone();
+        meter
+            .u64_observable_counter("nodescope.peer.io")
+            .with_unit("By")
+            .with_description("TCP payload bytes the node exchanged with each P2P peer (top N peers by bytes, the rest as \"other\")")
+            .with_callback(move |o| {
+                for t in &s.get().targets {
+                    for (key, bytes) in &t.peer_io {
+                        let (addr, dir) = match key {
+                            Some((ip, d)) => (ip.to_string(), d.as_str()),
+                            None => ("other".to_string(), "all"),
+                        };
+                        for (io, v) in [("transmit", bytes.sent), ("receive", bytes.received)] {
+                            o.observe(v, &[
+                                KeyValue::new(TARGET, t.name.clone()),
+                                KeyValue::new(PEER_ADDRESS, addr.clone()),
+                                KeyValue::new(CONN_DIRECTION, dir),
+                                KeyValue::new(IO_DIRECTION, io),
+                            ]);
+                        }
+                    }
+                }
+            })
+            .build();
+
+        let s = net.clone();
+        meter
+            .u64_observable_counter("nodescope.netgroup.io")
+            .with_unit("By")
+            .with_description("TCP payload bytes exchanged with P2P peers per netgroup (IPv4 /16, IPv6 /32)")
+            .with_callback(move |o| {
+                for t in &s.get().targets {
+                    for (group, bytes) in &t.netgroup_io {
+                        let group = group.clone().unwrap_or_else(|| "other".into());
+                        for (io, v) in [("transmit", bytes.sent), ("receive", bytes.received)] {
+                            o.observe(v, &[
+                                KeyValue::new(TARGET, t.name.clone()),
+                                KeyValue::new(NETGROUP, group.clone()),
+                                KeyValue::new(IO_DIRECTION, io),
+                            ]);
+                        }
+                    }
+                }
+            })
+            .build();
+
+        for (name, desc, pick) in [
+            ("nodescope.connection.opened", "TCP connections established", 0usize),
+            ("nodescope.connection.closed", "TCP connections closed after being established", 1),
+        ] {
+            let s = net.clone();
+            meter
+                .u64_observable_counter(name)
+                .with_description(desc)
+                .with_callback(move |o| {
+                    for t in &s.get().targets {
+                        for ((dir, svc), c) in &t.churn {
+                            let v = if pick == 0 { c.opened } else { c.closed };
+                            o.observe(v, &[
+                                KeyValue::new(TARGET, t.name.clone()),
+                                KeyValue::new(CONN_DIRECTION, dir.as_str()),
+                                KeyValue::new(SERVICE, svc.as_str()),
+                            ]);
+                        }
+                    }
+                })
+                .build();
+        }
+
+        let s = net.clone();
+        meter
+            .u64_observable_gauge("nodescope.connection.open")
+            .with_description("TCP connections open now")
+            .with_callback(move |o| {
+                for t in &s.get().targets {
+                    for ((dir, svc), c) in &t.churn {
+                        o.observe(c.open, &[
+                            KeyValue::new(TARGET, t.name.clone()),
+                            KeyValue::new(CONN_DIRECTION, dir.as_str()),
+                            KeyValue::new(SERVICE, svc.as_str()),
+                        ]);
+                    }
+                }
+            })
+            .build();
+
+        let s = net.clone();
+        meter
+            .u64_observable_counter("nodescope.connection.failed")
+            .with_description("Outbound connects that never established (refused, timed out, reset)")
+            .with_callback(move |o| {
+                for t in &s.get().targets {
+                    for (reason, n) in &t.failed {
+                        o.observe(*n, &[
+                            KeyValue::new(TARGET, t.name.clone()),
+                            KeyValue::new(CONN_DIRECTION, "outbound"),
+                            KeyValue::new(SERVICE, "p2p"),
+                            KeyValue::new(ERROR_TYPE, *reason),
+                        ]);
+                    }
+                }
+            })
+            .build();
+
+        let s = net.clone();
+        meter
+            .u64_observable_gauge("nodescope.peer.netgroups")
+            .with_description("Distinct netgroups (IPv4 /16, IPv6 /32) among connected P2P peers")
+            .with_callback(move |o| {
+                for t in &s.get().targets {
+                    for (dir, n) in &t.netgroups {
+                        o.observe(*n, &[KeyValue::new(TARGET, t.name.clone()), KeyValue::new(CONN_DIRECTION, dir.as_str())]);
+                    }
+                }
+            })
+            .build();
+
+        let s = net.clone();
+        meter
+            .u64_observable_counter("nodescope.peer.overflowed")
+            .with_description("Peers whose bytes went to \"other\" because limits.max_peers peers were already tracked")
+            .with_callback(move |o| {
+                for t in &s.get().targets {
+                    o.observe(t.peers_overflowed, &[KeyValue::new(TARGET, t.name.clone())]);
+                }
+            })
+            .build();
+
+        let s = net;
+        meter
+            .u64_observable_counter("nodescope.net.connections.dropped")
+            .with_description("Connections the kernel could not track because limits.max_connections records were in use")
+            .with_callback(move |o| o.observe(s.get().kernel.conn_dropped, &[]))
+            .build();
+
+        let lifetime = meter
+            .f64_histogram("nodescope.connection.duration")
+            .with_unit("s")
+            .with_description("Lifetime of TCP connections at close, from establishment")
+            .with_boundaries(LIFETIME_BUCKETS.to_vec())
+            .build();
+        NetMetrics { lifetime }
+    }
+
+    /// Feeds what a new snapshot adds to synchronous instruments.
+    pub fn record(&self, snap: &NetSnapshot) {
+        for t in &snap.targets {
+            for (dir, svc, secs) in &t.closed_lifetimes {
+                self.lifetime.record(*secs, &[
+                    KeyValue::new(TARGET, t.name.clone()),
+                    KeyValue::new(CONN_DIRECTION, dir.as_str()),
+                    KeyValue::new(SERVICE, svc.as_str()),
+                ]);
+            }
+        }
+    }
+}

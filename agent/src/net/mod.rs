@@ -1,0 +1,341 @@
+//! The network signal: every TCP connection of each watched node, bytes per
+//! peer, churn and lifetimes.
+//!
+//! `probe` owns the kernel side (net.bpf.c); this module turns its records
+//! into a `NetSnapshot` once per interval; `metrics` exports snapshots.
+
+pub mod book;
+pub mod metrics;
+pub mod probe;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::bpf::{abi, boot_ns_to_unix, BpfError};
+use crate::config::Limits;
+use crate::target::{Direction, Service, Target};
+use book::{ByteBook, Bytes};
+use probe::{KernelStats, NetProbe};
+
+/// One open connection as /peers shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Connection {
+    pub address: String,
+    /// The peer's port.
+    pub port: u16,
+    pub local_port: u16,
+    pub direction: Direction,
+    #[serde(skip)]
+    pub service: Service,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Unix seconds; None for connections open before nodescope started.
+    pub connected_since: Option<u64>,
+    pub netgroup: String,
+}
+
+/// Counts since the agent started, per direction and service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Churn {
+    pub opened: u64,
+    pub closed: u64,
+    pub open: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TargetNet {
+    pub name: String,
+    /// Open connections of every service.
+    pub connections: Vec<Connection>,
+    pub churn: BTreeMap<(Direction, Service), Churn>,
+    /// Failed outbound connects by reason ("refused", "timeout", "reset", "other").
+    pub failed: BTreeMap<&'static str, u64>,
+    /// Bytes per peer address and direction: the top N, then None for "other".
+    pub peer_io: Vec<(Option<(IpAddr, Direction)>, Bytes)>,
+    pub netgroup_io: Vec<(Option<String>, Bytes)>,
+    /// Distinct netgroups among connected P2P peers, per direction.
+    pub netgroups: BTreeMap<Direction, u64>,
+    /// Peers whose bytes were folded into "other" because the book was full.
+    pub peers_overflowed: u64,
+    /// Lifetimes (seconds) of the connections that closed this interval.
+    pub closed_lifetimes: Vec<(Direction, Service, f64)>,
+}
+
+impl TargetNet {
+    pub fn p2p_peers(&self) -> impl Iterator<Item = &Connection> {
+        self.connections.iter().filter(|c| c.service == Service::P2p)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NetSnapshot {
+    pub targets: Vec<TargetNet>,
+    pub kernel: KernelStats,
+    /// Records the agent dropped because their target is gone.
+    pub orphans: u64,
+}
+
+/// What the agent remembers of one kernel record between reads.
+struct Tracked {
+    target: u32,
+    key: (IpAddr, Direction),
+    netgroup: String,
+    service: Service,
+    counted_open: bool,
+    last: Bytes,
+}
+
+struct PerTarget {
+    name: String,
+    churn: BTreeMap<(Direction, Service), Churn>,
+    failed: BTreeMap<&'static str, u64>,
+    peers: ByteBook<(IpAddr, Direction)>,
+    netgroups: ByteBook<String>,
+}
+
+pub struct NetSignal {
+    probe: NetProbe,
+    limits: Limits,
+    tracked: HashMap<u64, Tracked>,
+    targets: BTreeMap<u32, PerTarget>,
+    orphans: u64,
+}
+
+impl NetSignal {
+    pub fn load(limits: &Limits) -> Result<NetSignal, BpfError> {
+        Ok(NetSignal {
+            probe: NetProbe::load(limits.max_connections)?,
+            limits: limits.clone(),
+            tracked: HashMap::new(),
+            targets: BTreeMap::new(),
+            orphans: 0,
+        })
+    }
+
+    /// One interval: point the kernel at the current targets, read it, and
+    /// fold the records into totals.
+    pub fn collect(&mut self, targets: &[Target]) -> Result<NetSnapshot, BpfError> {
+        self.probe.set_targets(targets.iter().map(|t| (t.index, &t.scope)))?;
+        let records = self.probe.read()?;
+        let now = Instant::now();
+        let by_index: HashMap<u32, &Target> = targets.iter().map(|t| (t.index, t)).collect();
+        for t in targets {
+            let limits = &self.limits;
+            self.targets.entry(t.index).or_insert_with(|| PerTarget {
+                name: t.name.clone(),
+                churn: BTreeMap::new(),
+                failed: BTreeMap::new(),
+                peers: ByteBook::new(limits.max_peers),
+                netgroups: ByteBook::new(limits.max_peers),
+            });
+        }
+
+        let mut open: HashMap<u32, Vec<Connection>> = HashMap::new();
+        let mut lifetimes: HashMap<u32, Vec<(Direction, Service, f64)>> = HashMap::new();
+        let mut seen = Vec::with_capacity(records.len());
+        for (cookie, rec) in records {
+            let Some(target) = by_index.get(&rec.target) else {
+                self.orphans += 1;
+                self.tracked.remove(&cookie);
+                let _ = self.probe.forget(cookie);
+                continue;
+            };
+            let per = self.targets.get_mut(&rec.target).expect("inserted above");
+            if rec.state == abi::CONN_FAILED {
+                *per.failed.entry(failure_reason(rec.error)).or_default() += 1;
+                self.tracked.remove(&cookie);
+                continue;
+            }
+            if rec.state == abi::CONN_CONNECTING {
+                continue;
+            }
+            seen.push(cookie);
+            let remote = ip(rec.family, &rec.raddr);
+            let direction = match rec.direction {
+                abi::DIR_INBOUND => Direction::Inbound,
+                abi::DIR_OUTBOUND => Direction::Outbound,
+                _ => target.infer_direction(rec.lport),
+            };
+            let service = target.service(direction, rec.lport);
+            let tracked = self.tracked.entry(cookie).or_insert_with(|| {
+                let key = (remote, direction);
+                let netgroup = netgroup(remote);
+                if service == Service::P2p {
+                    per.peers.open(&key, now);
+                    per.netgroups.open(&netgroup, now);
+                }
+                Tracked { target: rec.target, key, netgroup, service, counted_open: false, last: Bytes::default() }
+            });
+            if !tracked.counted_open && rec.start_ns != 0 {
+                per.churn.entry((direction, service)).or_default().opened += 1;
+            }
+            tracked.counted_open = true;
+
+            let bytes = payload(&rec, direction);
+            let delta = Bytes {
+                sent: bytes.sent.saturating_sub(tracked.last.sent),
+                received: bytes.received.saturating_sub(tracked.last.received),
+            };
+            tracked.last = Bytes { sent: tracked.last.sent.max(bytes.sent), received: tracked.last.received.max(bytes.received) };
+            if service == Service::P2p {
+                per.peers.add(&tracked.key, delta, now);
+                per.netgroups.add(&tracked.netgroup, delta, now);
+            }
+
+            if rec.state == abi::CONN_CLOSED {
+                per.churn.entry((direction, service)).or_default().closed += 1;
+                if service == Service::P2p {
+                    per.peers.close(&tracked.key, now);
+                    per.netgroups.close(&tracked.netgroup, now);
+                }
+                if rec.start_ns != 0 && rec.end_ns >= rec.start_ns {
+                    let secs = Duration::from_nanos(rec.end_ns - rec.start_ns).as_secs_f64();
+                    lifetimes.entry(rec.target).or_default().push((direction, service, secs));
+                }
+                self.tracked.remove(&cookie);
+            } else {
+                open.entry(rec.target).or_default().push(Connection {
+                    address: remote.to_string(),
+                    port: rec.rport,
+                    local_port: rec.lport,
+                    direction,
+                    service,
+                    bytes_sent: bytes.sent,
+                    bytes_received: bytes.received,
+                    connected_since: boot_ns_to_unix(rec.start_ns),
+                    netgroup: tracked.netgroup.clone(),
+                });
+            }
+        }
+        // Records that vanished without a tombstone: their target's maps were
+        // cleared (the node went away) or the map was full when they closed.
+        let seen: std::collections::HashSet<u64> = seen.into_iter().collect();
+        let vanished: Vec<u64> = self.tracked.keys().filter(|c| !seen.contains(c)).copied().collect();
+        for cookie in vanished {
+            if let Some(t) = self.tracked.remove(&cookie) {
+                if let Some(per) = self.targets.get_mut(&t.target) {
+                    per.churn.entry((t.key.1, t.service)).or_default().closed += 1;
+                    if t.service == Service::P2p {
+                        per.peers.close(&t.key, now);
+                        per.netgroups.close(&t.netgroup, now);
+                    }
+                }
+            }
+        }
+
+        let kernel = self.probe.kernel_stats()?;
+        let mut snapshot = NetSnapshot { targets: Vec::new(), kernel, orphans: self.orphans };
+        for t in targets {
+            let per = self.targets.get_mut(&t.index).expect("inserted above");
+            per.name = t.name.clone();
+            per.peers.expire(self.limits.peer_ttl, now);
+            per.netgroups.expire(self.limits.peer_ttl, now);
+            let mut connections = open.remove(&t.index).unwrap_or_default();
+            connections.sort_by(|a, b| (a.direction, &a.address, a.port).cmp(&(b.direction, &b.address, b.port)));
+            let mut churn = per.churn.clone();
+            for c in &connections {
+                churn.entry((c.direction, c.service)).or_default().open += 1;
+            }
+            let mut netgroups: BTreeMap<Direction, std::collections::BTreeSet<&str>> = BTreeMap::new();
+            for c in connections.iter().filter(|c| c.service == Service::P2p) {
+                netgroups.entry(c.direction).or_default().insert(&c.netgroup);
+            }
+            let netgroups = [Direction::Inbound, Direction::Outbound]
+                .into_iter()
+                .map(|d| (d, netgroups.get(&d).map_or(0, |s| s.len() as u64)))
+                .collect();
+            snapshot.targets.push(TargetNet {
+                name: t.name.clone(),
+                churn,
+                failed: per.failed.clone(),
+                peer_io: per.peers.export(self.limits.top_peers),
+                netgroup_io: per.netgroups.export(self.limits.top_peers),
+                netgroups,
+                peers_overflowed: per.peers.overflowed,
+                closed_lifetimes: lifetimes.remove(&t.index).unwrap_or_default(),
+                connections,
+            });
+        }
+        Ok(snapshot)
+    }
+}
+
+/// The kernel's counters count sequence space: the SYN of a connection we
+/// opened and each acknowledged FIN take one byte that no one wrote or read.
+fn payload(rec: &abi::Conn, direction: Direction) -> Bytes {
+    let syn = u64::from(direction == Direction::Outbound && rec.bytes_acked > 0);
+    let fin_sent = u64::from(rec.flags & abi::CONN_F_FIN_ACKED != 0);
+    let fin_received = u64::from(rec.flags & abi::CONN_F_FIN_RECEIVED != 0);
+    Bytes {
+        sent: rec.bytes_acked.saturating_sub(syn + fin_sent),
+        received: rec.bytes_received.saturating_sub(fin_received),
+    }
+}
+
+fn failure_reason(errno: i32) -> &'static str {
+    match errno {
+        libc::ECONNREFUSED => "refused",
+        libc::ETIMEDOUT => "timeout",
+        libc::ECONNRESET => "reset",
+        libc::EHOSTUNREACH | libc::ENETUNREACH => "unreachable",
+        _ => "other",
+    }
+}
+
+pub fn ip(family: u16, raw: &[u8; 16]) -> IpAddr {
+    if family == libc::AF_INET as u16 {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    } else {
+        let v6 = Ipv6Addr::from(*raw);
+        // dual-stack listeners see IPv4 peers as ::ffff:a.b.c.d
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        }
+    }
+}
+
+/// The peer's network group as Bitcoin Core buckets peers: IPv4 /16, IPv6 /32.
+pub fn netgroup(addr: IpAddr) -> String {
+    let net = match addr {
+        IpAddr::V4(a) => ipnet::IpNet::V4(ipnet::Ipv4Net::new(a, 16).expect("valid prefix").trunc()),
+        IpAddr::V6(a) => ipnet::IpNet::V6(ipnet::Ipv6Net::new(a, 32).expect("valid prefix").trunc()),
+    };
+    net.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netgroups() {
+        assert_eq!(netgroup("127.0.0.1".parse().unwrap()), "127.0.0.0/16");
+        assert_eq!(netgroup("203.0.113.9".parse().unwrap()), "203.0.0.0/16");
+        assert_eq!(netgroup("2001:db8:1:2::5".parse().unwrap()), "2001:db8::/32");
+    }
+
+    #[test]
+    fn mapped_addresses_are_ipv4() {
+        let mut raw = [0u8; 16];
+        raw[10] = 0xff;
+        raw[11] = 0xff;
+        raw[12..].copy_from_slice(&[10, 1, 2, 3]);
+        assert_eq!(ip(libc::AF_INET6 as u16, &raw), "10.1.2.3".parse::<IpAddr>().unwrap());
+        assert_eq!(ip(libc::AF_INET as u16, &[192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).to_string(), "192.0.2.1");
+    }
+
+    #[test]
+    fn payload_removes_sequence_bytes() {
+        let mut c = abi::Conn { bytes_acked: 1001, bytes_received: 301, ..Default::default() };
+        c.flags = abi::CONN_F_FIN_RECEIVED;
+        assert_eq!(payload(&c, Direction::Outbound), Bytes { sent: 1000, received: 300 });
+        c.flags |= abi::CONN_F_FIN_ACKED;
+        assert_eq!(payload(&c, Direction::Inbound), Bytes { sent: 1000, received: 300 });
+        let fresh = abi::Conn::default();
+        assert_eq!(payload(&fresh, Direction::Outbound), Bytes::default());
+    }
+}

@@ -1,0 +1,176 @@
+//! Loads `net.bpf.c`, tells it which sockets to watch and reads its records.
+
+use std::collections::HashSet;
+use std::io::Read;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::{BtfTracePoint, Iter};
+use aya::Ebpf;
+
+use crate::bpf::{self, abi, BpfError, HookStatus};
+use crate::target::Scope;
+
+const STATE_PROG: &str = "on_tcp_state";
+const STATE_HOOK: &str = "inet_sock_set_state";
+const ITER_PROG: &str = "tcp_iter";
+
+pub struct NetProbe {
+    ebpf: Ebpf,
+}
+
+/// The kernel side's own counters (summed over CPUs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelStats {
+    pub conn_dropped: u64,
+    pub state_events: u64,
+    pub iter_sockets: u64,
+}
+
+fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(BpfError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| BpfError::Program { program: name, source })
+}
+
+fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<BpfHashMap<&'a mut MapData, K, V>, BpfError> {
+    let map = ebpf.map_mut(name).ok_or(BpfError::MissingMap(name))?;
+    BpfHashMap::try_from(map).map_err(|source| BpfError::Map { map: name, source })
+}
+
+impl NetProbe {
+    /// Loads both programs and attaches the state tracepoint. The iterator
+    /// is attached for each read.
+    pub fn load(max_connections: u32) -> Result<NetProbe, BpfError> {
+        let btf = bpf::kernel_btf()?;
+        let mut ebpf = bpf::load("net.bpf.o", bpf::NET_OBJ, &[("ns_conns", max_connections)])?;
+        let state: &mut BtfTracePoint = prog(&mut ebpf, STATE_PROG)?;
+        let err = |source| BpfError::Program { program: STATE_PROG, source };
+        state.load(STATE_HOOK, &btf).map_err(err)?;
+        state.attach().map_err(err)?;
+        let iter: &mut Iter = prog(&mut ebpf, ITER_PROG)?;
+        iter.load("tcp", &btf).map_err(|source| BpfError::Program { program: ITER_PROG, source })?;
+        Ok(NetProbe { ebpf })
+    }
+
+    /// Makes the kernel's target maps say exactly `scopes` (target index,
+    /// scope): adds what is new, removes what went away.
+    pub fn set_targets<'s>(&mut self, scopes: impl IntoIterator<Item = (u32, &'s Scope)>) -> Result<(), BpfError> {
+        let mut cgroups = Vec::new();
+        let mut pids = Vec::new();
+        let mut ports = Vec::new();
+        for (index, scope) in scopes {
+            match scope {
+                Scope::Cgroup { id, .. } => cgroups.push((*id, index)),
+                Scope::Process { pids: p, listen_ports } => {
+                    pids.extend(p.iter().map(|pid| (*pid, index)));
+                    ports.extend(listen_ports.iter().map(|port| (*port, index)));
+                }
+                Scope::Absent => {}
+            }
+        }
+        sync_map(&mut hash_map::<u64, u32>(&mut self.ebpf, "ns_target_cgroups")?, "ns_target_cgroups", &cgroups)?;
+        sync_map(&mut hash_map::<u32, u32>(&mut self.ebpf, "ns_target_pids")?, "ns_target_pids", &pids)?;
+        sync_map(&mut hash_map::<u16, u32>(&mut self.ebpf, "ns_target_ports")?, "ns_target_ports", &ports)?;
+        Ok(())
+    }
+
+    /// Runs the iterator (live byte counts, adoption of older connections),
+    /// then returns every record and deletes the tombstones it returned.
+    pub fn read(&mut self) -> Result<Vec<(u64, abi::Conn)>, BpfError> {
+        let iter: &mut Iter = prog(&mut self.ebpf, ITER_PROG)?;
+        let err = |source| BpfError::Program { program: ITER_PROG, source };
+        let link_id = iter.attach().map_err(err)?;
+        let link = iter.take_link(link_id).map_err(err)?;
+        let mut file = link.into_file().map_err(|e| BpfError::Iter(e.to_string()))?;
+        // The program prints nothing; reading to the end is what runs it.
+        let mut sink = Vec::new();
+        file.read_to_end(&mut sink).map_err(|e| BpfError::Iter(e.to_string()))?;
+
+        let mut conns = hash_map::<u64, abi::Conn>(&mut self.ebpf, "ns_conns")?;
+        let records: Vec<(u64, abi::Conn)> = conns.iter().filter_map(Result::ok).collect();
+        for (cookie, c) in &records {
+            if c.state == abi::CONN_CLOSED || c.state == abi::CONN_FAILED {
+                // gone already only if another reader raced us; nothing lost
+                let _ = conns.remove(cookie);
+            }
+        }
+        Ok(records)
+    }
+
+    /// Forgets a record the agent no longer wants (its target went away).
+    pub fn forget(&mut self, cookie: u64) -> Result<(), BpfError> {
+        let mut conns = hash_map::<u64, abi::Conn>(&mut self.ebpf, "ns_conns")?;
+        let _ = conns.remove(&cookie);
+        Ok(())
+    }
+
+    pub fn kernel_stats(&self) -> Result<KernelStats, BpfError> {
+        let name = "ns_net_stats";
+        let map = self.ebpf.map(name).ok_or(BpfError::MissingMap(name))?;
+        let stats: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| BpfError::Map { map: name, source })?;
+        let sum = |i: u32| -> u64 {
+            stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0)
+        };
+        Ok(KernelStats {
+            conn_dropped: sum(abi::NET_STAT_CONN_DROPPED),
+            state_events: sum(abi::NET_STAT_STATE_EVENTS),
+            iter_sockets: sum(abi::NET_STAT_ITER_SOCKETS),
+        })
+    }
+}
+
+fn sync_map<K, V>(map: &mut BpfHashMap<&mut MapData, K, V>, name: &'static str, want: &[(K, V)]) -> Result<(), BpfError>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod + PartialEq,
+{
+    let wanted: HashSet<K> = want.iter().map(|(k, _)| *k).collect();
+    let stale: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| !wanted.contains(k)).collect();
+    for k in stale {
+        let _ = map.remove(&k);
+    }
+    for (k, v) in want {
+        if map.get(k, 0).ok().as_ref() != Some(v) {
+            map.insert(k, v, 0).map_err(|source| BpfError::Map { map: name, source })?;
+        }
+    }
+    Ok(())
+}
+
+/// What `nodescope probes` reports for this signal: each hook loaded (and
+/// attached) for real in a fresh object, then released.
+pub fn probe_hooks() -> Vec<HookStatus> {
+    let attempt = |program: &'static str, load: &dyn Fn(&mut Ebpf, &aya::Btf) -> Result<(), aya::programs::ProgramError>| {
+        let btf = bpf::kernel_btf()?;
+        let mut ebpf = bpf::load("net.bpf.o", bpf::NET_OBJ, &[])?;
+        load(&mut ebpf, &btf).map_err(|source| BpfError::Program { program, source })
+    };
+    let state = attempt(STATE_PROG, &|ebpf, btf| {
+        let p: &mut BtfTracePoint = ebpf.program_mut(STATE_PROG).unwrap().try_into()?;
+        p.load(STATE_HOOK, btf)?;
+        p.attach().map(drop)
+    });
+    let iter = attempt(ITER_PROG, &|ebpf, btf| {
+        let p: &mut Iter = ebpf.program_mut(ITER_PROG).unwrap().try_into()?;
+        p.load("tcp", btf)?;
+        p.attach().map(drop)
+    });
+    [(format!("tp_btf/{STATE_HOOK}"), STATE_PROG, state), ("iter/tcp".to_string(), ITER_PROG, iter)]
+        .into_iter()
+        .map(|(hook, program, r)| HookStatus {
+            signal: "net",
+            hook,
+            program,
+            supported: r.is_ok(),
+            detail: r.err().map(|e| e.to_string()).unwrap_or_else(|| "loaded and attached".into()),
+        })
+        .collect()
+}

@@ -1,0 +1,377 @@
+//! Watched nodes: from config or discovery to a running process, its cgroup,
+//! its ports, and the scope the kernel programs use to pick its sockets.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::bpf::abi::MAX_TARGETS;
+use crate::cgroup::{self, Mounts, ProcessCgroups};
+use crate::chain::{Chain, Network};
+use crate::config::{Config, TargetConfig};
+use crate::discovery;
+
+/// How a target is named in config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    PidFile(PathBuf),
+    Process(String),
+    Cgroup(PathBuf),
+    /// Found by discovery.
+    Pid(u32),
+}
+
+#[derive(Debug, Clone)]
+pub struct TargetSpec {
+    pub name: String,
+    pub selector: Selector,
+    pub chain: Chain,
+    pub datadir: Option<PathBuf>,
+    pub p2p_ports: Vec<u16>,
+    pub rpc_ports: Vec<u16>,
+}
+
+impl From<&TargetConfig> for TargetSpec {
+    fn from(t: &TargetConfig) -> Self {
+        let selector = match (&t.pid_file, &t.process, &t.cgroup) {
+            (Some(p), _, _) => Selector::PidFile(p.clone()),
+            (_, Some(p), _) => Selector::Process(p.clone()),
+            (_, _, Some(c)) => Selector::Cgroup(c.clone()),
+            // Config::validate guarantees one of the three
+            _ => unreachable!("validated target without selector"),
+        };
+        TargetSpec {
+            name: t.name.clone(),
+            selector,
+            chain: t.chain,
+            datadir: t.datadir.clone(),
+            p2p_ports: t.p2p_ports.clone(),
+            rpc_ports: t.rpc_ports.clone(),
+        }
+    }
+}
+
+/// Which sockets belong to a target, as the kernel programs test it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// The node has a cgroup2 group to itself: every socket created in it.
+    Cgroup { id: u64, path: PathBuf },
+    /// The node shares its group: connects made by these processes and
+    /// connections accepted on these listening ports.
+    Process { pids: Vec<u32>, listen_ports: Vec<u16> },
+    /// Not running.
+    Absent,
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Stable slot in the kernel maps, `< MAX_TARGETS`.
+    pub index: u32,
+    pub name: String,
+    pub chain: Chain,
+    pub network: Option<Network>,
+    pub pid: Option<u32>,
+    pub scope: Scope,
+    /// The node's cgroup2 directory, when there is one.
+    pub cgroup_v2: Option<PathBuf>,
+    /// The network's own data dir (blocks, chain state).
+    pub datadir: Option<PathBuf>,
+    pub p2p_ports: Vec<u16>,
+    pub rpc_ports: Vec<u16>,
+    /// Every TCP port the node listens on.
+    pub listening: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Service {
+    P2p,
+    Rpc,
+    Other,
+}
+
+impl Service {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Service::P2p => "p2p",
+            Service::Rpc => "rpc",
+            Service::Other => "other",
+        }
+    }
+}
+
+impl Target {
+    /// Direction of a connection that was open before nodescope started:
+    /// accepted when its local port is one the node listens on.
+    pub fn infer_direction(&self, local_port: u16) -> Direction {
+        let listens = self.listening.contains(&local_port)
+            || self.p2p_ports.contains(&local_port)
+            || self.rpc_ports.contains(&local_port);
+        if listens {
+            Direction::Inbound
+        } else {
+            Direction::Outbound
+        }
+    }
+
+    /// Inbound connections are told apart by the port they arrived on. A node
+    /// opens outbound TCP only to peers (through a proxy at most), so every
+    /// outbound connection is P2P.
+    pub fn service(&self, direction: Direction, local_port: u16) -> Service {
+        match direction {
+            Direction::Outbound => Service::P2p,
+            Direction::Inbound if self.p2p_ports.contains(&local_port) => Service::P2p,
+            Direction::Inbound if self.rpc_ports.contains(&local_port) => Service::Rpc,
+            Direction::Inbound => Service::Other,
+        }
+    }
+}
+
+/// The set of targets, re-resolved every interval.
+pub struct Targets {
+    specs: Vec<TargetSpec>,
+    discover: bool,
+    proc_root: PathBuf,
+    mounts: Mounts,
+    slots: BTreeMap<String, u32>,
+    current: Vec<Target>,
+    /// What was last logged per target, so each change is logged once.
+    last_state: BTreeMap<String, String>,
+}
+
+impl Targets {
+    pub fn new(config: &Config, mounts: Mounts) -> Targets {
+        Targets {
+            specs: config.targets.iter().map(TargetSpec::from).collect(),
+            discover: config.targets.is_empty() && config.agent.discover,
+            proc_root: PathBuf::from("/proc"),
+            mounts,
+            slots: BTreeMap::new(),
+            current: Vec::new(),
+            last_state: BTreeMap::new(),
+        }
+    }
+
+    pub fn current(&self) -> &[Target] {
+        &self.current
+    }
+
+    pub fn is_discovering(&self) -> bool {
+        self.discover
+    }
+
+    pub fn refresh(&mut self) -> &[Target] {
+        let specs = if self.discover { self.discovered_specs() } else { self.specs.clone() };
+        let mut out = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            let Some(index) = self.slot(&spec.name) else {
+                self.log_once(&spec.name, "no slot".into(), || {
+                    tracing::warn!(target_name = %spec.name, "more than {MAX_TARGETS} targets; this one is not watched")
+                });
+                continue;
+            };
+            let t = self.resolve(index, spec);
+            let state = match (&t.pid, &t.scope) {
+                (None, _) => "absent".to_string(),
+                (Some(pid), Scope::Cgroup { path, .. }) => format!("pid {pid}, cgroup {}", path.display()),
+                (Some(pid), _) => format!("pid {pid}, shared cgroup: scoped to the process and its listening ports"),
+            };
+            let name = t.name.clone();
+            self.log_once(&name, state.clone(), || match t.pid {
+                Some(_) => tracing::info!(target_name = %name, chain = t.chain.as_str(), p2p_ports = ?t.p2p_ports, rpc_ports = ?t.rpc_ports, "watching node: {state}"),
+                None => tracing::warn!(target_name = %name, "node not running; waiting for it to appear"),
+            });
+            out.push(t);
+        }
+        self.current = out;
+        &self.current
+    }
+
+    fn log_once(&mut self, name: &str, state: String, log: impl FnOnce()) {
+        if self.last_state.get(name) != Some(&state) {
+            log();
+            self.last_state.insert(name.to_string(), state);
+        }
+    }
+
+    /// Slots are kept for the agent's life so a node that restarts keeps its
+    /// index; discovery names are stable per chain and network.
+    fn slot(&mut self, name: &str) -> Option<u32> {
+        if let Some(i) = self.slots.get(name) {
+            return Some(*i);
+        }
+        let next = self.slots.len() as u32;
+        if next as usize >= MAX_TARGETS {
+            return None;
+        }
+        self.slots.insert(name.to_string(), next);
+        Some(next)
+    }
+
+    fn discovered_specs(&self) -> Vec<TargetSpec> {
+        let mut specs: Vec<TargetSpec> = Vec::new();
+        for (pid, chain) in discovery::find_nodes(&self.proc_root) {
+            let network = discovery::inspect(&self.proc_root, pid, chain).map(|i| i.network).unwrap_or(Network::Main);
+            let mut name = format!("{}-{}", chain.as_str(), network.as_str());
+            if specs.iter().any(|s| s.name == name) {
+                name = format!("{name}-{pid}");
+            }
+            specs.push(TargetSpec {
+                name,
+                selector: Selector::Pid(pid),
+                chain,
+                datadir: None,
+                p2p_ports: Vec::new(),
+                rpc_ports: Vec::new(),
+            });
+        }
+        // Nodes that went away stay listed (absent) so their verdicts say so.
+        for name in self.slots.keys() {
+            if !specs.iter().any(|s| &s.name == name) {
+                if let Some(prev) = self.current.iter().find(|t| &t.name == name) {
+                    specs.push(TargetSpec {
+                        name: name.clone(),
+                        selector: Selector::Pid(0),
+                        chain: prev.chain,
+                        datadir: prev.datadir.clone(),
+                        p2p_ports: prev.p2p_ports.clone(),
+                        rpc_ports: prev.rpc_ports.clone(),
+                    });
+                }
+            }
+        }
+        specs
+    }
+
+    fn find_pid(&self, spec: &TargetSpec) -> (Option<u32>, Option<PathBuf>) {
+        let proc_root = &self.proc_root;
+        match &spec.selector {
+            Selector::PidFile(path) => (discovery::read_pid_file(proc_root, path).ok(), None),
+            Selector::Process(name) => (discovery::find_by_name(proc_root, name).first().copied(), None),
+            Selector::Pid(0) => (None, None),
+            Selector::Pid(pid) => (Some(*pid), None),
+            Selector::Cgroup(dir) => {
+                let procs = cgroup::procs(dir).unwrap_or_default();
+                let names = spec.chain.process_names();
+                let node = procs.iter().copied().find(|pid| {
+                    std::fs::read_to_string(proc_root.join(pid.to_string()).join("comm"))
+                        .map(|c| names.contains(&c.trim()))
+                        .unwrap_or(false)
+                });
+                (node.or(procs.first().copied()), Some(dir.clone()))
+            }
+        }
+    }
+
+    fn resolve(&self, index: u32, spec: &TargetSpec) -> Target {
+        let (pid, cgroup_dir) = self.find_pid(spec);
+        let pid = pid.filter(|p| discovery::is_alive(&self.proc_root, *p));
+        let mut t = Target {
+            index,
+            name: spec.name.clone(),
+            chain: spec.chain,
+            network: None,
+            pid,
+            scope: Scope::Absent,
+            cgroup_v2: None,
+            datadir: spec.datadir.clone(),
+            p2p_ports: spec.p2p_ports.clone(),
+            rpc_ports: spec.rpc_ports.clone(),
+            listening: Vec::new(),
+        };
+        let Some(pid) = pid else { return t };
+
+        if let Ok(info) = discovery::inspect(&self.proc_root, pid, spec.chain) {
+            t.network = Some(info.network);
+            if t.datadir.is_none() {
+                t.datadir = info.network_datadir.or(info.datadir);
+            } else if let Some(d) = &spec.datadir {
+                // a configured base dir: the network's data lives under it
+                t.datadir = Some(d.join(spec.chain.network_subdir(info.network)));
+            }
+            if t.p2p_ports.is_empty() {
+                t.p2p_ports = info.p2p_ports;
+            }
+            if t.rpc_ports.is_empty() {
+                t.rpc_ports = info.rpc_ports;
+            }
+        }
+        t.listening = discovery::listening_ports(&self.proc_root, pid).unwrap_or_default();
+
+        let own_dir = ProcessCgroups::read(&self.proc_root, pid)
+            .ok()
+            .and_then(|pc| pc.v2)
+            .zip(self.mounts.v2.as_ref())
+            .map(|(path, mount)| (path.clone(), cgroup::join(mount, &path)));
+        t.cgroup_v2 = own_dir.as_ref().map(|(_, dir)| dir.clone());
+        t.scope = match (cgroup_dir, own_dir) {
+            (Some(dir), _) => match cgroup::cgroup2_id(&dir) {
+                Ok(id) => Scope::Cgroup { id, path: dir },
+                Err(_) => Scope::Absent,
+            },
+            (None, Some((path, dir))) if path != "/" && dedicated(&dir, pid) => match cgroup::cgroup2_id(&dir) {
+                Ok(id) => Scope::Cgroup { id, path: dir },
+                Err(_) => process_scope(pid, &t.listening),
+            },
+            _ => process_scope(pid, &t.listening),
+        };
+        t
+    }
+}
+
+fn process_scope(pid: u32, listening: &[u16]) -> Scope {
+    Scope::Process { pids: vec![pid], listen_ports: listening.to_vec() }
+}
+
+/// A group is the node's own when the node is the only process in it.
+fn dedicated(dir: &Path, pid: u32) -> bool {
+    matches!(cgroup::procs(dir).as_deref(), Ok([only]) if *only == pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(p2p: &[u16], rpc: &[u16], listening: &[u16]) -> Target {
+        Target {
+            index: 0,
+            name: "t".into(),
+            chain: Chain::Litecoin,
+            network: None,
+            pid: Some(1),
+            scope: Scope::Absent,
+            cgroup_v2: None,
+            datadir: None,
+            p2p_ports: p2p.to_vec(),
+            rpc_ports: rpc.to_vec(),
+            listening: listening.to_vec(),
+        }
+    }
+
+    #[test]
+    fn services_and_directions() {
+        let t = target(&[19444], &[19443], &[19444, 19443, 28332]);
+        assert_eq!(t.service(Direction::Inbound, 19444), Service::P2p);
+        assert_eq!(t.service(Direction::Inbound, 19443), Service::Rpc);
+        assert_eq!(t.service(Direction::Inbound, 28332), Service::Other);
+        assert_eq!(t.service(Direction::Outbound, 41000), Service::P2p);
+        assert_eq!(t.infer_direction(19444), Direction::Inbound);
+        assert_eq!(t.infer_direction(28332), Direction::Inbound);
+        assert_eq!(t.infer_direction(50123), Direction::Outbound);
+    }
+}

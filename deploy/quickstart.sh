@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Runs nodescope in the foreground. With no config and no node on this host,
+# it first starts a small litecoin regtest network on loopback (two nodes,
+# the watched one in its own cgroup, a block mined every 10 s and a payment
+# relayed with each) so a newcomer sees real data at
+# http://127.0.0.1:9464/metrics and /peers. Everything it started is stopped by
+# pid when nodescope exits, and its cgroup and data are removed.
+#
+# usage: quickstart.sh NODESCOPE_BINARY [CONFIG]
+set -euo pipefail
+bin=$1
+config=${2:-}
+
+if [ -n "$config" ]; then
+    exec "$bin" run --config "$config"
+fi
+
+node_running() {
+    local comm
+    for f in /proc/[0-9]*/comm; do
+        comm=$(cat "$f" 2>/dev/null) || continue
+        case "$comm" in bitcoind|bitcoin-qt|litecoind|litecoin-qt|monerod) return 0 ;; esac
+    done
+    return 1
+}
+
+if node_running; then
+    echo "quickstart: found a node on this host; nodescope will watch it"
+    exec "$bin" run
+fi
+
+echo "quickstart: no node on this host; starting a litecoin regtest network on 127.0.0.1"
+cg2=$(awk '$0 ~ / - cgroup2 / {print $5; exit}' /proc/self/mountinfo)
+work=$(mktemp -d /tmp/nodescope-demo.XXXXXX)
+pids=()
+cgroup=""
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        kill -9 "$pid" 2>/dev/null || true
+    done
+    [ -n "$cgroup" ] && rmdir "$cgroup" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+common=(-regtest -rpcuser=demo -rpcpassword=demo -listen=1 -bind=127.0.0.1 -rpcbind=127.0.0.1
+        -rpcallowip=127.0.0.1 -dnsseed=0 -discover=0 -fallbackfee=0.0002 -printtoconsole=0 -daemon=0)
+mkdir -p "$work/a" "$work/b"
+# the watched node gets a cgroup of its own, as a systemd service would
+if [ -n "$cg2" ]; then
+    cgroup="$cg2/nodescope-demo-$$"
+    mkdir "$cgroup"
+    sh -c 'echo $$ > "$0/cgroup.procs" && shift && exec "$@"' "$cgroup" _ \
+        litecoind "${common[@]}" -datadir="$work/a" -port=19444 -rpcport=19443 -connect=0 &
+else
+    litecoind "${common[@]}" -datadir="$work/a" -port=19444 -rpcport=19443 -connect=0 &
+fi
+pids+=($!)
+litecoind "${common[@]}" -datadir="$work/b" -port=19544 -rpcport=19543 -connect=127.0.0.1:19444 &
+pids+=($!)
+
+cli() { local port=$1; shift; litecoin-cli -regtest -rpcuser=demo -rpcpassword=demo -rpcport="$port" "$@"; }
+for _ in $(seq 120); do cli 19443 getblockcount >/dev/null 2>&1 && cli 19543 getblockcount >/dev/null 2>&1 && break; sleep 0.5; done
+cli 19443 createwallet demo >/dev/null
+cli 19543 createwallet demo >/dev/null
+cli 19443 generatetoaddress 101 "$(cli 19443 getnewaddress)" >/dev/null
+
+# a block every 10 s with a payment from A to B in it, for at most a day
+(
+    for _ in $(seq 8640); do
+        cli 19443 sendtoaddress "$(cli 19543 getnewaddress)" 0.1 >/dev/null 2>&1 || true
+        cli 19443 generatetoaddress 1 "$(cli 19443 getnewaddress)" >/dev/null 2>&1 || true
+        sleep 10
+    done
+) &
+pids+=($!)
+
+echo "quickstart: nodes up (pids ${pids[*]:0:2}); nodescope on http://127.0.0.1:9464 (Ctrl-C stops everything)"
+"$bin" run &
+agent=$!
+pids=("$agent" "${pids[@]}")
+wait "$agent"

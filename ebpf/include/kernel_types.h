@@ -1,0 +1,110 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The few kernel-internal types nodescope's programs read, declared by hand
+ * instead of a multi-megabyte generated vmlinux.h.
+ *
+ * Every struct carries preserve_access_index, so each field access becomes a
+ * CO-RE relocation that the loader resolves by name against the running
+ * kernel's BTF (/sys/kernel/btf/vmlinux). Field order and offsets here do not
+ * matter and members the kernel nests in anonymous unions may be declared
+ * flat; only names and types do. Add a field here before reading it.
+ */
+#ifndef NODESCOPE_KERNEL_TYPES_H
+#define NODESCOPE_KERNEL_TYPES_H
+
+#include <linux/types.h>
+
+#pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
+
+struct in6_addr {
+	union {
+		__u8 u6_addr8[16];
+	} in6_u;
+};
+
+struct kernfs_node {
+	__u64 id;
+};
+
+struct cgroup {
+	struct kernfs_node *kn;
+};
+
+struct sock_cgroup_data {
+	struct cgroup *cgroup;
+};
+
+struct sock_common {
+	__be32 skc_daddr;
+	__be32 skc_rcv_saddr;
+	__be16 skc_dport;
+	__u16 skc_num;
+	unsigned short skc_family;
+	volatile unsigned char skc_state;
+	struct in6_addr skc_v6_daddr;
+	struct in6_addr skc_v6_rcv_saddr;
+};
+
+struct sock {
+	struct sock_common __sk_common;
+	struct sock_cgroup_data sk_cgrp_data;
+	int sk_err;
+	__u8 sk_shutdown;
+};
+
+struct tcp_sock {
+	__u64 bytes_received;
+	__u64 bytes_acked;
+};
+
+struct bpf_iter_meta {
+	void *seq;
+	__u64 session_id;
+	__u64 seq_num;
+};
+
+struct bpf_iter__tcp {
+	struct bpf_iter_meta *meta;
+	struct sock_common *sk_common;
+	__u32 uid;
+};
+
+#pragma clang attribute pop
+
+/*
+ * Syscall tracepoint contexts, laid out as the tracepoint format files say
+ * (/sys/kernel/tracing/events/syscalls/<name>/format). Classic tracepoint
+ * contexts are read by offset, not through BTF, so these stay outside the
+ * CO-RE region above.
+ */
+struct ns_sys_enter_ctx {
+	__u64 __unused_common;
+	long id;
+	unsigned long args[6];
+};
+
+struct ns_sys_exit_ctx {
+	__u64 __unused_common;
+	long id;
+	long ret;
+};
+
+
+/* TCP states, include/net/tcp_states.h */
+enum {
+	TCP_ESTABLISHED = 1,
+	TCP_SYN_SENT = 2,
+	TCP_SYN_RECV = 3,
+	TCP_FIN_WAIT2 = 5,
+	TCP_CLOSE = 7,
+	TCP_LAST_ACK = 9,
+	TCP_LISTEN = 10,
+	TCP_CLOSING = 11,
+};
+
+#define RCV_SHUTDOWN 1
+
+#define AF_INET 2
+#define AF_INET6 10
+
+#endif

@@ -1,0 +1,221 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * net: the TCP connections of watched nodes, one record per connection.
+ *
+ * Two programs share the record map:
+ *  - on_tcp_state (tp_btf/inet_sock_set_state) sees every state change of
+ *    every TCP socket, keeps the watched ones and records connects,
+ *    establishment, failure and close with the final byte counts.
+ *  - tcp_iter (iter/tcp) is run by the agent once per interval: it copies
+ *    the live byte counters of open connections into their records, and adopts
+ *    connections that were open before the agent started.
+ * Bytes come from the kernel's own per-socket counters, so no per-packet hook
+ * is needed and the agent only reads one map per interval.
+ *
+ * A socket is watched when the cgroup2 group it was created in is a watched
+ * cgroup, or, for nodes that share their cgroup, when the connect() came from
+ * a watched process or the connection was accepted on one of its listening
+ * ports.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_endian.h>
+#include "kernel_types.h"
+#include "nodescope.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* cgroup2 id -> target index */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NS_MAX_TARGETS);
+	__type(key, __u64);
+	__type(value, __u32);
+} ns_target_cgroups SEC(".maps");
+
+/* tgid -> target index, for targets that share their cgroup */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u32);
+} ns_target_pids SEC(".maps");
+
+/* listening port -> target index, for targets that share their cgroup */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, __u32);
+} ns_target_ports SEC(".maps");
+
+/* socket cookie -> connection record; max_entries is set by the agent. A plain
+ * hash, not LRU: a full map refuses new connections (counted) rather than
+ * silently evicting the records of open ones. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct ns_conn);
+} ns_conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NS_NET_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} ns_net_stats SEC(".maps");
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&ns_net_stats, &idx);
+	if (v)
+		*v += 1;
+}
+
+/* Which target, if any, owns this socket. in_task: the caller runs in the
+ * context of the process that acts on the socket (connect()). */
+static __always_inline int match_target(struct sock *sk, int in_task, __u32 *target)
+{
+	__u64 cgid = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+	__u32 *t = bpf_map_lookup_elem(&ns_target_cgroups, &cgid);
+	if (t) {
+		*target = *t;
+		return 1;
+	}
+	if (in_task) {
+		__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+		t = bpf_map_lookup_elem(&ns_target_pids, &tgid);
+	} else {
+		__u16 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+		t = bpf_map_lookup_elem(&ns_target_ports, &lport);
+	}
+	if (t) {
+		*target = *t;
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline void fill_endpoints(struct ns_conn *c, struct sock *sk)
+{
+	c->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	c->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	c->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (c->family == AF_INET) {
+		__be32 l = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__be32 r = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__builtin_memcpy(c->laddr, &l, 4);
+		__builtin_memcpy(c->raddr, &r, 4);
+	} else {
+		BPF_CORE_READ_INTO(&c->laddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&c->raddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	}
+}
+
+static __always_inline void read_counters(struct ns_conn *c, struct tcp_sock *tp)
+{
+	c->bytes_acked = BPF_CORE_READ(tp, bytes_acked);
+	c->bytes_received = BPF_CORE_READ(tp, bytes_received);
+}
+
+static __always_inline void track(struct sock *sk, __u64 cookie, __u32 target,
+				  __u8 direction, __u8 state, __u64 now)
+{
+	struct ns_conn c = {};
+	c.target = target;
+	c.direction = direction;
+	c.state = state;
+	c.start_ns = state == NS_CONN_ESTABLISHED ? now : 0;
+	fill_endpoints(&c, sk);
+	if (bpf_map_update_elem(&ns_conns, &cookie, &c, BPF_ANY))
+		stat_inc(NS_NET_STAT_CONN_DROPPED);
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
+{
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return 0; /* not a full TCP socket */
+
+	__u64 cookie = bpf_get_socket_cookie(sk);
+	__u64 now = bpf_ktime_get_boot_ns();
+	struct ns_conn *c = bpf_map_lookup_elem(&ns_conns, &cookie);
+	__u32 target;
+
+	if (!c) {
+		if (newstate == TCP_SYN_SENT) {
+			/* connect(): runs in the connecting task */
+			if (match_target(sk, 1, &target))
+				track(sk, cookie, target, NS_DIR_OUTBOUND, NS_CONN_CONNECTING, now);
+		} else if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV) {
+			/* accepted: the child socket, in softirq */
+			if (match_target(sk, 0, &target))
+				track(sk, cookie, target, NS_DIR_INBOUND, NS_CONN_ESTABLISHED, now);
+		}
+		return 0;
+	}
+
+	stat_inc(NS_NET_STAT_STATE_EVENTS);
+	if (newstate == TCP_ESTABLISHED && c->state == NS_CONN_CONNECTING) {
+		c->state = NS_CONN_ESTABLISHED;
+		c->start_ns = now;
+		/* the local address is only final once the route is chosen */
+		fill_endpoints(c, sk);
+	} else if (newstate == TCP_CLOSE) {
+		read_counters(c, tp);
+		if (oldstate == TCP_FIN_WAIT2 || oldstate == TCP_LAST_ACK || oldstate == TCP_CLOSING)
+			c->flags |= NS_CONN_F_FIN_ACKED;
+		if (BPF_CORE_READ(sk, sk_shutdown) & RCV_SHUTDOWN)
+			c->flags |= NS_CONN_F_FIN_RECEIVED;
+		c->end_ns = now;
+		if (c->state == NS_CONN_CONNECTING) {
+			c->state = NS_CONN_FAILED;
+			c->error = BPF_CORE_READ(sk, sk_err);
+		} else {
+			c->state = NS_CONN_CLOSED;
+		}
+	}
+	return 0;
+}
+
+SEC("iter/tcp")
+int tcp_iter(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	if (!skc)
+		return 0;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0; /* listeners are full sockets too, filtered below */
+	struct sock *sk = (struct sock *)tp;
+	__u8 st = BPF_CORE_READ(sk, __sk_common.skc_state);
+	if (st == TCP_LISTEN || st == TCP_CLOSE || st == TCP_SYN_SENT || st == TCP_SYN_RECV)
+		return 0;
+
+	__u64 cookie = bpf_get_socket_cookie(skc);
+	struct ns_conn *c = bpf_map_lookup_elem(&ns_conns, &cookie);
+	if (c) {
+		stat_inc(NS_NET_STAT_ITER_SOCKETS);
+		if (c->state == NS_CONN_ESTABLISHED)
+			read_counters(c, tp);
+		return 0;
+	}
+	/* Open before nodescope attached: adopt it, with its totals so far.
+	 * Only sockets in a watched cgroup or on a watched listening port. */
+	__u32 target;
+	if (st != TCP_ESTABLISHED || !match_target(sk, 0, &target))
+		return 0;
+	struct ns_conn n = {};
+	n.target = target;
+	n.direction = NS_DIR_UNKNOWN;
+	n.state = NS_CONN_ESTABLISHED;
+	fill_endpoints(&n, sk);
+	read_counters(&n, tp);
+	if (bpf_map_update_elem(&ns_conns, &cookie, &n, BPF_NOEXIST) == 0)
+		stat_inc(NS_NET_STAT_ITER_SOCKETS);
+	return 0;
+}

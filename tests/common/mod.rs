@@ -1,0 +1,332 @@
+//! Test harness: real components started for one test and stopped by pid
+//! when it ends (pass or fail), in cgroups and temp dirs it removes.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst))
+}
+
+pub fn require_root() {
+    // SAFETY: no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test loads eBPF programs and makes cgroups: run it as root (cargo xtask test)");
+}
+
+/// Fails the test with the reason when a tool it needs is missing.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).any(|d| d.join(tool).is_file());
+    assert!(found, "{tool} is not installed (Debian package {package}); `cargo xtask test` installs it");
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let p = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The cgroup2 mount, from mountinfo (never assumed).
+pub fn cgroup2_mount() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split(' ').next()? == "cgroup2").then(|| PathBuf::from(pre.split(' ').nth(4).unwrap()))
+        })
+        .expect("no cgroup2 hierarchy mounted: the tests need one")
+}
+
+/// A cgroup2 directory made for one test, removed when dropped (its
+/// processes must have been stopped by then).
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new() -> Cgroup {
+        let path = cgroup2_mount().join(unique("nodescope-test"));
+        std::fs::create_dir(&path).unwrap();
+        Cgroup { path }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not remove {}", self.path.display());
+    }
+}
+
+/// Sends SIGTERM, waits, then SIGKILL: by pid, never by name.
+pub fn stop_child(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    // SAFETY: signalling a pid we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Spawns `cmd` inside `cgroup` (or where the test runs when None): a shell
+/// writes its own pid into cgroup.procs and execs the program, so the
+/// program's sockets are created inside the group from the start.
+pub fn spawn_in(cgroup: Option<&Cgroup>, program: &str, args: &[String], log: &Path) -> Child {
+    let mut cmd = Command::new("sh");
+    let script = match cgroup {
+        Some(c) => format!("echo $$ > '{}/cgroup.procs' && exec \"$0\" \"$@\"", c.path.display()),
+        None => "exec \"$0\" \"$@\"".to_string(),
+    };
+    cmd.arg("-c").arg(script).arg(program).args(args);
+    let out = std::fs::File::create(log).unwrap();
+    cmd.stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out);
+    cmd.spawn().unwrap_or_else(|e| panic!("starting {program}: {e}"))
+}
+
+/// A litecoind regtest node on loopback.
+pub struct Litecoind {
+    pub child: Child,
+    pub dir: TempDir,
+    pub port: u16,
+    pub rpcport: u16,
+}
+
+impl Litecoind {
+    /// `extra`: more litecoind arguments, such as `-connect=127.0.0.1:P`.
+    pub fn start(cgroup: Option<&Cgroup>, extra: &[String]) -> Litecoind {
+        require_tool("litecoind", "litecoind");
+        let dir = TempDir::new("ltc");
+        let port = free_port();
+        let rpcport = free_port();
+        let mut args: Vec<String> = [
+            "-regtest".to_string(),
+            format!("-datadir={}", dir.path().display()),
+            format!("-port={port}"),
+            format!("-rpcport={rpcport}"),
+            "-rpcuser=u".into(),
+            "-rpcpassword=p".into(),
+            "-listen=1".into(),
+            "-bind=127.0.0.1".into(),
+            "-rpcbind=127.0.0.1".into(),
+            "-rpcallowip=127.0.0.1".into(),
+            "-discover=0".into(),
+            "-dnsseed=0".into(),
+            "-fallbackfee=0.0002".into(),
+            "-printtoconsole=0".into(),
+            "-daemon=0".into(),
+        ]
+        .to_vec();
+        args.extend_from_slice(extra);
+        let log = dir.path().join("stdout.log");
+        let child = spawn_in(cgroup, "litecoind", &args, &log);
+        let node = Litecoind { child, dir, port, rpcport };
+        wait_for("litecoind RPC", Duration::from_secs(60), || node.try_cli(&["getblockcount"]).ok());
+        node
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn try_cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("litecoin-cli")
+            .args(["-regtest", &format!("-rpcport={}", self.rpcport), "-rpcuser=u", "-rpcpassword=p", "-rpcclienttimeout=30"])
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.try_cli(args).unwrap_or_else(|e| panic!("litecoin-cli {args:?}: {e}"))
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.cli(args)).unwrap()
+    }
+
+    pub fn peers(&self) -> Vec<Value> {
+        self.cli_json(&["getpeerinfo"]).as_array().unwrap().clone()
+    }
+
+    pub fn mine(&self, blocks: u32) {
+        let addr = self.address();
+        self.cli(&["generatetoaddress", &blocks.to_string(), &addr]);
+    }
+
+    /// A receiving address of the node's wallet (made on first use).
+    pub fn address(&self) -> String {
+        if self.try_cli(&["getwalletinfo"]).is_err() {
+            self.cli(&["createwallet", "w"]);
+        }
+        self.cli(&["getnewaddress"])
+    }
+
+    pub fn wait_peers(&self, n: usize) {
+        wait_for(&format!("{n} peers on {}", self.addr()), Duration::from_secs(60), || {
+            (self.peers().iter().filter(|p| p["version"].as_u64().unwrap_or(0) > 0).count() == n).then_some(())
+        });
+    }
+}
+
+impl Drop for Litecoind {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(20));
+    }
+}
+
+/// Plain HTTP/1.0 GET on loopback: (status, body).
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(port, "GET", path)
+}
+
+pub fn http_request(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The nodescope agent, run as the real binary with a config file.
+pub struct Agent {
+    pub child: Child,
+    pub port: u16,
+    pub dir: TempDir,
+}
+
+impl Agent {
+    /// `body`: config TOML without the [http] section, which this adds.
+    pub fn start(body: &str) -> Agent {
+        let dir = TempDir::new("agent");
+        let port = free_port();
+        let config = dir.path().join("nodescope.toml");
+        std::fs::write(&config, format!("[http]\nlisten = \"127.0.0.1:{port}\"\n\n{body}")).unwrap();
+        let log = dir.path().join("agent.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_nodescope"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "nodescope=debug,info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("agent.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut agent = Agent { child, port, dir };
+        wait_for("nodescope /metrics", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = agent.child.try_wait() {
+                panic!("nodescope exited with {st}: {}", agent.log());
+            }
+            http_get(port, "/metrics").ok().filter(|(s, _)| *s == 200)
+        });
+        agent
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.err")).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.port, path).unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log()))
+    }
+
+    pub fn json(&self, path: &str) -> Value {
+        let (status, body) = self.get(path);
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path} -> {status}: {e}: {body}"))
+    }
+
+    pub fn metrics(&self) -> String {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200);
+        body
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(10));
+        if std::thread::panicking() {
+            eprintln!("--- nodescope log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Sum of a Prometheus metric's samples whose labels include all of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, r)) => (n, r.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let ok = labels.iter().all(|(k, v)| rest.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+            ok.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}

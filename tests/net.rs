@@ -1,0 +1,147 @@
+//! The network signal against a real litecoind regtest network on loopback:
+//! nodescope's per-peer bytes against the node's own getpeerinfo counters,
+//! churn counted against the events the test makes, isolation from other
+//! processes' traffic, and the /metrics text checked by promtool.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn agent_config(node: &Litecoind, cgroup: &Cgroup) -> String {
+    format!(
+        "[agent]\ninterval = \"500ms\"\n\n[[targets]]\nname = \"ltc\"\ncgroup = \"{}\"\nchain = \"litecoin\"\np2p_ports = [{}]\nrpc_ports = [{}]\n",
+        cgroup.path.display(),
+        node.port,
+        node.rpcport
+    )
+}
+
+fn peers_of(agent: &Agent) -> Vec<Value> {
+    let v = agent.json("/peers");
+    let t = v["targets"].as_array().unwrap().iter().find(|t| t["name"] == "ltc").cloned();
+    t.map(|t| t["peers"].as_array().unwrap().clone()).unwrap_or_default()
+}
+
+/// Waits until the node's counters stop moving, then compares every peer.
+fn assert_peers_match(node: &Litecoind, agent: &Agent) {
+    let mut last = String::new();
+    let mut stable = 0;
+    let mut mismatch = String::new();
+    for _ in 0..60 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let theirs = node.peers();
+        let ours = peers_of(agent);
+        let sig: String = theirs.iter().map(|p| format!("{}:{}:{};", p["addr"], p["bytessent"], p["bytesrecv"])).collect();
+        stable = if sig == last { stable + 1 } else { 0 };
+        last = sig;
+        mismatch = compare(&theirs, &ours);
+        if stable >= 1 && mismatch.is_empty() {
+            return;
+        }
+    }
+    panic!("nodescope /peers does not match getpeerinfo:\n{mismatch}\n{}", agent.log());
+}
+
+/// Empty when every peer of the node is listed with bytes within 1% or 512 bytes.
+fn compare(theirs: &[Value], ours: &[Value]) -> String {
+    let mut problems = String::new();
+    if theirs.len() != ours.len() {
+        problems += &format!("node has {} peers, nodescope lists {}: {:?}\n", theirs.len(), ours.len(), ours);
+    }
+    for p in theirs {
+        let addr = p["addr"].as_str().unwrap();
+        let (ip, port) = addr.rsplit_once(':').unwrap();
+        let port: u64 = port.parse().unwrap();
+        let Some(o) = ours.iter().find(|o| o["address"] == ip && o["port"] == port) else {
+            problems += &format!("peer {addr} missing from /peers\n");
+            continue;
+        };
+        let inbound = p["inbound"].as_bool().unwrap();
+        let dir = if inbound { "inbound" } else { "outbound" };
+        if o["direction"] != dir {
+            problems += &format!("peer {addr}: direction {} but node says {dir}\n", o["direction"]);
+        }
+        for (ours_key, theirs_key) in [("bytes_sent", "bytessent"), ("bytes_received", "bytesrecv")] {
+            let a = o[ours_key].as_u64().unwrap() as f64;
+            let b = p[theirs_key].as_u64().unwrap() as f64;
+            let tolerance = (b * 0.01).max(512.0);
+            if (a - b).abs() > tolerance {
+                problems += &format!("peer {addr}: {ours_key} {a} vs node's {theirs_key} {b}\n");
+            }
+        }
+    }
+    problems
+}
+
+#[test]
+fn peers_match_the_nodes_own_counters() {
+    require_root();
+    let cgroup = Cgroup::new();
+    let node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string()]);
+    // An inbound peer from before nodescope started, with traffic.
+    let early = Litecoind::start(None, &[format!("-connect={}", node.addr())]);
+    node.wait_peers(1);
+    node.mine(110);
+
+    let agent = Agent::start(&agent_config(&node, &cgroup));
+    // The connection that predates the agent is listed with its totals.
+    wait_for("the early peer in /peers", Duration::from_secs(20), || (peers_of(&agent).len() == 1).then_some(()));
+    assert_peers_match(&node, &agent);
+
+    // One more inbound and one outbound, then blocks and transactions.
+    let inbound = Litecoind::start(None, &[format!("-connect={}", node.addr())]);
+    let outbound = Litecoind::start(None, &["-connect=0".to_string()]);
+    node.cli(&["addnode", &outbound.addr(), "onetry"]);
+    node.wait_peers(3);
+    for _ in 0..5 {
+        let to = inbound.address();
+        node.cli(&["sendtoaddress", &to, "1.5"]);
+        node.mine(3);
+    }
+    assert_peers_match(&node, &agent);
+
+    // RPC connections (litecoin-cli above) are not peers, but are counted.
+    let m = agent.metrics();
+    assert!(metric_sum(&m, "nodescope_connection_opened_total", &[("nodescope_target", "ltc"), ("nodescope_service", "rpc")]) >= 10.0, "{m}");
+
+    // Isolation: bulk traffic from processes outside the node's cgroup.
+    require_tool("iperf3", "iperf3");
+    let before: u64 = peers_of(&agent).iter().map(|p| p["bytes_sent"].as_u64().unwrap() + p["bytes_received"].as_u64().unwrap()).sum();
+    let port = free_port();
+    let dir = TempDir::new("iperf");
+    let mut server = spawn_in(None, "iperf3", &["-s".into(), "-1".into(), "-B".into(), "127.0.0.1".into(), "-p".into(), port.to_string()], &dir.path().join("s.log"));
+    std::thread::sleep(Duration::from_millis(500));
+    let client = Command::new("iperf3")
+        .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-n", "512M"])
+        .output()
+        .unwrap();
+    assert!(client.status.success(), "iperf3: {}", String::from_utf8_lossy(&client.stderr));
+    stop_child(&mut server, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(2));
+    let ours = peers_of(&agent);
+    assert!(ours.iter().all(|p| p["port"] != port && p["local_port"] != port), "iperf3 connection attributed to the node: {ours:?}");
+    let after: u64 = ours.iter().map(|p| p["bytes_sent"].as_u64().unwrap() + p["bytes_received"].as_u64().unwrap()).sum();
+    assert!(after - before < 1 << 20, "512 MiB of someone else's traffic moved the node's bytes by {}", after - before);
+    assert_peers_match(&node, &agent);
+    let m = agent.metrics();
+    assert!(!m.contains(&format!(":{port}")));
+
+    // The exposition is valid Prometheus text.
+    require_tool("promtool", "prometheus");
+    let file = dir.path().join("metrics.txt");
+    std::fs::write(&file, &m).unwrap();
+    let out = Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", file.display())).output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // stop order: agent and peers first, then the node, then its cgroup
+    drop((agent, early, inbound, outbound, node));
+    drop(cgroup);
+}

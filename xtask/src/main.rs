@@ -1,0 +1,171 @@
+//! Project tasks: `cargo xtask build-ebpf | test | run | bench <net|disk>`.
+//! Each installs the Debian packages it needs when they are missing, so the
+//! README's commands work on a fresh machine.
+
+mod ebpf;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Compile ebpf/*.bpf.c into target/ebpf/ (and the layout constants).
+    BuildEbpf,
+    /// Install what the tests need, then run every test (as root).
+    Test {
+        /// Extra arguments for `cargo test` (a test name filter, say).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Build the agent and run it; on a host with no node, first start a
+    /// small local regtest network so there is something to watch.
+    Run {
+        /// Config file to pass to `nodescope run`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Measure what the probes cost: `net` or `disk`.
+    Bench { which: String },
+}
+
+/// Debian packages per task.
+const BUILD_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc"];
+const TEST_PACKAGES: &[&str] = &[
+    "clang", "llvm", "libbpf-dev", "gcc", "bpftool", "litecoind", "prometheus", "iperf3", "strace", "fio", "curl",
+    "iproute2", "procps",
+];
+const RUN_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc", "litecoind"];
+const BENCH_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc", "iperf3", "bpftool", "fio", "procps"];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::BuildEbpf => build_ebpf(),
+        Task::Test { args } => test(&args),
+        Task::Run { config } => run(config),
+        Task::Bench { which } => bench(&which),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// apt-get installs what is missing; nothing when all is there.
+fn ensure_packages(pkgs: &[&str]) -> Result<(), String> {
+    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !is_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    status(Command::new("apt-get").args(["update", "-qq"]))?;
+    status(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+fn status(cmd: &mut Command) -> Result<(), String> {
+    let shown = format!("{cmd:?}");
+    let st = cmd.status().map_err(|e| format!("{shown}: {e}"))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} exited with {st}"))
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn build_ebpf() -> Result<(), String> {
+    ensure_packages(BUILD_PACKAGES)?;
+    let root = root();
+    let objects = ebpf::build(&root.join("ebpf"), &root.join("target/ebpf"))?;
+    for o in objects {
+        println!("{}", o.display());
+    }
+    Ok(())
+}
+
+fn require_root(what: &str) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        return Err(format!("{what} loads eBPF programs and makes cgroups: run it as root"));
+    }
+    Ok(())
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn test(args: &[String]) -> Result<(), String> {
+    require_root("the test suite")?;
+    ensure_packages(TEST_PACKAGES)?;
+    build_ebpf()?;
+    let root = root();
+    // Integration tests start nodes and servers; one at a time keeps their
+    // timing and the machine's two cores predictable.
+    status(
+        cargo()
+            .current_dir(&root)
+            .args(["test", "--workspace", "--"])
+            .args(args)
+            .arg("--test-threads=1"),
+    )
+}
+
+fn run(config: Option<PathBuf>) -> Result<(), String> {
+    require_root("nodescope")?;
+    ensure_packages(RUN_PACKAGES)?;
+    let root = root();
+    status(cargo().current_dir(&root).args(["build", "--release", "-p", "nodescope"]))?;
+    let script = root.join("deploy/quickstart.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(script).arg(root.join("target/release/nodescope"));
+    if let Some(c) = config {
+        cmd.arg(c);
+    }
+    status(&mut cmd)
+}
+
+fn bench(which: &str) -> Result<(), String> {
+    require_root("benchmarks")?;
+    ensure_packages(BENCH_PACKAGES)?;
+    let root = root();
+    let script = root.join(format!("tests/bench/{which}.sh"));
+    if !script.exists() {
+        return Err(format!("no benchmark {which:?}; there are: net, disk"));
+    }
+    status(cargo().current_dir(&root).args(["build", "--release", "-p", "nodescope"]))?;
+    status(Command::new("bash").arg(script).arg(root.join("target/release/nodescope")))
+}
