@@ -46,7 +46,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 common=(-regtest -rpcuser=demo -rpcpassword=demo -listen=1 -bind=127.0.0.1 -rpcbind=127.0.0.1
-        -rpcallowip=127.0.0.1 -dnsseed=0 -discover=0 -fallbackfee=0.0002 -printtoconsole=0 -daemon=0)
+        -rpcallowip=127.0.0.1 -dnsseed=0 -discover=0 -listenonion=0 -fallbackfee=0.0002 -printtoconsole=0 -daemon=0)
 mkdir -p "$work/a" "$work/b"
 # the watched node gets a cgroup of its own, as a systemd service would
 if [ -n "$cg2" ]; then

@@ -40,6 +40,14 @@ fn assert_peers_match(node: &Litecoind, agent: &Agent) {
         last = sig;
         mismatch = compare(&theirs, &ours);
         if stable >= 1 && mismatch.is_empty() {
+            for p in &theirs {
+                let (ip, port) = p["addr"].as_str().unwrap().rsplit_once(':').unwrap();
+                let o = ours.iter().find(|o| o["address"] == ip && o["port"].to_string() == port).unwrap();
+                eprintln!(
+                    "peer {}: sent {} (node {}), received {} (node {})",
+                    p["addr"], o["bytes_sent"], p["bytessent"], o["bytes_received"], p["bytesrecv"]
+                );
+            }
             return;
         }
     }
@@ -143,5 +151,65 @@ fn peers_match_the_nodes_own_counters() {
     );
     // stop order: agent and peers first, then the node, then its cgroup
     drop((agent, early, inbound, outbound, node));
+    drop(cgroup);
+}
+
+fn churn(m: &str, metric: &str, dir: &str) -> f64 {
+    metric_sum(m, metric, &[("nodescope_target", "ltc"), ("nodescope_connection_direction", dir), ("nodescope_service", "p2p")])
+}
+
+/// Waits for two scrapes in a row to agree, so every event made is counted.
+fn settled_metrics(agent: &Agent) -> String {
+    let mut last = agent.metrics();
+    loop {
+        std::thread::sleep(Duration::from_millis(1200));
+        let m = agent.metrics();
+        let keep = |t: &str| t.lines().filter(|l| l.starts_with("nodescope_connection_") && l.contains("p2p")).collect::<Vec<_>>().join("\n");
+        if keep(&m) == keep(&last) {
+            return m;
+        }
+        last = m;
+    }
+}
+
+#[test]
+fn churn_counts_are_exact() {
+    require_root();
+    let cgroup = Cgroup::new();
+    let node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string()]);
+    let other = Litecoind::start(None, &["-connect=0".to_string()]);
+    let agent = Agent::start(&agent_config(&node, &cgroup));
+    let m0 = settled_metrics(&agent);
+
+    const CYCLES: usize = 3;
+    for _ in 0..CYCLES {
+        node.cli(&["addnode", &other.addr(), "onetry"]);
+        node.wait_peers(1);
+        node.cli(&["disconnectnode", &other.addr()]);
+        node.wait_peers(0);
+    }
+    const FAILURES: usize = 2;
+    let closed_port = free_port();
+    for _ in 0..FAILURES {
+        node.cli(&["addnode", &format!("127.0.0.1:{closed_port}"), "onetry"]);
+    }
+    // one inbound peer that comes and goes
+    let visitor = Litecoind::start(None, &[format!("-connect={}", node.addr())]);
+    node.wait_peers(1);
+    drop(visitor);
+    node.wait_peers(0);
+
+    let m1 = settled_metrics(&agent);
+    let delta = |metric: &str, dir: &str| churn(&m1, metric, dir) - churn(&m0, metric, dir);
+    let failed = |m: &str| metric_sum(m, "nodescope_connection_failed_total", &[("nodescope_target", "ltc"), ("nodescope_service", "p2p"), ("error_type", "refused")]);
+    let report = format!("before:\n{m0}\nafter:\n{m1}");
+    assert_eq!(delta("nodescope_connection_opened_total", "outbound"), CYCLES as f64, "{report}");
+    assert_eq!(delta("nodescope_connection_closed_total", "outbound"), CYCLES as f64, "{report}");
+    assert_eq!(delta("nodescope_connection_duration_seconds_count", "outbound"), CYCLES as f64, "{report}");
+    assert_eq!(failed(&m1) - failed(&m0), FAILURES as f64, "{report}");
+    assert_eq!(delta("nodescope_connection_opened_total", "inbound"), 1.0, "{report}");
+    assert_eq!(delta("nodescope_connection_closed_total", "inbound"), 1.0, "{report}");
+    assert_eq!(churn(&m1, "nodescope_connection_open", "outbound") + churn(&m1, "nodescope_connection_open", "inbound"), 0.0, "{report}");
+    drop((agent, other, node));
     drop(cgroup);
 }

@@ -6,6 +6,12 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+/// v1 superoptions mix controllers with flags (xattr, name=systemd, ...).
+const V1_CONTROLLERS: &[&str] = &[
+    "cpu", "cpuacct", "cpuset", "memory", "blkio", "pids", "devices", "freezer", "net_cls", "net_prio",
+    "perf_event", "hugetlb", "rdma", "misc",
+];
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Mounts {
     /// The cgroup2 (unified) hierarchy, if mounted.
@@ -35,10 +41,7 @@ impl Mounts {
                 }
                 "cgroup" => {
                     let opts = post.get(2).copied().unwrap_or("");
-                    for opt in opts.split(',') {
-                        if matches!(opt, "rw" | "ro") || opt.contains('=') || opt.starts_with("no") {
-                            continue;
-                        }
+                    for opt in opts.split(',').filter(|o| V1_CONTROLLERS.contains(o)) {
                         m.v1.entry(opt.to_string()).or_insert_with(|| mountpoint.clone());
                     }
                 }

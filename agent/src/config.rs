@@ -170,7 +170,10 @@ impl Config {
         apply_env(&mut doc, env)?;
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
             let key = e.path().to_string();
-            ConfigError::invalid(if key == "." { "config".into() } else { key }, e.into_inner().to_string())
+            let reason = e.into_inner().to_string();
+            // one line: the deserializer's messages may end in or contain newlines
+            let reason = reason.split_whitespace().collect::<Vec<_>>().join(" ");
+            ConfigError::invalid(if key == "." { "config".into() } else { key }, reason)
         })?;
         config.validate()?;
         Ok(config)
@@ -338,7 +341,7 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         assert_eq!(err_key("[http]\nlisten = \"nonsense\""), "http.listen");
-        assert_eq!(err_key("[http]\nlisten = \"1.2.3.4:5\"\nbogus = 1"), "http");
+        assert_eq!(err_key("[http]\nlisten = \"1.2.3.4:5\"\nbogus = 1"), "http.bogus");
         assert_eq!(err_key("[[targets]]\nname = \"a\""), "targets[0]");
         assert_eq!(err_key("[[targets]]\nname = \"a\"\nprocess = \"x\"\ncgroup = \"/c\""), "targets[0]");
         assert_eq!(err_key("[[targets]]\nname = \"a\"\nprocess = \"x\"\nchain = \"dogecoin\""), "targets[0].chain");
@@ -362,6 +365,6 @@ mod tests {
         let bad = Config::from_toml_with_env("", vec![("NODESCOPE_NOPE_X".into(), "1".into())]);
         assert!(matches!(bad, Err(ConfigError::Invalid { key, .. }) if key == "NODESCOPE_NOPE_X"));
         let bad = Config::from_toml_with_env("", vec![("NODESCOPE_HTTP_PORT".into(), "1".into())]);
-        assert!(matches!(bad, Err(ConfigError::Invalid { key, .. }) if key == "http"));
+        assert!(matches!(bad, Err(ConfigError::Invalid { key, .. }) if key == "http.port"));
     }
 }

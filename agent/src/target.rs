@@ -97,6 +97,8 @@ impl Direction {
     }
 }
 
+const TOR_CONTROL_PORT: u16 = 9051;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Service {
@@ -130,10 +132,12 @@ impl Target {
     }
 
     /// Inbound connections are told apart by the port they arrived on. A node
-    /// opens outbound TCP only to peers (through a proxy at most), so every
-    /// outbound connection is P2P.
-    pub fn service(&self, direction: Direction, local_port: u16) -> Service {
+    /// opens outbound TCP to peers (directly or through a SOCKS proxy), and
+    /// to little else: Tor's control port, which Bitcoin and Litecoin Core
+    /// dial at start to publish an onion service.
+    pub fn service(&self, direction: Direction, local_port: u16, remote_port: u16) -> Service {
         match direction {
+            Direction::Outbound if remote_port == TOR_CONTROL_PORT => Service::Other,
             Direction::Outbound => Service::P2p,
             Direction::Inbound if self.p2p_ports.contains(&local_port) => Service::P2p,
             Direction::Inbound if self.rpc_ports.contains(&local_port) => Service::Rpc,
@@ -366,10 +370,11 @@ mod tests {
     #[test]
     fn services_and_directions() {
         let t = target(&[19444], &[19443], &[19444, 19443, 28332]);
-        assert_eq!(t.service(Direction::Inbound, 19444), Service::P2p);
-        assert_eq!(t.service(Direction::Inbound, 19443), Service::Rpc);
-        assert_eq!(t.service(Direction::Inbound, 28332), Service::Other);
-        assert_eq!(t.service(Direction::Outbound, 41000), Service::P2p);
+        assert_eq!(t.service(Direction::Inbound, 19444, 50000), Service::P2p);
+        assert_eq!(t.service(Direction::Inbound, 19443, 50000), Service::Rpc);
+        assert_eq!(t.service(Direction::Inbound, 28332, 50000), Service::Other);
+        assert_eq!(t.service(Direction::Outbound, 41000, 19444), Service::P2p);
+        assert_eq!(t.service(Direction::Outbound, 41000, 9051), Service::Other);
         assert_eq!(t.infer_direction(19444), Direction::Inbound);
         assert_eq!(t.infer_direction(28332), Direction::Inbound);
         assert_eq!(t.infer_direction(50123), Direction::Outbound);

@@ -160,6 +160,8 @@ impl Litecoind {
             "-rpcbind=127.0.0.1".into(),
             "-rpcallowip=127.0.0.1".into(),
             "-discover=0".into(),
+            // no dial to a Tor control port at start: the churn tests count every connect
+            "-listenonion=0".into(),
             "-dnsseed=0".into(),
             "-fallbackfee=0.0002".into(),
             "-printtoconsole=0".into(),

@@ -120,11 +120,11 @@ impl NetMetrics {
             .with_description("Outbound connects that never established (refused, timed out, reset)")
             .with_callback(move |o| {
                 for t in &s.get().targets {
-                    for (reason, n) in &t.failed {
+                    for ((svc, reason), n) in &t.failed {
                         o.observe(*n, &[
                             KeyValue::new(TARGET, t.name.clone()),
                             KeyValue::new(CONN_DIRECTION, "outbound"),
-                            KeyValue::new(SERVICE, "p2p"),
+                            KeyValue::new(SERVICE, svc.as_str()),
                             KeyValue::new(ERROR_TYPE, *reason),
                         ]);
                     }

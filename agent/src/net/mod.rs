@@ -51,8 +51,8 @@ pub struct TargetNet {
     /// Open connections of every service.
     pub connections: Vec<Connection>,
     pub churn: BTreeMap<(Direction, Service), Churn>,
-    /// Failed outbound connects by reason ("refused", "timeout", "reset", "other").
-    pub failed: BTreeMap<&'static str, u64>,
+    /// Failed outbound connects by service and reason ("refused", "timeout", "reset", ...).
+    pub failed: BTreeMap<(Service, &'static str), u64>,
     /// Bytes per peer address and direction: the top N, then None for "other".
     pub peer_io: Vec<(Option<(IpAddr, Direction)>, Bytes)>,
     pub netgroup_io: Vec<(Option<String>, Bytes)>,
@@ -91,7 +91,7 @@ struct Tracked {
 struct PerTarget {
     name: String,
     churn: BTreeMap<(Direction, Service), Churn>,
-    failed: BTreeMap<&'static str, u64>,
+    failed: BTreeMap<(Service, &'static str), u64>,
     peers: ByteBook<(IpAddr, Direction)>,
     netgroups: ByteBook<String>,
 }
@@ -145,7 +145,8 @@ impl NetSignal {
             };
             let per = self.targets.get_mut(&rec.target).expect("inserted above");
             if rec.state == abi::CONN_FAILED {
-                *per.failed.entry(failure_reason(rec.error)).or_default() += 1;
+                let service = target.service(Direction::Outbound, rec.lport, rec.rport);
+                *per.failed.entry((service, failure_reason(rec.error))).or_default() += 1;
                 self.tracked.remove(&cookie);
                 continue;
             }
@@ -159,7 +160,7 @@ impl NetSignal {
                 abi::DIR_OUTBOUND => Direction::Outbound,
                 _ => target.infer_direction(rec.lport),
             };
-            let service = target.service(direction, rec.lport);
+            let service = target.service(direction, rec.lport, rec.rport);
             let tracked = self.tracked.entry(cookie).or_insert_with(|| {
                 let key = (remote, direction);
                 let netgroup = netgroup(remote);
