@@ -16,8 +16,16 @@ use crate::http::{self, AppState};
 use crate::net::metrics::NetMetrics;
 use crate::net::{NetSignal, NetSnapshot};
 use crate::snapshot::Shared;
-use crate::target::Targets;
+use crate::target::{Target, Targets};
 use crate::telemetry::Telemetry;
+
+/// What the collection loop itself did, for /health/live.
+#[derive(Debug, Clone, Default)]
+pub struct LoopStatus {
+    pub last_run: Option<Instant>,
+    pub runs: u64,
+    pub interval: std::time::Duration,
+}
 
 pub fn run(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -32,6 +40,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let net_snapshot = Shared::<NetSnapshot>::default();
     let net_metrics = NetMetrics::register(&meter, net_snapshot.clone());
 
+    let targets_snapshot = Shared::<Vec<Target>>::default();
+    let loop_status = Shared::<LoopStatus>::default();
+
+    // -- network signal --
     let mut net = match NetSignal::load(&config.limits) {
         Ok(n) => Some(n),
         Err(e) => {
@@ -39,6 +51,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             None
         }
     };
+
+    // -- disk signal: set up here --
+    // -- resources signal: set up here --
+    // -- health: set up here --
 
     let mounts = Mounts::read().unwrap_or_else(|e| {
         tracing::warn!("reading /proc/self/mountinfo: {e}; cgroup scoping off");
@@ -56,7 +72,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .block_on(tokio::net::TcpListener::bind(config.http.listen))
         .with_context(|| format!("http.listen: binding {}", config.http.listen))?;
     tracing::info!("serving /metrics and /peers on http://{}", config.http.listen);
-    let state = Arc::new(AppState { telemetry: telemetry.clone(), net: net_snapshot.clone() });
+    let state = Arc::new(AppState {
+        telemetry: telemetry.clone(),
+        net: net_snapshot.clone(),
+        targets: targets_snapshot.clone(),
+        loop_status: loop_status.clone(),
+    });
     let (stop_http, stop_rx) = tokio::sync::watch::channel(false);
     let server = runtime.spawn(http::serve(listener, state, stop_rx));
 
@@ -84,6 +105,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 Err(e) => tracing::error!("network collection failed: {e}"),
             }
         }
+        // -- disk signal: collect here --
+        // -- resources signal: collect here --
+        targets_snapshot.publish(current.to_vec());
+        // -- health: evaluate here (after every signal published) --
+        loop_status.publish(LoopStatus { last_run: Some(Instant::now()), runs: loop_status.get().runs + 1, interval });
         let spent = started.elapsed();
         match stop.recv_timeout(interval.saturating_sub(spent)) {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => break,

@@ -15,13 +15,17 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::agent::LoopStatus;
 use crate::net::NetSnapshot;
+use crate::target::Target;
 use crate::snapshot::Shared;
 use crate::telemetry::Telemetry;
 
 pub struct AppState {
     pub telemetry: Arc<Telemetry>,
     pub net: Shared<NetSnapshot>,
+    pub targets: Shared<Vec<Target>>,
+    pub loop_status: Shared<LoopStatus>,
 }
 
 type Resp = Response<Full<Bytes>>;

@@ -1,0 +1,1 @@
+//! Health decisions (issue: rules, /health endpoints). Filled in by the health module work.

@@ -1,0 +1,1 @@
+//! (tests for deploy land here)

@@ -1,0 +1,1 @@
+//! (tests for health land here)
