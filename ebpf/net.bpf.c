@@ -76,10 +76,12 @@ static __always_inline void stat_inc(__u32 idx)
 }
 
 /* Which target, if any, owns this socket. in_task: the caller runs in the
- * context of the process that acts on the socket (connect()). */
+ * context of the process that acts on the socket (connect()).
+ * Reads go straight through the BTF-typed socket pointer: the verifier turns
+ * them into guarded loads, cheaper than a probe-read helper call each. */
 static __always_inline int match_target(struct sock *sk, int in_task, __u32 *target)
 {
-	__u64 cgid = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+	__u64 cgid = sk->sk_cgrp_data.cgroup->kn->id;
 	__u32 *t = bpf_map_lookup_elem(&ns_target_cgroups, &cgid);
 	if (t) {
 		*target = *t;
@@ -89,7 +91,7 @@ static __always_inline int match_target(struct sock *sk, int in_task, __u32 *tar
 		__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 		t = bpf_map_lookup_elem(&ns_target_pids, &tgid);
 	} else {
-		__u16 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+		__u16 lport = sk->__sk_common.skc_num;
 		t = bpf_map_lookup_elem(&ns_target_ports, &lport);
 	}
 	if (t) {
@@ -101,12 +103,12 @@ static __always_inline int match_target(struct sock *sk, int in_task, __u32 *tar
 
 static __always_inline void fill_endpoints(struct ns_conn *c, struct sock *sk)
 {
-	c->family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	c->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	c->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	c->family = sk->__sk_common.skc_family;
+	c->lport = sk->__sk_common.skc_num;
+	c->rport = bpf_ntohs(sk->__sk_common.skc_dport);
 	if (c->family == AF_INET) {
-		__be32 l = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
-		__be32 r = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__be32 l = sk->__sk_common.skc_rcv_saddr;
+		__be32 r = sk->__sk_common.skc_daddr;
 		__builtin_memcpy(c->laddr, &l, 4);
 		__builtin_memcpy(c->raddr, &r, 4);
 	} else {
@@ -117,8 +119,8 @@ static __always_inline void fill_endpoints(struct ns_conn *c, struct sock *sk)
 
 static __always_inline void read_counters(struct ns_conn *c, struct tcp_sock *tp)
 {
-	c->bytes_acked = BPF_CORE_READ(tp, bytes_acked);
-	c->bytes_received = BPF_CORE_READ(tp, bytes_received);
+	c->bytes_acked = tp->bytes_acked;
+	c->bytes_received = tp->bytes_received;
 }
 
 static __always_inline void track(struct sock *sk, __u64 cookie, __u32 target,
@@ -137,44 +139,53 @@ static __always_inline void track(struct sock *sk, __u64 cookie, __u32 target,
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 {
+	/* Runs for every TCP socket on the host: leave early and cheaply for the
+	 * transitions and sockets that are not ours. */
+	if (newstate != TCP_SYN_SENT && newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE)
+		return 0;
 	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
 	if (!tp)
 		return 0; /* not a full TCP socket */
-
-	__u64 cookie = bpf_get_socket_cookie(sk);
-	__u64 now = bpf_ktime_get_boot_ns();
-	struct ns_conn *c = bpf_map_lookup_elem(&ns_conns, &cookie);
 	__u32 target;
 
+	if (newstate == TCP_SYN_SENT) {
+		/* connect(), in the connecting task: a new attempt, so no record
+		 * of ours can exist yet */
+		if (match_target(sk, 1, &target))
+			track(sk, bpf_get_socket_cookie(sk), target, NS_DIR_OUTBOUND,
+			      NS_CONN_CONNECTING, bpf_ktime_get_boot_ns());
+		return 0;
+	}
+
+	/* Every tracked socket got its cookie when it was tracked; a socket
+	 * without one is not ours, and asking for it would make one (a global
+	 * atomic) for every socket on the host. */
+	__u64 cookie = sk->__sk_common.skc_cookie.counter;
+	struct ns_conn *c = cookie ? bpf_map_lookup_elem(&ns_conns, &cookie) : NULL;
 	if (!c) {
-		if (newstate == TCP_SYN_SENT) {
-			/* connect(): runs in the connecting task */
-			if (match_target(sk, 1, &target))
-				track(sk, cookie, target, NS_DIR_OUTBOUND, NS_CONN_CONNECTING, now);
-		} else if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV) {
-			/* accepted: the child socket, in softirq */
-			if (match_target(sk, 0, &target))
-				track(sk, cookie, target, NS_DIR_INBOUND, NS_CONN_ESTABLISHED, now);
-		}
+		/* accepted: the child socket, in softirq */
+		if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV && match_target(sk, 0, &target))
+			track(sk, bpf_get_socket_cookie(sk), target, NS_DIR_INBOUND,
+			      NS_CONN_ESTABLISHED, bpf_ktime_get_boot_ns());
 		return 0;
 	}
 
 	stat_inc(NS_NET_STAT_STATE_EVENTS);
 	if (newstate == TCP_ESTABLISHED && c->state == NS_CONN_CONNECTING) {
 		c->state = NS_CONN_ESTABLISHED;
-		c->start_ns = now;
+		c->start_ns = bpf_ktime_get_boot_ns();
 		/* the local address is only final once the route is chosen */
 		fill_endpoints(c, sk);
 	} else if (newstate == TCP_CLOSE) {
 		read_counters(c, tp);
 		if (oldstate == TCP_FIN_WAIT2 || oldstate == TCP_LAST_ACK || oldstate == TCP_CLOSING)
 			c->flags |= NS_CONN_F_FIN_ACKED;
-		if (BPF_CORE_READ(sk, sk_shutdown) & RCV_SHUTDOWN)
+		if (sk->sk_shutdown & RCV_SHUTDOWN)
 			c->flags |= NS_CONN_F_FIN_RECEIVED;
-		c->end_ns = now;
+		c->end_ns = bpf_ktime_get_boot_ns();
 		if (c->state == NS_CONN_CONNECTING) {
 			c->state = NS_CONN_FAILED;
-			c->error = BPF_CORE_READ(sk, sk_err);
+			c->error = sk->sk_err;
 		} else {
 			c->state = NS_CONN_CLOSED;
 		}
@@ -192,7 +203,7 @@ int tcp_iter(struct bpf_iter__tcp *ctx)
 	if (!tp)
 		return 0; /* listeners are full sockets too, filtered below */
 	struct sock *sk = (struct sock *)tp;
-	__u8 st = BPF_CORE_READ(sk, __sk_common.skc_state);
+	__u8 st = sk->__sk_common.skc_state;
 	if (st == TCP_LISTEN || st == TCP_CLOSE || st == TCP_SYN_SENT || st == TCP_SYN_RECV)
 		return 0;
 

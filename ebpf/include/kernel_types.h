@@ -43,6 +43,9 @@ struct sock_common {
 	volatile unsigned char skc_state;
 	struct in6_addr skc_v6_daddr;
 	struct in6_addr skc_v6_rcv_saddr;
+	struct {
+		__s64 counter;
+	} skc_cookie; /* atomic64_t; 0 until someone asks for the cookie */
 };
 
 struct sock {

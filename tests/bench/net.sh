@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# cargo xtask bench net: what the network probes cost.
+#
+# iperf3 on loopback with its server inside a watched cgroup, measured with
+# and without nodescope attached, alternating rounds so drift hits both
+# sides alike; bulk and 1 KiB writes. Then a connection-churn phase (short
+# connections to a server in the cgroup) for the per-run cost of the state
+# tracepoint, and the iterator's cost per run, both from the kernel's own
+# accounting (kernel.bpf_stats_enabled). Prints every figure with its ratio.
+#
+# usage: net.sh NODESCOPE_BINARY
+set -euo pipefail
+bin=$1
+rounds=${ROUNDS:-5}
+secs=${SECS:-4}
+
+cg2=$(awk '$0 ~ / - cgroup2 / {print $5; exit}' /proc/self/mountinfo)
+[ -n "$cg2" ] || { echo "bench: no cgroup2 hierarchy mounted" >&2; exit 1; }
+work=$(mktemp -d /tmp/nodescope-bench.XXXXXX)
+cg="$cg2/nodescope-bench-$$"
+mkdir "$cg"
+pids=()
+agent=""
+stats_before=$(sysctl -n kernel.bpf_stats_enabled)
+cleanup() {
+    [ -n "$agent" ] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null || true
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    sysctl -qw kernel.bpf_stats_enabled="$stats_before" || true
+    rmdir "$cg" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+churn_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+http_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+
+# the watched workload: an iperf3 server and an accept-and-close server, born in the cgroup
+sh -c 'echo $$ > "$0/cgroup.procs"; exec iperf3 -s -B 127.0.0.1 -p "$1"' "$cg" "$port" >"$work/iperf-server.log" 2>&1 &
+pids+=($!)
+sh -c 'echo $$ > "$0/cgroup.procs"; exec python3 -c "
+import socket,sys
+s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((\"127.0.0.1\", int(sys.argv[1]))); s.listen(512)
+while True:
+    c,_=s.accept(); c.recv(16); c.close()
+" "$1"' "$cg" "$churn_port" >"$work/churn-server.log" 2>&1 &
+pids+=($!)
+sleep 1
+
+cat >"$work/nodescope.toml" <<TOML
+[http]
+listen = "127.0.0.1:$http_port"
+[agent]
+interval = "1s"
+[[targets]]
+name = "bench"
+cgroup = "$cg"
+TOML
+
+start_agent() {
+    "$bin" run --config "$work/nodescope.toml" >"$work/agent.log" 2>&1 &
+    agent=$!
+    for _ in $(seq 100); do
+        curl -sf "http://127.0.0.1:$http_port/metrics" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "bench: nodescope did not start" >&2; cat "$work/agent.log" >&2; exit 1
+}
+stop_agent() { kill "$agent"; wait "$agent" 2>/dev/null || true; agent=""; }
+
+gbps() { # iperf3 client run -> Gbit/s received
+    iperf3 -c 127.0.0.1 -p "$port" -t "$secs" "$@" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)'
+}
+
+declare -A res
+for mode in bulk small; do res[$mode-off]=""; res[$mode-on]=""; done
+for r in $(seq "$rounds"); do
+    for side in off on; do
+        [ "$side" = on ] && start_agent
+        res[bulk-$side]+="$(gbps) "
+        res[small-$side]+="$(gbps -l 1K) "
+        [ "$side" = on ] && stop_agent
+    done
+    echo "round $r done" >&2
+done
+
+median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+# per-run kernel cost, from the kernel's accounting
+sysctl -qw kernel.bpf_stats_enabled=1
+start_agent
+python3 - "$churn_port" <<'PY'
+import socket, sys, time
+port = int(sys.argv[1])
+for _ in range(3000):  # bounded: 3000 short connections to loopback
+    c = socket.create_connection(("127.0.0.1", port)); c.send(b"x"); c.close()
+PY
+sleep 3
+prog_stats=$(bpftool prog show --json)
+metrics=$(curl -sf "http://127.0.0.1:$http_port/metrics")
+stop_agent
+sysctl -qw kernel.bpf_stats_enabled="$stats_before"
+
+python3 - "$prog_stats" <<PY
+import json, sys
+progs = json.loads(sys.argv[1])
+def stat(name):
+    rows = [p for p in progs if p.get("name") == name and p.get("run_cnt")]
+    if not rows: return None
+    p = max(rows, key=lambda p: p["id"])
+    return p["run_time_ns"], p["run_cnt"]
+bulk_off = float("$(echo "${res[bulk-off]}" | median)"); bulk_on = float("$(echo "${res[bulk-on]}" | median)")
+small_off = float("$(echo "${res[small-off]}" | median)"); small_on = float("$(echo "${res[small-on]}" | median)")
+print(f"{'case':<34}{'without':>12}{'with':>12}{'ratio':>9}   target")
+print(f"{'iperf3 bulk (Gbit/s, median)':<34}{bulk_off:>12.2f}{bulk_on:>12.2f}{bulk_on/bulk_off:>9.3f}   >= 0.990")
+print(f"{'iperf3 1 KiB writes (Gbit/s)':<34}{small_off:>12.2f}{small_on:>12.2f}{small_on/small_off:>9.3f}   >= 0.970")
+print("raw rounds: bulk off [$(echo ${res[bulk-off]})] on [$(echo ${res[bulk-on]})]")
+print("            1KiB off [$(echo ${res[small-off]})] on [$(echo ${res[small-on]})]")
+for name, what in [("on_tcp_state", "state tracepoint, per TCP state change"), ("tcp_iter", "tcp iterator, per socket visited")]:
+    s = stat(name)
+    if s is None:
+        print(f"{name}: no runs recorded"); continue
+    ns, cnt = s
+    print(f"{name:<14} {what:<40} {ns/cnt:8.0f} ns/run over {cnt} runs   target <= 150 ns")
+PY
+echo "connections the agent counted during churn: $(echo "$metrics" | awk '/^nodescope_connection_opened_total/ && /nodescope_target="bench"/ {s+=$NF} END {print s+0}') (3000 made)"
