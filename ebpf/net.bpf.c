@@ -15,7 +15,8 @@
  * A socket is watched when the cgroup2 group it was created in is a watched
  * cgroup, or, for nodes that share their cgroup, when the connect() came from
  * a watched process or the connection was accepted on one of its listening
- * ports.
+ * ports (and, for connections older than the agent, when a watched process
+ * holds the socket).
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -50,6 +51,15 @@ struct {
 	__type(key, __u16);
 	__type(value, __u32);
 } ns_target_ports SEC(".maps");
+
+/* socket inode -> target index: the sockets a watched process that shares its
+ * cgroup held when the agent last looked, to adopt its older connections */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u64);
+	__type(value, __u32);
+} ns_target_inodes SEC(".maps");
 
 /* socket cookie -> connection record; max_entries is set by the agent. A plain
  * hash, not LRU: a full map refuses new connections (counted) rather than
@@ -215,11 +225,18 @@ int tcp_iter(struct bpf_iter__tcp *ctx)
 			read_counters(c, tp);
 		return 0;
 	}
-	/* Open before nodescope attached: adopt it, with its totals so far.
-	 * Only sockets in a watched cgroup or on a watched listening port. */
+	/* Open before nodescope attached: adopt it, with its totals so far. */
 	__u32 target;
-	if (st != TCP_ESTABLISHED || !match_target(sk, 0, &target))
+	if (st != TCP_ESTABLISHED)
 		return 0;
+	if (!match_target(sk, 0, &target)) {
+		struct socket *sock = sk->sk_socket;
+		__u64 ino = sock ? sock->file->f_inode->i_ino : 0;
+		__u32 *t = ino ? bpf_map_lookup_elem(&ns_target_inodes, &ino) : NULL;
+		if (!t)
+			return 0;
+		target = *t;
+	}
 	struct ns_conn n = {};
 	n.target = target;
 	n.direction = NS_DIR_UNKNOWN;

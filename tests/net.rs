@@ -213,3 +213,57 @@ fn churn_counts_are_exact() {
     drop((agent, other, node));
     drop(cgroup);
 }
+
+/// With no [[targets]], nodescope finds litecoind by itself and reads its P2P
+/// port from its command line: the watched node's inbound peer shows up as a
+/// P2P peer of a discovered target named after chain and network.
+#[test]
+fn discovers_nodes_without_config() {
+    require_root();
+    let cgroup = Cgroup::new();
+    let node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string()]);
+    let peer = Litecoind::start(None, &[format!("-connect={}", node.addr())]);
+    node.wait_peers(1);
+    let agent = Agent::start("[agent]\ninterval = \"500ms\"\n");
+    let found = wait_for("discovered targets with the peer", Duration::from_secs(30), || {
+        let v = agent.json("/peers");
+        let targets = v["targets"].as_array().cloned().unwrap_or_default();
+        let inbound = targets.iter().any(|t| {
+            t["name"].as_str().unwrap_or("").starts_with("litecoin-regtest")
+                && t["peers"].as_array().unwrap().iter().any(|p| p["local_port"] == node.port && p["direction"] == "inbound")
+        });
+        let outbound = targets.iter().any(|t| {
+            t["peers"].as_array().unwrap().iter().any(|p| p["port"] == node.port && p["direction"] == "outbound")
+        });
+        (inbound && outbound).then_some(targets)
+    });
+    assert!(found.len() >= 2, "both litecoind processes are targets: {found:?}");
+    drop((agent, peer, node));
+    drop(cgroup);
+}
+
+/// A target that is not running yet: the agent keeps running, and attaches
+/// when the node appears (its pid file shows up).
+#[test]
+fn attaches_when_the_node_appears() {
+    require_root();
+    let cgroup = Cgroup::new();
+    let dir = TempDir::new("ltc-later");
+    let pid_file = dir.path().join("node.pid");
+    let config = format!(
+        "[agent]\ninterval = \"500ms\"\n\n[[targets]]\nname = \"ltc\"\npid_file = \"{}\"\nchain = \"litecoin\"\n",
+        pid_file.display()
+    );
+    let agent = Agent::start(&config);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(agent.get("/metrics").0, 200, "agent keeps serving while the node is absent");
+    assert!(agent.log().contains("not running"), "the agent says the node is absent: {}", agent.log());
+
+    let node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string(), format!("-pid={}", pid_file.display())]);
+    let peer = Litecoind::start(None, &[format!("-connect={}", node.addr())]);
+    node.wait_peers(1);
+    wait_for("the node's peer in /peers", Duration::from_secs(30), || (peers_of(&agent).len() == 1).then_some(()));
+    assert_peers_match(&node, &agent);
+    drop((agent, peer, node));
+    drop(cgroup);
+}

@@ -12,6 +12,7 @@ use anyhow::Context;
 
 use crate::cgroup::Mounts;
 use crate::config::Config;
+use crate::health::{self, HealthEngine, HealthSnapshot};
 use crate::http::{self, AppState};
 use crate::net::metrics::NetMetrics;
 use crate::net::{NetSignal, NetSnapshot};
@@ -53,8 +54,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     };
 
     // -- disk signal: set up here --
+    let disk_snapshot = Shared::<crate::disk::DiskSnapshot>::default();
+    let disk_metrics = crate::disk::metrics::DiskMetrics::register(&meter, disk_snapshot.clone());
+    let mut disk = crate::disk::start(&config.disk);
     // -- resources signal: set up here --
+    let resources_snapshot = Shared::<crate::resources::ResourceSnapshot>::default();
+    crate::resources::metrics::register(&meter, resources_snapshot.clone());
+    let mut resources = crate::resources::ResourceSignal::new(&config.resources);
     // -- health: set up here --
+    let mut health_engine = HealthEngine::new(&config);
+    let health_snapshot = Shared::<HealthSnapshot>::default();
+    health_snapshot.publish(health_engine.initial());
+    health::metrics::register(&meter, health_snapshot.clone());
 
     let mounts = Mounts::read().unwrap_or_else(|e| {
         tracing::warn!("reading /proc/self/mountinfo: {e}; cgroup scoping off");
@@ -77,9 +88,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         net: net_snapshot.clone(),
         targets: targets_snapshot.clone(),
         loop_status: loop_status.clone(),
+        disk: disk_snapshot.clone(),
+        resources: resources_snapshot.clone(),
+        health: health_snapshot.clone(),
     });
     let (stop_http, stop_rx) = tokio::sync::watch::channel(false);
-    let server = runtime.spawn(http::serve(listener, state, stop_rx));
+    let server = runtime.spawn(http::serve(listener, state.clone(), stop_rx));
 
     // Signals end the loop through this channel.
     let (stop_tx, stop) = mpsc::channel::<()>();
@@ -93,6 +107,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     });
 
     let interval = config.agent.interval;
+    // Under systemd (Type=notify): READY once the first collection is done,
+    // then a watchdog ping per loop, so a stuck loop gets the agent restarted.
+    let mut watchdog_usec = 0;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+    let mut ready_sent = false;
     loop {
         let started = Instant::now();
         let current = targets.refresh();
@@ -106,10 +125,26 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             }
         }
         // -- disk signal: collect here --
+        crate::disk::collect_into(&mut disk, current, &disk_metrics, &disk_snapshot);
         // -- resources signal: collect here --
+        resources_snapshot.publish(resources.collect(current));
         targets_snapshot.publish(current.to_vec());
         // -- health: evaluate here (after every signal published) --
+        health_snapshot.publish(health_engine.evaluate(&health::Inputs {
+            targets: current,
+            net: &net_snapshot.get(),
+            disk: &state.disk.get(),
+            resources: &state.resources.get(),
+            probes_attached: net.is_some(),
+        }));
         loop_status.publish(LoopStatus { last_run: Some(Instant::now()), runs: loop_status.get().runs + 1, interval });
+        if !ready_sent {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+            ready_sent = true;
+        }
+        if watchdog {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        }
         let spent = started.elapsed();
         match stop.recv_timeout(interval.saturating_sub(spent)) {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
@@ -118,6 +153,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
 
     tracing::info!("stopping");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = stop_http.send(true);
     let _ = runtime.block_on(server);
     telemetry.shutdown();

@@ -1,7 +1,7 @@
 //! The agent's configuration: TOML, then `NODESCOPE_<SECTION>_<KEY>`
 //! environment overrides, then validation. Every error names the key.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::chain::Chain;
+use crate::health::rules::{self as health_rules, Severity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -32,7 +33,12 @@ pub struct Config {
     pub agent: AgentConfig,
     pub limits: Limits,
     pub log: LogConfig,
+    pub otlp: OtlpConfig,
+    pub resources: ResourcesConfig,
+    pub disk: DiskConfig,
     pub targets: Vec<TargetConfig>,
+    /// `[rules.<id>]`: health rule settings for every target.
+    pub rules: BTreeMap<String, RuleConfig>,
 }
 
 impl Default for Config {
@@ -42,7 +48,11 @@ impl Default for Config {
             agent: AgentConfig::default(),
             limits: Limits::default(),
             log: LogConfig::default(),
+            otlp: OtlpConfig::default(),
+            resources: ResourcesConfig::default(),
+            disk: DiskConfig::default(),
             targets: Vec::new(),
+            rules: BTreeMap::new(),
         }
     }
 }
@@ -116,6 +126,25 @@ impl Default for LogConfig {
     }
 }
 
+/// OTLP/HTTP (protobuf) export of the same instruments /metrics serves.
+/// Off while `endpoint` is unset.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpConfig {
+    /// Full URL of the collector's metrics endpoint, e.g. http://127.0.0.1:4318/v1/metrics
+    pub endpoint: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        OtlpConfig { endpoint: None, interval: Duration::from_secs(15), timeout: Duration::from_secs(10) }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -140,6 +169,141 @@ pub struct TargetConfig {
     pub p2p_ports: Vec<u16>,
     #[serde(default)]
     pub rpc_ports: Vec<u16>,
+    /// `[targets.rules.<id>]`: this target's health rule settings, over `[rules.<id>]`.
+    #[serde(default)]
+    pub rules: BTreeMap<String, RuleConfig>,
+}
+
+/// One health rule's settings; every key is optional and falls back to
+/// `[rules.<id>]`, then to the rule's default (docs/health.md).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub enabled: Option<bool>,
+    pub severity: Option<Severity>,
+    /// A count, percentage, seconds or days, by rule.
+    pub threshold: Option<f64>,
+    /// How long the condition must hold before the rule fires.
+    #[serde(rename = "for", default, deserialize_with = "rule_duration")]
+    pub for_: Option<Duration>,
+    /// How long the condition must be false before a firing rule clears.
+    #[serde(default, deserialize_with = "rule_duration")]
+    pub clear_after: Option<Duration>,
+    /// The look-back of rules that compare now with the past.
+    #[serde(default, deserialize_with = "rule_duration")]
+    pub window: Option<Duration>,
+}
+
+/// Durations in rule tables: "90s", "5m", "1h 30m" or whole seconds. A
+/// negative one is refused by name rather than as a parse error.
+fn rule_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = Duration;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a duration such as \"90s\" or \"5m\"")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Duration, E> {
+            let v = v.trim();
+            if v.starts_with('-') {
+                return Err(E::custom(format!("negative duration {v:?}: must be 0s or more")));
+            }
+            humantime_serde::re::humantime::parse_duration(v).map_err(|e| E::custom(format!("{v:?}: {e}")))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Duration, E> {
+            u64::try_from(v)
+                .map(Duration::from_secs)
+                .map_err(|_| E::custom(format!("negative duration {v}: must be 0 or more seconds")))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Duration, E> {
+            Ok(Duration::from_secs(v))
+        }
+    }
+    d.deserialize_any(V).map(Some)
+}
+
+/// Longer than this is a typo, and would overflow time arithmetic later.
+const MAX_RULE_DURATION: Duration = Duration::from_secs(365 * 86400);
+
+/// `[disk]`: the file-write signal (docs/disk.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskConfig {
+    /// Off: no syscall tracepoints are attached.
+    pub enabled: bool,
+    /// Open files of watched nodes the kernel keeps counts for (all targets
+    /// together); writes to files beyond it are not counted.
+    pub max_files: u32,
+    /// Closed files whose last counts wait for the agent's next read.
+    pub max_closed: u32,
+    /// Sync histograms, one per file and sync call.
+    pub max_syncs: u32,
+    /// `[[disk.classes]]`: file class rules, tried before the chain's built-in ones.
+    pub classes: Vec<ClassRule>,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig { enabled: true, max_files: 8192, max_closed: 8192, max_syncs: 4096, classes: Vec::new() }
+    }
+}
+
+/// Files whose path ends like one of `paths` are of class `class`, for
+/// targets of `chain` (all when unset) or the target named `target`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassRule {
+    pub class: String,
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub chain: Option<Chain>,
+    #[serde(default)]
+    pub target: Option<String>,
+}
+
+/// Class names become label values on every file metric: keep them few.
+const MAX_DISK_CLASS_RULES: usize = 64;
+const MAX_DISK_CLASSES: usize = 24;
+
+impl DiskConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, v, min, max) in [
+            ("disk.max_files", self.max_files, 64, 1 << 20),
+            ("disk.max_closed", self.max_closed, 64, 1 << 20),
+            ("disk.max_syncs", self.max_syncs, 64, 1 << 20),
+        ] {
+            if !(min..=max).contains(&v) {
+                return Err(ConfigError::invalid(key, format!("must be between {min} and {max}")));
+            }
+        }
+        if self.classes.len() > MAX_DISK_CLASS_RULES {
+            return Err(ConfigError::invalid("disk.classes", format!("at most {MAX_DISK_CLASS_RULES} rules")));
+        }
+        let mut names = HashSet::new();
+        for (i, rule) in self.classes.iter().enumerate() {
+            let key = |k: &str| format!("disk.classes[{i}].{k}");
+            let c = &rule.class;
+            if c.is_empty() || c.len() > 32 || !c.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_') {
+                return Err(ConfigError::invalid(key("class"), "must be 1 to 32 characters of a-z, 0-9 and '_'"));
+            }
+            names.insert(c.as_str());
+            if rule.paths.is_empty() {
+                return Err(ConfigError::invalid(key("paths"), "needs at least one pattern"));
+            }
+            for (j, p) in rule.paths.iter().enumerate() {
+                if let Err(why) = crate::disk::classes::Pattern::parse(p) {
+                    return Err(ConfigError::invalid(format!("disk.classes[{i}].paths[{j}]"), why));
+                }
+            }
+            if rule.target.as_deref() == Some("") {
+                return Err(ConfigError::invalid(key("target"), "must name a target"));
+            }
+        }
+        if names.len() > MAX_DISK_CLASSES {
+            return Err(ConfigError::invalid("disk.classes", format!("at most {MAX_DISK_CLASSES} distinct classes")));
+        }
+        Ok(())
+    }
 }
 
 fn default_chain() -> Chain {
@@ -147,7 +311,7 @@ fn default_chain() -> Chain {
 }
 
 /// Sections whose scalar keys the environment may override.
-const ENV_SECTIONS: &[&str] = &["http", "agent", "limits", "log"];
+const ENV_SECTIONS: &[&str] = &["http", "agent", "limits", "log", "otlp", "resources", "disk"];
 const ENV_PREFIX: &str = "NODESCOPE_";
 
 impl Config {
@@ -201,6 +365,17 @@ impl Config {
         if self.limits.peer_ttl.is_zero() {
             return Err(ConfigError::invalid("limits.peer_ttl", "must be greater than zero"));
         }
+        if let Some(endpoint) = &self.otlp.endpoint {
+            if !(endpoint.starts_with("http://") && endpoint.len() > "http://".len()) {
+                return Err(ConfigError::invalid("otlp.endpoint", "must be an http:// URL (OTLP/HTTP; TLS is left to a local collector)"));
+            }
+        }
+        if self.otlp.interval < Duration::from_secs(1) {
+            return Err(ConfigError::invalid("otlp.interval", "must be at least 1s"));
+        }
+        if self.otlp.timeout.is_zero() || self.otlp.timeout > self.otlp.interval {
+            return Err(ConfigError::invalid("otlp.timeout", "must be greater than zero and at most otlp.interval"));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError::invalid("log.level", e.to_string()));
         }
@@ -237,14 +412,113 @@ impl Config {
                 }
             }
         }
+        validate_rules("rules", &self.rules)?;
+        self.disk.validate()?;
+        for (i, t) in self.targets.iter().enumerate() {
+            validate_rules(&format!("targets[{i}].rules"), &t.rules)?;
+        }
         if self.targets.len() > crate::bpf::abi::MAX_TARGETS {
             return Err(ConfigError::invalid(
                 "targets",
                 format!("at most {} targets per agent", crate::bpf::abi::MAX_TARGETS),
             ));
         }
+        self.resources.validate()?;
         Ok(())
     }
+}
+
+/// `[resources]`: the data dir size tracking, the forecast and which cgroup
+/// hierarchy to read (docs/metrics.md, Resources).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResourcesConfig {
+    /// "auto", "v2" or "v1": hybrid hosts have both hierarchies.
+    pub cgroup_version: crate::resources::cgroup_stats::CgroupVersion,
+    /// Filesystem operations (stat, opendir, 64 entries read) the data dir
+    /// size tracking may spend per interval and data dir.
+    pub datadir_ops_per_interval: u64,
+    /// Files and directories remembered per data dir; past it the size is
+    /// reported unknown.
+    pub datadir_max_entries: u64,
+    /// How often every entry of the data dir is stat'ed again, correcting
+    /// what change tracking misses.
+    #[serde(with = "humantime_serde")]
+    pub datadir_rescan: Duration,
+    /// How often a file is created and written in the data dir as the node's user.
+    #[serde(with = "humantime_serde")]
+    pub datadir_write_test: Duration,
+    /// Look-back of the growth rates and the days-until-full forecast.
+    #[serde(with = "humantime_serde")]
+    pub forecast_window: Duration,
+}
+
+impl Default for ResourcesConfig {
+    fn default() -> Self {
+        ResourcesConfig {
+            cgroup_version: Default::default(),
+            datadir_ops_per_interval: 2000,
+            datadir_max_entries: 1_000_000,
+            datadir_rescan: Duration::from_secs(3600),
+            datadir_write_test: Duration::from_secs(60),
+            forecast_window: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl ResourcesConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let week = Duration::from_secs(7 * 86400);
+        if !(16..=1_000_000).contains(&self.datadir_ops_per_interval) {
+            return Err(ConfigError::invalid("resources.datadir_ops_per_interval", "must be between 16 and 1000000"));
+        }
+        if !(1..=100_000_000).contains(&self.datadir_max_entries) {
+            return Err(ConfigError::invalid("resources.datadir_max_entries", "must be between 1 and 100000000"));
+        }
+        for (key, d) in [
+            ("resources.datadir_rescan", self.datadir_rescan),
+            ("resources.datadir_write_test", self.datadir_write_test),
+            ("resources.forecast_window", self.forecast_window),
+        ] {
+            if d < Duration::from_secs(1) || d > week {
+                return Err(ConfigError::invalid(key, "must be between 1s and 7 days"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rule ids must exist, thresholds must fit what the rule counts, and
+/// durations must be sane; errors name e.g. `targets[0].rules.disk_low.threshold`.
+fn validate_rules(prefix: &str, rules: &BTreeMap<String, RuleConfig>) -> Result<(), ConfigError> {
+    for (id, rc) in rules {
+        let key = |k: &str| format!("{prefix}.{id}.{k}");
+        let Some(def) = health_rules::definition(id) else {
+            return Err(ConfigError::invalid(
+                format!("{prefix}.{id}"),
+                format!("unknown rule; rules are {}", health_rules::rule_ids().join(", ")),
+            ));
+        };
+        if let Some(v) = rc.threshold {
+            if let Some(why) = def.threshold_kind.check(v) {
+                return Err(ConfigError::invalid(key("threshold"), format!("{why} (rule {id})")));
+            }
+        }
+        for (k, d) in [("for", rc.for_), ("clear_after", rc.clear_after), ("window", rc.window)] {
+            if d.is_some_and(|d| d > MAX_RULE_DURATION) {
+                return Err(ConfigError::invalid(key(k), "must be at most 365 days"));
+            }
+        }
+        if let Some(w) = rc.window {
+            if def.window.is_none() {
+                return Err(ConfigError::invalid(key("window"), format!("rule {id} takes no window")));
+            }
+            if w.is_zero() {
+                return Err(ConfigError::invalid(key("window"), "must be greater than zero"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One line: where the TOML is broken and why.
@@ -346,8 +620,22 @@ mod tests {
         assert_eq!(err_key("[[targets]]\nname = \"a\"\nprocess = \"x\"\ncgroup = \"/c\""), "targets[0]");
         assert_eq!(err_key("[[targets]]\nname = \"a\"\nprocess = \"x\"\nchain = \"dogecoin\""), "targets[0].chain");
         assert_eq!(err_key("[agent]\ninterval = \"1ms\""), "agent.interval");
+        assert_eq!(err_key("[otlp]\nendpoint = \"grpc://x:4317\""), "otlp.endpoint");
         assert_eq!(err_key("[[targets]]\nname = \"a\"\nprocess = \"x\"\n[[targets]]\nname = \"a\"\nprocess = \"y\""), "targets[1].name");
         assert!(err_key("[http\n").starts_with("config (line 1)"));
+    }
+
+    #[test]
+    fn resources_section() {
+        let c = load("[resources]\ncgroup_version = \"v1\"\ndatadir_ops_per_interval = 50\nforecast_window = \"10m\"").unwrap();
+        assert_eq!(c.resources.cgroup_version, crate::resources::cgroup_stats::CgroupVersion::V1);
+        assert_eq!(c.resources.datadir_ops_per_interval, 50);
+        assert_eq!(c.resources.forecast_window, Duration::from_secs(600));
+        assert_eq!(load("").unwrap().resources.datadir_rescan, Duration::from_secs(3600));
+        assert_eq!(err_key("[resources]\ncgroup_version = \"v3\""), "resources.cgroup_version");
+        assert_eq!(err_key("[resources]\ndatadir_ops = 5"), "resources.datadir_ops");
+        assert_eq!(err_key("[resources]\ndatadir_ops_per_interval = 1"), "resources.datadir_ops_per_interval");
+        assert_eq!(err_key("[resources]\nforecast_window = \"0s\""), "resources.forecast_window");
     }
 
     #[test]
@@ -366,5 +654,130 @@ mod tests {
         assert!(matches!(bad, Err(ConfigError::Invalid { key, .. }) if key == "NODESCOPE_NOPE_X"));
         let bad = Config::from_toml_with_env("", vec![("NODESCOPE_HTTP_PORT".into(), "1".into())]);
         assert!(matches!(bad, Err(ConfigError::Invalid { key, .. }) if key == "http.port"));
+    }
+
+    #[test]
+    fn rule_settings() {
+        let c = load(
+            r#"
+            [rules.no_peers]
+            for = "90s"
+            clear_after = 30
+            [rules.disk_low]
+            threshold = 25
+            severity = "critical"
+            [rules.partition_suspected]
+            window = "10s"
+            [[targets]]
+            name = "ltc"
+            process = "litecoind"
+            [targets.rules.chain_stalled]
+            threshold = 4.5
+            enabled = false
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.rules["no_peers"].for_, Some(Duration::from_secs(90)));
+        assert_eq!(c.rules["no_peers"].clear_after, Some(Duration::from_secs(30)));
+        assert_eq!(c.rules["disk_low"].threshold, Some(25.0));
+        assert_eq!(c.rules["disk_low"].severity, Some(Severity::Critical));
+        assert_eq!(c.rules["partition_suspected"].window, Some(Duration::from_secs(10)));
+        assert_eq!(c.targets[0].rules["chain_stalled"].threshold, Some(4.5));
+        assert_eq!(c.targets[0].rules["chain_stalled"].enabled, Some(false));
+    }
+
+    #[test]
+    fn bad_rule_settings_name_the_key() {
+        let target = "[[targets]]\nname = \"a\"\nprocess = \"x\"\n";
+        let cases = [
+            ("[rules.no_such_rule]\nenabled = true", "rules.no_such_rule"),
+            ("[rules.no_peers]\nfor = \"-5s\"", "rules.no_peers.for"),
+            ("[rules.no_peers]\nclear_after = -3", "rules.no_peers.clear_after"),
+            ("[rules.no_peers]\nfor = \"soon\"", "rules.no_peers.for"),
+            ("[rules.disk_low]\nthreshold = 120", "rules.disk_low.threshold"),
+            ("[rules.disk_critical]\nthreshold = -1", "rules.disk_critical.threshold"),
+            ("[rules.low_peers]\nthreshold = -2", "rules.low_peers.threshold"),
+            ("[rules.chain_stalled]\nthreshold = 0", "rules.chain_stalled.threshold"),
+            ("[rules.fsync_slow]\nthreshold = nan", "rules.fsync_slow.threshold"),
+            ("[rules.node_down]\nthreshold = 3", "rules.node_down.threshold"),
+            ("[rules.no_peers]\nwindow = \"5s\"", "rules.no_peers.window"),
+            ("[rules.partition_suspected]\nwindow = \"0s\"", "rules.partition_suspected.window"),
+            ("[rules.no_peers]\nseverity = \"fatal\"", "rules.no_peers.severity"),
+            ("[rules.no_peers]\nthreshhold = 1", "rules.no_peers.threshhold"),
+            ("[rules.no_peers]\nfor = \"400days\"", "rules.no_peers.for"),
+        ];
+        for (text, key) in cases {
+            assert_eq!(err_key(text), key, "{text}");
+        }
+        let per_target = [
+            ("[targets.rules.bogus]\nenabled = false", "targets[0].rules.bogus"),
+            ("[targets.rules.memory_high]\nthreshold = 101", "targets[0].rules.memory_high.threshold"),
+            ("[targets.rules.no_outbound]\nfor = \"-1m\"", "targets[0].rules.no_outbound.for"),
+        ];
+        for (text, key) in per_target {
+            assert_eq!(err_key(&format!("{target}{text}")), key, "{text}");
+        }
+        match load("[rules.no_peers]\nfor = \"-5s\"") {
+            Err(e) => assert!(e.to_string().contains("negative"), "{e}"),
+            Ok(_) => panic!("negative duration accepted"),
+        }
+    }
+
+    #[test]
+    fn disk_section() {
+        let c = load("").unwrap();
+        assert!(c.disk.enabled);
+        assert_eq!(c.disk.max_files, 8192);
+        let c = load(
+            r#"
+            [disk]
+            max_files = 1024
+            [[disk.classes]]
+            class = "snapshots"
+            paths = ["snapshots/**", "utxo-*.dat"]
+            chain = "bitcoin"
+            [[disk.classes]]
+            class = "blocks"
+            paths = ["blk/*.dat"]
+            target = "ltc"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.disk.max_files, 1024);
+        assert_eq!(c.disk.classes.len(), 2);
+        assert_eq!(c.disk.classes[0].chain, Some(Chain::Bitcoin));
+        assert_eq!(c.disk.classes[1].target.as_deref(), Some("ltc"));
+        let env = vec![("NODESCOPE_DISK_ENABLED".to_string(), "false".to_string())];
+        assert!(!Config::from_toml_with_env("", env).unwrap().disk.enabled);
+    }
+
+    #[test]
+    fn disk_errors_name_the_key() {
+        assert_eq!(err_key("[disk]
+max_files = 1"), "disk.max_files");
+        assert_eq!(err_key("[disk]
+bogus = 1"), "disk.bogus");
+        assert_eq!(err_key("[[disk.classes]]
+class = \"Blocks\"
+paths = [\"x\"]"), "disk.classes[0].class");
+        assert_eq!(err_key("[[disk.classes]]
+class = \"b\"
+paths = []"), "disk.classes[0].paths");
+        assert_eq!(err_key("[[disk.classes]]
+class = \"b\"
+paths = [\"ok\", \"/abs\"]"), "disk.classes[0].paths[1]");
+        assert_eq!(err_key("[[disk.classes]]
+class = \"b\"
+paths = [\"a/**b\"]"), "disk.classes[0].paths[0]");
+        assert_eq!(err_key("[[disk.classes]]
+class = \"b\"
+paths = [\"x\"]
+chain = \"doge\""), "disk.classes[0].chain");
+        assert_eq!(err_key("[[disk.classes]]
+class = \"b\"
+paths = [\"x\"]
+glob = 1"), "disk.classes[0].glob");
+        assert_eq!(err_key("[[disk.classes]]
+paths = [\"x\"]"), "disk.classes[0]");
     }
 }

@@ -127,7 +127,7 @@ pub fn inspect(proc_root: &Path, pid: u32, chain: Chain) -> Result<NodeInfo, Dis
 /// namespace rather than ours. Sorted, deduplicated.
 pub fn listening_ports(proc_root: &Path, pid: u32) -> Result<Vec<u16>, DiscoveryError> {
     let dir = pid_dir(proc_root, pid);
-    let inodes = socket_inodes(&dir.join("fd"))?;
+    let inodes = socket_inodes_in(&dir.join("fd"))?;
     let mut ports = Vec::new();
     if inodes.is_empty() {
         return Ok(ports);
@@ -208,7 +208,12 @@ fn clock_ticks_per_second() -> u64 {
     u64::try_from(hz).ok().filter(|&hz| hz > 0).unwrap_or(100)
 }
 
-fn socket_inodes(fd_dir: &Path) -> Result<HashSet<u64>, DiscoveryError> {
+/// Inodes of the sockets a process holds open.
+pub fn socket_inodes(proc_root: &Path, pid: u32) -> Result<HashSet<u64>, DiscoveryError> {
+    socket_inodes_in(&pid_dir(proc_root, pid).join("fd"))
+}
+
+fn socket_inodes_in(fd_dir: &Path) -> Result<HashSet<u64>, DiscoveryError> {
     let entries =
         fs::read_dir(fd_dir).map_err(|source| DiscoveryError::Io { path: fd_dir.to_path_buf(), source })?;
     // An fd closed between listing and readlink just drops out.

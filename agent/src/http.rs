@@ -16,6 +16,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::agent::LoopStatus;
+use crate::disk::DiskSnapshot;
+use crate::health::{endpoints as health_endpoints, HealthSnapshot};
+use crate::resources::ResourceSnapshot;
 use crate::net::NetSnapshot;
 use crate::target::Target;
 use crate::snapshot::Shared;
@@ -26,6 +29,9 @@ pub struct AppState {
     pub net: Shared<NetSnapshot>,
     pub targets: Shared<Vec<Target>>,
     pub loop_status: Shared<LoopStatus>,
+    pub disk: Shared<DiskSnapshot>,
+    pub resources: Shared<ResourceSnapshot>,
+    pub health: Shared<HealthSnapshot>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -47,14 +53,28 @@ fn error(status: StatusCode, message: &str) -> Resp {
 }
 
 pub fn route(state: &AppState, method: &Method, path: &str) -> Resp {
-    let known = matches!(path, "/metrics" | "/peers");
+    let health = if health_endpoints::is_health_path(path) {
+        match health_endpoints::parse(path) {
+            Ok(endpoint) => Some(endpoint),
+            Err((status, message)) => return error(status, &message),
+        }
+    } else {
+        None
+    };
+    let known = health.is_some() || matches!(path, "/metrics" | "/peers");
     if !known {
-        return error(StatusCode::NOT_FOUND, "no such endpoint; see /metrics, /peers");
+        return error(StatusCode::NOT_FOUND, "no such endpoint; see /metrics, /peers, /health");
     }
     if method != Method::GET && method != Method::HEAD {
         let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");
         r.headers_mut().insert(ALLOW, "GET, HEAD".parse().expect("valid header"));
         return r;
+    }
+    if let Some(endpoint) = health {
+        let now_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let (status, body) =
+            health_endpoints::respond(endpoint, &state.health.get(), &state.loop_status.get(), std::time::Instant::now(), now_unix);
+        return json_response(status, body);
     }
     match path {
         "/metrics" => match state.telemetry.encode() {

@@ -82,7 +82,9 @@ fn main() -> ExitCode {
             }
         }
         Command::Probes { json } => {
-            let hooks = net::probe::probe_hooks();
+            let mut hooks = net::probe::probe_hooks();
+            hooks.extend(disk::probe::probe_hooks());
+            hooks.extend(resources::probe::probe_sources());
             if json {
                 println!("{}", serde_json::to_string_pretty(&hooks).expect("serializable"));
             } else {

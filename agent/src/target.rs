@@ -56,8 +56,9 @@ pub enum Scope {
     /// The node has a cgroup2 group to itself: every socket created in it.
     Cgroup { id: u64, path: PathBuf },
     /// The node shares its group: connects made by these processes and
-    /// connections accepted on these listening ports.
-    Process { pids: Vec<u32>, listen_ports: Vec<u16> },
+    /// connections accepted on these listening ports; connections older than
+    /// the agent are adopted by the socket inodes the process holds.
+    Process { pids: Vec<u32>, listen_ports: Vec<u16>, socket_inodes: Vec<u64> },
     /// Not running.
     Absent,
 }
@@ -282,6 +283,13 @@ impl Targets {
         }
     }
 
+    fn process_scope(&self, pid: u32, listening: &[u16]) -> Scope {
+        let mut socket_inodes: Vec<u64> =
+            discovery::socket_inodes(&self.proc_root, pid).map(|s| s.into_iter().collect()).unwrap_or_default();
+        socket_inodes.sort_unstable();
+        Scope::Process { pids: vec![pid], listen_ports: listening.to_vec(), socket_inodes }
+    }
+
     fn resolve(&self, index: u32, spec: &TargetSpec) -> Target {
         let (pid, cgroup_dir) = self.find_pid(spec);
         let pid = pid.filter(|p| discovery::is_alive(&self.proc_root, *p));
@@ -330,17 +338,14 @@ impl Targets {
             },
             (None, Some((path, dir))) if path != "/" && dedicated(&dir, pid) => match cgroup::cgroup2_id(&dir) {
                 Ok(id) => Scope::Cgroup { id, path: dir },
-                Err(_) => process_scope(pid, &t.listening),
+                Err(_) => self.process_scope(pid, &t.listening),
             },
-            _ => process_scope(pid, &t.listening),
+            _ => self.process_scope(pid, &t.listening),
         };
         t
     }
 }
 
-fn process_scope(pid: u32, listening: &[u16]) -> Scope {
-    Scope::Process { pids: vec![pid], listen_ports: listening.to_vec() }
-}
 
 /// A group is the node's own when the node is the only process in it.
 fn dedicated(dir: &Path, pid: u32) -> bool {

@@ -13,6 +13,8 @@ use crate::config::Config;
 pub enum TelemetryError {
     #[error("prometheus exporter: {0}")]
     Prometheus(String),
+    #[error("otlp.endpoint: {0}")]
+    Otlp(String),
     #[error("encoding /metrics: {0}")]
     Encode(#[from] prometheus::Error),
 }
@@ -34,7 +36,22 @@ impl Telemetry {
         // series per target: let them, the SDK default of 2000 would fold
         // real peers into its overflow series.
         let per_peer_limit = (config.limits.top_peers + 1) * 4 * crate::bpf::abi::MAX_TARGETS;
-        let provider = SdkMeterProvider::builder()
+        let mut builder = SdkMeterProvider::builder();
+        if let Some(endpoint) = &config.otlp.endpoint {
+            use opentelemetry_otlp::WithExportConfig;
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_http()
+                .with_endpoint(endpoint.clone())
+                .with_timeout(config.otlp.timeout)
+                .build()
+                .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
+            let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
+                .with_interval(config.otlp.interval)
+                .build();
+            builder = builder.with_reader(reader);
+            tracing::info!("exporting metrics over OTLP/HTTP to {endpoint} every {:?}", config.otlp.interval);
+        }
+        let provider = builder
             .with_resource(
                 Resource::builder()
                     .with_service_name("nodescope")
@@ -68,3 +85,4 @@ impl Telemetry {
         let _ = self.provider.shutdown();
     }
 }
+

@@ -48,8 +48,15 @@ struct sock_common {
 	} skc_cookie; /* atomic64_t; 0 until someone asks for the cookie */
 };
 
+struct file;
+
+struct socket {
+	struct file *file;
+};
+
 struct sock {
 	struct sock_common __sk_common;
+	struct socket *sk_socket;
 	struct sock_cgroup_data sk_cgrp_data;
 	int sk_err;
 	__u8 sk_shutdown;
@@ -70,6 +77,43 @@ struct bpf_iter__tcp {
 	struct bpf_iter_meta *meta;
 	struct sock_common *sk_common;
 	__u32 uid;
+};
+
+/* disk.bpf.c: from the current task to the file behind an fd and its name */
+struct qstr {
+	const unsigned char *name;
+};
+
+struct dentry {
+	struct qstr d_name;
+	struct dentry *d_parent;
+};
+
+struct inode {
+	unsigned long i_ino;
+	unsigned short i_mode;
+};
+
+struct path {
+	struct dentry *dentry;
+};
+
+struct file {
+	struct path f_path;
+	struct inode *f_inode;
+};
+
+struct fdtable {
+	unsigned int max_fds;
+	struct file **fd;
+};
+
+struct files_struct {
+	struct fdtable *fdt;
+};
+
+struct task_struct {
+	struct files_struct *files;
 };
 
 #pragma clang attribute pop
@@ -109,5 +153,13 @@ enum {
 
 #define AF_INET 2
 #define AF_INET6 10
+
+/* include/uapi/linux/stat.h */
+#define S_IFMT 00170000
+#define S_IFREG 0100000
+#define S_IFDIR 0040000
+
+/* include/uapi/linux/close_range.h */
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
 
 #endif

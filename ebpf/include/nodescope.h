@@ -64,4 +64,76 @@ struct ns_conn {
 
 #define NS_MAX_TARGETS 64
 
+/* Write syscalls counted, index into ns_disk_file.bytes/calls. */
+#define NS_DISK_WRITE 0
+#define NS_DISK_PWRITE64 1
+#define NS_DISK_WRITEV 2
+#define NS_DISK_PWRITEV 3
+#define NS_DISK_PWRITEV2 4
+#define NS_DISK_WRITE_CALLS 5
+
+/* Sync syscalls timed, ns_disk_sync_key.call. */
+#define NS_DISK_FSYNC 0
+#define NS_DISK_FDATASYNC 1
+#define NS_DISK_MSYNC 2
+#define NS_DISK_SYNC_FILE_RANGE 3
+#define NS_DISK_SYNC_CALLS 4
+
+/* A file's path is kept as its last NS_DISK_PATH_DEPTH components, leaf
+ * first, each cut to NS_DISK_NAME_LEN - 1 bytes: enough to tell
+ * blocks/index/000012.ldb from blocks/blk00042.dat, which is all the file
+ * classes need. */
+#define NS_DISK_PATH_DEPTH 8
+#define NS_DISK_NAME_LEN 32
+
+#define NS_DISK_F_NOT_FILE 1 /* socket, pipe, device...: writes are not counted */
+#define NS_DISK_F_DEEP 2     /* the path has more components than were kept */
+
+/* One open file of a watched process, as the kernel saw it at the first
+ * write or sync through that fd. Keyed by (tgid, fd) while the fd is open;
+ * moved to the closed map, keyed by id, when it is closed. */
+struct ns_disk_fd_key {
+	__u32 tgid;
+	__u32 fd;
+};
+
+struct ns_disk_file {
+	__u64 id;                           /* unique per record, never reused */
+	__u64 bytes[NS_DISK_WRITE_CALLS];   /* sum of the calls' return values */
+	__u64 calls[NS_DISK_WRITE_CALLS];   /* calls that returned >= 0 */
+	__u32 target;
+	__u32 tgid;
+	__u32 fd;
+	__u16 flags;                        /* NS_DISK_F_* */
+	__u16 depth;                        /* components filled in names */
+	char names[NS_DISK_PATH_DEPTH][NS_DISK_NAME_LEN]; /* leaf first, NUL-terminated */
+};
+
+/* Latency histogram of one sync call on one file. file: the ns_disk_file id
+ * for fd-based calls; for msync, which has no fd, the address it was given
+ * (the agent finds the file mapped there in /proc/PID/maps). */
+struct ns_disk_sync_key {
+	__u64 file;
+	__u32 tgid;
+	__u16 call;   /* NS_DISK_FSYNC... */
+	__u16 target;
+};
+
+/* Slot i counts calls that took [2^i, 2^(i+1)) microseconds (slot 0: under
+ * 2us); the last slot also takes everything slower. */
+#define NS_DISK_SYNC_SLOTS 27
+
+struct ns_disk_sync_hist {
+	__u64 count[NS_DISK_SYNC_SLOTS];
+	__u64 sum_ns[NS_DISK_SYNC_SLOTS];   /* per slot, so the agent can export exact sums */
+	__u64 errors;                       /* calls that returned an error (not in the slots) */
+};
+
+/* Indices of the per-CPU stats array of disk.bpf.c. */
+#define NS_DISK_STAT_FILES_FULL 0    /* a file's writes not counted: files map full */
+#define NS_DISK_STAT_CLOSED_FULL 1   /* a closed file's last counts lost: closed map full */
+#define NS_DISK_STAT_SYNCS_FULL 2    /* a sync call not timed: syncs map full */
+#define NS_DISK_STAT_INFLIGHT_FULL 3 /* a call not counted: too many calls in flight */
+#define NS_DISK_STAT_MAX 4
+
 #endif

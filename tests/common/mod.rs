@@ -139,13 +139,19 @@ pub struct Litecoind {
     pub dir: TempDir,
     pub port: u16,
     pub rpcport: u16,
+    /// Every argument it was started with, for `restart`.
+    pub args: Vec<String>,
 }
 
 impl Litecoind {
     /// `extra`: more litecoind arguments, such as `-connect=127.0.0.1:P`.
     pub fn start(cgroup: Option<&Cgroup>, extra: &[String]) -> Litecoind {
+        Self::start_in_dir(cgroup, TempDir::new("ltc"), extra)
+    }
+
+    /// Like `start`, with its data dir at `dir` (which it removes when dropped).
+    pub fn start_in_dir(cgroup: Option<&Cgroup>, dir: TempDir, extra: &[String]) -> Litecoind {
         require_tool("litecoind", "litecoind");
-        let dir = TempDir::new("ltc");
         let port = free_port();
         let rpcport = free_port();
         let mut args: Vec<String> = [
@@ -171,9 +177,22 @@ impl Litecoind {
         args.extend_from_slice(extra);
         let log = dir.path().join("stdout.log");
         let child = spawn_in(cgroup, "litecoind", &args, &log);
-        let node = Litecoind { child, dir, port, rpcport };
+        let node = Litecoind { child, dir, port, rpcport, args };
         wait_for("litecoind RPC", Duration::from_secs(60), || node.try_cli(&["getblockcount"]).ok());
         node
+    }
+
+    /// SIGKILL by pid (no clean shutdown), and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again with the same data dir, ports and arguments.
+    pub fn restart(&mut self, cgroup: Option<&Cgroup>) {
+        stop_child(&mut self.child, Duration::from_secs(20));
+        self.child = spawn_in(cgroup, "litecoind", &self.args, &self.dir.path().join("stdout.log"));
+        wait_for("litecoind RPC after restart", Duration::from_secs(60), || self.try_cli(&["getblockcount"]).ok());
     }
 
     pub fn pid(&self) -> u32 {

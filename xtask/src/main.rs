@@ -42,6 +42,8 @@ const BUILD_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc"];
 const TEST_PACKAGES: &[&str] = &[
     "clang", "llvm", "libbpf-dev", "gcc", "bpftool", "litecoind", "prometheus", "iperf3", "strace", "fio", "curl",
     "iproute2", "procps",
+    // resources tests: loop-mounted ext4, df/du, setpriv/prlimit, a python3 memory hog
+    "e2fsprogs", "mount", "coreutils", "util-linux", "python3",
 ];
 const RUN_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc", "litecoind"];
 const BENCH_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc", "iperf3", "bpftool", "fio", "procps"];

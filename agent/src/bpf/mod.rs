@@ -11,6 +11,9 @@ use aya::{Btf, Ebpf, EbpfLoader};
 /// The compiled `ebpf/net.bpf.c`.
 pub static NET_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/net.bpf.o"));
 
+/// The compiled `ebpf/disk.bpf.c`.
+pub static DISK_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/disk.bpf.o"));
+
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
     #[error("kernel BTF (/sys/kernel/btf/vmlinux) unavailable: {0}")]

@@ -13,6 +13,8 @@ use crate::target::Scope;
 const STATE_PROG: &str = "on_tcp_state";
 const STATE_HOOK: &str = "inet_sock_set_state";
 const ITER_PROG: &str = "tcp_iter";
+/// max_entries of ns_target_inodes in net.bpf.c
+const INODE_MAP_SIZE: usize = 8192;
 
 pub struct NetProbe {
     ebpf: Ebpf,
@@ -65,12 +67,14 @@ impl NetProbe {
         let mut cgroups = Vec::new();
         let mut pids = Vec::new();
         let mut ports = Vec::new();
+        let mut inodes = Vec::new();
         for (index, scope) in scopes {
             match scope {
                 Scope::Cgroup { id, .. } => cgroups.push((*id, index)),
-                Scope::Process { pids: p, listen_ports } => {
+                Scope::Process { pids: p, listen_ports, socket_inodes } => {
                     pids.extend(p.iter().map(|pid| (*pid, index)));
                     ports.extend(listen_ports.iter().map(|port| (*port, index)));
+                    inodes.extend(socket_inodes.iter().map(|ino| (*ino, index)));
                 }
                 Scope::Absent => {}
             }
@@ -78,6 +82,10 @@ impl NetProbe {
         sync_map(&mut hash_map::<u64, u32>(&mut self.ebpf, "ns_target_cgroups")?, "ns_target_cgroups", &cgroups)?;
         sync_map(&mut hash_map::<u32, u32>(&mut self.ebpf, "ns_target_pids")?, "ns_target_pids", &pids)?;
         sync_map(&mut hash_map::<u16, u32>(&mut self.ebpf, "ns_target_ports")?, "ns_target_ports", &ports)?;
+        // Only for adopting connections older than the agent: past the map's
+        // size the rest are left out (the node's newer sockets need no inode).
+        inodes.truncate(INODE_MAP_SIZE);
+        sync_map(&mut hash_map::<u64, u32>(&mut self.ebpf, "ns_target_inodes")?, "ns_target_inodes", &inodes)?;
         Ok(())
     }
 

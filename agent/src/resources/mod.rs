@@ -1,11 +1,40 @@
 //! Resource signals from procfs, statvfs and cgroups: data dir and its
 //! filesystem, the node's cgroup (v2 or v1), its process.
 //!
+//! `collect` reads them once per interval into a `ResourceSnapshot`;
+//! `metrics` exports the published snapshot. A source that is missing or
+//! unreadable (no cgroup hierarchy, a file the kernel does not have, a data
+//! dir that is gone) turns off that one figure for that target, is logged
+//! once (and again when it comes back), and never stops the others.
+//!
 //! CONTRACT (read by health rules and metrics; keep these names):
+
+pub mod cgroup_stats;
+pub mod datadir;
+pub mod filesystem;
+pub mod forecast;
+pub mod metrics;
+pub mod probe;
+pub mod process;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::cgroup::{Mounts, ProcessCgroups};
+use crate::config::ResourcesConfig;
+use crate::target::{Scope, Target};
+use cgroup_stats::CgroupVersion;
+use datadir::{DatadirWatcher, WalkLimits, WatchRequest};
+use forecast::Trend;
+use process::ProcessReader;
 
 #[derive(Debug, Clone, Default)]
 pub struct ResourceSnapshot {
     pub targets: Vec<TargetResources>,
+    /// data dir passes not run because the previous one was still running
+    /// (a slow or hung filesystem)
+    pub datadir_passes_skipped: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -22,6 +51,18 @@ pub struct TargetResources {
     pub datadir_writable: Option<bool>,
     pub cgroup: Option<CgroupStats>,
     pub process: Option<ProcessStats>,
+    /// bytes per second the filesystem's used space grew over the forecast
+    /// window (what days_until_full divides by): the data dir's growth plus
+    /// anything else writing to the same filesystem
+    pub filesystem_growth_bytes_per_second: Option<f64>,
+    /// files and directories of the data dir remembered by the size tracker
+    pub datadir_entries: Option<u64>,
+    /// filesystem operations (stat, opendir, 64 entries read) the size
+    /// tracker spent since the agent started
+    pub datadir_scan_operations: u64,
+    /// the data dir has more than resources.datadir_max_entries entries:
+    /// its size is not tracked (datadir_size_bytes is None)
+    pub datadir_over_limit: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -70,4 +111,186 @@ pub struct ProcessStats {
     pub write_bytes: u64,
     pub start_time_unix: u64,
     pub restarts: u64,
+    /// seconds since the process started (from /proc/uptime and its start time)
+    pub uptime_seconds: f64,
+}
+
+/// Collects the resource figures of every target, once per interval.
+pub struct ResourceSignal {
+    cgroup_version: CgroupVersion,
+    forecast_window: std::time::Duration,
+    mounts: Mounts,
+    proc_root: PathBuf,
+    watcher: Option<DatadirWatcher>,
+    processes: ProcessReader,
+    trends: HashMap<String, Trends>,
+    off: OffLog,
+}
+
+/// The series the growth rates come from, for one target's data dir.
+struct Trends {
+    dir: PathBuf,
+    available: Trend,
+    datadir: Trend,
+}
+
+impl ResourceSignal {
+    pub fn new(config: &ResourcesConfig) -> ResourceSignal {
+        let mounts = Mounts::read().unwrap_or_else(|e| {
+            tracing::warn!("reading /proc/self/mountinfo: {e}; cgroup figures off");
+            Mounts::default()
+        });
+        let limits = WalkLimits {
+            ops_per_pass: config.datadir_ops_per_interval,
+            max_entries: config.datadir_max_entries,
+            rescan: config.datadir_rescan,
+        };
+        let watcher = match DatadirWatcher::start(limits, config.datadir_write_test) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::error!("data dir size and write test off: starting their thread: {e}");
+                None
+            }
+        };
+        ResourceSignal {
+            cgroup_version: config.cgroup_version,
+            forecast_window: config.forecast_window,
+            mounts,
+            proc_root: PathBuf::from("/proc"),
+            watcher,
+            processes: ProcessReader::new(Path::new("/proc")),
+            trends: HashMap::new(),
+            off: OffLog::default(),
+        }
+    }
+
+    pub fn collect(&mut self, targets: &[Target]) -> ResourceSnapshot {
+        let now = Instant::now();
+        let v2_controllers = cgroup_stats::v2_controllers(&self.mounts);
+        let mut requests = Vec::new();
+        let mut out = Vec::with_capacity(targets.len());
+        for t in targets {
+            let mut r = TargetResources { name: t.name.clone(), ..Default::default() };
+            let mut owner = None;
+            if let Some(pid) = t.pid {
+                match self.processes.read(&t.name, pid) {
+                    Ok((stats, fs_owner)) => {
+                        self.off.report(&t.name, "process", Vec::new());
+                        owner = Some((fs_owner.uid, fs_owner.gid));
+                        r.process = Some(stats);
+                    }
+                    Err(e) => self.off.report(&t.name, "process", vec![("procfs".into(), e.to_string())]),
+                }
+                r.cgroup = self.cgroup(t, pid, &v2_controllers);
+            }
+            match &t.datadir {
+                Some(dir) => {
+                    self.datadir(&mut r, dir, now);
+                    requests.push(WatchRequest { dir: dir.clone(), owner });
+                }
+                None => self.off.report(&t.name, "data dir", vec![("datadir".into(), "not known: set targets.datadir".into())]),
+            }
+            out.push(r);
+        }
+        if let Some(w) = self.watcher.as_mut() {
+            w.request(requests);
+        }
+        let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+        self.trends.retain(|n, _| names.contains(&n.as_str()));
+        self.processes.forget(&|n| names.contains(&n));
+        ResourceSnapshot { targets: out, datadir_passes_skipped: self.watcher.as_ref().map_or(0, |w| w.skipped()) }
+    }
+
+    fn cgroup(&mut self, t: &Target, pid: u32, v2_controllers: &[String]) -> Option<CgroupStats> {
+        // A configured cgroup is the node's group even when the node itself
+        // sits in a child of it.
+        let v2_dir = match &t.scope {
+            Scope::Cgroup { path, .. } => Some(path.as_path()),
+            _ => t.cgroup_v2.as_deref(),
+        };
+        let groups = ProcessCgroups::read(&self.proc_root, pid).unwrap_or_default();
+        let Some(source) = cgroup_stats::locate(self.cgroup_version, &self.mounts, v2_controllers, v2_dir, &groups) else {
+            let reason = format!("no cgroup {} hierarchy holds process {pid}", match self.cgroup_version {
+                CgroupVersion::Auto => "v1 or v2",
+                CgroupVersion::V2 => "v2",
+                CgroupVersion::V1 => "v1",
+            });
+            self.off.report(&t.name, "cgroup", vec![("cgroup".into(), reason)]);
+            return None;
+        };
+        let (stats, failures) = cgroup_stats::read(&source);
+        self.off.report(&t.name, "cgroup", failures);
+        Some(stats)
+    }
+
+    fn datadir(&mut self, r: &mut TargetResources, dir: &Path, now: Instant) {
+        let mut failures = Vec::new();
+        match filesystem::statvfs(dir) {
+            Ok(fs) => r.filesystem = Some(fs),
+            Err(e) => failures.push((format!("statvfs {}", dir.display()), e.to_string())),
+        }
+        let report = self.watcher.as_ref().and_then(|w| w.report(dir));
+        if let Some(rep) = &report {
+            r.datadir_size_bytes = rep.size_bytes;
+            r.datadir_entries = Some(rep.entries);
+            r.datadir_scan_operations = rep.operations;
+            r.datadir_over_limit = rep.over_limit;
+            r.datadir_writable = rep.writable;
+            if let Some(e) = &rep.error {
+                failures.push(("data dir size".into(), e.clone()));
+            }
+            if rep.over_limit {
+                failures.push(("data dir size".into(), "more entries than resources.datadir_max_entries".into()));
+            }
+            if let Some(e) = &rep.writable_error {
+                failures.push(("write test".into(), e.clone()));
+            }
+        }
+        self.off.report(&r.name, "data dir", failures);
+
+        let window = self.forecast_window;
+        let trends = self.trends.entry(r.name.clone()).or_insert_with(|| Trends {
+            dir: dir.to_path_buf(),
+            available: Trend::new(window),
+            datadir: Trend::new(window),
+        });
+        if trends.dir != dir {
+            *trends = Trends { dir: dir.to_path_buf(), available: Trend::new(window), datadir: Trend::new(window) };
+        }
+        if let Some(fs) = r.filesystem {
+            trends.available.push(now, fs.available_bytes as f64);
+            let fill = trends.available.slope().map(|s| -s);
+            r.filesystem_growth_bytes_per_second = fill;
+            r.days_until_full = forecast::days_until_full(fs.available_bytes, fill);
+        }
+        if let Some(size) = r.datadir_size_bytes {
+            trends.datadir.push(now, size as f64);
+            r.growth_bytes_per_second = trends.datadir.slope();
+        }
+    }
+}
+
+/// What is off, per target and kind of source, so each change is logged
+/// once: a warning when a source turns off, a note when it is back.
+#[derive(Default)]
+struct OffLog {
+    off: HashMap<(String, &'static str), BTreeMap<String, String>>,
+}
+
+impl OffLog {
+    fn report(&mut self, target: &str, kind: &'static str, failures: Vec<(String, String)>) {
+        let now: BTreeMap<String, String> = failures.into_iter().collect();
+        let before = self.off.entry((target.to_string(), kind)).or_default();
+        for (source, reason) in &now {
+            if !before.contains_key(source) {
+                tracing::warn!(target_name = %target, "{kind} figure off: {source}: {reason}");
+            }
+        }
+        for source in before.keys() {
+            if !now.contains_key(source) {
+                tracing::info!(target_name = %target, "{kind} figure back: {source}");
+            }
+        }
+        *before = now;
+    }
 }

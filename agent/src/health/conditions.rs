@@ -1,0 +1,628 @@
+//! What each rule checks, from one interval's snapshots plus a short history
+//! of the few figures that rules compare over a window (peer identities,
+//! outbound connect counters, the sync latency histogram).
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::rules::{Outcome, RuleParams, PARTITION_CONNECT_WINDOWS, PARTITION_MIN_PEERS};
+use crate::disk::TargetDisk;
+use crate::net::TargetNet;
+use crate::resources::TargetResources;
+use crate::target::{Direction, Service, Target};
+
+/// Samples kept per target at most. Windows are bounded by config, but an
+/// interval of 100ms with a 1h window would need 36000; past the bound the
+/// oldest go, windows become shorter than asked, and the drop is counted.
+pub const MAX_SAMPLES: usize = 4096;
+
+/// Everything a rule may read about one target this interval.
+pub struct View<'a> {
+    pub target: &'a Target,
+    /// None: the network signal is off or has not seen this target.
+    pub net: Option<&'a TargetNet>,
+    /// None: the disk signal is off or has not seen this target.
+    pub disk: Option<&'a TargetDisk>,
+    /// None: the resources signal has not measured this target.
+    pub resources: Option<&'a TargetResources>,
+    pub now_unix: f64,
+    /// When the current process of the node was first seen (unix seconds).
+    pub alive_since_unix: Option<f64>,
+}
+
+/// A P2P connection's identity: address, the peer's port, direction.
+type PeerId = (String, u16, Direction);
+
+struct Sample {
+    at: Duration,
+    pid: Option<u32>,
+    /// None when the network signal had nothing, or once the sample is too
+    /// old for the partition look-back (identities are the bulky part).
+    peers: Option<HashSet<PeerId>>,
+    /// Outbound P2P connections established and failed, cumulative.
+    outbound: Option<(u64, u64)>,
+    /// Every sync call of the target merged into one histogram.
+    syncs: Option<SyncTotals>,
+}
+
+/// Per-bucket counts keyed by the bucket's upper bound (f64 bits: positive
+/// floats order like their bit patterns, +Inf last).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SyncTotals {
+    pub buckets: BTreeMap<u64, u64>,
+    pub count: u64,
+}
+
+impl SyncTotals {
+    pub fn from_disk(d: &TargetDisk) -> SyncTotals {
+        let mut t = SyncTotals::default();
+        for h in d.syncs.values() {
+            for (i, n) in h.bucket_counts.iter().enumerate() {
+                let bound = h.bounds_seconds.get(i).copied().unwrap_or(f64::INFINITY);
+                *t.buckets.entry(bound.to_bits()).or_default() += n;
+            }
+            t.count += h.count;
+        }
+        t
+    }
+
+    /// What happened between `earlier` and `self`; a counter that went
+    /// down was reset (agent or node restart) and counts from zero.
+    pub fn since(&self, earlier: &SyncTotals) -> SyncTotals {
+        let reset = self.count < earlier.count;
+        let mut d = SyncTotals { buckets: BTreeMap::new(), count: if reset { self.count } else { self.count - earlier.count } };
+        for (b, n) in &self.buckets {
+            let before = if reset { 0 } else { earlier.buckets.get(b).copied().unwrap_or(0) };
+            d.buckets.insert(*b, n.saturating_sub(before));
+        }
+        d
+    }
+
+    /// The q-quantile as Prometheus' histogram_quantile estimates it: linear
+    /// within the bucket that holds it; the +Inf bucket answers its lower bound.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.buckets.values().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = q * total as f64;
+        let mut below = 0u64;
+        let mut lower = 0.0;
+        for (bits, n) in &self.buckets {
+            let upper = f64::from_bits(*bits);
+            if *n > 0 && (below + n) as f64 >= rank {
+                if upper.is_infinite() {
+                    return Some(lower);
+                }
+                let into = (rank - below as f64) / *n as f64;
+                return Some(lower + (upper - lower) * into);
+            }
+            below += n;
+            lower = upper;
+        }
+        Some(lower)
+    }
+}
+
+/// The samples of one target, oldest first.
+#[derive(Default)]
+pub struct History {
+    samples: VecDeque<Sample>,
+    /// Samples dropped at MAX_SAMPLES.
+    pub dropped: u64,
+}
+
+impl History {
+    /// Records this interval. `lookbacks` are the windows rules will ask
+    /// about: older samples go, except the newest one at or before each
+    /// window's start (the baseline it compares with).
+    pub fn record(&mut self, now: Duration, v: &View, peer_lookback: Duration, longest_lookback: Duration) {
+        let peers = v.net.map(|n| n.p2p_peers().map(|c| (c.address.clone(), c.port, c.direction)).collect());
+        let outbound = v.net.map(|n| {
+            let opened = n.churn.get(&(Direction::Outbound, Service::P2p)).map_or(0, |c| c.opened);
+            let failed = n.failed.iter().filter(|((s, _), _)| *s == Service::P2p).map(|(_, n)| n).sum();
+            (opened, failed)
+        });
+        self.samples.push_back(Sample { at: now, pid: v.target.pid, peers, outbound, syncs: v.disk.map(SyncTotals::from_disk) });
+
+        let keep_from = now.saturating_sub(longest_lookback);
+        while self.samples.len() > 1 && self.samples[1].at <= keep_from {
+            self.samples.pop_front();
+        }
+        while self.samples.len() > MAX_SAMPLES {
+            self.samples.pop_front();
+            self.dropped += 1;
+        }
+        let peers_from = now.saturating_sub(peer_lookback);
+        let baseline = self.samples.iter().rposition(|s| s.at <= peers_from).unwrap_or(0);
+        for s in self.samples.iter_mut().take(baseline).rev() {
+            if s.peers.take().is_none() {
+                break;
+            }
+        }
+    }
+
+    fn latest(&self) -> Option<&Sample> {
+        self.samples.back()
+    }
+
+    /// The newest sample at or before `now - window` from the same process
+    /// of the node as now, or (`partial`) the oldest such sample when the
+    /// history does not reach that far back yet.
+    fn baseline(&self, now: Duration, window: Duration, partial: bool, has: impl Fn(&Sample) -> bool) -> Option<&Sample> {
+        let pid = self.latest()?.pid;
+        let start = now.checked_sub(window);
+        let same = |s: &&Sample| s.pid == pid && has(s);
+        let covered = start.and_then(|start| self.samples.iter().filter(same).filter(|s| s.at <= start).last());
+        covered.or_else(|| if partial { self.samples.iter().find(same) } else { None })
+    }
+}
+
+fn unknown(reason: &str) -> Outcome {
+    Outcome::Unknown(json!({ "reason": reason }))
+}
+
+const NO_NET: &str = "network signal unavailable";
+const NO_DISK: &str = "disk signal unavailable";
+const NO_FS: &str = "data dir filesystem not measured (no data dir known, or the resources signal is off)";
+
+/// Evaluates rule `id` on one target. `now` is the engine's clock, the
+/// same one `History::record` was given this interval.
+pub fn check(id: &str, p: &RuleParams, v: &View, h: &History, now: Duration) -> Outcome {
+    let threshold = p.threshold.unwrap_or(0.0);
+    match id {
+        "node_down" => {
+            let ev = json!({ "pid": v.target.pid });
+            if v.target.pid.is_none() { Outcome::Holds(ev) } else { Outcome::Clear(ev) }
+        }
+        "no_peers" => peers(v, |n, _| n == 0, |n, _| json!({ "p2p_peers": n })),
+        "low_peers" => peers(v, |n, _| (n as f64) < threshold, |n, _| json!({ "p2p_peers": n, "threshold": threshold })),
+        "no_outbound" => peers(v, |_, out| out == 0, |n, out| json!({ "outbound_peers": out, "inbound_peers": n - out })),
+        "low_netgroup_diversity" => {
+            let Some(net) = v.net else { return unknown(NO_NET) };
+            let outbound: Vec<_> = net.p2p_peers().filter(|c| c.direction == Direction::Outbound).collect();
+            let groups = outbound.iter().map(|c| c.netgroup.as_str()).collect::<HashSet<_>>().len();
+            let outbound = outbound.len();
+            let ev = json!({ "outbound_peers": outbound, "outbound_netgroups": groups, "threshold_percent": threshold });
+            if outbound > 0 && (groups as f64) < outbound as f64 * threshold / 100.0 { Outcome::Holds(ev) } else { Outcome::Clear(ev) }
+        }
+        "partition_suspected" => partition(v, h, now, p.window, threshold),
+        "chain_stalled" => chain_stalled(v, threshold),
+        "disk_critical" | "disk_low" => {
+            let Some(fs) = v.resources.and_then(|r| r.filesystem) else { return unknown(NO_FS) };
+            if fs.size_bytes == 0 {
+                return unknown("data dir filesystem reports size 0");
+            }
+            let pct = fs.available_bytes as f64 * 100.0 / fs.size_bytes as f64;
+            let ev = json!({
+                "available_bytes": fs.available_bytes,
+                "size_bytes": fs.size_bytes,
+                "available_percent": round2(pct),
+                "threshold_percent": threshold,
+                "datadir": v.target.datadir,
+            });
+            if pct < threshold { Outcome::Holds(ev) } else { Outcome::Clear(ev) }
+        }
+        "disk_full_soon" => {
+            let Some(r) = v.resources else { return unknown(NO_FS) };
+            let Some(fs) = r.filesystem else { return unknown(NO_FS) };
+            let Some(growth) = r.growth_bytes_per_second else { return unknown("data dir growth not measured yet") };
+            let ev = json!({
+                "days_until_full": r.days_until_full.map(round2),
+                "growth_bytes_per_second": round2(growth),
+                "available_bytes": fs.available_bytes,
+                "threshold_days": threshold,
+            });
+            match r.days_until_full {
+                Some(d) if d < threshold => Outcome::Holds(ev),
+                _ => Outcome::Clear(ev),
+            }
+        }
+        "memory_high" => {
+            let Some(cg) = v.resources.and_then(|r| r.cgroup.as_ref()) else { return unknown("cgroup not measured") };
+            let Some(usage) = cg.memory_usage_bytes else { return unknown("cgroup memory usage not available") };
+            // cgroup v1 spells "no limit" as a number near i64::MAX
+            let Some(limit) = cg.memory_limit_bytes.filter(|l| *l > 0 && *l < 1 << 60) else {
+                return Outcome::Clear(json!({ "memory_usage_bytes": usage, "memory_limit_bytes": null }));
+            };
+            ratio(usage, limit, threshold, "memory_usage_bytes", "memory_limit_bytes")
+        }
+        "fds_high" => {
+            let Some(proc_) = v.resources.and_then(|r| r.process.as_ref()) else { return unknown("process not measured") };
+            let Some(limit) = proc_.fd_limit.filter(|l| *l > 0) else { return unknown("open file limit not known") };
+            ratio(proc_.open_fds, limit, threshold, "open_fds", "fd_limit")
+        }
+        "fsync_slow" => {
+            if v.disk.is_none() {
+                return unknown(NO_DISK);
+            }
+            let Some(latest) = h.latest().and_then(|s| s.syncs.as_ref()) else { return unknown(NO_DISK) };
+            let Some(base) = h.baseline(now, p.window, true, |s| s.syncs.is_some()).and_then(|s| s.syncs.as_ref()) else {
+                return unknown(NO_DISK);
+            };
+            let d = latest.since(base);
+            let p99 = d.quantile(0.99);
+            let ev = json!({ "p99_seconds": p99.map(round6), "syncs": d.count, "window_seconds": p.window.as_secs_f64(), "threshold_seconds": threshold });
+            if p99.is_some_and(|q| q > threshold) { Outcome::Holds(ev) } else { Outcome::Clear(ev) }
+        }
+        other => unknown(&format!("no condition for rule {other}")),
+    }
+}
+
+fn peers(v: &View, holds: impl Fn(usize, usize) -> bool, evidence: impl Fn(usize, usize) -> Value) -> Outcome {
+    let Some(net) = v.net else { return unknown(NO_NET) };
+    let all = net.p2p_peers().count();
+    let outbound = net.p2p_peers().filter(|c| c.direction == Direction::Outbound).count();
+    let ev = evidence(all, outbound);
+    if holds(all, outbound) { Outcome::Holds(ev) } else { Outcome::Clear(ev) }
+}
+
+fn ratio(used: u64, limit: u64, threshold: f64, used_key: &str, limit_key: &str) -> Outcome {
+    let pct = used as f64 * 100.0 / limit as f64;
+    let mut ev = serde_json::Map::new();
+    ev.insert(used_key.into(), json!(used));
+    ev.insert(limit_key.into(), json!(limit));
+    ev.insert("used_percent".into(), json!(round2(pct)));
+    ev.insert("threshold_percent".into(), json!(threshold));
+    if pct > threshold { Outcome::Holds(Value::Object(ev)) } else { Outcome::Clear(Value::Object(ev)) }
+}
+
+/// Either arm suspects a partition: most of the peers connected one window
+/// ago have closed since (a slow rotation replaces a few per window and
+/// stays below the threshold), or every outbound connect failed over
+/// PARTITION_CONNECT_WINDOWS windows.
+fn partition(v: &View, h: &History, now: Duration, window: Duration, threshold: f64) -> Outcome {
+    if v.net.is_none() {
+        return unknown(NO_NET);
+    }
+    if v.target.pid.is_none() {
+        // its peers closed because it stopped: node_down says so
+        return unknown("node not running");
+    }
+    let Some(latest) = h.latest() else { return unknown(NO_NET) };
+    let mut ev = serde_json::Map::new();
+    let mut holds = false;
+
+    if let (Some(now_peers), Some(base)) =
+        (latest.peers.as_ref(), h.baseline(now, window, true, |s| s.peers.is_some()))
+    {
+        let then = base.peers.as_ref().expect("filtered on peers");
+        let closed = then.difference(now_peers).count();
+        let pct = if then.is_empty() { 0.0 } else { closed as f64 * 100.0 / then.len() as f64 };
+        let mass = then.len() >= PARTITION_MIN_PEERS && pct >= threshold;
+        holds |= mass;
+        ev.insert("peers_before".into(), json!(then.len()));
+        ev.insert("peers_closed".into(), json!(closed));
+        ev.insert("closed_percent".into(), json!(round2(pct)));
+        ev.insert("peers_now".into(), json!(now_peers.len()));
+        ev.insert("window_seconds".into(), json!(now.saturating_sub(base.at).as_secs_f64()));
+        ev.insert("threshold_percent".into(), json!(threshold));
+    }
+
+    let connect_window = window * PARTITION_CONNECT_WINDOWS;
+    if let (Some((opened, failed)), Some(base)) =
+        (latest.outbound, h.baseline(now, connect_window, false, |s| s.outbound.is_some()))
+    {
+        let (opened0, failed0) = base.outbound.expect("filtered on outbound");
+        let opened = opened.saturating_sub(opened0);
+        let failed = failed.saturating_sub(failed0);
+        let all_failed = opened == 0 && failed > 0;
+        holds |= all_failed;
+        ev.insert("outbound_opened".into(), json!(opened));
+        ev.insert("outbound_failed".into(), json!(failed));
+        ev.insert("connect_window_seconds".into(), json!(connect_window.as_secs_f64()));
+    }
+    if holds { Outcome::Holds(Value::Object(ev)) } else { Outcome::Clear(Value::Object(ev)) }
+}
+
+/// No writes to the blocks class for longer than the threshold while peers
+/// are connected: the node is online but its chain does not move. Before
+/// the first write seen, the stall counts from when this process was first
+/// seen.
+fn chain_stalled(v: &View, threshold: f64) -> Outcome {
+    let Some(disk) = v.disk else { return unknown(NO_DISK) };
+    let Some(net) = v.net else { return unknown(NO_NET) };
+    if v.target.pid.is_none() {
+        return unknown("node not running");
+    }
+    let peers = net.p2p_peers().count();
+    let last_write = disk.last_write_unix.get("blocks").map(|t| *t as f64);
+    let Some(from) = last_write.into_iter().chain(v.alive_since_unix).reduce(f64::max) else {
+        return unknown("node start time not known");
+    };
+    let stalled = (v.now_unix - from).max(0.0);
+    let ev = json!({
+        "last_blocks_write": last_write.map(|t| t as u64),
+        "stalled_seconds": stalled.round(),
+        "p2p_peers": peers,
+        "threshold_seconds": threshold,
+    });
+    if peers > 0 && stalled > threshold { Outcome::Holds(ev) } else { Outcome::Clear(ev) }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::Chain;
+    use crate::disk::SyncLatency;
+    use crate::health::rules::{definition, RuleParams};
+    use crate::net::{Churn, Connection};
+    use crate::target::Scope;
+
+    fn target(pid: Option<u32>) -> Target {
+        Target {
+            index: 0,
+            name: "t".into(),
+            chain: Chain::Litecoin,
+            network: None,
+            pid,
+            scope: Scope::Absent,
+            cgroup_v2: None,
+            datadir: None,
+            p2p_ports: vec![19444],
+            rpc_ports: vec![],
+            listening: vec![],
+        }
+    }
+
+    fn conn(addr: &str, port: u16, direction: Direction) -> Connection {
+        Connection {
+            address: addr.into(),
+            port,
+            local_port: 19444,
+            direction,
+            service: Service::P2p,
+            bytes_sent: 0,
+            bytes_received: 0,
+            connected_since: None,
+            netgroup: "127.0.0.0/16".into(),
+        }
+    }
+
+    fn net(peers: &[(u16, Direction)]) -> TargetNet {
+        TargetNet {
+            name: "t".into(),
+            connections: peers.iter().map(|(p, d)| conn("127.0.0.1", *p, *d)).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn params(id: &str, window: u64) -> RuleParams {
+        let mut p = RuleParams::resolve(definition(id).unwrap(), Chain::Litecoin, &[]);
+        p.window = Duration::from_secs(window);
+        p
+    }
+
+    fn s(x: u64) -> Duration {
+        Duration::from_secs(x)
+    }
+
+    /// Feeds one peer set per second and checks partition_suspected each time.
+    fn run_partition(sets: &[Vec<u16>], window: u64) -> Vec<bool> {
+        let t = target(Some(42));
+        let mut h = History::default();
+        let p = params("partition_suspected", window);
+        sets.iter()
+            .enumerate()
+            .map(|(i, ports)| {
+                let n = net(&ports.iter().map(|p| (*p, Direction::Inbound)).collect::<Vec<_>>());
+                let v = View { target: &t, net: Some(&n), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+                h.record(s(i as u64), &v, p.window, p.window * PARTITION_CONNECT_WINDOWS);
+                matches!(check("partition_suspected", &p, &v, &h, s(i as u64)), Outcome::Holds(_))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mass_disconnect_is_a_partition() {
+        let five: Vec<u16> = vec![1, 2, 3, 4, 5];
+        let mut sets = vec![five.clone(); 12];
+        // 4 of 5 replaced within two seconds (they reconnect on new ports)
+        sets.push(vec![1, 2, 13, 14, 5]);
+        sets.push(vec![1, 12, 13, 14, 15]);
+        let fired = run_partition(&sets, 10);
+        assert!(!fired[..12].iter().any(|f| *f));
+        assert!(fired[13], "{fired:?}");
+    }
+
+    #[test]
+    fn slow_rotation_is_not_a_partition() {
+        // one peer replaced every 4s, a 10s window: at most 3 of 5 in any window
+        let mut ports: Vec<u16> = vec![1, 2, 3, 4, 5];
+        let mut sets = Vec::new();
+        for i in 0..60u16 {
+            if i % 4 == 0 {
+                let slot = usize::from(i / 4) % 5;
+                ports[slot] = 100 + i;
+            }
+            sets.push(ports.clone());
+        }
+        let fired = run_partition(&sets, 10);
+        assert!(!fired.iter().any(|f| *f), "{fired:?}");
+    }
+
+    #[test]
+    fn a_restart_is_not_a_partition() {
+        let t1 = target(Some(1));
+        let t2 = target(Some(2));
+        let p = params("partition_suspected", 10);
+        let mut h = History::default();
+        let before = net(&[(1, Direction::Inbound), (2, Direction::Inbound), (3, Direction::Outbound)]);
+        for i in 0..20 {
+            let v = View { target: &t1, net: Some(&before), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+            h.record(s(i), &v, p.window, p.window * 5);
+        }
+        let after = net(&[(7, Direction::Inbound), (8, Direction::Inbound), (3, Direction::Outbound)]);
+        let v = View { target: &t2, net: Some(&after), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+        h.record(s(20), &v, p.window, p.window * 5);
+        assert!(matches!(check("partition_suspected", &p, &v, &h, s(20)), Outcome::Clear(_)));
+    }
+
+    #[test]
+    fn every_outbound_connect_failing_is_a_partition() {
+        let t = target(Some(1));
+        let p = params("partition_suspected", 10); // connect window: 50s
+        let mut h = History::default();
+        let mut fired = Vec::new();
+        for i in 0..120u64 {
+            let mut n = net(&[(1, Direction::Inbound), (2, Direction::Inbound)]);
+            // connects succeed until t=30, then only fail
+            n.churn.insert((Direction::Outbound, Service::P2p), Churn { opened: i.min(30), closed: i.min(30), open: 0 });
+            n.failed.insert((Service::P2p, "refused"), i.saturating_sub(30));
+            let v = View { target: &t, net: Some(&n), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+            h.record(s(i), &v, p.window, p.window * PARTITION_CONNECT_WINDOWS);
+            fired.push(matches!(check("partition_suspected", &p, &v, &h, s(i)), Outcome::Holds(_)));
+        }
+        assert!(!fired[..80].iter().any(|f| *f), "the window must lie wholly after the last success");
+        assert!(fired[81..].iter().all(|f| *f));
+    }
+
+    #[test]
+    fn peer_rules() {
+        let t = target(Some(1));
+        let none = net(&[]);
+        let few = net(&[(1, Direction::Inbound), (2, Direction::Inbound), (3, Direction::Outbound)]);
+        let h = History::default();
+        let eval = |id: &str, n: Option<&TargetNet>| {
+            let v = View { target: &t, net: n, disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+            check(id, &params(id, 0), &v, &h, s(0))
+        };
+        assert_eq!(eval("no_peers", Some(&none)), Outcome::Holds(json!({"p2p_peers": 0})));
+        assert!(matches!(eval("no_peers", Some(&few)), Outcome::Clear(_)));
+        assert!(matches!(eval("no_peers", None), Outcome::Unknown(_)));
+        assert!(matches!(eval("low_peers", Some(&few)), Outcome::Holds(_)));
+        assert!(matches!(eval("no_outbound", Some(&few)), Outcome::Clear(_)));
+        assert!(matches!(eval("no_outbound", Some(&none)), Outcome::Holds(_)));
+        // 1 outbound peer in 1 netgroup: fine; 3 outbound in 1 netgroup: not
+        assert!(matches!(eval("low_netgroup_diversity", Some(&few)), Outcome::Clear(_)));
+        let mut three = net(&[(1, Direction::Outbound), (2, Direction::Outbound), (3, Direction::Outbound)]);
+        assert!(matches!(eval("low_netgroup_diversity", Some(&three)), Outcome::Holds(_)));
+        three.connections[1].netgroup = "10.1.0.0/16".into();
+        assert!(matches!(eval("low_netgroup_diversity", Some(&three)), Outcome::Clear(_)), "2 groups for 3 peers is enough");
+    }
+
+    #[test]
+    fn resource_rules_are_unknown_without_the_signal() {
+        let t = target(Some(1));
+        let h = History::default();
+        let v = View { target: &t, net: None, disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+        for id in ["disk_critical", "disk_low", "disk_full_soon", "memory_high", "fds_high", "fsync_slow", "chain_stalled"] {
+            assert!(matches!(check(id, &params(id, 300), &v, &h, s(0)), Outcome::Unknown(_)), "{id}");
+        }
+        let empty = TargetResources { name: "t".into(), ..Default::default() };
+        let v = View { resources: Some(&empty), ..v };
+        for id in ["disk_critical", "disk_low", "disk_full_soon", "memory_high", "fds_high"] {
+            assert!(matches!(check(id, &params(id, 300), &v, &h, s(0)), Outcome::Unknown(_)), "{id}");
+        }
+    }
+
+    #[test]
+    fn disk_thresholds() {
+        use crate::resources::FsStats;
+        let t = target(Some(1));
+        let h = History::default();
+        let r = |avail: u64| TargetResources {
+            name: "t".into(),
+            filesystem: Some(FsStats { size_bytes: 1000, available_bytes: avail, ..Default::default() }),
+            ..Default::default()
+        };
+        let eval = |id: &str, avail: u64| {
+            let res = r(avail);
+            let v = View { target: &t, net: None, disk: None, resources: Some(&res), now_unix: 0.0, alive_since_unix: None };
+            matches!(check(id, &params(id, 0), &v, &h, s(0)), Outcome::Holds(_))
+        };
+        assert!(eval("disk_critical", 49));
+        assert!(!eval("disk_critical", 50));
+        assert!(eval("disk_low", 199));
+        assert!(!eval("disk_low", 200));
+    }
+
+    #[test]
+    fn chain_stall_needs_peers_and_time() {
+        let t = target(Some(1));
+        let h = History::default();
+        let mut disk = TargetDisk { name: "t".into(), ..Default::default() };
+        disk.last_write_unix.insert("blocks".into(), 1000);
+        let peers = net(&[(1, Direction::Inbound)]);
+        let lonely = net(&[]);
+        let eval = |n: &TargetNet, now: f64| {
+            let v = View { target: &t, net: Some(n), disk: Some(&disk), resources: None, now_unix: now, alive_since_unix: Some(900.0) };
+            let mut p = params("chain_stalled", 0);
+            p.threshold = Some(10.0);
+            matches!(check("chain_stalled", &p, &v, &h, s(0)), Outcome::Holds(_))
+        };
+        assert!(!eval(&peers, 1010.0));
+        assert!(eval(&peers, 1011.0));
+        assert!(!eval(&lonely, 1011.0), "no peers: no_peers' business, not a stall");
+    }
+
+    fn hist(counts: &[u64]) -> TargetDisk {
+        let mut d = TargetDisk { name: "t".into(), ..Default::default() };
+        let bounds = vec![0.001, 0.01, 0.1, 1.0, 2.0];
+        d.syncs.insert(
+            ("blocks".into(), "fsync"),
+            SyncLatency { bounds_seconds: bounds, bucket_counts: counts.to_vec(), sum_seconds: 0.0, count: counts.iter().sum() },
+        );
+        d
+    }
+
+    #[test]
+    fn fsync_p99_over_the_window() {
+        let t = target(Some(1));
+        let p = params("fsync_slow", 10);
+        let mut h = History::default();
+        let mut fired = Vec::new();
+        for i in 0..40u64 {
+            // 10 fast syncs a second; from t=20 to t=25, 3 slow ones (1-2 s) a second
+            let slow = i.clamp(20, 25) - 20;
+            let d = hist(&[10 * i, 0, 0, 0, 3 * slow, 0]);
+            let v = View { target: &t, net: None, disk: Some(&d), resources: None, now_unix: 0.0, alive_since_unix: None };
+            h.record(s(i), &v, Duration::ZERO, p.window);
+            fired.push(matches!(check("fsync_slow", &p, &v, &h, s(i)), Outcome::Holds(_)));
+        }
+        assert!(!fired[..21].iter().any(|f| *f), "{fired:?}");
+        assert!(fired[21..=34].iter().all(|f| *f), "{fired:?}");
+        assert!(!fired[35..].iter().any(|f| *f), "slow syncs left the window: {fired:?}");
+    }
+
+    #[test]
+    fn quantiles() {
+        let mut t = SyncTotals::default();
+        for (b, n) in [(1.0f64, 90u64), (2.0, 10), (f64::INFINITY, 0)] {
+            t.buckets.insert(b.to_bits(), n);
+        }
+        t.count = 100;
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        assert!(close(t.quantile(0.5), 50.0 / 90.0), "{:?}", t.quantile(0.5));
+        assert!(close(t.quantile(0.99), 1.9), "{:?}", t.quantile(0.99));
+        t.buckets.insert(f64::INFINITY.to_bits(), 50);
+        assert_eq!(t.quantile(0.99), Some(2.0), "in +Inf: the lower bound");
+        assert_eq!(SyncTotals::default().quantile(0.99), None);
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let t = target(Some(1));
+        let n = net(&[(1, Direction::Inbound)]);
+        let mut h = History::default();
+        for i in 0..(MAX_SAMPLES as u64 + 100) {
+            let v = View { target: &t, net: Some(&n), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+            h.record(Duration::from_millis(i), &v, Duration::from_secs(1), Duration::from_secs(3600));
+        }
+        assert_eq!(h.samples.len(), MAX_SAMPLES);
+        assert_eq!(h.dropped, 100);
+        // identities kept only from the partition baseline on
+        let with_peers = h.samples.iter().filter(|s| s.peers.is_some()).count();
+        assert!((1000..=1002).contains(&with_peers), "{with_peers}");
+    }
+}

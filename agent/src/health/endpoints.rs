@@ -1,0 +1,258 @@
+//! The /health endpoints: paths, status codes and JSON bodies. The shapes
+//! of /health, /health/live, /health/ready and /health/detailed follow the
+//! blvm-node reference field for field; the per-target endpoints reuse them.
+//! Handlers read only the published snapshots.
+
+use std::time::Instant;
+
+use hyper::StatusCode;
+use serde_json::{json, Value};
+
+use super::{HealthSnapshot, RuleStatus, Status, TargetHealth};
+use crate::agent::LoopStatus;
+
+/// The loop counts as alive while it ran within this many intervals.
+pub const LIVE_INTERVALS: u32 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint<'a> {
+    Health,
+    Live,
+    Ready,
+    Detailed,
+    Target(&'a str),
+    TargetReady(&'a str),
+    TargetDetailed(&'a str),
+}
+
+pub fn is_health_path(path: &str) -> bool {
+    path == "/health" || path.starts_with("/health/")
+}
+
+/// Which endpoint `path` names; Err: the status and message to answer.
+pub fn parse(path: &str) -> Result<Endpoint<'_>, (StatusCode, String)> {
+    let not_found = || (StatusCode::NOT_FOUND, format!("no such endpoint {path:?}; see /health, /health/live, /health/ready, /health/detailed, /health/targets/NAME[/ready|/detailed]"));
+    match path {
+        "/health" => return Ok(Endpoint::Health),
+        "/health/live" => return Ok(Endpoint::Live),
+        "/health/ready" => return Ok(Endpoint::Ready),
+        "/health/detailed" => return Ok(Endpoint::Detailed),
+        _ => {}
+    }
+    let Some(rest) = path.strip_prefix("/health/targets/") else { return Err(not_found()) };
+    let (name, tail) = match rest.split_once('/') {
+        Some((n, t)) => (n, Some(t)),
+        None => (rest, None),
+    };
+    if name.is_empty() {
+        return Err(not_found());
+    }
+    // the same alphabet config allows for target names
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err((StatusCode::BAD_REQUEST, format!("malformed target name {name:?}: letters, digits, '-', '_', '.' only")));
+    }
+    match tail {
+        None => Ok(Endpoint::Target(name)),
+        Some("ready") => Ok(Endpoint::TargetReady(name)),
+        Some("detailed") => Ok(Endpoint::TargetDetailed(name)),
+        Some(_) => Err(not_found()),
+    }
+}
+
+/// The status code and body for `endpoint`.
+pub fn respond(endpoint: Endpoint, health: &HealthSnapshot, loop_status: &LoopStatus, now: Instant, now_unix: u64) -> (StatusCode, Value) {
+    let verdict = |s: Status| if s == Status::Unhealthy { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let ready_code = |r: bool| if r { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let target = |name: &str| {
+        health.target(name).ok_or_else(|| (StatusCode::NOT_FOUND, json!({ "error": format!("no target named {name:?}") })))
+    };
+    let answer = match endpoint {
+        Endpoint::Health => {
+            let s = health.status();
+            Ok((verdict(s), json!({ "status": s.as_str(), "timestamp": now_unix })))
+        }
+        Endpoint::Live => {
+            let alive = live(health, loop_status, now);
+            Ok((ready_code(alive), json!({ "status": if alive { "alive" } else { "dead" } })))
+        }
+        Endpoint::Ready => {
+            let ts = &health.targets;
+            let all = |f: fn(&TargetHealth) -> bool| !ts.is_empty() && ts.iter().all(f);
+            let ready = health.evaluated && health.probes_attached && all(TargetHealth::ready);
+            Ok((ready_code(ready), ready_body(ready, all(|t| t.chain_initialized), all(|t| t.storage_available))))
+        }
+        Endpoint::Detailed => Ok((verdict(health.status()), detailed(health))),
+        Endpoint::Target(name) => target(name).map(|t| (verdict(t.status), json!({ "status": t.status.as_str(), "timestamp": now_unix }))),
+        Endpoint::TargetReady(name) => target(name).map(|t| {
+            let ready = health.evaluated && health.probes_attached && t.ready();
+            (ready_code(ready), ready_body(ready, t.chain_initialized, t.storage_available))
+        }),
+        Endpoint::TargetDetailed(name) => target(name).map(|t| (verdict(t.status), target_section(t))),
+    };
+    answer.unwrap_or_else(|e| e)
+}
+
+/// The collection loop ran within LIVE_INTERVALS intervals (before its
+/// first run: the agent started within them). It judges the agent, not the
+/// node.
+pub fn live(health: &HealthSnapshot, loop_status: &LoopStatus, now: Instant) -> bool {
+    let interval = if loop_status.interval.is_zero() { health.interval } else { loop_status.interval };
+    match loop_status.last_run.or(health.started) {
+        Some(at) => now.saturating_duration_since(at) <= interval * LIVE_INTERVALS,
+        None => false,
+    }
+}
+
+fn ready_body(ready: bool, chain_initialized: bool, storage_available: bool) -> Value {
+    json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "chain_initialized": chain_initialized,
+        "storage_available": storage_available,
+    })
+}
+
+fn rule_json(target: Option<&str>, r: &RuleStatus) -> Value {
+    let mut v = json!({
+        "id": r.id,
+        "severity": r.severity.as_str(),
+        "state": r.state.as_str(),
+        "since": r.since,
+        "evidence": r.evidence,
+    });
+    if let Some(t) = target {
+        v["target"] = json!(t);
+    }
+    v
+}
+
+/// The reference's sections for one target, plus its rules.
+fn sections(status: Status, ts: &[&TargetHealth]) -> serde_json::Map<String, Value> {
+    let some = !ts.is_empty();
+    let sum = |f: fn(&TargetHealth) -> Option<u64>| -> Option<u64> {
+        ts.iter().map(|t| f(t)).collect::<Option<Vec<u64>>>().filter(|v| !v.is_empty()).map(|v| v.iter().sum())
+    };
+    let mut m = serde_json::Map::new();
+    m.insert("status".into(), json!(status.as_str()));
+    // height and tip hash live inside the node; nodescope does not ask it
+    m.insert("chain".into(), json!({ "initialized": some && ts.iter().all(|t| t.chain_initialized), "height": null, "tip_hash": null }));
+    m.insert("storage".into(), json!({ "available": some && ts.iter().all(|t| t.storage_available), "size_bytes": sum(|t| t.storage_size_bytes) }));
+    // the node's connection limit is its own setting, unseen from outside
+    m.insert("network".into(), json!({ "peers_connected": sum(|t| t.peers_connected), "peers_max": null }));
+    m.insert("rpc".into(), json!({ "enabled": ts.iter().any(|t| t.rpc_enabled), "requests_processed": sum(|t| t.rpc_requests) }));
+    m
+}
+
+fn target_section(t: &TargetHealth) -> Value {
+    let mut m = serde_json::Map::new();
+    m.insert("name".into(), json!(t.name));
+    m.extend(sections(t.status, &[t]));
+    m.insert("rules".into(), Value::Array(t.rules.iter().map(|r| rule_json(None, r)).collect()));
+    Value::Object(m)
+}
+
+pub fn detailed(health: &HealthSnapshot) -> Value {
+    let all: Vec<&TargetHealth> = health.targets.iter().collect();
+    let mut m = sections(health.status(), &all);
+    let rules = health.targets.iter().flat_map(|t| t.rules.iter().map(|r| rule_json(Some(&t.name), r))).collect();
+    m.insert("rules".into(), Value::Array(rules));
+    m.insert("targets".into(), Value::Array(health.targets.iter().map(target_section).collect()));
+    Value::Object(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::rules::{Severity, State};
+    use std::time::Duration;
+
+    fn snapshot(state: State, severity: Severity) -> HealthSnapshot {
+        HealthSnapshot {
+            evaluated: true,
+            probes_attached: true,
+            started: Some(Instant::now()),
+            interval: Duration::from_secs(1),
+            history_dropped: 0,
+            targets: vec![TargetHealth {
+                name: "ltc".into(),
+                status: Status::of(&[RuleStatus { id: "x", severity, state, since: 1, evidence: json!({}) }]),
+                running: true,
+                chain_initialized: true,
+                storage_available: true,
+                storage_size_bytes: Some(1234),
+                peers_connected: Some(3),
+                rpc_enabled: true,
+                rpc_requests: Some(17),
+                rules: vec![RuleStatus { id: "no_peers", severity, state, since: 1, evidence: json!({"p2p_peers": 0}) }],
+            }],
+        }
+    }
+
+    fn get(h: &HealthSnapshot, path: &str) -> (u16, Value) {
+        let ls = LoopStatus { last_run: Some(Instant::now()), runs: 1, interval: Duration::from_secs(1) };
+        match parse(path) {
+            Ok(e) => {
+                let (c, v) = respond(e, h, &ls, Instant::now(), 1_700_000_000);
+                (c.as_u16(), v)
+            }
+            Err((c, m)) => (c.as_u16(), json!(m)),
+        }
+    }
+
+    #[test]
+    fn codes_follow_the_verdict() {
+        let ok = snapshot(State::Ok, Severity::Critical);
+        assert_eq!(get(&ok, "/health"), (200, json!({"status": "healthy", "timestamp": 1_700_000_000})));
+        let warn = snapshot(State::Firing, Severity::Warning);
+        assert_eq!(get(&warn, "/health").0, 200);
+        assert_eq!(get(&warn, "/health").1["status"], "degraded");
+        let crit = snapshot(State::Firing, Severity::Critical);
+        assert_eq!(get(&crit, "/health"), (503, json!({"status": "unhealthy", "timestamp": 1_700_000_000})));
+        assert_eq!(get(&crit, "/health/targets/ltc").0, 503);
+        assert_eq!(get(&crit, "/health/live"), (200, json!({"status": "alive"})));
+        assert_eq!(get(&ok, "/health/ready"), (200, json!({"status": "ready", "chain_initialized": true, "storage_available": true})));
+        let mut not_yet = ok.clone();
+        not_yet.targets[0].storage_available = false;
+        assert_eq!(get(&not_yet, "/health/ready"), (503, json!({"status": "not_ready", "chain_initialized": true, "storage_available": false})));
+        assert_eq!(get(&not_yet, "/health/targets/ltc/ready").0, 503);
+        let empty = HealthSnapshot { evaluated: true, probes_attached: true, ..Default::default() };
+        assert_eq!(get(&empty, "/health/ready").1["status"], "not_ready");
+    }
+
+    #[test]
+    fn detailed_shape() {
+        let (code, v) = get(&snapshot(State::Ok, Severity::Critical), "/health/detailed");
+        assert_eq!(code, 200);
+        assert_eq!(v["chain"], json!({"initialized": true, "height": null, "tip_hash": null}));
+        assert_eq!(v["storage"], json!({"available": true, "size_bytes": 1234}));
+        assert_eq!(v["network"], json!({"peers_connected": 3, "peers_max": null}));
+        assert_eq!(v["rpc"], json!({"enabled": true, "requests_processed": 17}));
+        assert_eq!(v["rules"][0]["target"], "ltc");
+        assert_eq!(v["targets"][0]["name"], "ltc");
+        assert_eq!(v["targets"][0]["rules"][0]["evidence"]["p2p_peers"], 0);
+        assert_eq!(get(&snapshot(State::Ok, Severity::Critical), "/health/targets/ltc/detailed").1["network"]["peers_connected"], 3);
+    }
+
+    #[test]
+    fn paths() {
+        let h = snapshot(State::Ok, Severity::Critical);
+        assert_eq!(get(&h, "/health/targets/nope").0, 404);
+        assert_eq!(get(&h, "/health/targets/").0, 404);
+        assert_eq!(get(&h, "/health/targets/ltc/bogus").0, 404);
+        assert_eq!(get(&h, "/health/").0, 404);
+        assert_eq!(get(&h, "/health/livez").0, 404);
+        assert_eq!(get(&h, "/health/targets/a%20b").0, 400);
+        assert!(is_health_path("/health") && is_health_path("/health/x") && !is_health_path("/healthz"));
+    }
+
+    #[test]
+    fn live_judges_the_loop() {
+        let h = snapshot(State::Ok, Severity::Critical);
+        let now = Instant::now();
+        let ran = |ago: u64| LoopStatus { last_run: Some(now - Duration::from_secs(ago)), runs: 5, interval: Duration::from_secs(1) };
+        assert!(live(&h, &ran(2), now));
+        assert!(live(&h, &ran(3), now));
+        assert!(!live(&h, &ran(4), now));
+        assert!(live(&h, &LoopStatus::default(), now), "not run yet but just started");
+        assert!(!live(&HealthSnapshot::default(), &LoopStatus::default(), now));
+    }
+}
