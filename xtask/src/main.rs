@@ -45,6 +45,8 @@ const TEST_PACKAGES: &[&str] = &[
     // resources tests: loop-mounted ext4, df/du, setpriv/prlimit, a python3 memory hog
     "e2fsprogs", "mount", "coreutils", "util-linux", "python3",
 ];
+/// PyPI packages the tests use: rotel ships a real OTLP collector binary.
+const TEST_PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "rotel")];
 const RUN_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc", "litecoind"];
 const BENCH_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc", "iperf3", "bpftool", "fio", "procps"];
 
@@ -93,6 +95,22 @@ fn ensure_packages(pkgs: &[&str]) -> Result<(), String> {
     )
 }
 
+/// (module, package): pip installs the package when python3 cannot import the module.
+fn ensure_pip(pkgs: &[(&str, &str)]) -> Result<(), String> {
+    for (module, package) in pkgs {
+        let present = Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !present {
+            eprintln!("xtask: pip installing {package}");
+            status(Command::new("python3").args(["-m", "pip", "install", "-q", package]))?;
+        }
+    }
+    Ok(())
+}
+
 fn status(cmd: &mut Command) -> Result<(), String> {
     let shown = format!("{cmd:?}");
     let st = cmd.status().map_err(|e| format!("{shown}: {e}"))?;
@@ -133,6 +151,7 @@ extern "C" {
 fn test(args: &[String]) -> Result<(), String> {
     require_root("the test suite")?;
     ensure_packages(TEST_PACKAGES)?;
+    ensure_pip(TEST_PIP_PACKAGES)?;
     build_ebpf()?;
     let root = root();
     // Integration tests start nodes and servers; one at a time keeps their
