@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::bpf::abi::MAX_TARGETS;
 use crate::cgroup::{self, Mounts, ProcessCgroups};
@@ -157,7 +158,14 @@ pub struct Targets {
     current: Vec<Target>,
     /// What was last logged per target, so each change is logged once.
     last_state: BTreeMap<String, String>,
+    /// Discovered nodes that went away, and since when.
+    absent_since: BTreeMap<String, Instant>,
 }
+
+/// How long a discovered node that went away stays listed: long enough for
+/// node_down to fire and be seen, short enough that churned test or
+/// short-lived nodes do not pile up.
+const DISCOVERED_ABSENT_TTL: Duration = Duration::from_secs(600);
 
 impl Targets {
     pub fn new(config: &Config, mounts: Mounts) -> Targets {
@@ -169,6 +177,7 @@ impl Targets {
             slots: BTreeMap::new(),
             current: Vec::new(),
             last_state: BTreeMap::new(),
+            absent_since: BTreeMap::new(),
         }
     }
 
@@ -214,27 +223,35 @@ impl Targets {
         }
     }
 
-    /// Slots are kept for the agent's life so a node that restarts keeps its
-    /// index; discovery names are stable per chain and network.
+    /// A name keeps its slot while it is listed, so a node that restarts
+    /// keeps its index; a forgotten name's slot is reused.
     fn slot(&mut self, name: &str) -> Option<u32> {
         if let Some(i) = self.slots.get(name) {
             return Some(*i);
         }
-        let next = self.slots.len() as u32;
-        if next as usize >= MAX_TARGETS {
-            return None;
-        }
-        self.slots.insert(name.to_string(), next);
-        Some(next)
+        let used: std::collections::BTreeSet<u32> = self.slots.values().copied().collect();
+        let free = (0..MAX_TARGETS as u32).find(|i| !used.contains(i))?;
+        self.slots.insert(name.to_string(), free);
+        Some(free)
     }
 
-    fn discovered_specs(&self) -> Vec<TargetSpec> {
+    /// Nodes found on the host, named `<chain>-<network>`, and
+    /// `<chain>-<network>-<p2p port>` when several share a chain and network,
+    /// so a node keeps its name across restarts. A node that went away stays
+    /// listed (absent, so its verdicts say so) for `DISCOVERED_ABSENT_TTL`,
+    /// then is forgotten and its slot freed.
+    fn discovered_specs(&mut self) -> Vec<TargetSpec> {
         let mut specs: Vec<TargetSpec> = Vec::new();
         for (pid, chain) in discovery::find_nodes(&self.proc_root) {
-            let network = discovery::inspect(&self.proc_root, pid, chain).map(|i| i.network).unwrap_or(Network::Main);
+            let info = discovery::inspect(&self.proc_root, pid, chain).ok();
+            let network = info.as_ref().map(|i| i.network).unwrap_or(Network::Main);
             let mut name = format!("{}-{}", chain.as_str(), network.as_str());
             if specs.iter().any(|s| s.name == name) {
-                name = format!("{name}-{pid}");
+                let port = info.as_ref().and_then(|i| i.p2p_ports.first().copied());
+                name = match port {
+                    Some(p) => format!("{name}-{p}"),
+                    None => format!("{name}-pid{pid}"),
+                };
             }
             specs.push(TargetSpec {
                 name,
@@ -245,19 +262,31 @@ impl Targets {
                 rpc_ports: Vec::new(),
             });
         }
-        // Nodes that went away stay listed (absent) so their verdicts say so.
-        for name in self.slots.keys() {
-            if !specs.iter().any(|s| &s.name == name) {
-                if let Some(prev) = self.current.iter().find(|t| &t.name == name) {
-                    specs.push(TargetSpec {
-                        name: name.clone(),
-                        selector: Selector::Pid(0),
-                        chain: prev.chain,
-                        datadir: prev.datadir.clone(),
-                        p2p_ports: prev.p2p_ports.clone(),
-                        rpc_ports: prev.rpc_ports.clone(),
-                    });
+        let now = Instant::now();
+        let gone: Vec<String> = self.slots.keys().filter(|n| !specs.iter().any(|s| &s.name == *n)).cloned().collect();
+        for name in gone {
+            let since = *self.absent_since.entry(name.clone()).or_insert(now);
+            let prev = self.current.iter().find(|t| t.name == name);
+            match prev {
+                Some(prev) if now.duration_since(since) < DISCOVERED_ABSENT_TTL => specs.push(TargetSpec {
+                    name: name.clone(),
+                    selector: Selector::Pid(0),
+                    chain: prev.chain,
+                    datadir: prev.datadir.clone(),
+                    p2p_ports: prev.p2p_ports.clone(),
+                    rpc_ports: prev.rpc_ports.clone(),
+                }),
+                _ => {
+                    tracing::info!(target_name = %name, "forgetting node that has been gone for {DISCOVERED_ABSENT_TTL:?}");
+                    self.slots.remove(&name);
+                    self.absent_since.remove(&name);
+                    self.last_state.remove(&name);
                 }
+            }
+        }
+        for s in &specs {
+            if !matches!(s.selector, Selector::Pid(0)) {
+                self.absent_since.remove(&s.name);
             }
         }
         specs

@@ -123,14 +123,16 @@ impl NetSignal {
         let now = Instant::now();
         let by_index: HashMap<u32, &Target> = targets.iter().map(|t| (t.index, t)).collect();
         for t in targets {
-            let limits = &self.limits;
-            self.targets.entry(t.index).or_insert_with(|| PerTarget {
-                name: t.name.clone(),
-                churn: BTreeMap::new(),
-                failed: BTreeMap::new(),
-                peers: ByteBook::new(limits.max_peers),
-                netgroups: ByteBook::new(limits.max_peers),
-            });
+            // a slot freed by a forgotten target and taken by a new one starts afresh
+            if self.targets.get(&t.index).is_none_or(|p| p.name != t.name) {
+                self.targets.insert(t.index, PerTarget {
+                    name: t.name.clone(),
+                    churn: BTreeMap::new(),
+                    failed: BTreeMap::new(),
+                    peers: ByteBook::new(self.limits.max_peers),
+                    netgroups: ByteBook::new(self.limits.max_peers),
+                });
+            }
         }
 
         let mut open: HashMap<u32, Vec<Connection>> = HashMap::new();
@@ -231,7 +233,6 @@ impl NetSignal {
         let mut snapshot = NetSnapshot { targets: Vec::new(), kernel, orphans: self.orphans };
         for t in targets {
             let per = self.targets.get_mut(&t.index).expect("inserted above");
-            per.name = t.name.clone();
             per.peers.expire(self.limits.peer_ttl, now);
             per.netgroups.expire(self.limits.peer_ttl, now);
             let mut connections = open.remove(&t.index).unwrap_or_default();
