@@ -276,6 +276,8 @@ fn disk_usage_matches_df_and_du_and_forecast_follows_a_writer() {
         Ok(())
     });
 
+    // Within 1% is the requirement; on a quiet tree the figures should be
+    // identical, and a difference shows in the output.
     let check_du = |when: &str| {
         eventually(&format!("data dir size equals du -sb ({when})"), Duration::from_secs(10), || {
             let ours = of(&agent, "nodescope_datadir_size_bytes", "disk").ok_or("absent")? as u64;
@@ -283,6 +285,9 @@ fn disk_usage_matches_df_and_du_and_forecast_follows_a_writer() {
             eprintln!("{when}: data dir size {ours}, du -sb {theirs}");
             if ours.abs_diff(theirs) as f64 > theirs as f64 * 0.01 {
                 return Err(format!("nodescope {ours}, du -sb {theirs}"));
+            }
+            if ours != theirs {
+                return Err(format!("nodescope {ours}, du -sb {theirs}: within 1% but not yet equal"));
             }
             Ok(())
         });
@@ -354,7 +359,7 @@ struct V1Groups {
 impl V1Groups {
     fn new() -> V1Groups {
         let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-        let name = format!("nodescope-test-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos());
+        let name = format!("nodescope-test-{}-v1", std::process::id());
         let mut dirs: Vec<(String, PathBuf)> = Vec::new();
         for (ctrl, mnt) in v1_mounts() {
             let path = own
@@ -506,9 +511,9 @@ fn settled(agent: &Agent, target: &str, what: &str, read: impl Fn() -> Vec<(Stri
 /// The whole disk a path is on, as "major:minor" (blkio rules take disks).
 fn disk_of(path: &Path) -> String {
     let dev = std::fs::metadata(path).unwrap().dev();
-    // SAFETY: pure arithmetic on a dev_t.
-    let (major, minor) = unsafe { (libc::major(dev), libc::minor(dev)) };
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
     let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    assert!(sys.exists(), "{} is not on a block device ({major}:{minor}): the blkio test needs one for direct I/O", path.display());
     if sys.join("partition").exists() {
         std::fs::read_to_string(sys.join("../dev")).unwrap().trim().to_string()
     } else {
@@ -586,7 +591,8 @@ fn cgroup_v1_figures_equal_the_cgroup_files_and_follow_a_memory_hog() {
     let spent = (read_u64(&cpuacct.join("cpuacct.usage")) - cpu_before) as f64 / 1e9;
     let throttled = of(&agent, "nodescope_cgroup_cpu_throttled_periods_total", "hog").unwrap();
     eprintln!("spin: {spent:.3} s of CPU, {throttled} periods throttled");
-    assert!(spent > 0.15 && spent < 0.6, "1.5 s of spinning at a 20% quota used {spent} s of CPU");
+    // 0.3 s is the quota's share; less if other work holds the CPU
+    assert!(spent > 0.1 && spent < 0.6, "1.5 s of spinning at a 20% quota used {spent} s of CPU");
     assert!(throttled >= 5.0, "only {throttled} throttled periods in 1.5 s at a 20% quota");
 
     hog.cmd(&format!("io {} 8", scratch.path().join("direct.bin").display()));
@@ -638,7 +644,7 @@ fn cgroup_v2_figures_from_a_real_cgroup2_directory() {
         vec![("nodescope_cgroup_cpu_time_seconds_total".to_string(), vec![], key_of(&stat, "usage_usec").unwrap() as f64 / 1e6)]
     });
     let used = key_of(&stat, "usage_usec").unwrap() as f64 / 1e6;
-    assert!(used >= 0.4, "cpu.stat says the group used {used} s spinning 0.5 s");
+    assert!(used >= 0.25, "cpu.stat says the group used {used} s spinning 0.5 s");
 
     // Each figure whose file the group lacks is absent; one that exists is exact.
     let text = agent.metrics();
@@ -685,8 +691,10 @@ sys.stdin.readline()
 
 /// The FDS script as an unprivileged user (nobody), with its data dir.
 fn start_node(datadir: &Path) -> (Proc, u32) {
-    let mut child = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", FDS])
+    // prlimit sets the limit on itself and execs: changing another user's
+    // limits needs CAP_SYS_RESOURCE, which this host does not grant
+    let mut child = Command::new("prlimit")
+        .args(["--nofile=1234:4096", "--", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", FDS])
         .arg(datadir.join("written.bin"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -720,7 +728,8 @@ fn process_figures_equal_procs_own() {
     let datadir = TempDir::new("proc-datadir");
     std::os::unix::fs::chown(datadir.path(), Some(65534), Some(65534)).unwrap();
     let (node, pid) = start_node(datadir.path());
-    run(Command::new("prlimit").arg(format!("--pid={pid}")).arg("--nofile=1234:4096"));
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    assert!(limits.lines().any(|l| l.starts_with("Max open files") && l.split_whitespace().nth(3) == Some("1234")), "{limits}");
     let dir = TempDir::new("proc-agent");
     let pid_file = dir.path().join("node.pid");
     write_pid_file(&pid_file, pid);
@@ -771,7 +780,8 @@ fn process_figures_equal_procs_own() {
     // what the test made the process do shows through
     assert!(of(&agent, "nodescope_process_open_fds", "proc").unwrap() >= 40.0);
     assert!(of(&agent, "nodescope_process_threads", "proc").unwrap() >= 4.0);
-    assert!(of(&agent, "nodescope_process_io_bytes_total", "proc").is_some());
+    let written = series(&agent.metrics(), "nodescope_process_io_bytes_total", &[("nodescope_target", "proc"), ("disk_io_direction", "write")]);
+    assert!(written.unwrap() >= (1 << 20) as f64, "the process wrote and fsynced 1 MiB; nodescope says {written:?}");
 
     // Writable as the node's user, not as root: read-only to nobody, the
     // data dir is not writable for the node though root could still write.
@@ -800,7 +810,7 @@ fn process_figures_equal_procs_own() {
     let (_node, new_pid) = start_node(datadir.path());
     write_pid_file(&pid_file, new_pid);
     eventually("one restart counted", Duration::from_secs(10), || match of(&agent, "nodescope_process_restarts_total", "proc") {
-        Some(v) if v == 1.0 => Ok(()),
+        Some(1.0) => Ok(()),
         other => Err(format!("restarts {other:?} after one restart")),
     });
 }

@@ -13,9 +13,11 @@
 //!   added, removed or renamed, so each pass stats the directories and lists
 //!   again those that changed; the listing stats only names that are new or
 //!   whose inode changed (readdir returns the inode without a stat, so a file
-//!   replaced by rename is seen). Files modified within `HOT_WINDOW` when last
-//!   seen are re-stat'ed every pass: those are the ones a node appends to
-//!   (the newest blk/rev file, LevelDB logs, LMDB's data.mdb, debug.log).
+//!   replaced by rename is seen). The most recently modified files (modified
+//!   within `HOT_WINDOW_SECS` when last seen, at most a quarter of the budget
+//!   of them, the stalest dropped first) are re-stat'ed every pass: those are
+//!   the ones a node appends to (the newest blk/rev file, LevelDB logs,
+//!   LMDB's data.mdb, debug.log).
 //! - Every `rescan` period, every entry is stat'ed again (paced by the same
 //!   budget), which corrects what the above misses: an old file rewritten in
 //!   place without its directory changing.
@@ -31,7 +33,7 @@
 //! directories themselves, symlinks not followed (their own size counts),
 //! each multiply-linked inode once.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::fs;
 use std::io;
@@ -68,12 +70,13 @@ struct FileState {
     ino: u64,
     size: u64,
     nlink: u64,
-    mtime_sec: i64,
+    /// (seconds, nanoseconds)
+    mtime: (i64, i64),
 }
 
 impl FileState {
     fn from_meta(m: &fs::Metadata) -> FileState {
-        FileState { dev: m.dev(), ino: m.ino(), size: m.len(), nlink: m.nlink(), mtime_sec: m.mtime() }
+        FileState { dev: m.dev(), ino: m.ino(), size: m.len(), nlink: m.nlink(), mtime: (m.mtime(), m.mtime_nsec()) }
     }
 }
 
@@ -105,8 +108,10 @@ pub struct DirTracker {
     /// The periodic full rescan.
     rescan_queue: VecDeque<PathBuf>,
     listing: Option<Listing>,
-    hot: VecDeque<PathBuf>,
-    hot_set: HashSet<PathBuf>,
+    /// Recently modified files by mtime, re-stat'ed every pass; `hot_mtime`
+    /// indexes it by path.
+    hot: BTreeSet<((i64, i64), PathBuf)>,
+    hot_mtime: HashMap<PathBuf, (i64, i64)>,
     dir_cursor: usize,
     /// Sum of apparent sizes; signed so a transient miscount cannot wrap.
     total: i128,
@@ -130,8 +135,8 @@ impl DirTracker {
             changed: VecDeque::new(),
             rescan_queue: VecDeque::new(),
             listing: None,
-            hot: VecDeque::new(),
-            hot_set: HashSet::new(),
+            hot: BTreeSet::new(),
+            hot_mtime: HashMap::new(),
             dir_cursor: 0,
             total: 0,
             links: HashMap::new(),
@@ -191,8 +196,7 @@ impl DirTracker {
             }
             let quota = (budget / 4).max(1);
             budget -= self.check_dirs(quota);
-            let quota = (budget / 3).max(1).min(budget);
-            budget -= self.check_hot(quota);
+            budget = budget.saturating_sub(self.check_hot());
         }
         while budget > 0 && self.over_limit_since.is_none() {
             if !self.list_step(&mut budget) {
@@ -243,29 +247,60 @@ impl DirTracker {
         n as u64
     }
 
-    /// Re-stats up to `quota` recently modified files.
-    fn check_hot(&mut self, quota: u64) -> u64 {
-        let n = self.hot.len().min(quota as usize);
-        for _ in 0..n {
-            let Some(path) = self.hot.pop_front() else { break };
-            self.hot_set.remove(&path);
+    /// Re-stats every hot file (at most `hot_capacity` of them).
+    fn check_hot(&mut self) -> u64 {
+        let paths: Vec<PathBuf> = self.hot.iter().map(|(_, p)| p.clone()).collect();
+        for path in &paths {
             let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { continue };
             if !self.dirs.get(dir).is_some_and(|d| d.files.contains_key(name)) {
+                self.drop_hot(path);
                 continue;
             }
             let (dir, name) = (dir.to_path_buf(), name.to_os_string());
-            match fs::symlink_metadata(&path) {
+            match fs::symlink_metadata(path) {
                 Ok(m) if !m.is_dir() => self.set_file(&dir, name, FileState::from_meta(&m)),
                 // Gone or replaced by a directory: the parent's listing sorts it out.
                 _ => {
+                    self.drop_hot(path);
                     if !self.changed.contains(&dir) {
                         self.changed.push_front(dir);
                     }
                 }
             }
         }
-        self.operations += n as u64;
-        n as u64
+        self.operations += paths.len() as u64;
+        paths.len() as u64
+    }
+
+    fn hot_capacity(&self) -> usize {
+        (self.limits.ops_per_pass / 4).max(1) as usize
+    }
+
+    /// Keeps `path` hot while it was modified recently, the most recently
+    /// modified first when there are more than `hot_capacity`.
+    fn note_hot(&mut self, path: PathBuf, mtime: (i64, i64)) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        self.drop_hot(&path);
+        if now - mtime.0 >= HOT_WINDOW_SECS {
+            return;
+        }
+        if self.hot.len() >= self.hot_capacity() {
+            match self.hot.first() {
+                Some((stalest, _)) if *stalest < mtime => {
+                    let (_, p) = self.hot.pop_first().expect("not empty");
+                    self.hot_mtime.remove(&p);
+                }
+                _ => return,
+            }
+        }
+        self.hot.insert((mtime, path.clone()));
+        self.hot_mtime.insert(path, mtime);
+    }
+
+    fn drop_hot(&mut self, path: &Path) {
+        if let Some(m) = self.hot_mtime.remove(path) {
+            self.hot.remove(&(m, path.to_path_buf()));
+        }
     }
 
     fn stat_dir(&self, dir: &Path) -> io::Result<fs::Metadata> {
@@ -425,6 +460,8 @@ impl DirTracker {
             tracing::debug!("{}: more than {} entries; size tracking paused", self.root.display(), self.limits.max_entries);
             self.reset();
             self.over_limit_since = Some(Instant::now());
+            // what was reached, for the entries gauge; nothing is held
+            self.entries = self.limits.max_entries;
             return false;
         }
         self.entries += 1;
@@ -447,18 +484,14 @@ impl DirTracker {
             self.unaccount(old);
         }
         self.account(new);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-        let path = dir.join(name);
-        let hot_bound = self.limits.ops_per_pass as usize;
-        if now - new.mtime_sec < HOT_WINDOW_SECS && self.hot.len() < hot_bound && self.hot_set.insert(path.clone()) {
-            self.hot.push_back(path);
-        }
+        self.note_hot(dir.join(name), new.mtime);
     }
 
     fn remove_file(&mut self, dir: &Path, name: &OsString) {
         if let Some(old) = self.dirs.get_mut(dir).and_then(|d| d.files.remove(name)) {
             self.unaccount(old);
             self.entries = self.entries.saturating_sub(1);
+            self.drop_hot(&dir.join(name));
         }
     }
 
@@ -468,8 +501,9 @@ impl DirTracker {
             if let Some(state) = self.dirs.remove(&d) {
                 self.total -= state.own_size as i128;
                 self.entries = self.entries.saturating_sub(1 + state.files.len() as u64);
-                for f in state.files.into_values() {
+                for (name, f) in state.files {
                     self.unaccount(f);
+                    self.drop_hot(&d.join(name));
                 }
             }
         }
@@ -766,6 +800,30 @@ mod tests {
     }
 
     #[test]
+    fn the_newest_files_stay_hot_when_there_are_too_many() {
+        let tmp = Tmp::new("hot");
+        // 20 freshly written files: all "recent", five times the hot capacity
+        for f in 0..20 {
+            write(&tmp.0.join(format!("chainstate/{f:06}.ldb")), 100);
+        }
+        let mut t = DirTracker::new(&tmp.0, limits(16));
+        settle(&mut t, 5);
+        assert_eq!(t.size_bytes(), Some(du_sb(&tmp.0)));
+        std::thread::sleep(Duration::from_millis(20));
+        let blk = tmp.0.join("blocks/blk00001.dat");
+        write(&blk, 10);
+        settle(&mut t, 3);
+        // appends change neither directory: only the hot list can see them
+        for i in 0..5 {
+            let mut f = fs::OpenOptions::new().append(true).open(&blk).unwrap();
+            f.write_all(&vec![3u8; 1000 * (i + 1)]).unwrap();
+            drop(f);
+            t.pass();
+            assert_eq!(t.size_bytes(), Some(du_sb(&tmp.0)), "append {i}");
+        }
+    }
+
+    #[test]
     fn rescan_corrects_cold_in_place_rewrites() {
         let tmp = Tmp::new("rescan");
         let cold = tmp.0.join("old.dat");
@@ -799,7 +857,8 @@ mod tests {
         settle(&mut t, 3);
         assert!(t.over_limit());
         assert_eq!(t.size_bytes(), None);
-        assert!(t.entries() <= 20);
+        assert_eq!(t.entries(), 20);
+        assert!(t.dirs.is_empty(), "the tree is dropped at the bound");
     }
 
     #[test]
