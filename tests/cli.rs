@@ -19,6 +19,7 @@ const BAD: &[(&str, &str)] = &[
     ("[[targets]]\nname = \"ltc\"\nchain = \"litecoin\"\n", "targets[0]"),
     ("[[targets]]\nname = \"ltc\"\nprocess = \"litecoind\"\np2p_ports = [0]\n", "targets[0].p2p_ports"),
     ("[limits]\ntop_peers = 0\n", "limits.top_peers"),
+    ("[http]\nlisten = \"127.0.0.1:1\"\n[http]\n", "config (line 3)"),
     ("[rules.no_such_rule]\nenabled = true\n", "rules.no_such_rule"),
     ("[rules.no_peers]\nfor = \"-5s\"\n", "rules.no_peers.for"),
     ("[rules.disk_low]\nthreshold = 120\n", "rules.disk_low.threshold"),
@@ -90,4 +91,45 @@ fn systemd_notify_ready_and_watchdog() {
     assert!(seen.first().is_some_and(|m| m.contains("READY=1")), "first message should be READY=1: {seen:?}");
     assert!(seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2, "{seen:?}");
     assert!(status.success(), "agent exit on SIGTERM: {status}");
+}
+
+/// The HTTP listener's bounds: past http.requests_per_second requests get
+/// 429, past http.max_connections connections are closed at accept; both
+/// counted, and the counts equal what the client saw.
+#[test]
+fn http_bounds_are_enforced_and_counted() {
+    #[path = "common/mod.rs"]
+    mod common;
+    use std::io::{Read, Write};
+    common::require_root();
+    let agent = common::Agent::start(
+        "[http]\nmax_connections = 3\nrequests_per_second = 2\nburst = 4\n[agent]\ninterval = \"200ms\"\ndiscover = false\n",
+    );
+    // Agent::start spent some of the burst; let the bucket refill
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let statuses: Vec<u16> = (0..20).map(|_| common::http_get(agent.port, "/health/live").unwrap().0).collect();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!(limited >= 10, "a burst of 20 against 2/s with burst 4 should mostly be refused: {statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 429 || *s == 200 || *s == 503), "{statuses:?}");
+
+    // hold 3 connections open; the 4th is closed without a response
+    let held: Vec<std::net::TcpStream> = (0..3).map(|_| std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut extra = std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+    extra.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let _ = extra.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+    let mut buf = Vec::new();
+    let _ = extra.read_to_end(&mut buf);
+    assert!(buf.is_empty(), "the connection past the bound got an answer: {}", String::from_utf8_lossy(&buf));
+    drop(held);
+    drop(extra);
+
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let m = common::wait_for("a scrape within the rate", std::time::Duration::from_secs(20), || {
+        common::http_get(agent.port, "/metrics").ok().filter(|(s, _)| *s == 200).map(|(_, b)| b)
+    });
+    let rate = common::metric_sum(&m, "nodescope_http_rejected_total", &[("reason", "rate")]);
+    let conns = common::metric_sum(&m, "nodescope_http_rejected_total", &[("reason", "connections")]);
+    assert!(rate >= limited as f64, "429s seen by the client {limited}, counted {rate}");
+    assert_eq!(conns, 1.0, "{m}");
 }

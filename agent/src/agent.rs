@@ -93,7 +93,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         health: health_snapshot.clone(),
     });
     let (stop_http, stop_rx) = tokio::sync::watch::channel(false);
-    let server = runtime.spawn(http::serve(listener, state.clone(), stop_rx));
+    let guard = Arc::new(http::HttpGuard::new(&config.http, &meter));
+    let server = runtime.spawn(http::serve(listener, state.clone(), guard, stop_rx));
 
     // Signals end the loop through this channel.
     let (stop_tx, stop) = mpsc::channel::<()>();

@@ -61,11 +61,23 @@ impl Default for Config {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    /// Connections served at once; more are closed at accept and counted.
+    pub max_connections: usize,
+    /// Requests per second over all clients (token bucket); past it, 429.
+    /// 0 turns the limit off.
+    pub requests_per_second: u32,
+    /// Requests a burst may take above the steady rate.
+    pub burst: u32,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 9464)) }
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            max_connections: 128,
+            requests_per_second: 100,
+            burst: 200,
+        }
     }
 }
 
@@ -365,6 +377,12 @@ impl Config {
         if self.limits.peer_ttl.is_zero() {
             return Err(ConfigError::invalid("limits.peer_ttl", "must be greater than zero"));
         }
+        if self.http.max_connections == 0 || self.http.max_connections > 65_536 {
+            return Err(ConfigError::invalid("http.max_connections", "must be between 1 and 65536"));
+        }
+        if self.http.requests_per_second > 0 && self.http.burst == 0 {
+            return Err(ConfigError::invalid("http.burst", "must be at least 1 while http.requests_per_second is set"));
+        }
         if let Some(endpoint) = &self.otlp.endpoint {
             if !(endpoint.starts_with("http://") && endpoint.len() > "http://".len()) {
                 return Err(ConfigError::invalid("otlp.endpoint", "must be an http:// URL (OTLP/HTTP; TLS is left to a local collector)"));
@@ -523,8 +541,9 @@ fn validate_rules(prefix: &str, rules: &BTreeMap<String, RuleConfig>) -> Result<
 
 /// One line: where the TOML is broken and why.
 fn toml_error(text: &str, e: toml::de::Error) -> ConfigError {
-    let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
-    let reason = e.message().to_string();
+    let line = e.span().map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1);
+    // one line: the parser's messages run over several
+    let reason = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
     ConfigError::invalid(
         match line {
             Some(l) => format!("config (line {l})"),

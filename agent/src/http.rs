@@ -2,6 +2,8 @@
 //! Handlers only read published snapshots.
 
 use std::convert::Infallible;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::agent::LoopStatus;
+use crate::config::HttpConfig;
 use crate::disk::DiskSnapshot;
 use crate::health::{endpoints as health_endpoints, HealthSnapshot};
 use crate::resources::ResourceSnapshot;
@@ -96,7 +99,56 @@ pub fn peers(net: &NetSnapshot) -> serde_json::Value {
     json!({ "targets": targets })
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// The listener's bounds: connections served at once and a token bucket on
+/// requests. What they turn away is counted and exported.
+pub struct HttpGuard {
+    connections: Arc<tokio::sync::Semaphore>,
+    limiter: Option<governor::DefaultDirectRateLimiter>,
+    rejected_connections: Arc<AtomicU64>,
+    rejected_requests: Arc<AtomicU64>,
+}
+
+impl HttpGuard {
+    pub fn new(config: &HttpConfig, meter: &opentelemetry::metrics::Meter) -> HttpGuard {
+        let limiter = NonZeroU32::new(config.requests_per_second).map(|rate| {
+            let burst = NonZeroU32::new(config.burst).unwrap_or(rate);
+            governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
+        });
+        let guard = HttpGuard {
+            connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+            limiter,
+            rejected_connections: Arc::default(),
+            rejected_requests: Arc::default(),
+        };
+        let (conns, reqs) = (guard.rejected_connections.clone(), guard.rejected_requests.clone());
+        meter
+            .u64_observable_counter("nodescope.http.rejected")
+            .with_description("HTTP connections closed at http.max_connections, and requests answered 429 past http.requests_per_second")
+            .with_callback(move |o| {
+                o.observe(conns.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("reason", "connections")]);
+                o.observe(reqs.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("reason", "rate")]);
+            })
+            .build();
+        guard
+    }
+
+    fn admit(&self) -> Option<Resp> {
+        let limiter = self.limiter.as_ref()?;
+        limiter.check().err().map(|_| {
+            self.rejected_requests.fetch_add(1, Ordering::Relaxed);
+            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate limit (http.requests_per_second)");
+            r.headers_mut().insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+            r
+        })
+    }
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    guard: Arc<HttpGuard>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         let (stream, _peer): (_, SocketAddr) = tokio::select! {
             r = listener.accept() => match r {
@@ -108,11 +160,24 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut stop: tokio:
             },
             _ = stop.changed() => return,
         };
+        let Ok(permit) = guard.connections.clone().try_acquire_owned() else {
+            guard.rejected_connections.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        };
         let state = state.clone();
+        let guard = guard.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req.method(), req.uri().path())) }
+                let guard = guard.clone();
+                async move {
+                    let resp = match guard.admit() {
+                        Some(limited) => limited,
+                        None => route(&state, req.method(), req.uri().path()),
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -121,6 +186,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut stop: tokio:
             if let Err(e) = conn.await {
                 tracing::debug!("http connection: {e}");
             }
+            drop(permit);
         });
     }
 }

@@ -278,12 +278,15 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// `body`: config TOML without the [http] section, which this adds.
+    /// `body`: config TOML; this sets http.listen (a body may open with more
+    /// [http] keys).
     pub fn start(body: &str) -> Agent {
         let dir = TempDir::new("agent");
         let port = free_port();
         let config = dir.path().join("nodescope.toml");
-        std::fs::write(&config, format!("[http]\nlisten = \"127.0.0.1:{port}\"\n\n{body}")).unwrap();
+        // a body that opens with its own [http] keys continues this table
+        let body = body.strip_prefix("[http]\n").unwrap_or(body);
+        std::fs::write(&config, format!("[http]\nlisten = \"127.0.0.1:{port}\"\n{body}")).unwrap();
         let log = dir.path().join("agent.log");
         let child = Command::new(env!("CARGO_BIN_EXE_nodescope"))
             .args(["run", "--config"])

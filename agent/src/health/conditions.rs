@@ -328,13 +328,16 @@ fn chain_stalled(v: &View, threshold: f64) -> Outcome {
         return unknown("node not running");
     }
     let peers = net.p2p_peers().count();
-    let last_write = disk.last_write_unix.get("blocks").map(|t| *t as f64);
-    let Some(from) = last_write.into_iter().chain(v.alive_since_unix).reduce(f64::max) else {
+    let last_write = disk.last_write_unix.get("blocks").copied();
+    // The disk signal names the second the write was seen in; counting from
+    // that second's end never makes a stall look longer than it is.
+    let seen = last_write.map(|t| t as f64 + 1.0);
+    let Some(from) = seen.into_iter().chain(v.alive_since_unix).reduce(f64::max) else {
         return unknown("node start time not known");
     };
     let stalled = (v.now_unix - from).max(0.0);
     let ev = json!({
-        "last_blocks_write": last_write.map(|t| t as u64),
+        "last_blocks_write": last_write,
         "stalled_seconds": stalled.round(),
         "p2p_peers": peers,
         "threshold_seconds": threshold,
@@ -561,9 +564,10 @@ mod tests {
             p.threshold = Some(10.0);
             matches!(check("chain_stalled", &p, &v, &h, s(0)), Outcome::Holds(_))
         };
-        assert!(!eval(&peers, 1010.0));
-        assert!(eval(&peers, 1011.0));
-        assert!(!eval(&lonely, 1011.0), "no peers: no_peers' business, not a stall");
+        // written during second 1000: stalled from 1001 on
+        assert!(!eval(&peers, 1011.0));
+        assert!(eval(&peers, 1011.5));
+        assert!(!eval(&lonely, 1011.5), "no peers: no_peers' business, not a stall");
     }
 
     fn hist(counts: &[u64]) -> TargetDisk {
