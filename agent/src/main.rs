@@ -85,17 +85,25 @@ fn main() -> ExitCode {
             let mut hooks = net::probe::probe_hooks();
             hooks.extend(disk::probe::probe_hooks());
             hooks.extend(resources::probe::probe_sources());
-            if json {
-                println!("{}", serde_json::to_string_pretty(&hooks).expect("serializable"));
-            } else {
-                println!("{:<6} {:<32} {:<14} {:<10} detail", "signal", "hook", "program", "supported");
-                for h in &hooks {
-                    println!("{:<6} {:<32} {:<14} {:<10} {}", h.signal, h.hook, h.program, if h.supported { "yes" } else { "NO" }, h.detail);
-                }
-            }
+            // a closed pipe (`nodescope probes | head`) is not an error worth a panic
+            let _ = print_hooks(&hooks, json);
             if hooks.iter().all(|h| h.supported) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
     }
+}
+
+fn print_hooks(hooks: &[bpf::HookStatus], json: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if json {
+        return writeln!(out, "{}", serde_json::to_string_pretty(hooks).expect("serializable"));
+    }
+    writeln!(out, "{:<9} {:<46} {:<26} {:<9} detail", "signal", "hook", "program", "supported")?;
+    for h in hooks {
+        let supported = if h.supported { "yes" } else { "NO" };
+        writeln!(out, "{:<9} {:<46} {:<26} {:<9} {}", h.signal, h.hook, h.program, supported, h.detail)?;
+    }
+    Ok(())
 }
 
 fn init_logging(config: &Config) {
