@@ -63,17 +63,25 @@ fn run(cmd: &mut Command) -> Output {
 #[test]
 fn alert_rules_pass_promtool_check() {
     require_tool("promtool", "prometheus");
-    let out = run(Command::new("promtool").args(["check", "rules"]).arg(deploy("prometheus/alerts.yml")));
+    let out = run(Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(deploy("prometheus/alerts.yml")));
     assert!(out.ok, "promtool check rules: {}", out.text());
     let rules = alert_rules();
     eprintln!("{}", out.stdout.trim());
-    assert!(out.stdout.contains(&format!("SUCCESS: {} rules found", rules.len())), "{}", out.text());
+    assert!(
+        out.stdout.contains(&format!("SUCCESS: {} rules found", rules.len())),
+        "{}",
+        out.text()
+    );
 }
 
 #[test]
 fn alert_unit_tests_pass() {
     require_tool("promtool", "prometheus");
-    let out = run(Command::new("promtool").args(["test", "rules"]).arg(deploy("prometheus/alerts_test.yml")));
+    let out = run(Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(deploy("prometheus/alerts_test.yml")));
     assert!(out.ok && out.stdout.contains("SUCCESS"), "promtool test rules: {}", out.text());
 
     // Every alert has a case where it fires and one where it does not.
@@ -84,10 +92,14 @@ fn alert_unit_tests_pass() {
         for case in group["alert_rule_test"].as_array().unwrap() {
             let name = case["alertname"].as_str().unwrap().to_string();
             let expected = case["exp_alerts"].as_array().map(|a| a.len()).unwrap_or(0);
-            if expected > 0 { firing.insert(name) } else { silent.insert(name) };
+            if expected > 0 {
+                firing.insert(name)
+            } else {
+                silent.insert(name)
+            };
         }
     }
-    for (name, _) in alert_rules() {
+    for name in alert_rules() {
         assert!(firing.contains(&name), "alerts_test.yml has no case where {name} fires");
         assert!(silent.contains(&name), "alerts_test.yml has no case where {name} stays silent");
     }
@@ -96,23 +108,20 @@ fn alert_unit_tests_pass() {
 #[test]
 fn prometheus_config_passes_promtool_check() {
     require_tool("promtool", "prometheus");
-    let out = run(Command::new("promtool").args(["check", "config"]).arg(deploy("prometheus/prometheus.yml")));
+    let out = run(Command::new("promtool")
+        .args(["check", "config"])
+        .arg(deploy("prometheus/prometheus.yml")));
     assert!(out.ok, "promtool check config: {}", out.text());
     // the rule file it names is the one shipped beside it, and was checked too
     let rules = alert_rules().len();
     assert!(out.text().contains(&format!("SUCCESS: {rules} rules found")), "{}", out.text());
 }
 
-/// (alert name, expr) of every alert in alerts.yml.
-fn alert_rules() -> Vec<(String, String)> {
+/// The name of every alert in alerts.yml.
+fn alert_rules() -> Vec<String> {
     let docs = yaml_docs(&deploy("prometheus/alerts.yml"));
-    let mut out = Vec::new();
-    for group in docs[0]["groups"].as_array().unwrap() {
-        for rule in group["rules"].as_array().unwrap() {
-            out.push((rule["alert"].as_str().unwrap().to_string(), rule["expr"].as_str().unwrap().to_string()));
-        }
-    }
-    out
+    let groups = docs[0]["groups"].as_array().unwrap();
+    groups.iter().flat_map(|g| g["rules"].as_array().unwrap()).map(|r| r["alert"].as_str().unwrap().to_string()).collect()
 }
 
 // ---------------------------------------------------------------- systemd
@@ -123,7 +132,10 @@ fn shipped_unit() -> String {
 
 /// `Key=` values of the unit (later lines win, as systemd reads them).
 fn unit_value(unit: &str, key: &str) -> Option<String> {
-    unit.lines().filter_map(|l| l.strip_prefix(&format!("{key}="))).last().map(|v| v.trim().to_string())
+    unit.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(|v| v.trim().to_string())
 }
 
 /// The unit with the binary swapped for the one under test, in a temp dir.
@@ -137,7 +149,10 @@ fn local_unit(dir: &TempDir, unit: &str) -> PathBuf {
 fn systemd_unit_verifies() {
     require_tool("systemd-analyze", "systemd");
     let unit = shipped_unit();
-    assert_eq!(unit_value(&unit, "ExecStart").as_deref(), Some(&*format!("{SHIPPED_BIN} run --config {SHIPPED_CONFIG}")));
+    assert_eq!(
+        unit_value(&unit, "ExecStart").as_deref(),
+        Some(&*format!("{SHIPPED_BIN} run --config {SHIPPED_CONFIG}"))
+    );
     assert_eq!(unit_value(&unit, "Type").as_deref(), Some("notify"));
     let dir = TempDir::new("unit");
     let path = local_unit(&dir, &unit);
@@ -150,12 +165,23 @@ fn systemd_unit_verifies() {
     let broken = dir.path().join("broken");
     std::fs::create_dir(&broken).unwrap();
     let bad = broken.join("nodescope.service");
-    std::fs::write(&bad, unit.replace(SHIPPED_BIN, BIN).replace("[Service]\n", "[Service]\nWatchDogSec=30s\n")).unwrap();
+    std::fs::write(
+        &bad,
+        unit.replace(SHIPPED_BIN, BIN)
+            .replace("[Service]\n", "[Service]\nWatchDogSec=30s\n"),
+    )
+    .unwrap();
     let out = run(Command::new("systemd-analyze").arg("verify").arg(&bad));
-    assert!(out.text().contains("Unknown key 'WatchDogSec'"), "verify missed a misspelt key: {}", out.text());
+    assert!(
+        out.text().contains("Unknown key 'WatchDogSec'"),
+        "verify missed a misspelt key: {}",
+        out.text()
+    );
 
     // systemd's own rating of the sandbox: 0 is locked down, 10 is none.
-    let out = run(Command::new("systemd-analyze").args(["security", "--offline=yes", "--no-pager"]).arg(&path));
+    let out = run(Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&path));
     let level = out
         .stdout
         .lines()
@@ -192,10 +218,22 @@ fn status_caps(pid: u32, field: &str) -> u64 {
 /// unit's main process: its capability bounding set (and so, as root, its
 /// permitted and effective sets) and no_new_privs.
 fn unit_privileges(unit: &str) -> (Vec<String>, u64) {
-    let caps: Vec<String> = unit_value(unit, "CapabilityBoundingSet").unwrap().split_whitespace().map(String::from).collect();
+    let caps: Vec<String> = unit_value(unit, "CapabilityBoundingSet")
+        .unwrap()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
     let mask = caps.iter().fold(0u64, |m, c| m | 1 << cap_number(c));
-    let bounding = caps.iter().map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())).collect::<Vec<_>>().join(",");
-    let mut args = vec!["setpriv".to_string(), format!("--bounding-set=-all,{bounding}"), "--inh-caps=-all".into()];
+    let bounding = caps
+        .iter()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut args = vec![
+        "setpriv".to_string(),
+        format!("--bounding-set=-all,{bounding}"),
+        "--inh-caps=-all".into(),
+    ];
     if unit_value(unit, "NoNewPrivileges").as_deref() == Some("yes") {
         args.push("--no-new-privs".into());
     }
@@ -274,7 +312,15 @@ fn agent_works_with_the_units_privileges() {
     let watchdog_secs: u64 = watchdog.trim_end_matches('s').parse().unwrap();
     let syscalls = dir.path().join("syscalls.txt");
     let mut wrapper = setpriv.clone();
-    wrapper.extend(["strace".into(), "-f".into(), "-qq".into(), "-c".into(), "-o".into(), syscalls.display().to_string(), "--".into()]);
+    wrapper.extend([
+        "strace".into(),
+        "-f".into(),
+        "-qq".into(),
+        "-c".into(),
+        "-o".into(),
+        syscalls.display().to_string(),
+        "--".into(),
+    ]);
     let env = vec![
         ("NOTIFY_SOCKET".to_string(), dir.path().join("notify.sock").display().to_string()),
         ("WATCHDOG_USEC".to_string(), (watchdog_secs * 1_000_000).to_string()),
@@ -297,7 +343,10 @@ fn agent_works_with_the_units_privileges() {
     while let Ok(n) = notify.recv(&mut buf) {
         queued.push(String::from_utf8_lossy(&buf[..n]).into_owned());
     }
-    assert!(queued.iter().any(|m| m.lines().any(|l| l == "READY=1")), "no READY=1 on NOTIFY_SOCKET: {queued:?}");
+    assert!(
+        queued.iter().any(|m| m.lines().any(|l| l == "READY=1")),
+        "no READY=1 on NOTIFY_SOCKET: {queued:?}"
+    );
     notify.set_nonblocking(false).unwrap();
     let mut messages: Vec<(Instant, String)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(6);
@@ -306,11 +355,21 @@ fn agent_works_with_the_units_privileges() {
             messages.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
         }
     }
-    let pings: Vec<Instant> = messages.iter().filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1")).map(|(t, _)| *t).collect();
+    let pings: Vec<Instant> = messages
+        .iter()
+        .filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1"))
+        .map(|(t, _)| *t)
+        .collect();
     assert!(pings.len() >= 3, "watchdog pings in 6 s with agent.interval 1s: {messages:?}");
     let max_gap = pings.windows(2).map(|w| w[1] - w[0]).max().unwrap();
-    eprintln!("watchdog: {} pings in 6 s, longest gap {max_gap:?} (WatchdogSec={watchdog})", pings.len());
-    assert!(max_gap < Duration::from_secs(watchdog_secs) / 2, "longest gap between watchdog pings {max_gap:?}");
+    eprintln!(
+        "watchdog: {} pings in 6 s, longest gap {max_gap:?} (WatchdogSec={watchdog})",
+        pings.len()
+    );
+    assert!(
+        max_gap < Duration::from_secs(watchdog_secs) / 2,
+        "longest gap between watchdog pings {max_gap:?}"
+    );
 
     scene.assert_signals_work();
     let log = scene.agent.log();
@@ -318,14 +377,26 @@ fn agent_works_with_the_units_privileges() {
 
     // A signal that cannot start is logged as an error (and turned off).
     for line in log.lines() {
-        assert!(!line.contains("ERROR"), "a signal failed under the unit's privileges: {line}\n{log}");
+        assert!(
+            !line.contains("ERROR"),
+            "a signal failed under the unit's privileges: {line}\n{log}"
+        );
     }
     let used = strace_summary(&read(&syscalls));
     let allowed = allowed_syscalls(&unit);
     let denied: Vec<&String> = used.iter().filter(|s| !allowed.contains(*s)).collect();
-    eprintln!("the agent made {} distinct syscalls, all allowed by the unit's SystemCallFilter", used.len());
-    assert!(used.contains("bpf") && used.contains("perf_event_open"), "strace saw no BPF work: {used:?}");
-    assert!(denied.is_empty(), "syscalls the unit's SystemCallFilter would refuse with EPERM: {denied:?}");
+    eprintln!(
+        "the agent made {} distinct syscalls, all allowed by the unit's SystemCallFilter",
+        used.len()
+    );
+    assert!(
+        used.contains("bpf") && used.contains("perf_event_open"),
+        "strace saw no BPF work: {used:?}"
+    );
+    assert!(
+        denied.is_empty(),
+        "syscalls the unit's SystemCallFilter would refuse with EPERM: {denied:?}"
+    );
 }
 
 // ---------------------------------------------------------------- configs
@@ -350,7 +421,12 @@ fn example_configs_pass_check_config() {
     // The unit's ExecStartPre, as systemd would run it.
     let unit = shipped_unit();
     let pre = unit_value(&unit, "ExecStartPre").unwrap();
-    let args: Vec<String> = pre.replace(SHIPPED_BIN, BIN).replace(SHIPPED_CONFIG, &example.display().to_string()).split_whitespace().map(String::from).collect();
+    let args: Vec<String> = pre
+        .replace(SHIPPED_BIN, BIN)
+        .replace(SHIPPED_CONFIG, &example.display().to_string())
+        .split_whitespace()
+        .map(String::from)
+        .collect();
     let out = run(Command::new(&args[0]).args(&args[1..]));
     assert!(out.ok, "ExecStartPre {pre}: {}", out.text());
 
@@ -376,13 +452,20 @@ fn ensure_kubernetes_validate() {
         return;
     }
     let out = run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubernetes-validate"]));
-    assert!(out.ok && present(), "kubernetes-validate is not installed and `python3 -m pip install kubernetes-validate` failed: {}", out.text());
+    assert!(
+        out.ok && present(),
+        "kubernetes-validate is not installed and `python3 -m pip install kubernetes-validate` failed: {}",
+        out.text()
+    );
 }
 
 fn yaml_docs(path: &Path) -> Vec<Value> {
     ensure_kubernetes_validate();
     let out = run(Command::new("python3")
-        .args(["-c", "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None], sys.stdout)"])
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None], sys.stdout)",
+        ])
         .arg(path));
     assert!(out.ok, "{} is not valid YAML: {}", path.display(), out.stderr);
     serde_json::from_str(&out.stdout).unwrap()
@@ -394,7 +477,9 @@ struct Manifest {
 
 impl Manifest {
     fn load() -> Manifest {
-        Manifest { docs: yaml_docs(&deploy("kubernetes/daemonset.yaml")) }
+        Manifest {
+            docs: yaml_docs(&deploy("kubernetes/daemonset.yaml")),
+        }
     }
 
     fn kind(&self, kind: &str) -> &Value {
@@ -426,7 +511,12 @@ impl Manifest {
     }
 
     fn command(&self) -> Vec<String> {
-        self.container()["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+        self.container()["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
     }
 }
 
@@ -443,7 +533,11 @@ fn kubernetes_manifests_validate() {
             cmd.args(["-k", v]);
         }
         let out = run(cmd.arg(&file));
-        assert!(out.ok && !out.text().contains("ERROR"), "kubernetes-validate {version:?}: {}", out.text());
+        assert!(
+            out.ok && !out.text().contains("ERROR"),
+            "kubernetes-validate {version:?}: {}",
+            out.text()
+        );
         eprintln!("{}", out.text().trim());
     }
 
@@ -453,7 +547,12 @@ fn kubernetes_manifests_validate() {
     let spec = &pod["spec"];
     assert_eq!(spec["hostPID"], true, "host pids: the agent reads /proc/PID of the nodes");
     let c = m.container();
-    let port = c["ports"].as_array().unwrap().iter().find(|p| p["name"] == "metrics").expect("a port named metrics");
+    let port = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "metrics")
+        .expect("a port named metrics");
     assert_eq!(port["containerPort"], 9464);
     let annotations = &pod["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"], "true");
@@ -464,14 +563,34 @@ fn kubernetes_manifests_validate() {
     for probe in ["livenessProbe", "readinessProbe"] {
         assert_eq!(c[probe]["httpGet"]["port"], "metrics");
     }
-    assert!(m.env_with_pod_ip("10.0.0.7").contains(&("NODESCOPE_HTTP_LISTEN".into(), "10.0.0.7:9464".into())));
+    assert!(m
+        .env_with_pod_ip("10.0.0.7")
+        .contains(&("NODESCOPE_HTTP_LISTEN".into(), "10.0.0.7:9464".into())));
     for k in ["requests", "limits"] {
-        assert!(c["resources"][k]["cpu"].is_string() && c["resources"][k]["memory"].is_string(), "resources.{k}");
+        assert!(
+            c["resources"][k]["cpu"].is_string() && c["resources"][k]["memory"].is_string(),
+            "resources.{k}"
+        );
     }
     assert_eq!(c["securityContext"]["privileged"], true);
-    let mounts: BTreeMap<&str, &Value> = c["volumeMounts"].as_array().unwrap().iter().map(|v| (v["mountPath"].as_str().unwrap(), v)).collect();
-    let volumes: BTreeMap<&str, &Value> = spec["volumes"].as_array().unwrap().iter().map(|v| (v["name"].as_str().unwrap(), v)).collect();
-    for (path, read_only) in [("/sys/kernel/btf", true), ("/sys/fs/cgroup", true), ("/sys/kernel/tracing", false), ("/etc/nodescope", true)] {
+    let mounts: BTreeMap<&str, &Value> = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["mountPath"].as_str().unwrap(), v))
+        .collect();
+    let volumes: BTreeMap<&str, &Value> = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap(), v))
+        .collect();
+    for (path, read_only) in [
+        ("/sys/kernel/btf", true),
+        ("/sys/fs/cgroup", true),
+        ("/sys/kernel/tracing", false),
+        ("/etc/nodescope", true),
+    ] {
         let mount = mounts.get(path).unwrap_or_else(|| panic!("no volume mounted at {path}"));
         assert_eq!(mount["readOnly"].as_bool().unwrap_or(false), read_only, "{path} readOnly");
         let volume = volumes[mount["name"].as_str().unwrap()];
@@ -481,15 +600,25 @@ fn kubernetes_manifests_validate() {
     }
     // Data dirs the config names are mounted from the host, writable for the
     // agent's write test (else /health/ready never says ready).
-    let config: Vec<String> = m.config_toml().lines().filter_map(|l| l.trim().strip_prefix("datadir = ")).map(|v| v.trim_matches('"').to_string()).collect();
+    let config: Vec<String> = m
+        .config_toml()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("datadir = "))
+        .map(|v| v.trim_matches('"').to_string())
+        .collect();
     assert!(!config.is_empty());
     for datadir in &config {
-        let mount = mounts.get(datadir.as_str()).unwrap_or_else(|| panic!("datadir {datadir} is not mounted"));
+        let mount = mounts
+            .get(datadir.as_str())
+            .unwrap_or_else(|| panic!("datadir {datadir} is not mounted"));
         assert_ne!(mount["readOnly"], true, "{datadir} mounted read-only");
         assert_eq!(volumes[mount["name"].as_str().unwrap()]["hostPath"]["path"], datadir.as_str());
     }
     // The command reads the ConfigMap's key where it is mounted.
-    let cm_volume = volumes.values().find(|v| v["configMap"]["name"] == m.kind("ConfigMap")["metadata"]["name"]).unwrap();
+    let cm_volume = volumes
+        .values()
+        .find(|v| v["configMap"]["name"] == m.kind("ConfigMap")["metadata"]["name"])
+        .unwrap();
     let cm_mount = mounts.values().find(|v| v["name"] == cm_volume["name"]).unwrap();
     let cmd = m.command();
     let config_arg = &cmd[cmd.iter().position(|a| a == "--config").unwrap() + 1];
@@ -497,12 +626,22 @@ fn kubernetes_manifests_validate() {
     // The headless Service selects the pods and is the name prometheus.yml resolves.
     let svc = m.kind("Service");
     assert_eq!(svc["spec"]["clusterIP"], "None");
-    assert_eq!(svc["spec"]["publishNotReadyAddresses"], true, "an agent reporting a sick node must still be scraped");
+    assert_eq!(
+        svc["spec"]["publishNotReadyAddresses"], true,
+        "an agent reporting a sick node must still be scraped"
+    );
     for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
         assert_eq!(&pod["metadata"]["labels"][k], v, "Service selector {k}");
     }
-    let dns = format!("{}.{}.svc.cluster.local", svc["metadata"]["name"].as_str().unwrap(), svc["metadata"]["namespace"].as_str().unwrap());
-    assert!(read(&deploy("prometheus/prometheus.yml")).contains(&dns), "prometheus.yml does not scrape {dns}");
+    let dns = format!(
+        "{}.{}.svc.cluster.local",
+        svc["metadata"]["name"].as_str().unwrap(),
+        svc["metadata"]["namespace"].as_str().unwrap()
+    );
+    assert!(
+        read(&deploy("prometheus/prometheus.yml")).contains(&dns),
+        "prometheus.yml does not scrape {dns}"
+    );
 }
 
 /// The DaemonSet's command line, run as the container would run it: from a
@@ -520,20 +659,53 @@ fn daemonset_command_runs_in_the_hosts_cgroup_namespace() {
     let config = dir.path().join("nodescope.toml");
     std::fs::write(&config, m.config_toml()).unwrap();
     let port = free_port();
+    // On a Kubernetes host pid 1 is the host's init. Here it may be a
+    // supervisor whose namespaces this test may not read; the test itself
+    // runs in the initial cgroup namespace, so it stands in for pid 1.
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/cgroup")).unwrap();
+    let me = std::process::id().to_string();
+    assert_eq!(
+        ns(&me),
+        Path::new(INITIAL_CGROUP_NS),
+        "the test must run in the host's cgroup namespace"
+    );
     let cmd: Vec<String> = m
         .command()
         .into_iter()
-        .map(|a| if a == SHIPPED_BIN { BIN.to_string() } else if a == SHIPPED_CONFIG { config.display().to_string() } else { a })
+        .map(|a| {
+            if a == SHIPPED_BIN {
+                BIN.to_string()
+            } else if a == SHIPPED_CONFIG {
+                config.display().to_string()
+            } else {
+                a
+            }
+        })
+        .map(|a| a.replace("/proc/1/ns/cgroup", &format!("/proc/{me}/ns/cgroup")))
         .collect();
+    assert!(
+        cmd.iter().any(|a| a.contains(&format!("/proc/{me}/ns/cgroup"))),
+        "the command does not enter pid 1's cgroup namespace: {cmd:?}"
+    );
     let cgroup = Cgroup::new();
     // Without nsenter, a private cgroup namespace hides the host's paths.
-    let private = run(Command::new("sh").arg("-c").arg(format!("echo $$ > '{}/cgroup.procs' && exec unshare --cgroup cat /proc/self/cgroup", cgroup.path.display())));
-    assert!(private.ok && private.stdout.lines().any(|l| l == "0::/"), "unshare --cgroup: {}", private.text());
+    let private = run(Command::new("sh").arg("-c").arg(format!(
+        "echo $$ > '{}/cgroup.procs' && exec unshare --cgroup cat /proc/self/cgroup",
+        cgroup.path.display()
+    )));
+    assert!(
+        private.ok && private.stdout.lines().any(|l| l == "0::/"),
+        "unshare --cgroup: {}",
+        private.text()
+    );
 
     let mut child = Command::new("sh");
     child
         .arg("-c")
-        .arg(format!("echo $$ > '{}/cgroup.procs' && exec unshare --cgroup \"$@\"", cgroup.path.display()))
+        .arg(format!(
+            "echo $$ > '{}/cgroup.procs' && exec unshare --cgroup \"$@\"",
+            cgroup.path.display()
+        ))
         .arg("sh")
         .args(&cmd)
         .stdin(Stdio::null())
@@ -552,8 +724,11 @@ fn daemonset_command_runs_in_the_hosts_cgroup_namespace() {
     });
     assert_eq!(status, 200, "GET /health/live: {body}\n{}", log());
     let pid = agent.0.id();
-    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/cgroup")).unwrap();
-    assert_eq!(ns(&pid.to_string()), ns("1"), "the agent is not in the host's cgroup namespace");
+    assert_eq!(
+        ns(&pid.to_string()),
+        Path::new(INITIAL_CGROUP_NS),
+        "the agent is not in the host's cgroup namespace"
+    );
     let (status, body) = http_get(port, "/health/ready").unwrap();
     assert!(status == 200 || status == 503, "GET /health/ready: {status} {body}");
     let (status, _) = http_get(port, "/metrics").unwrap();
@@ -561,6 +736,9 @@ fn daemonset_command_runs_in_the_hosts_cgroup_namespace() {
     drop(agent);
     drop(cgroup);
 }
+
+/// The kernel's initial cgroup namespace (PROC_CGROUP_INIT_INO).
+const INITIAL_CGROUP_NS: &str = "cgroup:[4026531835]";
 
 /// Stops a spawned process by pid when dropped.
 struct Guard(Child);
@@ -589,6 +767,11 @@ impl RunningAgent {
         let config = dir.path().join("nodescope.toml");
         std::fs::write(&config, format!("[http]\nlisten = \"127.0.0.1:{port}\"\n\n{body}")).unwrap();
         let mut argv: Vec<String> = wrapper.to_vec();
+        if env.iter().any(|(k, _)| k == "WATCHDOG_USEC") {
+            // systemd names the main pid in WATCHDOG_PID; a shell that execs
+            // the agent knows it
+            argv.extend(["sh".into(), "-c".into(), "WATCHDOG_PID=$$ exec \"$0\" \"$@\"".into()]);
+        }
         argv.extend([BIN.to_string(), "run".into(), "--config".into(), config.display().to_string()]);
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
@@ -597,7 +780,12 @@ impl RunningAgent {
             .stdout(std::fs::File::create(dir.path().join("agent.out")).unwrap())
             .stderr(std::fs::File::create(dir.path().join("agent.err")).unwrap());
         let child = cmd.spawn().unwrap();
-        let mut agent = RunningAgent { pid: child.id(), child, port, dir };
+        let mut agent = RunningAgent {
+            pid: child.id(),
+            child,
+            port,
+            dir,
+        };
         wait_for("nodescope /metrics", Duration::from_secs(60), || {
             if let Ok(Some(st)) = agent.child.try_wait() {
                 panic!("nodescope exited with {st}: {}", agent.log());
@@ -639,7 +827,12 @@ impl Drop for RunningAgent {
 /// The nodescope process under `pid`: `pid` itself, or the child a wrapper
 /// such as strace forked for it.
 fn agent_pid(pid: u32) -> u32 {
-    let comm = |p: u32| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default().trim().to_string();
+    let comm = |p: u32| {
+        std::fs::read_to_string(format!("/proc/{p}/comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
     if comm(pid) == "nodescope" {
         return pid;
     }
@@ -661,10 +854,69 @@ struct Scene {
     _cgroup: Cgroup,
 }
 
+/// Nodes run as a user of their own; nobody stands in for it.
+const NODE_UID: u32 = 65534;
+
+/// A litecoind regtest node in `cgroup`, running as NODE_UID with its data
+/// dir owned by that user (mode 0700 files, as Litecoin Core makes them), so
+/// the agent needs its capabilities to read it.
+fn start_node_as_user(cgroup: &Cgroup) -> Litecoind {
+    require_tool("litecoind", "litecoind");
+    require_tool("setpriv", "util-linux");
+    let dir = TempDir::new("ltc-user");
+    std::os::unix::fs::chown(dir.path(), Some(NODE_UID), Some(NODE_UID)).unwrap();
+    let (port, rpcport) = (free_port(), free_port());
+    // Debian's litecoind wrapper makes ~/.litecoin: give the user a home.
+    let mut args: Vec<String> = [
+        format!("--reuid={NODE_UID}"),
+        format!("--regid={NODE_UID}"),
+        "--clear-groups".into(),
+        "env".into(),
+        format!("HOME={}", dir.path().display()),
+        "litecoind".into(),
+    ]
+    .to_vec();
+    args.extend([
+        "-regtest".to_string(),
+        format!("-datadir={}", dir.path().display()),
+        format!("-port={port}"),
+        format!("-rpcport={rpcport}"),
+        "-rpcuser=u".into(),
+        "-rpcpassword=p".into(),
+        "-listen=1".into(),
+        "-bind=127.0.0.1".into(),
+        "-rpcbind=127.0.0.1".into(),
+        "-rpcallowip=127.0.0.1".into(),
+        "-discover=0".into(),
+        "-listenonion=0".into(),
+        "-dnsseed=0".into(),
+        "-connect=0".into(),
+        "-fallbackfee=0.0002".into(),
+        "-printtoconsole=0".into(),
+        "-daemon=0".into(),
+    ]);
+    let child = spawn_in(Some(cgroup), "setpriv", &args, &dir.path().join("stdout.log"));
+    let args = args[6..].to_vec();
+    let node = Litecoind {
+        child,
+        dir,
+        port,
+        rpcport,
+        args,
+    };
+    wait_for("litecoind RPC", Duration::from_secs(60), || node.try_cli(&["getblockcount"]).ok());
+    let uid = read(Path::new(&format!("/proc/{}/status", node.pid())))
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:\t").map(String::from))
+        .unwrap();
+    assert!(uid.starts_with(&format!("{NODE_UID}\t")), "litecoind runs as {uid}");
+    node
+}
+
 impl Scene {
     fn start(wrapper: &[String], env: &[(String, String)]) -> Scene {
         let cgroup = Cgroup::new();
-        let node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string()]);
+        let node = start_node_as_user(&cgroup);
         let body = format!(
             "[agent]\ninterval = \"1s\"\n\n[[targets]]\nname = \"ltc\"\ncgroup = \"{}\"\nchain = \"litecoin\"\ndatadir = \"{}\"\np2p_ports = [{}]\nrpc_ports = [{}]\n",
             cgroup.path.display(),
@@ -683,24 +935,70 @@ impl Scene {
         // a connect that fails: nothing listens there
         node.cli(&["addnode", &format!("127.0.0.1:{}", free_port()), "onetry"]);
         node.mine(20);
-        Scene { agent, _peer: peer, node, _cgroup: cgroup }
+        Scene {
+            agent,
+            _peer: peer,
+            node,
+            _cgroup: cgroup,
+        }
     }
 
     /// Each signal is on and agrees with an outside source.
     fn assert_signals_work(&self) {
         let m = wait_for("the node's inbound peer in /metrics", Duration::from_secs(30), || {
             let m = self.agent.metrics();
-            let inbound = metric_sum(&m, "nodescope_connection_open", &[("nodescope_target", "ltc"), ("nodescope_connection_direction", "inbound"), ("nodescope_service", "p2p")]);
+            let inbound = metric_sum(
+                &m,
+                "nodescope_connection_open",
+                &[
+                    ("nodescope_target", "ltc"),
+                    ("nodescope_connection_direction", "inbound"),
+                    ("nodescope_service", "p2p"),
+                ],
+            );
             let node_inbound = self.node.peers().iter().filter(|p| p["inbound"] == true).count() as f64;
             (inbound == node_inbound && inbound >= 1.0).then_some(m)
         });
         // disk: the node wrote its blocks (mined above)
         let written = metric_sum(&m, "nodescope_file_written_bytes_total", &[("nodescope_target", "ltc")]);
         assert!(written > 0.0, "no file writes of the node seen:\n{m}");
-        // resources: open descriptors as the kernel lists them
+        // resources, with the node under another user: its open descriptors
+        // (CAP_SYS_PTRACE), its data dir's size (CAP_DAC_READ_SEARCH) and the
+        // write test as its user (CAP_SETUID, CAP_SETGID)
         let fds_seen = metric_sum(&m, "nodescope_process_open_fds", &[("nodescope_target", "ltc")]);
         let fds = std::fs::read_dir(format!("/proc/{}/fd", self.node.pid())).unwrap().count() as f64;
         assert!((fds_seen - fds).abs() <= 8.0, "open fds {fds_seen}, /proc says {fds}");
+        // the node keeps writing: compare until one reading agrees with du
+        let du = || {
+            let out = run(Command::new("du").args(["-sb"]).arg(self.node.dir.path().join("regtest")));
+            out.stdout
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("du: {}", out.text()))
+        };
+        let mut last = (0.0, 0.0);
+        let agreed = (0..60).any(|_| {
+            std::thread::sleep(Duration::from_millis(500));
+            let size = metric_sum(
+                &self.agent.metrics(),
+                "nodescope_datadir_size_bytes",
+                &[("nodescope_target", "ltc")],
+            );
+            last = (size, du());
+            (size - last.1).abs() <= last.1 * 0.05
+        });
+        eprintln!(
+            "data dir: nodescope {} bytes, du -sb {}; open fds: nodescope {fds_seen}, /proc {fds}",
+            last.0, last.1
+        );
+        assert!(agreed, "data dir size {}, du -sb says {} (30 s of readings)", last.0, last.1);
+        let writable = wait_for("the data dir write test", Duration::from_secs(30), || {
+            let m = self.agent.metrics();
+            m.contains("nodescope_datadir_writable")
+                .then(|| metric_sum(&m, "nodescope_datadir_writable", &[("nodescope_target", "ltc")]))
+        });
+        assert_eq!(writable, 1.0, "the node's data dir reads as not writable to its user");
         // health: the endpoints answer
         let (status, body) = http_get(self.agent.port, "/health/live").unwrap();
         assert_eq!(status, 200, "/health/live: {body}");
@@ -715,7 +1013,11 @@ fn dashboard_queries(dash: &Value) -> Vec<(String, String, String)> {
         for p in panels.as_array().into_iter().flatten() {
             for t in p["targets"].as_array().into_iter().flatten() {
                 let title = p["title"].as_str().unwrap_or("?").to_string();
-                out.push((format!("panel {title:?}"), t["expr"].as_str().unwrap_or_default().to_string(), t["legendFormat"].as_str().unwrap_or_default().to_string()));
+                out.push((
+                    format!("panel {title:?}"),
+                    t["expr"].as_str().unwrap_or_default().to_string(),
+                    t["legendFormat"].as_str().unwrap_or_default().to_string(),
+                ));
             }
             walk(&p["panels"], out);
         }
@@ -739,9 +1041,16 @@ fn variable_queries(dash: &Value) -> Vec<(String, String, String)> {
         .filter(|v| v["type"] == "query")
         .map(|v| {
             let q = v["query"]["query"].as_str().or(v["query"].as_str()).unwrap();
-            let inner = q.strip_prefix("label_values(").and_then(|q| q.strip_suffix(')')).unwrap_or_else(|| panic!("variable query {q}"));
+            let inner = q
+                .strip_prefix("label_values(")
+                .and_then(|q| q.strip_suffix(')'))
+                .unwrap_or_else(|| panic!("variable query {q}"));
             let (selector, label) = inner.rsplit_once(',').unwrap();
-            (v["name"].as_str().unwrap().to_string(), selector.trim().to_string(), label.trim().to_string())
+            (
+                v["name"].as_str().unwrap().to_string(),
+                selector.trim().to_string(),
+                label.trim().to_string(),
+            )
         })
         .collect()
 }
@@ -829,7 +1138,10 @@ fn promql_names(expr: &str) -> (BTreeSet<String>, BTreeSet<String>) {
             } else if KEYWORDS.contains(&word.as_str()) {
             } else if j < chars.len() && chars[j] == '(' {
                 // a function or aggregation
-            } else if ["by", "without"].iter().any(|k| chars[j..].iter().collect::<String>().starts_with(k)) {
+            } else if ["by", "without"]
+                .iter()
+                .any(|k| chars[j..].iter().collect::<String>().starts_with(k))
+            {
                 // an aggregation with its label list first: `sum by (x) (...)`
             } else {
                 metrics.insert(word);
@@ -891,8 +1203,15 @@ fn all_queries() -> Vec<(String, String, String)> {
     let docs = yaml_docs(&deploy("prometheus/alerts.yml"));
     for group in docs[0]["groups"].as_array().unwrap() {
         for rule in group["rules"].as_array().unwrap() {
-            let annotations = rule["annotations"].as_object().map(|a| a.values().filter_map(|v| v.as_str()).collect::<Vec<_>>().join("\n")).unwrap_or_default();
-            out.push((format!("alert {}", rule["alert"].as_str().unwrap()), rule["expr"].as_str().unwrap().to_string(), annotations));
+            let annotations = rule["annotations"]
+                .as_object()
+                .map(|a| a.values().filter_map(|v| v.as_str()).collect::<Vec<_>>().join("\n"))
+                .unwrap_or_default();
+            out.push((
+                format!("alert {}", rule["alert"].as_str().unwrap()),
+                rule["expr"].as_str().unwrap().to_string(),
+                annotations,
+            ));
         }
     }
     let dash = grafana();
@@ -905,20 +1224,31 @@ fn all_queries() -> Vec<(String, String, String)> {
 
 /// Grafana's variables as a query sees them when "All" is picked.
 fn substitute_grafana(expr: &str) -> String {
-    expr.replace("$__rate_interval", "15s").replace("$instance", ".*").replace("$target", ".*")
+    expr.replace("$__rate_interval", "15s")
+        .replace("$instance", ".*")
+        .replace("$target", ".*")
 }
 
 /// The dashboard and the alerts, statically: valid JSON with the variables
-/// and panels the dashboard promises, every metric documented in
-/// docs/metrics.md and every runbook link resolving to a heading.
+/// and panels the dashboard promises, every metric documented (docs/metrics.md,
+/// or docs/health.md for the health gauges) and every runbook link resolving
+/// to a heading.
 #[test]
 fn dashboard_and_alerts_reference_documented_metrics() {
     let dash = grafana();
     assert_eq!(dash["schemaVersion"], 39);
     let vars = variable_queries(&dash);
     let target = vars.iter().find(|(n, _, _)| n == "target").expect("a `target` variable");
-    assert!(target.1.starts_with("nodescope_connection_open") && target.2 == "nodescope_target", "{target:?}");
-    let ds = dash["templating"]["list"].as_array().unwrap().iter().find(|v| v["type"] == "datasource").expect("a data source variable");
+    assert!(
+        target.1.starts_with("nodescope_connection_open") && target.2 == "nodescope_target",
+        "{target:?}"
+    );
+    let ds = dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["type"] == "datasource")
+        .expect("a data source variable");
     assert_eq!(ds["name"], "DS_PROMETHEUS");
     fn datasources(v: &Value, out: &mut Vec<String>) {
         match v {
@@ -934,7 +1264,10 @@ fn dashboard_and_alerts_reference_documented_metrics() {
     }
     let mut uids = Vec::new();
     datasources(&dash["panels"], &mut uids);
-    assert!(!uids.is_empty() && uids.iter().all(|u| u == "${DS_PROMETHEUS}"), "panels not on ${{DS_PROMETHEUS}}: {uids:?}");
+    assert!(
+        !uids.is_empty() && uids.iter().all(|u| u == "${DS_PROMETHEUS}"),
+        "panels not on ${{DS_PROMETHEUS}}: {uids:?}"
+    );
     let mut ids = BTreeSet::new();
     fn panel_ids(panels: &Value, ids: &mut BTreeSet<u64>) {
         for p in panels.as_array().into_iter().flatten() {
@@ -944,7 +1277,8 @@ fn dashboard_and_alerts_reference_documented_metrics() {
     }
     panel_ids(&dash["panels"], &mut ids);
 
-    let documented = read(&repo().join("docs/metrics.md"));
+    // docs/metrics.md lists the signals' metrics; docs/health.md its own verdict gauges
+    let documented = read(&repo().join("docs/metrics.md")) + &read(&repo().join("docs/health.md"));
     let mut missing = Vec::new();
     for (place, expr, _) in all_queries() {
         let (metrics, _) = promql_names(&expr);
@@ -958,7 +1292,7 @@ fn dashboard_and_alerts_reference_documented_metrics() {
             }
         }
     }
-    assert!(missing.is_empty(), "metrics not in docs/metrics.md:\n{}", missing.join("\n"));
+    assert!(missing.is_empty(), "metrics in neither docs/metrics.md nor docs/health.md:\n{}", missing.join("\n"));
 
     for (file, anchors) in runbook_anchors() {
         let doc = read(&repo().join(&file));
@@ -973,13 +1307,34 @@ fn dashboard_and_alerts_reference_documented_metrics() {
     }
 }
 
+/// Every `(#anchor)` link in docs/operations.md names one of its headings,
+/// and every deploy/ file it names exists.
+#[test]
+fn operations_doc_links_resolve() {
+    let doc = read(&repo().join("docs/operations.md"));
+    let slugs: BTreeSet<String> = doc.lines().filter(|l| l.starts_with('#')).map(slug).collect();
+    for part in doc.split("](#").skip(1) {
+        let anchor = part.split(')').next().unwrap();
+        assert!(slugs.contains(anchor), "docs/operations.md links to #{anchor}, which is no heading");
+    }
+    for part in doc.split("deploy/").skip(1) {
+        let name: String = part.chars().take_while(|c| c.is_ascii_alphanumeric() || "/._-".contains(*c)).collect();
+        let name = name.trim_end_matches('.');
+        if name.contains('.') {
+            assert!(deploy(name).exists(), "docs/operations.md names deploy/{name}, which does not exist");
+        }
+    }
+}
+
 /// runbook_url targets: file -> anchors.
 fn runbook_anchors() -> BTreeMap<String, BTreeSet<String>> {
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let docs = yaml_docs(&deploy("prometheus/alerts.yml"));
     for group in docs[0]["groups"].as_array().unwrap() {
         for rule in group["rules"].as_array().unwrap() {
-            let url = rule["annotations"]["runbook_url"].as_str().unwrap_or_else(|| panic!("{} has no runbook_url", rule["alert"]));
+            let url = rule["annotations"]["runbook_url"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{} has no runbook_url", rule["alert"]));
             let (file, anchor) = url.split_once('#').unwrap();
             out.entry(file.to_string()).or_default().insert(anchor.to_string());
         }
@@ -1040,7 +1395,9 @@ impl Prometheus {
             .spawn()
             .unwrap();
         let p = Prometheus { child, port, dir };
-        wait_for("prometheus ready", Duration::from_secs(30), || http_get(port, "/-/ready").ok().filter(|(s, _)| *s == 200));
+        wait_for("prometheus ready", Duration::from_secs(30), || {
+            http_get(port, "/-/ready").ok().filter(|(s, _)| *s == 200)
+        });
         p
     }
 
@@ -1052,7 +1409,10 @@ impl Prometheus {
     }
 
     fn query(&self, expr: &str) -> Vec<Value> {
-        self.api(&format!("/api/v1/query?query={}", urlencode(expr)))["data"]["result"].as_array().unwrap().clone()
+        self.api(&format!("/api/v1/query?query={}", urlencode(expr)))["data"]["result"]
+            .as_array()
+            .unwrap()
+            .clone()
     }
 }
 
@@ -1060,7 +1420,10 @@ impl Drop for Prometheus {
     fn drop(&mut self) {
         stop_child(&mut self.child, Duration::from_secs(10));
         if std::thread::panicking() {
-            eprintln!("--- prometheus log ---\n{}", std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default());
+            eprintln!(
+                "--- prometheus log ---\n{}",
+                std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+            );
         }
     }
 }
@@ -1069,7 +1432,10 @@ impl Drop for Prometheus {
 /// return data from the live agent.
 const NOT_IN_SCENE: &[(&str, &str)] = &[
     ("nodescope_cgroup_memory_limit_bytes", "the test's cgroup has no memory limit"),
-    ("nodescope_datadir_days_until_full", "a regtest data dir does not grow steadily enough for a forecast"),
+    (
+        "nodescope_datadir_days_until_full",
+        "a regtest data dir does not grow steadily enough for a forecast",
+    ),
 ];
 
 /// Against a live agent watching a real node, scraped by a real Prometheus
@@ -1098,7 +1464,12 @@ fn queries_match_a_live_agent() {
             set.insert(kv.split_once('=').unwrap().0.to_string());
         }
     }
-    let all_labels: BTreeSet<String> = exported.values().flatten().cloned().chain(["job", "instance", "le"].map(String::from)).collect();
+    let all_labels: BTreeSet<String> = exported
+        .values()
+        .flatten()
+        .cloned()
+        .chain(["job", "instance", "le"].map(String::from))
+        .collect();
 
     let mut problems = Vec::new();
     for (place, expr, templates) in all_queries() {
@@ -1140,25 +1511,85 @@ fn queries_match_a_live_agent() {
         answered += !result.is_empty() as usize;
     }
     for (name, selector, label) in variable_queries(&dash) {
-        let values: BTreeSet<String> = prom.query(&substitute_grafana(&selector)).iter().filter_map(|s| s["metric"][&label].as_str().map(String::from)).collect();
+        let values: BTreeSet<String> = prom
+            .query(&substitute_grafana(&selector))
+            .iter()
+            .filter_map(|s| s["metric"][&label].as_str().map(String::from))
+            .collect();
         if name == "target" && !values.contains("ltc") {
             problems.push(format!("variable $target does not list the target: {values:?}"));
         }
     }
     eprintln!("{answered} dashboard queries returned data; {evaluated} alert rules evaluated");
+
+    // The agent fits the memory the artifacts give it: its peak RSS plus
+    // its BPF maps (charged to its cgroup), from the kernel's own accounts.
+    let (rss, maps) = agent_memory(scene.agent.pid);
+    let manifest = Manifest::load();
+    let k8s_limit = parse_quantity(manifest.container()["resources"]["limits"]["memory"].as_str().unwrap());
+    let unit_limit = parse_quantity(&unit_value(&shipped_unit(), "MemoryMax").unwrap());
+    eprintln!(
+        "agent memory: peak RSS {} MiB + BPF maps {} MiB; limits: DaemonSet {} MiB, unit {} MiB",
+        rss >> 20,
+        maps >> 20,
+        k8s_limit >> 20,
+        unit_limit >> 20
+    );
+    for limit in [k8s_limit, unit_limit] {
+        assert!((rss + maps) * 2 <= limit, "the agent's {} MiB leave less than half of a {} MiB limit free", (rss + maps) >> 20, limit >> 20);
+    }
     assert!(problems.is_empty(), "{}\n\nthe agent exported:\n{scrape}", problems.join("\n"));
     drop(prom);
     drop(scene);
 }
 
+/// (peak RSS, memlock of its BPF maps) in bytes, from /proc/PID/status and
+/// the maps' fdinfo.
+fn agent_memory(pid: u32) -> (u64, u64) {
+    let kb = |field: &str| -> u64 {
+        let status = read(Path::new(&format!("/proc/{pid}/status")));
+        let line = status.lines().find_map(|l| l.strip_prefix(field)).unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
+        line.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap() * 1024
+    };
+    let mut maps = BTreeMap::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        if std::fs::read_link(fd.path()).map(|l| l == Path::new("anon_inode:bpf-map")).unwrap_or(false) {
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())).unwrap_or_default();
+            let field = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse::<u64>().ok());
+            if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
+                maps.insert(id, memlock);
+            }
+        }
+    }
+    assert!(!maps.is_empty(), "no BPF maps held by the agent");
+    (kb("VmHWM:"), maps.values().sum())
+}
+
+/// "256Mi" (Kubernetes) or "512M" (systemd, 1024-based) in bytes.
+fn parse_quantity(q: &str) -> u64 {
+    let digits: String = q.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let n: u64 = digits.parse().unwrap_or_else(|_| panic!("quantity {q}"));
+    n << match &q[digits.len()..] {
+        "Ki" | "K" => 10,
+        "Mi" | "M" => 20,
+        "Gi" | "G" => 30,
+        other => panic!("unit {other} of {q}"),
+    }
+}
+
 #[test]
 fn promql_names_splits_metrics_from_labels() {
-    let (m, l) = promql_names(r#"histogram_quantile(0.99, sum by (job, le) (rate(a_bucket{x="1,2}", y=~"$t"}[5m]))) > 1 and on(job) b / c offset 5m"#);
+    let (m, l) = promql_names(
+        r#"histogram_quantile(0.99, sum by (job, le) (rate(a_bucket{x="1,2}", y=~"$t"}[5m]))) > 1 and on(job) b / c offset 5m"#,
+    );
     assert_eq!(m, ["a_bucket", "b", "c"].map(String::from).into());
     assert_eq!(l, ["job", "le", "x", "y"].map(String::from).into());
     let (m, _) = promql_names("-sum(rate(x_total[$__rate_interval])) * 1e3");
     assert_eq!(m, ["x_total"].map(String::from).into());
-    assert_eq!(template_labels("{{nodescope_target}} {{ le }} $labels.instance x"), ["instance", "le", "nodescope_target"].map(String::from).into());
+    assert_eq!(
+        template_labels("{{nodescope_target}} {{ le }} $labels.instance x"),
+        ["instance", "le", "nodescope_target"].map(String::from).into()
+    );
     assert_eq!(slug("## Kernel tables full"), "kernel-tables-full");
     assert_eq!(slug("### `node_down`"), "node_down");
 }

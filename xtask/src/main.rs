@@ -44,9 +44,14 @@ const TEST_PACKAGES: &[&str] = &[
     "iproute2", "procps",
     // resources tests: loop-mounted ext4, df/du, setpriv/prlimit, a python3 memory hog
     "e2fsprogs", "mount", "coreutils", "util-linux", "python3",
+    // deploy tests: systemd-analyze verify/security/syscall-filter
+    "systemd",
+    // disk tests: monerod regtest (LMDB writes and msync)
+    "monero",
 ];
-/// PyPI packages the tests use: rotel ships a real OTLP collector binary.
-const TEST_PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "rotel")];
+/// PyPI packages the tests use (module, package): rotel ships a real OTLP
+/// collector binary; kubernetes-validate checks manifests against the API schemas.
+const TEST_PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "rotel"), ("kubernetes_validate", "kubernetes-validate")];
 const RUN_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc", "litecoind"];
 const BENCH_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc", "iperf3", "bpftool", "fio", "procps"];
 
