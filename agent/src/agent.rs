@@ -109,9 +109,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let interval = config.agent.interval;
     // Under systemd (Type=notify): READY once the first collection is done,
-    // then a watchdog ping per loop, so a stuck loop gets the agent restarted.
+    // then watchdog pings, so a stuck loop gets the agent restarted.
     let mut watchdog_usec = 0;
-    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+    // Pinged at half the period systemd expects, also while the loop waits
+    // out a long interval; a collection that hangs stops the pings.
+    let watchdog_period = sd_notify::watchdog_enabled(false, &mut watchdog_usec)
+        .then(|| std::time::Duration::from_micros(watchdog_usec / 2));
     let mut ready_sent = false;
     loop {
         let started = Instant::now();
@@ -143,13 +146,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
             ready_sent = true;
         }
-        if watchdog {
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-        }
-        let spent = started.elapsed();
-        match stop.recv_timeout(interval.saturating_sub(spent)) {
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
-            Err(RecvTimeoutError::Timeout) => {}
+        if !wait_for_next(&stop, started + interval, watchdog_period) {
+            break;
         }
     }
 
@@ -159,4 +157,23 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let _ = runtime.block_on(server);
     telemetry.shutdown();
     Ok(())
+}
+
+/// Waits until `deadline`, pinging the systemd watchdog every `watchdog`
+/// period meanwhile. False when the agent should stop.
+fn wait_for_next(stop: &mpsc::Receiver<()>, deadline: Instant, watchdog: Option<std::time::Duration>) -> bool {
+    loop {
+        if watchdog.is_some() {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        let step = watchdog.map_or(left, |w| w.min(left));
+        match stop.recv_timeout(step) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return false,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
 }
