@@ -10,8 +10,11 @@
  * the caller belongs to a watched node: its cgroup2 group is a watched group,
  * or its tgid is a watched process. The exit tracepoint adds the return
  * value (the bytes really written) and one call to the record of the file,
- * or the latency to a log2 histogram. So each write costs two small hash
- * updates and one lookup-and-add; nothing is sent to user space per call.
+ * or the latency to a log2 histogram. So a write of a watched process costs
+ * a lookup of the thread's slot at enter and at exit and one lookup-and-add
+ * on the file's record; other processes' writes cost the cgroup (and pid)
+ * lookup at enter and the slot lookup at exit. Nothing goes to user space
+ * per call.
  *
  * Attribution. A record is keyed by (tgid, fd) and made at the first write or
  * sync through that fd. Making it reads the file's type and the last
@@ -67,13 +70,17 @@ struct inflight {
 	__u64 start_ns; /* syncs only */
 	__u64 arg;      /* the fd, or msync's address */
 	__u32 target;
-	__u32 call;     /* NS_DISK_WRITE... or NS_DISK_FSYNC... */
+	__u32 call;     /* NS_DISK_WRITE... or NS_DISK_FSYNC..., or NO_CALL */
 };
 
-/* thread id -> the call it is in. A thread is in one syscall at a time, so
- * the entry is consumed by that call's exit. */
+#define NO_CALL 0xffffffff
+
+/* thread id -> the call it is in. A thread is in one syscall at a time: the
+ * exit marks the entry NO_CALL rather than deleting it, and the thread's next
+ * call reuses it in place, which is cheaper than an insert and a delete per
+ * call. LRU: entries of threads that are gone make room for new ones. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u32);
 	__type(value, struct inflight);
@@ -278,6 +285,14 @@ static __always_inline int enter(struct ns_sys_enter_ctx *ctx, __u32 call, int t
 	__u32 target;
 	if (!match_target(pid_tgid >> 32, &target))
 		return 0;
+	struct inflight *slot = bpf_map_lookup_elem(&ns_disk_inflight, &tid);
+	if (slot) {
+		slot->start_ns = timed ? bpf_ktime_get_ns() : 0;
+		slot->arg = ctx->args[0];
+		slot->target = target;
+		slot->call = call;
+		return 0;
+	}
 	struct inflight in = {
 		.start_ns = timed ? bpf_ktime_get_ns() : 0,
 		.arg = ctx->args[0],
@@ -294,10 +309,10 @@ static __always_inline int enter(struct ns_sys_enter_ctx *ctx, __u32 call, int t
 static __always_inline int take_inflight(__u32 tid, struct inflight *out)
 {
 	struct inflight *in = bpf_map_lookup_elem(&ns_disk_inflight, &tid);
-	if (!in)
+	if (!in || in->call == NO_CALL)
 		return 0;
 	*out = *in;
-	bpf_map_delete_elem(&ns_disk_inflight, &tid);
+	in->call = NO_CALL;
 	return 1;
 }
 

@@ -300,7 +300,7 @@ impl DiskSignal {
             }
         };
         let Some(per) = self.targets.get_mut(&state.target) else { return };
-        for call in 0..abi::DISK_WRITE_CALLS {
+        for (call, name) in WRITE_CALLS.iter().enumerate() {
             let bytes = rec.bytes[call].saturating_sub(state.bytes[call]);
             let calls = rec.calls[call].saturating_sub(state.calls[call]);
             state.bytes[call] = state.bytes[call].max(rec.bytes[call]);
@@ -308,7 +308,7 @@ impl DiskSignal {
             if calls == 0 && bytes == 0 {
                 continue;
             }
-            let w = per.writes_by_call.entry((state.class.clone(), WRITE_CALLS[call])).or_default();
+            let w = per.writes_by_call.entry((state.class.clone(), *name)).or_default();
             w.bytes += bytes;
             w.calls += calls;
             if bytes > 0 {
