@@ -53,6 +53,9 @@ cat >"$work/nodescope.toml" <<TOML
 listen = "127.0.0.1:$http_port"
 [agent]
 interval = "1s"
+# the network signal alone: the disk probes are measured by bench disk
+[disk]
+enabled = false
 [[targets]]
 name = "bench"
 cgroup = "$cg"
@@ -62,7 +65,8 @@ start_agent() {
     "$bin" run --config "$work/nodescope.toml" >"$work/agent.log" 2>&1 &
     agent=$!
     for _ in $(seq 100); do
-        curl -sf "http://127.0.0.1:$http_port/metrics" >/dev/null 2>&1 && return 0
+        # settle past the agent's own start-up before measuring
+        curl -sf "http://127.0.0.1:$http_port/metrics" >/dev/null 2>&1 && sleep 1 && return 0
         sleep 0.1
     done
     echo "bench: nodescope did not start" >&2; cat "$work/agent.log" >&2; exit 1
