@@ -180,7 +180,6 @@ int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 		return 0;
 	}
 
-	stat_inc(NS_NET_STAT_STATE_EVENTS);
 	if (newstate == TCP_ESTABLISHED && c->state == NS_CONN_CONNECTING) {
 		c->state = NS_CONN_ESTABLISHED;
 		c->start_ns = bpf_ktime_get_boot_ns();
@@ -220,7 +219,6 @@ int tcp_iter(struct bpf_iter__tcp *ctx)
 	__u64 cookie = bpf_get_socket_cookie(skc);
 	struct ns_conn *c = bpf_map_lookup_elem(&ns_conns, &cookie);
 	if (c) {
-		stat_inc(NS_NET_STAT_ITER_SOCKETS);
 		if (c->state == NS_CONN_ESTABLISHED)
 			read_counters(c, tp);
 		return 0;
@@ -243,7 +241,8 @@ int tcp_iter(struct bpf_iter__tcp *ctx)
 	n.state = NS_CONN_ESTABLISHED;
 	fill_endpoints(&n, sk);
 	read_counters(&n, tp);
-	if (bpf_map_update_elem(&ns_conns, &cookie, &n, BPF_NOEXIST) == 0)
-		stat_inc(NS_NET_STAT_ITER_SOCKETS);
+	/* NOEXIST: the state tracepoint may have just made the record */
+	if (bpf_map_update_elem(&ns_conns, &cookie, &n, BPF_NOEXIST) == -E2BIG)
+		stat_inc(NS_NET_STAT_CONN_DROPPED);
 	return 0;
 }

@@ -17,7 +17,7 @@ use crate::http::{self, AppState};
 use crate::net::metrics::NetMetrics;
 use crate::net::{NetSignal, NetSnapshot};
 use crate::snapshot::Shared;
-use crate::target::{Target, Targets};
+use crate::target::Targets;
 use crate::telemetry::Telemetry;
 
 /// What the collection loop itself did, for /health/live.
@@ -41,7 +41,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let net_snapshot = Shared::<NetSnapshot>::default();
     let net_metrics = NetMetrics::register(&meter, net_snapshot.clone());
 
-    let targets_snapshot = Shared::<Vec<Target>>::default();
     let loop_status = Shared::<LoopStatus>::default();
 
     // -- network signal --
@@ -86,7 +85,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         telemetry: telemetry.clone(),
         net: net_snapshot.clone(),
-        targets: targets_snapshot.clone(),
         loop_status: loop_status.clone(),
         disk: disk_snapshot.clone(),
         resources: resources_snapshot.clone(),
@@ -132,7 +130,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         crate::disk::collect_into(&mut disk, current, &disk_metrics, &disk_snapshot);
         // -- resources signal: collect here --
         resources_snapshot.publish(resources.collect(current));
-        targets_snapshot.publish(current.to_vec());
         // -- health: evaluate here (after every signal published) --
         health_snapshot.publish(health_engine.evaluate(&health::Inputs {
             targets: current,

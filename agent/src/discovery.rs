@@ -24,7 +24,6 @@ const PASSWD: &str = "/etc/passwd";
 
 /// proc(5) numbering of the /proc/PID/stat fields we read.
 const STAT_STATE: usize = 3;
-const STAT_PPID: usize = 4;
 const STAT_STARTTIME: usize = 22;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,12 +143,6 @@ pub fn listening_ports(proc_root: &Path, pid: u32) -> Result<Vec<u16>, Discovery
     ports.sort_unstable();
     ports.dedup();
     Ok(ports)
-}
-
-/// Parent pid from /proc/PID/stat.
-pub fn parent_pid(proc_root: &Path, pid: u32) -> Option<u32> {
-    let stat = read_stat(proc_root, pid)?;
-    stat_field(&stat, STAT_PPID)?.parse().ok()
 }
 
 /// Process start time in whole seconds since boot (stat field 22, starttime,
@@ -1061,10 +1054,8 @@ mod tests {
         let sb = Sandbox::new("stat");
         let dir = sb.process(700, "x", &["x"], &[]);
         fs::write(dir.join("stat"), stat_line(700, "a) (b ) S 9 9", 'R', 77, 4242)).unwrap();
-        assert_eq!(parent_pid(&sb.proc_root(), 700), Some(77));
         assert_eq!(start_time_ticks(&sb.proc_root(), 700), Some(4242 / clock_ticks_per_second()));
         assert!(is_alive(&sb.proc_root(), 700));
-        assert_eq!(parent_pid(&sb.proc_root(), 701), None);
         assert_eq!(start_time_ticks(&sb.proc_root(), 701), None);
         assert!(!is_alive(&sb.proc_root(), 701));
         assert!(!is_alive(&sb.proc_root(), 0));
@@ -1182,7 +1173,6 @@ mod tests {
         }
         drop(listener);
         assert!(is_alive(proc_root, me));
-        assert!(parent_pid(proc_root, me).is_some());
         assert!(start_time_ticks(proc_root, me).is_some());
         let comm = read_comm(proc_root, me).unwrap();
         assert!(find_by_name(proc_root, &comm).contains(&me));

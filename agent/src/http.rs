@@ -23,14 +23,12 @@ use crate::disk::DiskSnapshot;
 use crate::health::{endpoints as health_endpoints, HealthSnapshot};
 use crate::resources::ResourceSnapshot;
 use crate::net::NetSnapshot;
-use crate::target::Target;
 use crate::snapshot::Shared;
 use crate::telemetry::Telemetry;
 
 pub struct AppState {
     pub telemetry: Arc<Telemetry>,
     pub net: Shared<NetSnapshot>,
-    pub targets: Shared<Vec<Target>>,
     pub loop_status: Shared<LoopStatus>,
     pub disk: Shared<DiskSnapshot>,
     pub resources: Shared<ResourceSnapshot>,

@@ -181,10 +181,6 @@ impl Targets {
         }
     }
 
-    pub fn current(&self) -> &[Target] {
-        &self.current
-    }
-
     pub fn is_discovering(&self) -> bool {
         self.discover
     }

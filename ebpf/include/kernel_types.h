@@ -151,6 +151,9 @@ enum {
 
 #define RCV_SHUTDOWN 1
 
+/* what a full hash map answers to an insert */
+#define E2BIG 7
+
 #define AF_INET 2
 #define AF_INET6 10
 

@@ -56,9 +56,7 @@ struct ns_conn {
 
 /* Indices of the per-CPU stats array of net.bpf.c. */
 #define NS_NET_STAT_CONN_DROPPED 0  /* connection not tracked: conns map full */
-#define NS_NET_STAT_STATE_EVENTS 1  /* state changes of watched sockets seen */
-#define NS_NET_STAT_ITER_SOCKETS 2  /* watched sockets visited by the iterator */
-#define NS_NET_STAT_MAX 3
+#define NS_NET_STAT_MAX 1
 
 /* ---- disk signal (disk.bpf.c) ------------------------------------------ */
 

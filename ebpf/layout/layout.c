@@ -40,7 +40,6 @@ int main(void)
 	CONST(NS_CONN_F_FIN_ACKED);
 	CONST(NS_CONN_F_FIN_RECEIVED);
 	CONST(NS_NET_STAT_CONN_DROPPED);
-	CONST(NS_NET_STAT_ITER_SOCKETS);
 
 	SIZE(ns_disk_fd_key);
 	FIELD(ns_disk_fd_key, tgid);

@@ -14,7 +14,6 @@ mod layout {
 /// NS_MAX_TARGETS: targets one agent watches.
 pub const MAX_TARGETS: usize = 64;
 
-pub const DIR_UNKNOWN: u8 = 0;
 pub const DIR_INBOUND: u8 = 1;
 pub const DIR_OUTBOUND: u8 = 2;
 
@@ -27,8 +26,6 @@ pub const CONN_F_FIN_ACKED: u8 = 1;
 pub const CONN_F_FIN_RECEIVED: u8 = 2;
 
 pub const NET_STAT_CONN_DROPPED: u32 = 0;
-pub const NET_STAT_STATE_EVENTS: u32 = 1;
-pub const NET_STAT_ITER_SOCKETS: u32 = 2;
 
 /// `struct ns_conn`
 #[repr(C)]
@@ -78,7 +75,6 @@ const _: () = {
     assert!(CONN_F_FIN_ACKED as u32 == layout::NS_CONN_F_FIN_ACKED);
     assert!(CONN_F_FIN_RECEIVED as u32 == layout::NS_CONN_F_FIN_RECEIVED);
     assert!(NET_STAT_CONN_DROPPED == layout::NS_NET_STAT_CONN_DROPPED);
-    assert!(NET_STAT_ITER_SOCKETS == layout::NS_NET_STAT_ITER_SOCKETS);
 };
 
 // ---- disk signal (disk.bpf.c) ----

@@ -47,6 +47,45 @@ pub fn load(object: &'static str, bytes: &[u8], max_entries: &[(&'static str, u3
     loader.load(bytes).map_err(|source| BpfError::Load { object, source })
 }
 
+/// A hash map of a loaded object, with its key and value types.
+pub fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<aya::maps::HashMap<&'a mut aya::maps::MapData, K, V>, BpfError> {
+    let map = ebpf.map_mut(name).ok_or(BpfError::MissingMap(name))?;
+    aya::maps::HashMap::try_from(map).map_err(|source| BpfError::Map { map: name, source })
+}
+
+/// Makes a hash map hold exactly `want`: removes the keys that went away,
+/// writes the entries that are new or changed. For the small target maps the
+/// agent rewrites every interval.
+pub fn sync_map<K, V>(ebpf: &mut Ebpf, name: &'static str, want: &[(K, V)]) -> Result<(), BpfError>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod + PartialEq,
+{
+    let mut map = hash_map::<K, V>(ebpf, name)?;
+    let wanted: std::collections::HashSet<K> = want.iter().map(|(k, _)| *k).collect();
+    let stale: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| !wanted.contains(k)).collect();
+    for k in stale {
+        let _ = map.remove(&k);
+    }
+    for (k, v) in want {
+        if map.get(k, 0).ok().as_ref() != Some(v) {
+            map.insert(k, v, 0).map_err(|source| BpfError::Map { map: name, source })?;
+        }
+    }
+    Ok(())
+}
+
+/// The reader of a per-CPU array of u64 counters: slot -> sum over CPUs.
+pub fn percpu_counters<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<impl Fn(u32) -> u64 + 'a, BpfError> {
+    let map = ebpf.map(name).ok_or(BpfError::MissingMap(name))?;
+    let stats: aya::maps::PerCpuArray<&aya::maps::MapData, u64> =
+        aya::maps::PerCpuArray::try_from(map).map_err(|source| BpfError::Map { map: name, source })?;
+    Ok(move |slot: u32| stats.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0))
+}
+
 /// Classic tracepoints attach through tracefs, which these hosts do not
 /// always mount. Mount it when missing; say which mount is missing when that
 /// fails (an unprivileged container, say).

@@ -1,9 +1,7 @@
 //! Loads `disk.bpf.c`, attaches its syscall tracepoints, tells it which
 //! processes to watch and reads its maps.
 
-use std::collections::HashSet;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::TracePoint;
 use aya::Ebpf;
 
@@ -66,14 +64,6 @@ pub struct KernelStats {
     pub closed_full: u64,
     pub syncs_full: u64,
     pub inflight_full: u64,
-}
-
-fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<BpfHashMap<&'a mut MapData, K, V>, BpfError> {
-    let map = ebpf.map_mut(name).ok_or(BpfError::MissingMap(name))?;
-    BpfHashMap::try_from(map).map_err(|source| BpfError::Map { map: name, source })
 }
 
 fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePoint, BpfError> {
@@ -146,20 +136,20 @@ impl DiskProbe {
                 Scope::Absent => {}
             }
         }
-        sync_map(&mut hash_map::<u64, u32>(&mut self.ebpf, "ns_disk_target_cgroups")?, "ns_disk_target_cgroups", &cgroups)?;
-        sync_map(&mut hash_map::<u32, u32>(&mut self.ebpf, "ns_disk_target_pids")?, "ns_disk_target_pids", &pids)?;
+        bpf::sync_map(&mut self.ebpf, "ns_disk_target_cgroups", &cgroups)?;
+        bpf::sync_map(&mut self.ebpf, "ns_disk_target_pids", &pids)?;
         Ok(())
     }
 
     /// Records of files open now.
     pub fn open_files(&mut self) -> Result<Vec<(abi::DiskFdKey, abi::DiskFile)>, BpfError> {
-        let files = hash_map::<abi::DiskFdKey, abi::DiskFile>(&mut self.ebpf, FILES)?;
+        let files = bpf::hash_map::<abi::DiskFdKey, abi::DiskFile>(&mut self.ebpf, FILES)?;
         Ok(files.iter().filter_map(Result::ok).collect())
     }
 
     /// Forgets the record of an fd whose process is gone.
     pub fn forget_open(&mut self, key: &abi::DiskFdKey) -> Result<(), BpfError> {
-        let mut files = hash_map::<abi::DiskFdKey, abi::DiskFile>(&mut self.ebpf, FILES)?;
+        let mut files = bpf::hash_map::<abi::DiskFdKey, abi::DiskFile>(&mut self.ebpf, FILES)?;
         let _ = files.remove(key);
         Ok(())
     }
@@ -167,7 +157,7 @@ impl DiskProbe {
     /// Final records of files closed since the last call; each is returned
     /// once (deleted from the kernel map as it is read).
     pub fn take_closed(&mut self) -> Result<Vec<abi::DiskFile>, BpfError> {
-        let mut closed = hash_map::<u64, abi::DiskFile>(&mut self.ebpf, CLOSED)?;
+        let mut closed = bpf::hash_map::<u64, abi::DiskFile>(&mut self.ebpf, CLOSED)?;
         let records: Vec<(u64, abi::DiskFile)> = closed.iter().filter_map(Result::ok).collect();
         for (id, _) in &records {
             let _ = closed.remove(id);
@@ -176,21 +166,18 @@ impl DiskProbe {
     }
 
     pub fn syncs(&mut self) -> Result<Vec<(abi::DiskSyncKey, abi::DiskSyncHist)>, BpfError> {
-        let syncs = hash_map::<abi::DiskSyncKey, abi::DiskSyncHist>(&mut self.ebpf, SYNCS)?;
+        let syncs = bpf::hash_map::<abi::DiskSyncKey, abi::DiskSyncHist>(&mut self.ebpf, SYNCS)?;
         Ok(syncs.iter().filter_map(Result::ok).collect())
     }
 
     pub fn forget_sync(&mut self, key: &abi::DiskSyncKey) -> Result<(), BpfError> {
-        let mut syncs = hash_map::<abi::DiskSyncKey, abi::DiskSyncHist>(&mut self.ebpf, SYNCS)?;
+        let mut syncs = bpf::hash_map::<abi::DiskSyncKey, abi::DiskSyncHist>(&mut self.ebpf, SYNCS)?;
         let _ = syncs.remove(key);
         Ok(())
     }
 
     pub fn kernel_stats(&self) -> Result<KernelStats, BpfError> {
-        let map = self.ebpf.map(STATS).ok_or(BpfError::MissingMap(STATS))?;
-        let stats: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| BpfError::Map { map: STATS, source })?;
-        let sum = |i: u32| -> u64 { stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+        let sum = bpf::percpu_counters(&self.ebpf, STATS)?;
         Ok(KernelStats {
             files_full: sum(abi::DISK_STAT_FILES_FULL),
             closed_full: sum(abi::DISK_STAT_CLOSED_FULL),
@@ -198,24 +185,6 @@ impl DiskProbe {
             inflight_full: sum(abi::DISK_STAT_INFLIGHT_FULL),
         })
     }
-}
-
-fn sync_map<K, V>(map: &mut BpfHashMap<&mut MapData, K, V>, name: &'static str, want: &[(K, V)]) -> Result<(), BpfError>
-where
-    K: aya::Pod + Eq + std::hash::Hash,
-    V: aya::Pod + PartialEq,
-{
-    let wanted: HashSet<K> = want.iter().map(|(k, _)| *k).collect();
-    let stale: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| !wanted.contains(k)).collect();
-    for k in stale {
-        let _ = map.remove(&k);
-    }
-    for (k, v) in want {
-        if map.get(k, 0).ok().as_ref() != Some(v) {
-            map.insert(k, v, 0).map_err(|source| BpfError::Map { map: name, source })?;
-        }
-    }
-    Ok(())
 }
 
 /// What `nodescope probes` reports for this signal: each hook attached for

@@ -111,10 +111,6 @@ impl<K: Hash + Eq + Clone + Ord> ByteBook<K> {
         }
         out
     }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
 }
 
 #[cfg(test)]
@@ -152,8 +148,8 @@ mod tests {
         assert_eq!(book.export(5), vec![(Some("a"), b(0, 0)), (None, b(7, 7))]);
         book.close(&"a", t0);
         book.expire(Duration::from_secs(60), t0 + Duration::from_secs(59));
-        assert_eq!(book.len(), 1);
+        assert_eq!(book.entries.len(), 1);
         book.expire(Duration::from_secs(60), t0 + Duration::from_secs(61));
-        assert_eq!(book.len(), 0);
+        assert_eq!(book.entries.len(), 0);
     }
 }

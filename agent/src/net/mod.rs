@@ -74,8 +74,6 @@ impl TargetNet {
 pub struct NetSnapshot {
     pub targets: Vec<TargetNet>,
     pub kernel: KernelStats,
-    /// Records the agent dropped because their target is gone.
-    pub orphans: u64,
 }
 
 /// What the agent remembers of one kernel record between reads.
@@ -101,7 +99,6 @@ pub struct NetSignal {
     limits: Limits,
     tracked: HashMap<u64, Tracked>,
     targets: BTreeMap<u32, PerTarget>,
-    orphans: u64,
 }
 
 impl NetSignal {
@@ -111,7 +108,6 @@ impl NetSignal {
             limits: limits.clone(),
             tracked: HashMap::new(),
             targets: BTreeMap::new(),
-            orphans: 0,
         })
     }
 
@@ -139,8 +135,8 @@ impl NetSignal {
         let mut lifetimes: HashMap<u32, Vec<(Direction, Service, f64)>> = HashMap::new();
         let mut seen = Vec::with_capacity(records.len());
         for (cookie, rec) in records {
+            // its target went away with the record still open: nothing to report it under
             let Some(target) = by_index.get(&rec.target) else {
-                self.orphans += 1;
                 self.tracked.remove(&cookie);
                 let _ = self.probe.forget(cookie);
                 continue;
@@ -230,7 +226,7 @@ impl NetSignal {
         }
 
         let kernel = self.probe.kernel_stats()?;
-        let mut snapshot = NetSnapshot { targets: Vec::new(), kernel, orphans: self.orphans };
+        let mut snapshot = NetSnapshot { targets: Vec::new(), kernel };
         for t in targets {
             let per = self.targets.get_mut(&t.index).expect("inserted above");
             per.peers.expire(self.limits.peer_ttl, now);

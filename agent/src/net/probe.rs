@@ -1,9 +1,7 @@
 //! Loads `net.bpf.c`, tells it which sockets to watch and reads its records.
 
-use std::collections::HashSet;
 use std::io::Read;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::{BtfTracePoint, Iter};
 use aya::Ebpf;
 
@@ -24,8 +22,6 @@ pub struct NetProbe {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KernelStats {
     pub conn_dropped: u64,
-    pub state_events: u64,
-    pub iter_sockets: u64,
 }
 
 fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
@@ -36,14 +32,6 @@ where
         .ok_or(BpfError::MissingProgram(name))?
         .try_into()
         .map_err(|source| BpfError::Program { program: name, source })
-}
-
-fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<BpfHashMap<&'a mut MapData, K, V>, BpfError> {
-    let map = ebpf.map_mut(name).ok_or(BpfError::MissingMap(name))?;
-    BpfHashMap::try_from(map).map_err(|source| BpfError::Map { map: name, source })
 }
 
 impl NetProbe {
@@ -79,13 +67,13 @@ impl NetProbe {
                 Scope::Absent => {}
             }
         }
-        sync_map(&mut hash_map::<u64, u32>(&mut self.ebpf, "ns_target_cgroups")?, "ns_target_cgroups", &cgroups)?;
-        sync_map(&mut hash_map::<u32, u32>(&mut self.ebpf, "ns_target_pids")?, "ns_target_pids", &pids)?;
-        sync_map(&mut hash_map::<u16, u32>(&mut self.ebpf, "ns_target_ports")?, "ns_target_ports", &ports)?;
+        bpf::sync_map(&mut self.ebpf, "ns_target_cgroups", &cgroups)?;
+        bpf::sync_map(&mut self.ebpf, "ns_target_pids", &pids)?;
+        bpf::sync_map(&mut self.ebpf, "ns_target_ports", &ports)?;
         // Only for adopting connections older than the agent: past the map's
         // size the rest are left out (the node's newer sockets need no inode).
         inodes.truncate(INODE_MAP_SIZE);
-        sync_map(&mut hash_map::<u64, u32>(&mut self.ebpf, "ns_target_inodes")?, "ns_target_inodes", &inodes)?;
+        bpf::sync_map(&mut self.ebpf, "ns_target_inodes", &inodes)?;
         Ok(())
     }
 
@@ -101,7 +89,7 @@ impl NetProbe {
         let mut sink = Vec::new();
         file.read_to_end(&mut sink).map_err(|e| BpfError::Iter(e.to_string()))?;
 
-        let mut conns = hash_map::<u64, abi::Conn>(&mut self.ebpf, "ns_conns")?;
+        let mut conns = bpf::hash_map::<u64, abi::Conn>(&mut self.ebpf, "ns_conns")?;
         let records: Vec<(u64, abi::Conn)> = conns.iter().filter_map(Result::ok).collect();
         for (cookie, c) in &records {
             if c.state == abi::CONN_CLOSED || c.state == abi::CONN_FAILED {
@@ -114,43 +102,17 @@ impl NetProbe {
 
     /// Forgets a record the agent no longer wants (its target went away).
     pub fn forget(&mut self, cookie: u64) -> Result<(), BpfError> {
-        let mut conns = hash_map::<u64, abi::Conn>(&mut self.ebpf, "ns_conns")?;
+        let mut conns = bpf::hash_map::<u64, abi::Conn>(&mut self.ebpf, "ns_conns")?;
         let _ = conns.remove(&cookie);
         Ok(())
     }
 
     pub fn kernel_stats(&self) -> Result<KernelStats, BpfError> {
-        let name = "ns_net_stats";
-        let map = self.ebpf.map(name).ok_or(BpfError::MissingMap(name))?;
-        let stats: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| BpfError::Map { map: name, source })?;
-        let sum = |i: u32| -> u64 {
-            stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0)
-        };
+        let sum = bpf::percpu_counters(&self.ebpf, "ns_net_stats")?;
         Ok(KernelStats {
             conn_dropped: sum(abi::NET_STAT_CONN_DROPPED),
-            state_events: sum(abi::NET_STAT_STATE_EVENTS),
-            iter_sockets: sum(abi::NET_STAT_ITER_SOCKETS),
         })
     }
-}
-
-fn sync_map<K, V>(map: &mut BpfHashMap<&mut MapData, K, V>, name: &'static str, want: &[(K, V)]) -> Result<(), BpfError>
-where
-    K: aya::Pod + Eq + std::hash::Hash,
-    V: aya::Pod + PartialEq,
-{
-    let wanted: HashSet<K> = want.iter().map(|(k, _)| *k).collect();
-    let stale: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| !wanted.contains(k)).collect();
-    for k in stale {
-        let _ = map.remove(&k);
-    }
-    for (k, v) in want {
-        if map.get(k, 0).ok().as_ref() != Some(v) {
-            map.insert(k, v, 0).map_err(|source| BpfError::Map { map: name, source })?;
-        }
-    }
-    Ok(())
 }
 
 /// What `nodescope probes` reports for this signal: each hook loaded (and
