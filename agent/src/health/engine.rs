@@ -257,7 +257,7 @@ mod tests {
         let mut e = HealthEngine::new(&config("[rules.no_peers]\nfor = \"10s\"\nclear_after = \"5s\"\n[rules.partition_suspected]\nenabled = false\n"));
         let targets = [target(Some(1))];
         let (disk, res) = (DiskSnapshot::default(), ResourceSnapshot::default());
-        let mut at = |e: &mut HealthEngine, s: u64, peers: usize| {
+        let at = |e: &mut HealthEngine, s: u64, peers: usize| {
             let n = net(peers);
             let inputs = Inputs { targets: &targets, net: &n, disk: &disk, resources: &res, probes_attached: true };
             e.evaluate_at(&inputs, Duration::from_secs(s), 1000.0 + s as f64)
