@@ -42,7 +42,7 @@ fn assert_peers_match(node: &Litecoind, agent: &Agent) {
         if stable >= 1 && mismatch.is_empty() {
             for p in &theirs {
                 let (ip, port) = p["addr"].as_str().unwrap().rsplit_once(':').unwrap();
-                let o = ours.iter().find(|o| o["address"] == ip && o["port"].to_string() == port).unwrap();
+                let o = ours.iter().find(|o| o["address"] == ip && o["port"].as_u64() == port.parse().ok()).unwrap();
                 eprintln!(
                     "peer {}: sent {} (node {}), received {} (node {})",
                     p["addr"], o["bytes_sent"], p["bytessent"], o["bytes_received"], p["bytesrecv"]

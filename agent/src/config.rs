@@ -26,7 +26,7 @@ impl ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub http: HttpConfig,
@@ -39,22 +39,6 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     /// `[rules.<id>]`: health rule settings for every target.
     pub rules: BTreeMap<String, RuleConfig>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            http: HttpConfig::default(),
-            agent: AgentConfig::default(),
-            limits: Limits::default(),
-            log: LogConfig::default(),
-            otlp: OtlpConfig::default(),
-            resources: ResourcesConfig::default(),
-            disk: DiskConfig::default(),
-            targets: Vec::new(),
-            rules: BTreeMap::new(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
