@@ -267,3 +267,89 @@ fn attaches_when_the_node_appears() {
     drop((agent, peer, node));
     drop(cgroup);
 }
+
+/// Cardinality: with limits.top_peers = 1, only the peer with the most bytes
+/// keeps its own series and the rest are summed into "other"; /peers still
+/// lists every connection; a peer's series leaves /metrics once peer_ttl has
+/// passed since its last connection closed. The node here is a plain TCP
+/// server in the watched cgroup, its peers clients from distinct loopback
+/// addresses sending byte counts the test chose.
+#[test]
+fn top_peers_cut_and_ttl() {
+    use std::io::{Read, Write};
+    require_root();
+    let cgroup = Cgroup::new();
+    let dir = TempDir::new("topn");
+    let port = free_port();
+    let server_py = format!(
+        "import socket, threading\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0',{port})); s.listen(16)\n\
+def serve(c):\n    while c.recv(65536): pass\n    c.close()\n\
+while True:\n    c,_=s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()\n"
+    );
+    let mut server = spawn_in(Some(&cgroup), "python3", &["-c".into(), server_py], &dir.path().join("server.log"));
+    let agent = Agent::start(&format!(
+        "[agent]\ninterval = \"300ms\"\n[limits]\ntop_peers = 1\npeer_ttl = \"3s\"\n\n[[targets]]\nname = \"topn\"\ncgroup = \"{}\"\np2p_ports = [{port}]\n",
+        cgroup.path.display()
+    ));
+    wait_for("server listening", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop));
+
+    let sent: [(&str, usize); 3] = [("127.0.0.2", 30_000), ("127.0.0.3", 20_000), ("127.0.0.4", 10_000)];
+    let mut clients = Vec::new();
+    for (ip, n) in sent {
+        let mut c = client_from(ip, port);
+        c.write_all(&vec![b'x'; n]).unwrap();
+        clients.push(c);
+    }
+    let series = |m: &str, addr: &str| {
+        metric_sum(m, "nodescope_peer_io_bytes_total", &[("nodescope_target", "topn"), ("network_peer_address", addr), ("network_io_direction", "receive")])
+    };
+    let m = wait_for("the top peer and other", Duration::from_secs(20), || {
+        let m = agent.metrics();
+        (series(&m, "127.0.0.2") == 30_000.0 && series(&m, "other") == 30_000.0).then_some(m)
+    });
+    assert!(!m.contains("network_peer_address=\"127.0.0.3\"") && !m.contains("network_peer_address=\"127.0.0.4\""), "{m}");
+    let listed: Vec<Value> = peers_of_target(&agent, "topn");
+    for (ip, n) in sent {
+        assert!(listed.iter().any(|p| p["address"] == ip && p["bytes_received"] == n as u64), "{ip} with {n} bytes in /peers: {listed:?}");
+    }
+
+    // closed: the peer's series stays for peer_ttl, then goes; "other" stays
+    for mut c in clients {
+        c.shutdown(std::net::Shutdown::Both).unwrap();
+        let _ = c.read(&mut [0u8; 1]);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(series(&agent.metrics(), "127.0.0.2"), 30_000.0, "gone before its TTL");
+    wait_for("the top peer's series to expire", Duration::from_secs(15), || {
+        let m = agent.metrics();
+        (!m.contains("network_peer_address=\"127.0.0.2\"") && series(&m, "other") == 30_000.0).then_some(())
+    });
+    drop(agent);
+    stop_child(&mut server, Duration::from_secs(5));
+    drop(cgroup);
+}
+
+fn peers_of_target(agent: &Agent, name: &str) -> Vec<Value> {
+    let v = agent.json("/peers");
+    v["targets"].as_array().unwrap().iter().find(|t| t["name"] == name).map(|t| t["peers"].as_array().unwrap().clone()).unwrap_or_default()
+}
+
+/// A TCP client whose source address is `ip` (any 127/8 address works on loopback).
+fn client_from(ip: &str, port: u16) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket/bind/connect on a fresh fd we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let mut local: libc::sockaddr_in = std::mem::zeroed();
+        local.sin_family = libc::AF_INET as u16;
+        local.sin_addr.s_addr = u32::from_ne_bytes(ip.parse::<std::net::Ipv4Addr>().unwrap().octets());
+        assert_eq!(libc::bind(fd, &local as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as u32), 0);
+        let mut remote: libc::sockaddr_in = std::mem::zeroed();
+        remote.sin_family = libc::AF_INET as u16;
+        remote.sin_port = port.to_be();
+        remote.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        assert_eq!(libc::connect(fd, &remote as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as u32), 0);
+        std::net::TcpStream::from_raw_fd(fd)
+    }
+}
