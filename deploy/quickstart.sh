@@ -45,6 +45,9 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+# free loopback ports: a fixed port may still be held (TIME_WAIT) by an earlier run
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+a_p2p=$(free_port); a_rpc=$(free_port); b_p2p=$(free_port); b_rpc=$(free_port)
 common=(-regtest -rpcuser=demo -rpcpassword=demo -listen=1 -bind=127.0.0.1 -rpcbind=127.0.0.1
         -rpcallowip=127.0.0.1 -dnsseed=0 -discover=0 -listenonion=0 -fallbackfee=0.0002 -printtoconsole=0 -daemon=0)
 mkdir -p "$work/a" "$work/b"
@@ -53,25 +56,25 @@ if [ -n "$cg2" ]; then
     cgroup="$cg2/nodescope-demo-$$"
     mkdir "$cgroup"
     sh -c 'echo $$ > "$0/cgroup.procs" && shift && exec "$@"' "$cgroup" _ \
-        litecoind "${common[@]}" -datadir="$work/a" -port=19444 -rpcport=19443 -connect=0 &
+        litecoind "${common[@]}" -datadir="$work/a" -port="$a_p2p" -rpcport="$a_rpc" -connect=0 &
 else
-    litecoind "${common[@]}" -datadir="$work/a" -port=19444 -rpcport=19443 -connect=0 &
+    litecoind "${common[@]}" -datadir="$work/a" -port="$a_p2p" -rpcport="$a_rpc" -connect=0 &
 fi
 pids+=($!)
-litecoind "${common[@]}" -datadir="$work/b" -port=19544 -rpcport=19543 -connect=127.0.0.1:19444 &
+litecoind "${common[@]}" -datadir="$work/b" -port="$b_p2p" -rpcport="$b_rpc" -connect=127.0.0.1:"$a_p2p" &
 pids+=($!)
 
 cli() { local port=$1; shift; litecoin-cli -regtest -rpcuser=demo -rpcpassword=demo -rpcport="$port" "$@"; }
-for _ in $(seq 120); do cli 19443 getblockcount >/dev/null 2>&1 && cli 19543 getblockcount >/dev/null 2>&1 && break; sleep 0.5; done
-cli 19443 createwallet demo >/dev/null
-cli 19543 createwallet demo >/dev/null
-cli 19443 generatetoaddress 101 "$(cli 19443 getnewaddress)" >/dev/null
+for _ in $(seq 120); do cli "$a_rpc" getblockcount >/dev/null 2>&1 && cli "$b_rpc" getblockcount >/dev/null 2>&1 && break; sleep 0.5; done
+cli "$a_rpc" createwallet demo >/dev/null
+cli "$b_rpc" createwallet demo >/dev/null
+cli "$a_rpc" generatetoaddress 101 "$(cli "$a_rpc" getnewaddress)" >/dev/null
 
 # a block every 10 s with a payment from A to B in it, for at most a day
 (
     for _ in $(seq 8640); do
-        cli 19443 sendtoaddress "$(cli 19543 getnewaddress)" 0.1 >/dev/null 2>&1 || true
-        cli 19443 generatetoaddress 1 "$(cli 19443 getnewaddress)" >/dev/null 2>&1 || true
+        cli "$a_rpc" sendtoaddress "$(cli "$b_rpc" getnewaddress)" 0.1 >/dev/null 2>&1 || true
+        cli "$a_rpc" generatetoaddress 1 "$(cli "$a_rpc" getnewaddress)" >/dev/null 2>&1 || true
         sleep 10
     done
 ) &

@@ -181,7 +181,10 @@ fn run(config: Option<PathBuf>) -> Result<(), String> {
     if let Some(c) = config {
         cmd.arg(c);
     }
-    status(&mut cmd)
+    // Become the script, so Ctrl-C (or a SIGINT/SIGTERM to this pid) reaches
+    // its trap, which stops the demo network it started.
+    use std::os::unix::process::CommandExt;
+    Err(format!("exec {cmd:?}: {}", cmd.exec()))
 }
 
 fn bench(which: &str) -> Result<(), String> {
