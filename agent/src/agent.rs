@@ -43,7 +43,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let loop_status = Shared::<LoopStatus>::default();
 
-    // -- network signal --
+    // Each signal registers its own instruments on the one meter.
+    // network
     let mut net = match NetSignal::load(&config.limits) {
         Ok(n) => Some(n),
         Err(e) => {
@@ -52,15 +53,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     };
 
-    // -- disk signal: set up here --
+    // disk
     let disk_snapshot = Shared::<crate::disk::DiskSnapshot>::default();
     let disk_metrics = crate::disk::metrics::DiskMetrics::register(&meter, disk_snapshot.clone());
     let mut disk = crate::disk::start(&config.disk);
-    // -- resources signal: set up here --
+    // resources
     let resources_snapshot = Shared::<crate::resources::ResourceSnapshot>::default();
     crate::resources::metrics::register(&meter, resources_snapshot.clone());
     let mut resources = crate::resources::ResourceSignal::new(&config.resources);
-    // -- health: set up here --
+    // health, over the snapshots of the signals above
     let mut health_engine = HealthEngine::new(&config);
     let health_snapshot = Shared::<HealthSnapshot>::default();
     health_snapshot.publish(health_engine.initial());
@@ -86,8 +87,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         telemetry: telemetry.clone(),
         net: net_snapshot.clone(),
         loop_status: loop_status.clone(),
-        disk: disk_snapshot.clone(),
-        resources: resources_snapshot.clone(),
         health: health_snapshot.clone(),
     });
     let (stop_http, stop_rx) = tokio::sync::watch::channel(false);
@@ -126,16 +125,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 Err(e) => tracing::error!("network collection failed: {e}"),
             }
         }
-        // -- disk signal: collect here --
         crate::disk::collect_into(&mut disk, current, &disk_metrics, &disk_snapshot);
-        // -- resources signal: collect here --
         resources_snapshot.publish(resources.collect(current));
-        // -- health: evaluate here (after every signal published) --
+        // after every signal has published this interval's snapshot
         health_snapshot.publish(health_engine.evaluate(&health::Inputs {
             targets: current,
             net: &net_snapshot.get(),
-            disk: &state.disk.get(),
-            resources: &state.resources.get(),
+            disk: &disk_snapshot.get(),
+            resources: &resources_snapshot.get(),
             probes_attached: net.is_some(),
         }));
         loop_status.publish(LoopStatus { last_run: Some(Instant::now()), runs: loop_status.get().runs + 1, interval });

@@ -19,9 +19,7 @@ use tokio::net::TcpListener;
 
 use crate::agent::LoopStatus;
 use crate::config::HttpConfig;
-use crate::disk::DiskSnapshot;
 use crate::health::{endpoints as health_endpoints, HealthSnapshot};
-use crate::resources::ResourceSnapshot;
 use crate::net::NetSnapshot;
 use crate::snapshot::Shared;
 use crate::telemetry::Telemetry;
@@ -30,8 +28,6 @@ pub struct AppState {
     pub telemetry: Arc<Telemetry>,
     pub net: Shared<NetSnapshot>,
     pub loop_status: Shared<LoopStatus>,
-    pub disk: Shared<DiskSnapshot>,
-    pub resources: Shared<ResourceSnapshot>,
     pub health: Shared<HealthSnapshot>,
 }
 
