@@ -174,8 +174,11 @@ static __always_inline __u64 next_id(void)
 	return ((__u64)bpf_get_smp_processor_id() << 48) | (*seq & ((1ULL << 48) - 1));
 }
 
-/* Fills in what the record's file is: its type and the tail of its path. */
-static __always_inline void describe(struct ns_disk_file *n, __u32 fd)
+/* Fills in what the record's file is: its type and the tail of its path.
+ * False when the fd is no longer open (another thread closed it during the
+ * call): a record then would outlive the fd and misdescribe the next file
+ * that gets its number. */
+static __always_inline int describe(struct ns_disk_file *n, __u32 fd)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
@@ -183,15 +186,13 @@ static __always_inline void describe(struct ns_disk_file *n, __u32 fd)
 	struct file *file = NULL;
 
 	if (fd >= BPF_CORE_READ(fdt, max_fds) ||
-	    bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file) {
-		n->flags |= NS_DISK_F_NOT_FILE; /* closed already: nothing to attribute */
-		return;
-	}
+	    bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return 0;
 	__u16 mode = BPF_CORE_READ(file, f_inode, i_mode);
 	/* directories: fsync of a directory after creating files in it */
 	if ((mode & S_IFMT) != S_IFREG && (mode & S_IFMT) != S_IFDIR) {
 		n->flags |= NS_DISK_F_NOT_FILE;
-		return;
+		return 1;
 	}
 	struct dentry *d = BPF_CORE_READ(file, f_path.dentry);
 #pragma unroll
@@ -201,10 +202,11 @@ static __always_inline void describe(struct ns_disk_file *n, __u32 fd)
 		n->depth = i + 1;
 		struct dentry *parent = BPF_CORE_READ(d, d_parent);
 		if (!parent || parent == d)
-			return; /* the root of the file's filesystem */
+			return 1; /* the root of the file's filesystem */
 		d = parent;
 	}
 	n->flags |= NS_DISK_F_DEEP;
+	return 1;
 }
 
 /* The record of (tgid, fd), made on first use. */
@@ -224,7 +226,8 @@ static __always_inline struct ns_disk_file *file_record(__u32 tgid, __u32 fd, __
 	n->target = target;
 	n->tgid = tgid;
 	n->fd = fd;
-	describe(n, fd);
+	if (!describe(n, fd))
+		return NULL;
 	if (bpf_map_update_elem(&ns_disk_files, &key, n, BPF_NOEXIST)) {
 		/* another thread made it first, or the map is full */
 		f = bpf_map_lookup_elem(&ns_disk_files, &key);
@@ -285,21 +288,13 @@ static __always_inline int enter(struct ns_sys_enter_ctx *ctx, __u32 call, int t
 	__u32 target;
 	if (!match_target(pid_tgid >> 32, &target))
 		return 0;
+	struct inflight in = { .arg = ctx->args[0], .target = target, .call = call };
+	if (timed)
+		in.start_ns = bpf_ktime_get_ns();
 	struct inflight *slot = bpf_map_lookup_elem(&ns_disk_inflight, &tid);
-	if (slot) {
-		slot->start_ns = timed ? bpf_ktime_get_ns() : 0;
-		slot->arg = ctx->args[0];
-		slot->target = target;
-		slot->call = call;
-		return 0;
-	}
-	struct inflight in = {
-		.start_ns = timed ? bpf_ktime_get_ns() : 0,
-		.arg = ctx->args[0],
-		.target = target,
-		.call = call,
-	};
-	if (bpf_map_update_elem(&ns_disk_inflight, &tid, &in, BPF_ANY))
+	if (slot)
+		*slot = in;
+	else if (bpf_map_update_elem(&ns_disk_inflight, &tid, &in, BPF_ANY))
 		stat_inc(NS_DISK_STAT_INFLIGHT_FULL);
 	return 0;
 }

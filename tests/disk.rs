@@ -485,6 +485,43 @@ fn strip_ansi(text: &str) -> String {
     out
 }
 
+/// The (tgid, fd) keys of the agent's `ns_disk_files` map, as bpftool reads
+/// them from the kernel.
+fn kernel_file_keys(agent: &Agent) -> Vec<(u32, u32)> {
+    require_tool("bpftool", "bpftool");
+    let bpftool = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new("bpftool").arg("-j").args(args).output().unwrap();
+        assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // the maps the agent holds, from its fds' fdinfo ("map_id:")
+    let fdinfo = std::fs::read_dir(format!("/proc/{}/fdinfo", agent.child.id())).unwrap();
+    let held: Vec<u64> = fdinfo
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|info| info.lines().find_map(|l| l.strip_prefix("map_id:")).and_then(|id| id.trim().parse().ok()))
+        .collect();
+    let maps = bpftool(&["map", "show"]);
+    let ids: Vec<String> = maps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["name"] == "ns_disk_files" && m["id"].as_u64().is_some_and(|id| held.contains(&id)))
+        .map(|m| m["id"].to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "the agent's ns_disk_files map among {held:?}: {maps:#}");
+    let byte = |v: &serde_json::Value| u8::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+    bpftool(&["map", "dump", "id", &ids[0]])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let key: Vec<u8> = e["key"].as_array().unwrap().iter().map(byte).collect();
+            let word = |at: usize| u32::from_ne_bytes(key[at..at + 4].try_into().unwrap());
+            (word(0), word(4))
+        })
+        .collect()
+}
+
 fn assert_promtool_ok(m: &str, dir: &Path) {
     require_tool("promtool", "prometheus");
     let file = dir.join("metrics.txt");
@@ -602,13 +639,21 @@ fn controlled_writer_counts_are_exact() {
     assert_eq!(dropped, 0.0, "nothing dropped:\n{m}");
     assert_promtool_ok(&m, work.path());
 
-    // The writers exit: the agent sweeps their open records without counting anything twice.
+    // The writers exit with files, a pipe, a socket and /dev/null still open:
+    // the agent sweeps their records without counting anything twice, and
+    // the kernel's files map (read by bpftool) keeps none of their keys.
+    let writer_pids = [ltc.pid(), solo.pid()];
+    let before_exit = kernel_file_keys(&agent);
+    assert!(writer_pids.iter().all(|pid| before_exit.iter().any(|(tgid, _)| tgid == pid)), "no records of the open fds: {before_exit:?}");
     ltc.finish();
     solo.finish();
     let after = settled_metrics(&agent);
     for target in ["ltc", "solo"] {
         assert_eq!(total_written(&after, target), total_written(&m, target), "{after}");
     }
+    wait_for("the agent to free the exited writers' kernel records", Duration::from_secs(10), || {
+        (!kernel_file_keys(&agent).iter().any(|(tgid, _)| writer_pids.contains(tgid))).then_some(())
+    });
 
     // the hooks nodescope probes reports for this signal
     let out = Command::new(env!("CARGO_BIN_EXE_nodescope")).args(["probes", "--json"]).output().unwrap();

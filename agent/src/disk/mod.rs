@@ -5,8 +5,6 @@
 //! per-class totals once per interval (`DiskSignal::collect`); `classes` says
 //! which class a path is; `metrics` exports snapshots. docs/disk.md has the
 //! design and its limits.
-//!
-//! CONTRACT (read by health rules and metrics; keep these names):
 
 pub mod classes;
 pub mod metrics;
@@ -56,8 +54,8 @@ pub struct ClassWrites {
     pub calls: u64,
 }
 
-/// Cumulative histogram: counts[i] = calls with latency <= bounds_seconds[i]
-/// (non-cumulative per bucket is fine too, say which), plus sum and count.
+/// Latency histogram of successful sync calls, cumulative since the agent
+/// started: `bucket_counts[i]` counts calls in (bounds_seconds[i-1], bounds_seconds[i]].
 #[derive(Debug, Clone, Default)]
 pub struct SyncLatency {
     pub bounds_seconds: Vec<f64>,
@@ -100,7 +98,6 @@ pub fn bucket_bounds_seconds() -> Vec<f64> {
 
 /// What the agent knows of one kernel file record between reads.
 struct FileState {
-    target: u32,
     class: String,
     bytes: [u64; abi::DISK_WRITE_CALLS],
     calls: [u64; abi::DISK_WRITE_CALLS],
@@ -114,6 +111,9 @@ struct ClosedFile {
 
 struct SyncState {
     class: String,
+    /// False when the file could not be identified: its calls, counted as
+    /// class "other", also count as unattributed.
+    attributed: bool,
     last: abi::DiskSyncHist,
 }
 
@@ -205,10 +205,10 @@ impl DiskSignal {
         self.probe.set_targets(targets.iter().map(|t| (t.index, &t.scope)))?;
         let by_index: HashMap<u32, &Target> = targets.iter().map(|t| (t.index, t)).collect();
         for t in targets {
-            let per = self.targets.entry(t.index).or_default();
-            per.name = t.name.clone();
-            per.grew.clear();
-            per.new_syncs.clear();
+            // a slot freed by a forgotten target and taken by a new one starts afresh
+            if self.targets.get(&t.index).is_none_or(|p| p.name != t.name) {
+                self.targets.insert(t.index, PerTarget { name: t.name.clone(), ..PerTarget::default() });
+            }
         }
 
         // Sync histograms first: the record of every file they name was
@@ -219,25 +219,27 @@ impl DiskSignal {
         let open = self.probe.open_files()?;
         let mut seen: HashSet<u64> = HashSet::with_capacity(open.len());
         let mut alive: HashMap<u32, bool> = HashMap::new();
-        let mut exited = Vec::new();
         for (key, rec) in &open {
+            // The process exited: its fds closed without close(2), and
+            // nothing else frees their keys, sockets' and pipes' included.
+            let exited = !*alive.entry(rec.tgid).or_insert_with(|| process_alive(rec.tgid));
             if rec.flags & abi::DISK_F_NOT_FILE != 0 {
+                // nothing was counted through it: only its key to free
+                if exited || !by_index.contains_key(&rec.target) {
+                    self.probe.forget_open(key)?;
+                }
                 continue;
             }
-            self.fold(rec, &by_index);
             seen.insert(rec.id);
-            if !*alive.entry(rec.tgid).or_insert_with(|| process_alive(rec.tgid)) {
-                exited.push((*key, rec.id));
+            let counted = self.fold(rec, &by_index);
+            if exited || !counted {
+                self.probe.forget_open(key)?;
+                self.retire(rec.id);
             }
         }
         for rec in self.probe.take_closed()? {
             self.fold(&rec, &by_index);
             self.retire(rec.id);
-        }
-        // The process exited: its fds closed without close(2).
-        for (key, id) in exited {
-            self.probe.forget_open(&key)?;
-            self.retire(id);
         }
         // Records neither open nor closed: retired while the closed map was
         // full (counted by the kernel); their last counts are lost.
@@ -278,28 +280,18 @@ impl DiskSignal {
         Ok(snapshot)
     }
 
-    /// Adds what a record counted since it was last read.
-    fn fold(&mut self, rec: &abi::DiskFile, by_index: &HashMap<u32, &Target>) {
-        if rec.flags & abi::DISK_F_NOT_FILE != 0 {
-            return;
-        }
-        let state = match self.files.get_mut(&rec.id) {
-            Some(s) => s,
-            None => {
-                let Some(target) = by_index.get(&rec.target) else {
-                    self.target_gone += 1;
-                    return;
-                };
-                let class = self.classifier.classify(&target.name, target.chain, &rec.components()).to_string();
-                self.files.entry(rec.id).or_insert(FileState {
-                    target: rec.target,
-                    class,
-                    bytes: [0; abi::DISK_WRITE_CALLS],
-                    calls: [0; abi::DISK_WRITE_CALLS],
-                })
-            }
+    /// Adds what a record counted since it was last read. False when its
+    /// target went away: nothing to report it under, and the caller drops it.
+    fn fold(&mut self, rec: &abi::DiskFile, by_index: &HashMap<u32, &Target>) -> bool {
+        let (Some(target), Some(per)) = (by_index.get(&rec.target), self.targets.get_mut(&rec.target)) else {
+            self.target_gone += 1;
+            return false;
         };
-        let Some(per) = self.targets.get_mut(&state.target) else { return };
+        let state = self.files.entry(rec.id).or_insert_with(|| FileState {
+            class: self.classifier.classify(&target.name, target.chain, &rec.components()).to_string(),
+            bytes: [0; abi::DISK_WRITE_CALLS],
+            calls: [0; abi::DISK_WRITE_CALLS],
+        });
         for (call, name) in WRITE_CALLS.iter().enumerate() {
             let bytes = rec.bytes[call].saturating_sub(state.bytes[call]);
             let calls = rec.calls[call].saturating_sub(state.calls[call]);
@@ -315,6 +307,7 @@ impl DiskSignal {
                 per.grew.insert(state.class.clone());
             }
         }
+        true
     }
 
     fn retire(&mut self, id: u64) {
@@ -351,11 +344,11 @@ impl DiskSignal {
                     } else {
                         self.files.get(&key.file).map(|f| f.class.clone()).or_else(|| self.closed.get(&key.file).map(|c| c.class.clone()))
                     };
-                    let class = class.unwrap_or_else(|| {
-                        self.unattributed += hist.count.iter().sum::<u64>() + hist.errors;
-                        OTHER.to_string()
-                    });
-                    self.syncs.entry(key).or_insert(SyncState { class, last: abi::DiskSyncHist::default() })
+                    self.syncs.entry(key).or_insert(SyncState {
+                        attributed: class.is_some(),
+                        class: class.unwrap_or_else(|| OTHER.to_string()),
+                        last: abi::DiskSyncHist::default(),
+                    })
                 }
             };
             let per = self.targets.get_mut(&u32::from(key.target)).expect("every current target has an entry");
@@ -379,6 +372,10 @@ impl DiskSignal {
             let errors = hist.errors.saturating_sub(state.last.errors);
             if errors > 0 {
                 *per.sync_errors.entry((state.class.clone(), call)).or_default() += errors;
+            }
+            if !state.attributed {
+                let calls: u64 = (0..abi::DISK_SYNC_SLOTS).map(|s| hist.count[s].saturating_sub(state.last.count[s])).sum();
+                self.unattributed += calls + errors;
             }
             state.last = hist;
 

@@ -1,7 +1,6 @@
 //! Loads `disk.bpf.c`, attaches its syscall tracepoints, tells it which
 //! processes to watch and reads its maps.
 
-
 use aya::programs::TracePoint;
 use aya::Ebpf;
 
