@@ -14,6 +14,10 @@
 
 #include <linux/types.h>
 
+/* Targets (watched nodes) one agent serves; their index is the value of
+ * every signal's target maps. */
+#define NS_MAX_TARGETS 64
+
 /* ---- network signal (net.bpf.c) ---------------------------------------- */
 
 /* Who opened the connection. UNKNOWN: it existed before nodescope started
@@ -59,8 +63,6 @@ struct ns_conn {
 #define NS_NET_STAT_MAX 1
 
 /* ---- disk signal (disk.bpf.c) ------------------------------------------ */
-
-#define NS_MAX_TARGETS 64
 
 /* Write syscalls counted, index into ns_disk_file.bytes/calls. */
 #define NS_DISK_WRITE 0
