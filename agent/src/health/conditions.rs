@@ -192,10 +192,7 @@ pub fn check(id: &str, p: &RuleParams, v: &View, h: &History, now: Duration) -> 
         "chain_stalled" => chain_stalled(v, threshold),
         "disk_critical" | "disk_low" => {
             let Some(fs) = v.resources.and_then(|r| r.filesystem) else { return unknown(NO_FS) };
-            if fs.size_bytes == 0 {
-                return unknown("data dir filesystem reports size 0");
-            }
-            let pct = fs.available_bytes as f64 * 100.0 / fs.size_bytes as f64;
+            let Some(pct) = fs.available_percent() else { return unknown("data dir filesystem reports size 0") };
             let ev = json!({
                 "available_bytes": fs.available_bytes,
                 "size_bytes": fs.size_bytes,
@@ -208,10 +205,13 @@ pub fn check(id: &str, p: &RuleParams, v: &View, h: &History, now: Duration) -> 
         "disk_full_soon" => {
             let Some(r) = v.resources else { return unknown(NO_FS) };
             let Some(fs) = r.filesystem else { return unknown(NO_FS) };
-            let Some(growth) = r.growth_bytes_per_second else { return unknown("data dir growth not measured yet") };
+            // days_until_full divides by the filesystem's fill rate, so that
+            // rate, not the data dir's, says whether the forecast is measured
+            let Some(fill) = r.filesystem_growth_bytes_per_second else { return unknown("filesystem growth not measured yet") };
             let ev = json!({
                 "days_until_full": r.days_until_full.map(round2),
-                "growth_bytes_per_second": round2(growth),
+                "filesystem_growth_bytes_per_second": round2(fill),
+                "datadir_growth_bytes_per_second": r.growth_bytes_per_second.map(round2),
                 "available_bytes": fs.available_bytes,
                 "threshold_days": threshold,
             });
@@ -223,10 +223,10 @@ pub fn check(id: &str, p: &RuleParams, v: &View, h: &History, now: Duration) -> 
         "memory_high" => {
             let Some(cg) = v.resources.and_then(|r| r.cgroup.as_ref()) else { return unknown("cgroup not measured") };
             let Some(usage) = cg.memory_usage_bytes else { return unknown("cgroup memory usage not available") };
-            // cgroup v1 spells "no limit" as a number near i64::MAX
-            let Some(limit) = cg.memory_limit_bytes.filter(|l| *l > 0 && *l < 1 << 60) else {
+            if cg.memory_unlimited {
                 return Outcome::Clear(json!({ "memory_usage_bytes": usage, "memory_limit_bytes": null }));
-            };
+            }
+            let Some(limit) = cg.memory_limit_bytes else { return unknown("cgroup memory limit not available") };
             ratio(usage, limit, threshold, "memory_usage_bytes", "memory_limit_bytes")
         }
         "fds_high" => {
@@ -548,6 +548,47 @@ mod tests {
         assert!(!eval("disk_critical", 50));
         assert!(eval("disk_low", 199));
         assert!(!eval("disk_low", 200));
+    }
+
+    #[test]
+    fn memory_limit_unread_is_unknown_and_no_limit_is_ok() {
+        use crate::resources::CgroupStats;
+        let t = target(Some(1));
+        let h = History::default();
+        let eval = |limit: Option<u64>, unlimited: bool| {
+            let cgroup = CgroupStats { memory_usage_bytes: Some(900), memory_limit_bytes: limit, memory_unlimited: unlimited, ..Default::default() };
+            let res = TargetResources { name: "t".into(), cgroup: Some(cgroup), ..Default::default() };
+            let v = View { target: &t, net: None, disk: None, resources: Some(&res), now_unix: 0.0, alive_since_unix: None };
+            check("memory_high", &params("memory_high", 0), &v, &h, s(0))
+        };
+        assert!(matches!(eval(None, false), Outcome::Unknown(_)));
+        assert!(matches!(eval(None, true), Outcome::Clear(_)));
+        assert!(matches!(eval(Some(1000), false), Outcome::Holds(_)));
+        assert!(matches!(eval(Some(2000), false), Outcome::Clear(_)));
+    }
+
+    #[test]
+    fn disk_full_soon_is_known_once_the_filesystem_rate_is() {
+        use crate::resources::FsStats;
+        let t = target(Some(1));
+        let h = History::default();
+        let eval = |fill: Option<f64>, days: Option<f64>| {
+            let res = TargetResources {
+                name: "t".into(),
+                filesystem: Some(FsStats { size_bytes: 1000, available_bytes: 500, ..Default::default() }),
+                // the data dir's size is not tracked (over its entry bound, say)
+                growth_bytes_per_second: None,
+                filesystem_growth_bytes_per_second: fill,
+                days_until_full: days,
+                ..Default::default()
+            };
+            let v = View { target: &t, net: None, disk: None, resources: Some(&res), now_unix: 0.0, alive_since_unix: None };
+            check("disk_full_soon", &params("disk_full_soon", 0), &v, &h, s(0))
+        };
+        assert!(matches!(eval(None, None), Outcome::Unknown(_)));
+        assert!(matches!(eval(Some(-3.0), None), Outcome::Clear(_)), "not filling");
+        assert!(matches!(eval(Some(1e-3), Some(5.8)), Outcome::Holds(_)));
+        assert!(matches!(eval(Some(1e-4), Some(58.0)), Outcome::Clear(_)));
     }
 
     #[test]

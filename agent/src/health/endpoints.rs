@@ -128,9 +128,8 @@ fn rule_json(target: Option<&str>, r: &RuleStatus) -> Value {
 /// The reference's sections for one target, plus its rules.
 fn sections(status: Status, ts: &[&TargetHealth]) -> serde_json::Map<String, Value> {
     let some = !ts.is_empty();
-    let sum = |f: fn(&TargetHealth) -> Option<u64>| -> Option<u64> {
-        ts.iter().map(|t| f(t)).collect::<Option<Vec<u64>>>().filter(|v| !v.is_empty()).map(|v| v.iter().sum())
-    };
+    // null when any target has no figure (or there is no target)
+    let sum = |f: fn(&TargetHealth) -> Option<u64>| -> Option<u64> { if some { ts.iter().map(|t| f(t)).sum() } else { None } };
     let mut m = serde_json::Map::new();
     m.insert("status".into(), json!(status.as_str()));
     // height and tip hash live inside the node; nodescope does not ask it

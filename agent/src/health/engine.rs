@@ -28,6 +28,10 @@ pub struct Inputs<'a> {
 }
 
 struct TargetState {
+    /// The rules' parameters for the target's chain (config does not change
+    /// while the agent runs).
+    chain: Chain,
+    params: Vec<RuleParams>,
     machines: Vec<RuleMachine>,
     history: History,
     /// The node's current process and when it was first seen.
@@ -43,6 +47,9 @@ pub struct HealthEngine {
     rules: BTreeMap<String, RuleConfig>,
     target_rules: BTreeMap<String, BTreeMap<String, RuleConfig>>,
     targets: BTreeMap<String, TargetState>,
+    /// History samples dropped by targets that have gone, so the exported
+    /// counter never goes down.
+    history_dropped_gone: u64,
 }
 
 impl HealthEngine {
@@ -53,6 +60,7 @@ impl HealthEngine {
             rules: config.rules.clone(),
             target_rules: config.targets.iter().map(|t| (t.name.clone(), t.rules.clone())).collect(),
             targets: BTreeMap::new(),
+            history_dropped_gone: 0,
         }
     }
 
@@ -69,15 +77,32 @@ impl HealthEngine {
     /// One evaluation at engine time `now` (since start), `now_unix` wall clock.
     pub fn evaluate_at(&mut self, inputs: &Inputs, now: Duration, now_unix: f64) -> HealthSnapshot {
         let unix_of = |t: Duration| (now_unix - now.saturating_sub(t).as_secs_f64()).max(0.0) as u64;
-        self.targets.retain(|name, _| inputs.targets.iter().any(|t| &t.name == name));
+        let gone = &mut self.history_dropped_gone;
+        self.targets.retain(|name, state| {
+            let keep = inputs.targets.iter().any(|t| &t.name == name);
+            if !keep {
+                *gone += state.history.dropped;
+            }
+            keep
+        });
         let mut out = Vec::with_capacity(inputs.targets.len());
         for target in inputs.targets {
             let state = self.targets.entry(target.name.clone()).or_insert_with(|| TargetState {
+                chain: target.chain,
+                params: Vec::new(),
                 machines: RULES.iter().map(|_| RuleMachine::new(now)).collect(),
                 history: History::default(),
                 alive: None,
                 chain_state_seen: None,
             });
+            if state.params.is_empty() || state.chain != target.chain {
+                let target_rules = self.target_rules.get(&target.name);
+                state.chain = target.chain;
+                state.params = RULES
+                    .iter()
+                    .map(|def| RuleParams::resolve(def, target.chain, &[self.rules.get(def.id), target_rules.and_then(|r| r.get(def.id))]))
+                    .collect();
+            }
             state.alive = match (target.pid, state.alive) {
                 (Some(pid), Some((seen, since))) if seen == pid => Some((pid, since)),
                 (Some(pid), _) => Some((pid, now_unix)),
@@ -91,11 +116,7 @@ impl HealthEngine {
                 now_unix,
                 alive_since_unix: state.alive.map(|(_, since)| since),
             };
-            let target_rules = self.target_rules.get(&target.name);
-            let params: Vec<RuleParams> = RULES
-                .iter()
-                .map(|def| RuleParams::resolve(def, target.chain, &[self.rules.get(def.id), target_rules.and_then(|r| r.get(def.id))]))
-                .collect();
+            let params = &state.params;
             let window_of = |id: &str| RULES.iter().position(|d| d.id == id).map_or(Duration::ZERO, |i| params[i].window);
             let partition_window = window_of("partition_suspected");
             let longest = (partition_window * PARTITION_CONNECT_WINDOWS).max(window_of("fsync_slow"));
@@ -130,8 +151,7 @@ impl HealthEngine {
             }
             let storage_available = view.resources.is_some_and(|r| {
                 let threshold = RULES.iter().position(|d| d.id == "disk_critical").and_then(|i| params[i].threshold).unwrap_or(0.0);
-                r.datadir_writable == Some(true)
-                    && r.filesystem.is_some_and(|fs| fs.size_bytes > 0 && fs.available_bytes as f64 * 100.0 / fs.size_bytes as f64 >= threshold)
+                r.datadir_writable == Some(true) && r.filesystem.and_then(|fs| fs.available_percent()).is_some_and(|pct| pct >= threshold)
             });
             let listening_p2p = target.p2p_ports.iter().any(|p| target.listening.contains(p));
             let status = Status::of(&rules);
@@ -153,7 +173,7 @@ impl HealthEngine {
             probes_attached: inputs.probes_attached,
             started: Some(self.started),
             interval: self.interval,
-            history_dropped: self.targets.values().map(|s| s.history.dropped).sum(),
+            history_dropped: self.history_dropped_gone + self.targets.values().map(|s| s.history.dropped).sum::<u64>(),
             targets: out,
         }
     }
@@ -284,6 +304,24 @@ mod tests {
         // back at 81: clears 5s later
         let cleared: Vec<u64> = (81..91).filter(|s| rule(&at(&mut e, *s, 2), "no_peers").state == State::Ok).collect();
         assert_eq!(cleared.first(), Some(&86));
+    }
+
+    #[test]
+    fn history_drops_stay_counted_after_their_target_leaves() {
+        use super::super::conditions::MAX_SAMPLES;
+        let mut e = HealthEngine::new(&config(""));
+        let targets = [target(Some(1))];
+        let (n, disk, res) = (net(1), DiskSnapshot::default(), ResourceSnapshot::default());
+        let inputs = Inputs { targets: &targets, net: &n, disk: &disk, resources: &res, probes_attached: true };
+        // 1ms apart, all inside the default 5-minute look-back: past the bound
+        let extra = 10;
+        let mut snap = HealthSnapshot::default();
+        for i in 0..(MAX_SAMPLES + extra) as u64 {
+            snap = e.evaluate_at(&inputs, Duration::from_millis(i), 1000.0);
+        }
+        assert_eq!(snap.history_dropped, extra as u64);
+        let gone = Inputs { targets: &[], ..inputs };
+        assert_eq!(e.evaluate_at(&gone, Duration::from_secs(10), 1010.0).history_dropped, extra as u64, "a counter never goes down");
     }
 
     #[test]

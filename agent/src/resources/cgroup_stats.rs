@@ -150,12 +150,14 @@ fn read_v2(r: &mut Reader, dir: &Path) -> CgroupStats {
     let throttled = r.key(&cpu_path, cpu.as_deref(), "throttled_usec");
     let periods = r.key(&cpu_path, cpu.as_deref(), "nr_throttled");
     let limit_path = dir.join("memory.max");
-    let limit = r.read(&limit_path).and_then(|s| match s.trim() {
-        "max" => None,
-        v => v.parse().ok().or_else(|| {
+    let limit_text = r.read(&limit_path);
+    let unlimited = limit_text.as_deref().is_some_and(|s| s.trim() == "max");
+    let limit = limit_text.filter(|_| !unlimited).and_then(|s| {
+        let v = s.trim();
+        v.parse().ok().or_else(|| {
             r.failures.push((limit_path.display().to_string(), format!("not a limit: {v:?}")));
             None
-        }),
+        })
     });
     CgroupStats {
         version: "v2",
@@ -164,6 +166,7 @@ fn read_v2(r: &mut Reader, dir: &Path) -> CgroupStats {
         cpu_throttled_periods: periods,
         memory_usage_bytes: r.number(&dir.join("memory.current")),
         memory_limit_bytes: limit,
+        memory_unlimited: unlimited,
         memory_peak_bytes: r.number(&dir.join("memory.peak")),
         io: r.read(&dir.join("io.stat")).map(|s| parse_io_stat(&s)).unwrap_or_default(),
         pids: r.number(&dir.join("pids.current")),
@@ -183,7 +186,9 @@ fn read_v1(r: &mut Reader, dirs: &BTreeMap<String, PathBuf>) -> CgroupStats {
     }
     if let Some(d) = r.v1_dir(dirs, "memory") {
         s.memory_usage_bytes = r.number(&d.join("memory.usage_in_bytes"));
-        s.memory_limit_bytes = r.number(&d.join("memory.limit_in_bytes")).filter(|v| *v < V1_UNLIMITED);
+        let limit = r.number(&d.join("memory.limit_in_bytes"));
+        s.memory_unlimited = limit.is_some_and(|v| v >= V1_UNLIMITED);
+        s.memory_limit_bytes = limit.filter(|v| *v < V1_UNLIMITED);
         s.memory_peak_bytes = r.number(&d.join("memory.max_usage_in_bytes"));
     }
     if let Some(d) = r.v1_dir(dirs, "blkio") {
@@ -317,15 +322,24 @@ mod tests {
         assert_eq!(s.io.len(), 2);
         assert_eq!(s.io[0], IoDevice { device: "254:0".into(), read_bytes: 1459200, write_bytes: 314773504, read_ops: 192, write_ops: 353 });
 
+        assert!(!s.memory_unlimited);
+
         // "max" is no limit; a file taken away turns off that figure only
         std::fs::write(fake.0.join("memory.max"), "max\n").unwrap();
         std::fs::remove_file(fake.0.join("memory.peak")).unwrap();
         let (s, failures) = read(&CgroupSource::V2(fake.0.clone()));
         assert_eq!(s.memory_limit_bytes, None);
+        assert!(s.memory_unlimited);
         assert_eq!(s.memory_peak_bytes, None);
         assert_eq!(s.memory_usage_bytes, Some(218103808));
         assert_eq!(failures.len(), 1);
         assert!(failures[0].0.ends_with("memory.peak"), "{failures:?}");
+
+        // an unreadable limit is not "no limit"
+        std::fs::remove_file(fake.0.join("memory.max")).unwrap();
+        let (s, failures) = read(&CgroupSource::V2(fake.0.clone()));
+        assert_eq!((s.memory_limit_bytes, s.memory_unlimited), (None, false));
+        assert!(failures.iter().any(|f| f.0.ends_with("memory.max")), "{failures:?}");
     }
 
     #[test]

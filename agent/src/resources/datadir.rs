@@ -344,8 +344,12 @@ impl DirTracker {
                 }
                 Some(Err(e)) => {
                     // Keep what is known rather than dropping unseen names
-                    // on a partial read; the next change lists it again.
+                    // on a partial read, and forget the stamp so the next
+                    // pass lists the directory again for the names not read.
                     tracing::debug!("reading {}: {e}", listing.dir.display());
+                    if let Some(state) = self.dirs.get_mut(&listing.dir) {
+                        state.stamp = None;
+                    }
                     return true;
                 }
                 Some(Ok(entry)) => {
@@ -571,6 +575,8 @@ pub struct DatadirWatcher {
     requests: SyncSender<Vec<WatchRequest>>,
     reports: Arc<Mutex<HashMap<PathBuf, DirReport>>>,
     skipped: u64,
+    /// The thread ended (it panicked): its last reports are withdrawn.
+    stopped: bool,
 }
 
 impl DatadirWatcher {
@@ -583,7 +589,7 @@ impl DatadirWatcher {
         std::thread::Builder::new()
             .name("nodescope-datadir".into())
             .spawn(move || watch(rx, shared, limits, writable_check))?;
-        Ok(DatadirWatcher { requests, reports, skipped: 0 })
+        Ok(DatadirWatcher { requests, reports, skipped: 0, stopped: false })
     }
 
     /// Asks for one pass over these data dirs. Never blocks.
@@ -591,6 +597,12 @@ impl DatadirWatcher {
         match self.requests.try_send(dirs) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => self.skipped += 1,
+            // Frozen figures would pass for current ones: unknown instead.
+            Err(TrySendError::Disconnected(_)) if !self.stopped => {
+                tracing::error!("data dir size and write test off: their thread stopped");
+                self.stopped = true;
+                self.reports.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            }
             Err(TrySendError::Disconnected(_)) => {}
         }
     }

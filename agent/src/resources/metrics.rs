@@ -6,9 +6,9 @@ use opentelemetry::metrics::Meter;
 use opentelemetry::KeyValue;
 
 use super::{ResourceSnapshot, TargetResources};
+use crate::net::metrics::TARGET;
 use crate::snapshot::Shared;
 
-const TARGET: &str = "nodescope.target";
 const DEVICE: &str = "system.device";
 const DISK_DIRECTION: &str = "disk.io.direction";
 

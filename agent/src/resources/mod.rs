@@ -7,7 +7,7 @@
 //! dir that is gone) turns off that one figure for that target, is logged
 //! once (and again when it comes back), and never stops the others.
 //!
-//! CONTRACT (read by health rules and metrics; keep these names):
+//! Health rules and metrics read the snapshot types below by field name.
 
 pub mod cgroup_stats;
 pub mod datadir;
@@ -75,6 +75,14 @@ pub struct FsStats {
     pub inodes_available: u64,
 }
 
+impl FsStats {
+    /// Available bytes (what the unprivileged node can still use) as a
+    /// percentage of the size; None for a filesystem that reports size 0.
+    pub fn available_percent(&self) -> Option<f64> {
+        (self.size_bytes > 0).then(|| self.available_bytes as f64 * 100.0 / self.size_bytes as f64)
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CgroupStats {
     /// "v2" or "v1"
@@ -83,8 +91,11 @@ pub struct CgroupStats {
     pub cpu_throttled_seconds: Option<f64>,
     pub cpu_throttled_periods: Option<u64>,
     pub memory_usage_bytes: Option<u64>,
-    /// None = unlimited
+    /// None = unlimited, or the limit could not be read (memory_unlimited
+    /// tells the two apart).
     pub memory_limit_bytes: Option<u64>,
+    /// The kernel said the group has no memory limit of its own.
+    pub memory_unlimited: bool,
     pub memory_peak_bytes: Option<u64>,
     pub io: Vec<IoDevice>,
     pub pids: Option<u64>,
@@ -198,6 +209,7 @@ impl ResourceSignal {
         let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
         self.trends.retain(|n, _| names.contains(&n.as_str()));
         self.processes.forget(&|n| names.contains(&n));
+        self.off.forget(&|n| names.contains(&n));
         ResourceSnapshot { targets: out, datadir_passes_skipped: self.watcher.as_ref().map_or(0, |w| w.skipped()) }
     }
 
@@ -292,5 +304,23 @@ impl OffLog {
             }
         }
         *before = now;
+    }
+
+    fn forget(&mut self, keep: &dyn Fn(&str) -> bool) {
+        self.off.retain(|(target, _), _| keep(target));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_log_forgets_targets_that_left() {
+        let mut log = OffLog::default();
+        log.report("a", "cgroup", vec![("cgroup".into(), "none".into())]);
+        log.report("b", "process", Vec::new());
+        log.forget(&|n| n == "b");
+        assert_eq!(log.off.keys().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), ["b"]);
     }
 }

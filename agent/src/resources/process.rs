@@ -33,11 +33,13 @@ pub struct ProcessReader {
     /// target -> (pid, start time in seconds since boot)
     last_seen: HashMap<String, (u32, u64)>,
     restarts: HashMap<String, u64>,
+    /// Boot time (unix seconds), read once: /proc/stat is large on big hosts.
+    boot_time: Option<u64>,
 }
 
 impl ProcessReader {
     pub fn new(proc_root: &Path) -> ProcessReader {
-        ProcessReader { proc_root: proc_root.to_path_buf(), last_seen: HashMap::new(), restarts: HashMap::new() }
+        ProcessReader { proc_root: proc_root.to_path_buf(), last_seen: HashMap::new(), restarts: HashMap::new(), boot_time: None }
     }
 
     /// Notes which process the target is now: a different pid, or the same
@@ -104,11 +106,17 @@ impl ProcessReader {
             .next()
             .and_then(|v| v.parse::<f64>().ok())
             .ok_or(ProcessError::Field { path: uptime_path, field: "uptime" })?;
-        let stat_path = self.proc_root.join("stat");
-        let boot_time: u64 = read(&stat_path)?
-            .lines()
-            .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())
-            .ok_or(ProcessError::Field { path: stat_path, field: "btime" })?;
+        let boot_time = match self.boot_time {
+            Some(t) => t,
+            None => {
+                let stat_path = self.proc_root.join("stat");
+                let t = read(&stat_path)?
+                    .lines()
+                    .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())
+                    .ok_or(ProcessError::Field { path: stat_path, field: "btime" })?;
+                *self.boot_time.insert(t)
+            }
+        };
 
         let stats = ProcessStats {
             pid,
