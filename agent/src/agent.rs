@@ -122,7 +122,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     net_metrics.record(&snap);
                     net_snapshot.publish(snap);
                 }
-                Err(e) => tracing::error!("network collection failed: {e}"),
+                Err(e) => {
+                    // no stale figures: rules over peers turn unknown until it recovers
+                    tracing::error!("network collection failed: {e}");
+                    net_snapshot.publish(NetSnapshot::default());
+                }
             }
         }
         crate::disk::collect_into(&mut disk, current, &disk_metrics, &disk_snapshot);
