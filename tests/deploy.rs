@@ -876,25 +876,8 @@ fn start_node_as_user(cgroup: &Cgroup) -> Litecoind {
         "litecoind".into(),
     ]
     .to_vec();
-    args.extend([
-        "-regtest".to_string(),
-        format!("-datadir={}", dir.path().display()),
-        format!("-port={port}"),
-        format!("-rpcport={rpcport}"),
-        "-rpcuser=u".into(),
-        "-rpcpassword=p".into(),
-        "-listen=1".into(),
-        "-bind=127.0.0.1".into(),
-        "-rpcbind=127.0.0.1".into(),
-        "-rpcallowip=127.0.0.1".into(),
-        "-discover=0".into(),
-        "-listenonion=0".into(),
-        "-dnsseed=0".into(),
-        "-connect=0".into(),
-        "-fallbackfee=0.0002".into(),
-        "-printtoconsole=0".into(),
-        "-daemon=0".into(),
-    ]);
+    args.extend(regtest_args(dir.path(), port, rpcport));
+    args.push("-connect=0".into());
     let child = spawn_in(Some(cgroup), "setpriv", &args, &dir.path().join("stdout.log"));
     let args = args[6..].to_vec();
     let node = Litecoind {

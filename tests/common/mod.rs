@@ -133,6 +133,30 @@ pub fn spawn_in(cgroup: Option<&Cgroup>, program: &str, args: &[String], log: &P
     cmd.spawn().unwrap_or_else(|e| panic!("starting {program}: {e}"))
 }
 
+/// The arguments of a litecoind regtest node on loopback that dials and
+/// looks up nothing by itself.
+pub fn regtest_args(datadir: &Path, port: u16, rpcport: u16) -> Vec<String> {
+    vec![
+        "-regtest".to_string(),
+        format!("-datadir={}", datadir.display()),
+        format!("-port={port}"),
+        format!("-rpcport={rpcport}"),
+        "-rpcuser=u".into(),
+        "-rpcpassword=p".into(),
+        "-listen=1".into(),
+        "-bind=127.0.0.1".into(),
+        "-rpcbind=127.0.0.1".into(),
+        "-rpcallowip=127.0.0.1".into(),
+        "-discover=0".into(),
+        // no dial to a Tor control port at start: the churn tests count every connect
+        "-listenonion=0".into(),
+        "-dnsseed=0".into(),
+        "-fallbackfee=0.0002".into(),
+        "-printtoconsole=0".into(),
+        "-daemon=0".into(),
+    ]
+}
+
 /// A litecoind regtest node on loopback.
 pub struct Litecoind {
     pub child: Child,
@@ -154,26 +178,7 @@ impl Litecoind {
         require_tool("litecoind", "litecoind");
         let port = free_port();
         let rpcport = free_port();
-        let mut args: Vec<String> = [
-            "-regtest".to_string(),
-            format!("-datadir={}", dir.path().display()),
-            format!("-port={port}"),
-            format!("-rpcport={rpcport}"),
-            "-rpcuser=u".into(),
-            "-rpcpassword=p".into(),
-            "-listen=1".into(),
-            "-bind=127.0.0.1".into(),
-            "-rpcbind=127.0.0.1".into(),
-            "-rpcallowip=127.0.0.1".into(),
-            "-discover=0".into(),
-            // no dial to a Tor control port at start: the churn tests count every connect
-            "-listenonion=0".into(),
-            "-dnsseed=0".into(),
-            "-fallbackfee=0.0002".into(),
-            "-printtoconsole=0".into(),
-            "-daemon=0".into(),
-        ]
-        .to_vec();
+        let mut args = regtest_args(dir.path(), port, rpcport);
         args.extend_from_slice(extra);
         let log = dir.path().join("stdout.log");
         let child = spawn_in(cgroup, "litecoind", &args, &log);
