@@ -134,3 +134,52 @@ fn http_bounds_are_enforced_and_counted() {
     assert!(rate >= limited as f64, "429s seen by the client {limited}, counted {rate}");
     assert_eq!(conns, 1.0, "{m}");
 }
+
+/// A missing kernel feature turns off one signal and never the agent: the
+/// agent runs in a private mount namespace where kernel BTF is hidden (an
+/// empty file bound over /sys/kernel/btf/vmlinux), which the network
+/// programs need. `probes` says so; `run` keeps serving, with the network
+/// signal off and logged, and the other signals working.
+#[test]
+fn missing_kernel_btf_turns_off_the_network_signal_only() {
+    #[path = "common/mod.rs"]
+    mod common;
+    common::require_root();
+    common::require_tool("unshare", "util-linux");
+    let hide_btf = "mount --bind /dev/null /sys/kernel/btf/vmlinux && exec \"$0\" \"$@\"";
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", hide_btf, env!("CARGO_BIN_EXE_nodescope"), "probes"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "probes exits 1 when a hook is unsupported:\n{table}");
+    for hook in ["tp_btf/inet_sock_set_state", "iter/tcp"] {
+        let line = table.lines().find(|l| l.contains(hook)).unwrap_or_else(|| panic!("{hook} not listed:\n{table}"));
+        assert!(line.contains(" NO ") && line.contains("kernel BTF"), "{line}");
+    }
+    assert!(table.lines().any(|l| l.starts_with("disk") && l.contains(" yes ")), "other signals still probe fine:\n{table}");
+
+    let dir = common::TempDir::new("nobtf");
+    let port = common::free_port();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, format!("[http]\nlisten = \"127.0.0.1:{port}\"\n[agent]\ninterval = \"300ms\"\ndiscover = false\n[[targets]]\nname = \"self\"\npid_file = \"{}\"\n", dir.path().join("pid").display())).unwrap();
+    let mut child = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", hide_btf, env!("CARGO_BIN_EXE_nodescope"), "run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("err")).unwrap())
+        .spawn()
+        .unwrap();
+    // the target is this test process: procfs figures must still flow
+    std::fs::write(dir.path().join("pid"), std::process::id().to_string()).unwrap();
+    let metrics = common::wait_for("metrics with process figures", std::time::Duration::from_secs(20), || {
+        common::http_get(port, "/metrics").ok().filter(|(s, b)| *s == 200 && b.contains("nodescope_process_open_fds{")).map(|(_, b)| b)
+    });
+    assert_eq!(common::http_get(port, "/health/live").unwrap().0, 200);
+    assert_eq!(common::http_get(port, "/health/ready").unwrap().0, 503, "not ready without the network probes");
+    assert!(!metrics.contains("nodescope_connection_open{"), "no network figures without the network signal");
+    common::stop_child(&mut child, std::time::Duration::from_secs(10));
+    let log = std::fs::read_to_string(dir.path().join("err")).unwrap();
+    assert_eq!(log.matches("network signal off").count(), 1, "logged once: {log}");
+    assert!(log.contains("kernel BTF"), "{log}");
+}
