@@ -17,26 +17,9 @@ set -euo pipefail
 bin=$1
 rounds=${ROUNDS:-5}
 secs=${SECS:-3}
-
-cg2=$(awk '$0 ~ / - cgroup2 / {print $5; exit}' /proc/self/mountinfo)
-[ -n "$cg2" ] || { echo "bench: no cgroup2 hierarchy mounted" >&2; exit 1; }
+source "$(dirname "$0")/common.sh"
 # on the disk, not tmpfs, so fdatasync reaches the device
-work=$(mktemp -d /var/tmp/nodescope-bench-disk.XXXXXX)
-cg="$cg2/nodescope-bench-disk-$$"
-mkdir "$cg"
-pids=()
-agent=""
-stats_before=$(sysctl -n kernel.bpf_stats_enabled)
-cleanup() {
-    [ -n "$agent" ] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null || true
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-    sysctl -qw kernel.bpf_stats_enabled="$stats_before" || true
-    rmdir "$cg" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-http_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+bench_setup disk /var/tmp
 
 # A resident process keeps the cgroup target resolved between fio runs.
 sh -c 'echo $$ > "$0/cgroup.procs"; exec sleep 1000000' "$cg" &
@@ -53,17 +36,6 @@ cgroup = "$cg"
 chain = "bitcoin"
 TOML
 
-start_agent() {
-    "$bin" run --config "$work/nodescope.toml" >"$work/agent.log" 2>&1 &
-    agent=$!
-    for _ in $(seq 100); do
-        curl -sf "http://127.0.0.1:$http_port/metrics" >/dev/null 2>&1 && break
-        sleep 0.1
-    done
-    curl -sf "http://127.0.0.1:$http_port/metrics" >/dev/null || { echo "bench: nodescope did not start" >&2; cat "$work/agent.log" >&2; exit 1; }
-    sleep 2 # one collection loop: the cgroup is in the kernel map
-}
-stop_agent() { kill "$agent"; wait "$agent" 2>/dev/null || true; agent=""; }
 
 # fio in the watched cgroup (or outside it) -> write IOPS
 fio_iops() { # where(in|out) extra-fio-args...
@@ -95,7 +67,7 @@ for r in $(seq "$rounds"); do
     sides="off on"
     [ $((r % 2)) = 0 ] && sides="on off"
     for side in $sides; do
-        [ "$side" = on ] && start_agent
+        [ "$side" = on ] && start_agent 2
         runs sync && res[sync-$side]+="$(fio_iops in --fdatasync=1) "
         runs buffered && res[buffered-$side]+="$(fio_iops in) "
         runs unwatched && res[unwatched-$side]+="$(fio_iops out) "
@@ -109,7 +81,7 @@ median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a
 # per-run kernel cost of each program, from the kernel's accounting, over
 # one sync run and one buffered run of the watched workload
 sysctl -qw kernel.bpf_stats_enabled=1
-start_agent
+start_agent 2
 fio_iops in --fdatasync=1 >/dev/null
 fio_iops in >/dev/null
 sleep 2

@@ -13,27 +13,11 @@ set -euo pipefail
 bin=$1
 rounds=${ROUNDS:-5}
 secs=${SECS:-4}
+source "$(dirname "$0")/common.sh"
+bench_setup net /tmp
 
-cg2=$(awk '$0 ~ / - cgroup2 / {print $5; exit}' /proc/self/mountinfo)
-[ -n "$cg2" ] || { echo "bench: no cgroup2 hierarchy mounted" >&2; exit 1; }
-work=$(mktemp -d /tmp/nodescope-bench.XXXXXX)
-cg="$cg2/nodescope-bench-$$"
-mkdir "$cg"
-pids=()
-agent=""
-stats_before=$(sysctl -n kernel.bpf_stats_enabled)
-cleanup() {
-    [ -n "$agent" ] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null || true
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-    sysctl -qw kernel.bpf_stats_enabled="$stats_before" || true
-    rmdir "$cg" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-churn_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-http_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
+churn_port=$(free_port)
 
 # the watched workload: an iperf3 server and an accept-and-close server, born in the cgroup
 sh -c 'echo $$ > "$0/cgroup.procs"; exec iperf3 -s -B 127.0.0.1 -p "$1"' "$cg" "$port" >"$work/iperf-server.log" 2>&1 &
@@ -61,18 +45,6 @@ name = "bench"
 cgroup = "$cg"
 TOML
 
-start_agent() {
-    "$bin" run --config "$work/nodescope.toml" >"$work/agent.log" 2>&1 &
-    agent=$!
-    for _ in $(seq 100); do
-        # settle past the agent's own start-up before measuring
-        curl -sf "http://127.0.0.1:$http_port/metrics" >/dev/null 2>&1 && sleep 1 && return 0
-        sleep 0.1
-    done
-    echo "bench: nodescope did not start" >&2; cat "$work/agent.log" >&2; exit 1
-}
-stop_agent() { kill "$agent"; wait "$agent" 2>/dev/null || true; agent=""; }
-
 gbps() { # iperf3 client run -> Gbit/s received
     iperf3 -c 127.0.0.1 -p "$port" -t "$secs" "$@" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)'
 }
@@ -81,7 +53,7 @@ declare -A res
 for mode in bulk small; do res[$mode-off]=""; res[$mode-on]=""; done
 for r in $(seq "$rounds"); do
     for side in off on; do
-        [ "$side" = on ] && start_agent
+        [ "$side" = on ] && start_agent 1
         res[bulk-$side]+="$(gbps) "
         res[small-$side]+="$(gbps -l 1K) "
         [ "$side" = on ] && stop_agent
@@ -93,7 +65,7 @@ median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a
 
 # per-run kernel cost, from the kernel's accounting
 sysctl -qw kernel.bpf_stats_enabled=1
-start_agent
+start_agent 1
 python3 - "$churn_port" <<'PY'
 import socket, sys, time
 port = int(sys.argv[1])

@@ -1,0 +1,54 @@
+# Shared by the bench scripts (sourced): a cgroup2 group for the watched
+# workload, a work dir, free loopback ports, starting and stopping the agent,
+# and a cleanup that stops by pid whatever the bench started, removes the
+# group and restores kernel.bpf_stats_enabled.
+#
+# bench_setup NAME WORKDIR_PARENT   sets: bin (from $1 of the script), cg, work,
+#                                   http_port, pids (append to it), agent
+# start_agent SETTLE_SECONDS       runs "$bin" with "$work/nodescope.toml"
+
+bench_setup() {
+    local name=$1 parent=$2
+    cg2=$(awk '$0 ~ / - cgroup2 / {print $5; exit}' /proc/self/mountinfo)
+    [ -n "$cg2" ] || { echo "bench: no cgroup2 hierarchy mounted" >&2; exit 1; }
+    work=$(mktemp -d "$parent/nodescope-bench-$name.XXXXXX")
+    cg="$cg2/nodescope-bench-$name-$$"
+    mkdir "$cg"
+    pids=()
+    agent=""
+    stats_before=$(sysctl -n kernel.bpf_stats_enabled)
+    trap bench_cleanup EXIT
+    http_port=$(free_port)
+}
+
+bench_cleanup() {
+    [ -n "$agent" ] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null || true
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    sysctl -qw kernel.bpf_stats_enabled="$stats_before" || true
+    rmdir "$cg" 2>/dev/null || true
+    rm -rf "$work"
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Waits for /metrics, then SETTLE seconds more: past the agent's start-up and
+# at least one collection, so the watched group is in the kernel maps.
+start_agent() {
+    local settle=$1
+    "$bin" run --config "$work/nodescope.toml" >"$work/agent.log" 2>&1 &
+    agent=$!
+    for _ in $(seq 100); do
+        if curl -sf "http://127.0.0.1:$http_port/metrics" >/dev/null 2>&1; then
+            sleep "$settle"
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "bench: nodescope did not start" >&2
+    cat "$work/agent.log" >&2
+    exit 1
+}
+
+stop_agent() { kill "$agent"; wait "$agent" 2>/dev/null || true; agent=""; }
