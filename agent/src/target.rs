@@ -120,6 +120,24 @@ impl Service {
 }
 
 impl Target {
+    /// A litecoin target with no cgroup or data dir, for unit tests.
+    #[cfg(test)]
+    pub fn litecoin_for_tests(name: &str, pid: Option<u32>, p2p: &[u16], rpc: &[u16], listening: &[u16]) -> Target {
+        Target {
+            index: 0,
+            name: name.into(),
+            chain: Chain::Litecoin,
+            network: None,
+            pid,
+            scope: Scope::Absent,
+            cgroup_v2: None,
+            datadir: None,
+            p2p_ports: p2p.to_vec(),
+            rpc_ports: rpc.to_vec(),
+            listening: listening.to_vec(),
+        }
+    }
+
     /// Direction of a connection that was open before nodescope started:
     /// accepted when its local port is one the node listens on.
     pub fn infer_direction(&self, local_port: u16) -> Direction {
@@ -382,19 +400,7 @@ mod tests {
     use super::*;
 
     fn target(p2p: &[u16], rpc: &[u16], listening: &[u16]) -> Target {
-        Target {
-            index: 0,
-            name: "t".into(),
-            chain: Chain::Litecoin,
-            network: None,
-            pid: Some(1),
-            scope: Scope::Absent,
-            cgroup_v2: None,
-            datadir: None,
-            p2p_ports: p2p.to_vec(),
-            rpc_ports: rpc.to_vec(),
-            listening: listening.to_vec(),
-        }
+        Target::litecoin_for_tests("t", Some(1), p2p, rpc, listening)
     }
 
     #[test]

@@ -360,22 +360,9 @@ mod tests {
     use crate::disk::SyncLatency;
     use crate::health::rules::{definition, RuleParams};
     use crate::net::{Churn, Connection};
-    use crate::target::Scope;
 
     fn target(pid: Option<u32>) -> Target {
-        Target {
-            index: 0,
-            name: "t".into(),
-            chain: Chain::Litecoin,
-            network: None,
-            pid,
-            scope: Scope::Absent,
-            cgroup_v2: None,
-            datadir: None,
-            p2p_ports: vec![19444],
-            rpc_ports: vec![],
-            listening: vec![],
-        }
+        Target::litecoin_for_tests("t", pid, &[19444], &[], &[])
     }
 
     fn conn(addr: &str, port: u16, direction: Direction) -> Connection {

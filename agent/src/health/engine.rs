@@ -207,26 +207,13 @@ fn log_transition(target: &str, rule: &str, severity: Severity, t: Transition, e
 mod tests {
     use super::*;
     use crate::net::{Connection, TargetNet};
-    use crate::target::Scope;
 
     fn config(text: &str) -> Config {
         Config::from_toml_with_env(text, Vec::new()).unwrap()
     }
 
     fn target(pid: Option<u32>) -> Target {
-        Target {
-            index: 0,
-            name: "ltc".into(),
-            chain: Chain::Litecoin,
-            network: None,
-            pid,
-            scope: Scope::Absent,
-            cgroup_v2: None,
-            datadir: None,
-            p2p_ports: vec![19444],
-            rpc_ports: vec![19443],
-            listening: vec![19444, 19443],
-        }
+        Target::litecoin_for_tests("ltc", pid, &[19444], &[19443], &[19444, 19443])
     }
 
     fn net(peers: usize) -> NetSnapshot {
