@@ -441,6 +441,25 @@ fn settled_metrics(agent: &Agent) -> String {
     }
 }
 
+/// Metrics once `target`'s written bytes have not moved for `quiet` (the
+/// node is idle), within a minute.
+fn quiet_metrics(agent: &Agent, target: &str, quiet: Duration) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = agent.metrics();
+    let mut since = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let m = agent.metrics();
+        if total_written(&m, target) != total_written(&last, target) {
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "{target} never went quiet for {quiet:?}");
+        last = m;
+    }
+}
+
 fn written(m: &str, target: &str, class: &str) -> f64 {
     metric_sum(m, "nodescope_file_written_bytes_total", &[("nodescope_target", target), ("nodescope_file_class", class)])
 }
@@ -701,23 +720,24 @@ fn litecoind_mining_matches_strace() {
     // flushes the coins cache and block index to disk now rather than hourly
     node.cli(&["gettxoutsetinfo"]);
     eprintln!("mined 500 blocks under strace in {:?}", started.elapsed());
-    let m1 = settled_metrics(&agent);
+    // LevelDB compacts in a background thread after the flush: let the node
+    // go quiet under strace, so both counts close over the same writes.
+    let m1 = quiet_metrics(&agent, "ltc", Duration::from_secs(5));
     let calls = strace.stop();
-    let m2 = settled_metrics(&agent);
 
     let delta = |m: &str, class: &str| written(m, "ltc", class) - written(&m0, "ltc", class);
     assert!(delta(&m1, "blocks") > 500.0 * 200.0, "blocks grew by {}:\n{m1}", delta(&m1, "blocks"));
     assert!(delta(&m1, "chainstate") > 0.0, "chainstate grew by {}:\n{m1}", delta(&m1, "chainstate"));
     assert!(delta(&m1, "block_index") > 0.0, "block index grew by {}:\n{m1}", delta(&m1, "block_index"));
 
-    let ours = total_written(&m2, "ltc") - total_written(&m0, "ltc");
+    let ours = total_written(&m1, "ltc") - total_written(&m0, "ltc");
     let (n, theirs) = strace_file_bytes(&calls, |_| true);
     let (_, theirs_blocks) = strace_file_bytes(&calls, |p| p.contains("/blocks/blk") || p.contains("/blocks/rev"));
-    eprintln!("litecoind wrote {ours} bytes by nodescope, {theirs} bytes in {n} calls by strace (blocks: {} vs {theirs_blocks})", delta(&m2, "blocks"));
+    eprintln!("litecoind wrote {ours} bytes by nodescope, {theirs} bytes in {n} calls by strace (blocks: {} vs {theirs_blocks})", delta(&m1, "blocks"));
     assert!(theirs > 0, "strace saw no file writes");
     assert!((ours - theirs as f64).abs() <= 0.02 * theirs as f64, "nodescope {ours} vs strace {theirs}");
-    assert!((delta(&m2, "blocks") - theirs_blocks as f64).abs() <= 0.02 * theirs_blocks as f64);
-    let syncs_ours = metric_sum(&m2, "nodescope_file_sync_duration_seconds_count", &[("nodescope_target", "ltc")])
+    assert!((delta(&m1, "blocks") - theirs_blocks as f64).abs() <= 0.02 * theirs_blocks as f64);
+    let syncs_ours = metric_sum(&m1, "nodescope_file_sync_duration_seconds_count", &[("nodescope_target", "ltc")])
         - metric_sum(&m0, "nodescope_file_sync_duration_seconds_count", &[("nodescope_target", "ltc")]);
     let syncs_theirs = calls.iter().filter(|c| c.ret == 0 && ["fsync", "fdatasync"].contains(&c.name.as_str()) && is_file(&c.path)).count();
     eprintln!("sync calls: nodescope {syncs_ours}, strace {syncs_theirs}");
@@ -824,10 +844,10 @@ fn monerod_lmdb_writes_and_syncs() {
     let strace = Strace::attach(&[writes_node.pid(), mapped_node.pid()], &work.path().join("strace.txt"));
     writes_node.mine(30);
     mapped_node.mine(30);
-    // the nodes are done (their counts stopped moving) before strace lets go
-    settled_metrics(&agent);
-    let calls = strace.stop();
+    // the nodes are done (their counts stopped moving) before strace lets
+    // go, and the figures compared are the ones from inside its window
     let m2 = settled_metrics(&agent);
+    let calls = strace.stop();
 
     let d = |f: &dyn Fn(&str) -> f64| f(&m2) - f(&m0);
     let lmdb_bytes = d(&|m| written(m, "xmr", "lmdb"));
