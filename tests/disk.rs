@@ -541,19 +541,6 @@ fn kernel_file_keys(agent: &Agent) -> Vec<(u32, u32)> {
         .collect()
 }
 
-fn assert_promtool_ok(m: &str, dir: &Path) {
-    require_tool("promtool", "prometheus");
-    let file = dir.join("metrics.txt");
-    std::fs::write(&file, m).unwrap();
-    let out = Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", file.display())).output().unwrap();
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Every write and sync call of a known writer is counted exactly, in the
 /// right class, for a target with its own cgroup and for one that shares
 /// its cgroup (scoped by pid), and matches strace; writes by other

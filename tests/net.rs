@@ -139,16 +139,7 @@ fn peers_match_the_nodes_own_counters() {
     assert!(!m.contains(&format!(":{port}")));
 
     // The exposition is valid Prometheus text.
-    require_tool("promtool", "prometheus");
-    let file = dir.path().join("metrics.txt");
-    std::fs::write(&file, &m).unwrap();
-    let out = Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", file.display())).output().unwrap();
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_promtool_ok(&m, dir.path());
     // stop order: agent and peers first, then the node, then its cgroup
     drop((agent, early, inbound, outbound, node));
     drop(cgroup);

@@ -52,3 +52,6 @@ start_agent() {
 }
 
 stop_agent() { kill "$agent"; wait "$agent" 2>/dev/null || true; agent=""; }
+
+# The median of whitespace-separated numbers on stdin.
+median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }

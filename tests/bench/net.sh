@@ -61,8 +61,6 @@ for r in $(seq "$rounds"); do
     echo "round $r done" >&2
 done
 
-median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-
 # per-run kernel cost, from the kernel's accounting
 sysctl -qw kernel.bpf_stats_enabled=1
 start_agent 1

@@ -359,3 +359,17 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// `promtool check metrics` finds nothing to say about a scrape.
+pub fn assert_promtool_ok(m: &str, dir: &Path) {
+    require_tool("promtool", "prometheus");
+    let file = dir.join("metrics.txt");
+    std::fs::write(&file, m).unwrap();
+    let out = std::process::Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", file.display())).output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
