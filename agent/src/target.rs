@@ -81,6 +81,13 @@ pub struct Target {
     pub rpc_ports: Vec<u16>,
     /// Every TCP port the node listens on.
     pub listening: Vec<u16>,
+    /// `/proc/PID/root` when the node lives in another mount namespace than
+    /// the agent (a container): its paths (data dir, config, pid file) are
+    /// read through it, so no volume has to be mounted into the agent.
+    pub root: Option<PathBuf>,
+    /// Inode of the node's network namespace (`/proc/PID/ns/net`): its
+    /// sockets and listening ports are only ever matched in that namespace.
+    pub netns: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -135,7 +142,22 @@ impl Target {
             p2p_ports: p2p.to_vec(),
             rpc_ports: rpc.to_vec(),
             listening: listening.to_vec(),
+            root: None,
+            netns: None,
         }
+    }
+
+    /// A path as the node sees it, as the agent can open it.
+    pub fn host_path(&self, node_path: &Path) -> PathBuf {
+        match &self.root {
+            Some(root) => root.join(node_path.strip_prefix("/").unwrap_or(node_path)),
+            None => node_path.to_path_buf(),
+        }
+    }
+
+    /// The data dir, as the agent can open it.
+    pub fn host_datadir(&self) -> Option<PathBuf> {
+        self.datadir.as_deref().map(|d| self.host_path(d))
     }
 
     /// Direction of a connection that was open before nodescope started:
@@ -348,8 +370,12 @@ impl Targets {
             p2p_ports: spec.p2p_ports.clone(),
             rpc_ports: spec.rpc_ports.clone(),
             listening: Vec::new(),
+            root: None,
+            netns: None,
         };
         let Some(pid) = pid else { return t };
+        t.root = foreign_root(&self.proc_root, pid);
+        t.netns = namespace_inode(&self.proc_root, pid, "net");
 
         if let Ok(info) = discovery::inspect(&self.proc_root, pid, spec.chain) {
             t.network = Some(info.network);
@@ -389,6 +415,19 @@ impl Targets {
     }
 }
 
+
+/// The inode of one of a process's namespaces (`net`, `mnt`, ...).
+pub fn namespace_inode(proc_root: &Path, pid: u32, kind: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(proc_root.join(pid.to_string()).join("ns").join(kind)).ok().map(|m| m.ino())
+}
+
+/// `/proc/PID/root` when the process's mount namespace is not the agent's.
+fn foreign_root(proc_root: &Path, pid: u32) -> Option<PathBuf> {
+    let own = namespace_inode(proc_root, std::process::id(), "mnt")?;
+    let theirs = namespace_inode(proc_root, pid, "mnt")?;
+    (own != theirs).then(|| proc_root.join(pid.to_string()).join("root"))
+}
 
 /// A group is the node's own when the node is the only process in it.
 fn dedicated(dir: &Path, pid: u32) -> bool {

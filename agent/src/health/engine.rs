@@ -183,7 +183,7 @@ impl HealthEngine {
 /// chainstate/ and blocks/, monerod in lmdb/. A node of no known chain
 /// counts once its data dir exists.
 fn chain_state_on_disk(t: &Target) -> bool {
-    let Some(dir) = &t.datadir else { return false };
+    let Some(dir) = t.host_datadir() else { return false };
     let subdirs: &[&str] = match t.chain {
         Chain::Bitcoin | Chain::Litecoin => &["chainstate", "blocks"],
         Chain::Monero => &["lmdb"],
