@@ -8,7 +8,8 @@
  * sync_file_range, msync) keeps the fd (or msync's address), the call and,
  * for syncs, the start time, for the calling thread in ns_disk_inflight, when
  * the caller belongs to a watched node: its cgroup2 group is a watched group,
- * or its tgid is a watched process. The exit tracepoint adds the return
+ * or its tgid is a watched process (scope.bpf.h keeps both sets current as
+ * processes start and cgroups are made, so a short-lived writer counts). The exit tracepoint adds the return
  * value (the bytes really written) and one call to the record of the file,
  * or the latency to a log2 histogram. So a write of a watched process costs
  * a lookup of the thread's slot at enter and at exit and one lookup-and-add
@@ -46,24 +47,9 @@
 #include <bpf/bpf_tracing.h>
 #include "kernel_types.h"
 #include "nodescope.h"
+#include "scope.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
-
-/* cgroup2 id -> target index */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, NS_MAX_TARGETS);
-	__type(key, __u64);
-	__type(value, __u32);
-} ns_disk_target_cgroups SEC(".maps");
-
-/* tgid -> target index, for targets that share their cgroup */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u32);
-	__type(value, __u32);
-} ns_disk_target_pids SEC(".maps");
 
 /* What the enter tracepoint hands to the exit tracepoint of the same call. */
 struct inflight {
@@ -150,16 +136,11 @@ static __always_inline void stat_inc(__u32 idx)
 		*v += 1;
 }
 
+/* Watched: the caller's cgroup2 group (or one below it) or its process is
+ * in scope.bpf.h's sets, at the moment of the call. */
 static __always_inline int match_target(__u32 tgid, __u32 *target)
 {
-	__u64 cgid = bpf_get_current_cgroup_id();
-	__u32 *t = bpf_map_lookup_elem(&ns_disk_target_cgroups, &cgid);
-	if (!t)
-		t = bpf_map_lookup_elem(&ns_disk_target_pids, &tgid);
-	if (!t)
-		return 0;
-	*target = *t;
-	return 1;
+	return scope_match_task(tgid, target);
 }
 
 /* Unique without atomics: a per-CPU counter, tagged with the CPU. Programs

@@ -4,19 +4,22 @@
  *
  * Two programs share the record map:
  *  - on_tcp_state (tp_btf/inet_sock_set_state) sees every state change of
- *    every TCP socket, keeps the watched ones and records connects,
- *    establishment, failure and close with the final byte counts.
- *  - tcp_iter (iter/tcp) is run by the agent once per interval: it copies
- *    the live byte counters of open connections into their records, and adopts
- *    connections that were open before the agent started.
+ *    every TCP socket, keeps the watched ones and records connects and
+ *    establishment; a close or failure goes to user space at once through a
+ *    ring buffer with the final byte counts, and the record is deleted.
+ *  - tcp_iter (iter/tcp) is run by the agent once per interval in each
+ *    watched network namespace (an iterator lists the namespace it was made
+ *    in): it copies the live byte counters of open connections into their
+ *    records, and adopts connections that were open before the agent started.
  * Bytes come from the kernel's own per-socket counters, so no per-packet hook
  * is needed and the agent only reads one map per interval.
  *
  * A socket is watched when the cgroup2 group it was created in is a watched
- * cgroup, or, for nodes that share their cgroup, when the connect() came from
- * a watched process or the connection was accepted on one of its listening
- * ports (and, for connections older than the agent, when a watched process
- * holds the socket).
+ * group (scope.bpf.h keeps that set, subtrees included), or, for nodes that
+ * share their cgroup, when the connect() came from a watched process or the
+ * connection was accepted on one of its listening ports in its network
+ * namespace (and, for connections older than the agent, when a watched
+ * process holds the socket).
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -25,32 +28,9 @@
 #include <bpf/bpf_endian.h>
 #include "kernel_types.h"
 #include "nodescope.h"
+#include "scope.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
-
-/* cgroup2 id -> target index */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, NS_MAX_TARGETS);
-	__type(key, __u64);
-	__type(value, __u32);
-} ns_target_cgroups SEC(".maps");
-
-/* tgid -> target index, for targets that share their cgroup */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u32);
-	__type(value, __u32);
-} ns_target_pids SEC(".maps");
-
-/* listening port -> target index, for targets that share their cgroup */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u16);
-	__type(value, __u32);
-} ns_target_ports SEC(".maps");
 
 /* socket inode -> target index: the sockets a watched process that shares its
  * cgroup held when the agent last looked, to adopt its older connections */
@@ -71,6 +51,13 @@ struct {
 	__type(value, struct ns_conn);
 } ns_conns SEC(".maps");
 
+/* closed and failed connections, as they happen; max_entries is set by the
+ * agent */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} ns_conn_events SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, NS_NET_STAT_MAX);
@@ -85,6 +72,11 @@ static __always_inline void stat_inc(__u32 idx)
 		*v += 1;
 }
 
+static __always_inline __u32 sock_netns(struct sock *sk)
+{
+	return sk->__sk_common.skc_net.net->ns.inum;
+}
+
 /* Which target, if any, owns this socket. in_task: the caller runs in the
  * context of the process that acts on the socket (connect()).
  * Reads go straight through the BTF-typed socket pointer: the verifier turns
@@ -92,17 +84,17 @@ static __always_inline void stat_inc(__u32 idx)
 static __always_inline int match_target(struct sock *sk, int in_task, __u32 *target)
 {
 	__u64 cgid = sk->sk_cgrp_data.cgroup->kn->id;
-	__u32 *t = bpf_map_lookup_elem(&ns_target_cgroups, &cgid);
+	__u32 *t = bpf_map_lookup_elem(&ns_scope_cgroups, &cgid);
 	if (t) {
 		*target = *t;
 		return 1;
 	}
 	if (in_task) {
 		__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-		t = bpf_map_lookup_elem(&ns_target_pids, &tgid);
+		t = bpf_map_lookup_elem(&ns_scope_pids, &tgid);
 	} else {
-		__u16 lport = sk->__sk_common.skc_num;
-		t = bpf_map_lookup_elem(&ns_target_ports, &lport);
+		struct ns_port_key pk = { .netns = sock_netns(sk), .port = sk->__sk_common.skc_num };
+		t = bpf_map_lookup_elem(&ns_scope_ports, &pk);
 	}
 	if (t) {
 		*target = *t;
@@ -127,17 +119,25 @@ static __always_inline void fill_endpoints(struct ns_conn *c, struct sock *sk)
 	}
 }
 
-static __always_inline void read_counters(struct ns_conn *c, struct tcp_sock *tp)
+/* What the node wrote is what the peer acknowledged plus what is still
+ * queued (unacknowledged or unsent): the node's own "bytes sent" counts a
+ * write when the kernel takes it, not when it is acknowledged. */
+static __always_inline void read_counters(struct ns_conn *c, struct tcp_sock *tp, struct sock *sk)
 {
-	c->bytes_acked = tp->bytes_acked;
+	__u32 queued = tp->write_seq - tp->snd_una;
+	c->bytes_sent = tp->bytes_acked + queued;
 	c->bytes_received = tp->bytes_received;
+	if (sk->__sk_common.skc_flags & (1UL << SOCK_DONE))
+		c->flags |= NS_CONN_F_FIN_RECEIVED;
 }
 
 static __always_inline void track(struct sock *sk, __u64 cookie, __u32 target,
-				  __u8 direction, __u8 state, __u64 now)
+				  __u8 direction, __u8 state, __u64 now, __u32 tgid)
 {
 	struct ns_conn c = {};
 	c.target = target;
+	c.tgid = tgid;
+	c.netns = sock_netns(sk);
 	c.direction = direction;
 	c.state = state;
 	c.start_ns = state == NS_CONN_ESTABLISHED ? now : 0;
@@ -146,12 +146,29 @@ static __always_inline void track(struct sock *sk, __u64 cookie, __u32 target,
 		stat_inc(NS_NET_STAT_CONN_DROPPED);
 }
 
+/* A closed or failed connection goes to user space now, whole; when the
+ * ring buffer is full the record stays in the map as a tombstone that the
+ * next read collects instead (counted). */
+static __always_inline void finish(__u64 cookie, struct ns_conn *c)
+{
+	struct ns_conn_event *e = bpf_ringbuf_reserve(&ns_conn_events, sizeof(*e), 0);
+	if (!e) {
+		stat_inc(NS_NET_STAT_EVENTS_FULL);
+		return;
+	}
+	e->cookie = cookie;
+	__builtin_memcpy(&e->conn, c, sizeof(*c));
+	bpf_ringbuf_submit(e, 0);
+	bpf_map_delete_elem(&ns_conns, &cookie);
+}
+
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 {
 	/* Runs for every TCP socket on the host: leave early and cheaply for the
 	 * transitions and sockets that are not ours. */
-	if (newstate != TCP_SYN_SENT && newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE)
+	if (newstate != TCP_SYN_SENT && newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE &&
+	    newstate != TCP_FIN_WAIT1 && newstate != TCP_LAST_ACK)
 		return 0;
 	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
 	if (!tp)
@@ -159,11 +176,11 @@ int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 	__u32 target;
 
 	if (newstate == TCP_SYN_SENT) {
-		/* connect(), in the connecting task: a new attempt, so no record
-		 * of ours can exist yet */
+		/* connect(), in the connecting task: a new attempt. A socket may
+		 * connect again after a failed attempt; that one's event is out. */
 		if (match_target(sk, 1, &target))
-			track(sk, bpf_get_socket_cookie(sk), target, NS_DIR_OUTBOUND,
-			      NS_CONN_CONNECTING, bpf_ktime_get_boot_ns());
+			track(sk, bpf_get_socket_cookie(sk), target, NS_DIR_OUTBOUND, NS_CONN_CONNECTING,
+			      bpf_ktime_get_boot_ns(), bpf_get_current_pid_tgid() >> 32);
 		return 0;
 	}
 
@@ -175,8 +192,8 @@ int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 	if (!c) {
 		/* accepted: the child socket, in softirq */
 		if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV && match_target(sk, 0, &target))
-			track(sk, bpf_get_socket_cookie(sk), target, NS_DIR_INBOUND,
-			      NS_CONN_ESTABLISHED, bpf_ktime_get_boot_ns());
+			track(sk, bpf_get_socket_cookie(sk), target, NS_DIR_INBOUND, NS_CONN_ESTABLISHED,
+			      bpf_ktime_get_boot_ns(), 0);
 		return 0;
 	}
 
@@ -185,12 +202,12 @@ int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 		c->start_ns = bpf_ktime_get_boot_ns();
 		/* the local address is only final once the route is chosen */
 		fill_endpoints(c, sk);
+	} else if (newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK) {
+		/* the node closed its side: its FIN is queued next, one sequence
+		 * byte in write_seq that it never wrote */
+		c->flags |= NS_CONN_F_FIN_SENT;
 	} else if (newstate == TCP_CLOSE) {
-		read_counters(c, tp);
-		if (oldstate == TCP_FIN_WAIT2 || oldstate == TCP_LAST_ACK || oldstate == TCP_CLOSING)
-			c->flags |= NS_CONN_F_FIN_ACKED;
-		if (sk->sk_shutdown & RCV_SHUTDOWN)
-			c->flags |= NS_CONN_F_FIN_RECEIVED;
+		read_counters(c, tp, sk);
 		c->end_ns = bpf_ktime_get_boot_ns();
 		if (c->state == NS_CONN_CONNECTING) {
 			c->state = NS_CONN_FAILED;
@@ -198,6 +215,7 @@ int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 		} else {
 			c->state = NS_CONN_CLOSED;
 		}
+		finish(cookie, c);
 	}
 	return 0;
 }
@@ -220,7 +238,7 @@ int tcp_iter(struct bpf_iter__tcp *ctx)
 	struct ns_conn *c = bpf_map_lookup_elem(&ns_conns, &cookie);
 	if (c) {
 		if (c->state == NS_CONN_ESTABLISHED)
-			read_counters(c, tp);
+			read_counters(c, tp, sk);
 		return 0;
 	}
 	/* Open before nodescope attached: adopt it, with its totals so far. */
@@ -239,8 +257,9 @@ int tcp_iter(struct bpf_iter__tcp *ctx)
 	n.target = target;
 	n.direction = NS_DIR_UNKNOWN;
 	n.state = NS_CONN_ESTABLISHED;
+	n.netns = sock_netns(sk);
 	fill_endpoints(&n, sk);
-	read_counters(&n, tp);
+	read_counters(&n, tp, sk);
 	/* NOEXIST: the state tracepoint may have just made the record */
 	if (bpf_map_update_elem(&ns_conns, &cookie, &n, BPF_NOEXIST) == -E2BIG)
 		stat_inc(NS_NET_STAT_CONN_DROPPED);

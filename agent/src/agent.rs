@@ -17,6 +17,7 @@ use crate::http::{self, AppState};
 use crate::net::metrics::NetMetrics;
 use crate::net::{NetSignal, NetSnapshot};
 use crate::snapshot::Shared;
+use crate::scope::{ScopeMemory, ScopePlan};
 use crate::target::Targets;
 use crate::telemetry::Telemetry;
 
@@ -74,6 +75,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     if mounts.v2.is_none() {
         tracing::warn!("no cgroup2 hierarchy mounted: nodes are scoped by process and listening ports");
     }
+    let cgroup2 = mounts.v2.clone();
     let mut targets = Targets::new(&config, mounts);
     if targets.is_discovering() {
         tracing::info!("no [[targets]] configured: looking for bitcoind, litecoind and monerod on this host");
@@ -93,15 +95,23 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let guard = Arc::new(http::HttpGuard::new(&config.http, &meter));
     let server = runtime.spawn(http::serve(listener, state.clone(), guard, stop_rx));
 
-    // Signals end the loop through this channel.
-    let (stop_tx, stop) = mpsc::channel::<()>();
+    // Signals end the loop through this channel; the kernel's exec events
+    // wake it to resolve a node that just started.
+    let (stop_tx, stop) = mpsc::channel::<Wake>();
+    let rings: Vec<_> = net
+        .as_mut()
+        .and_then(|n| n.take_scope_events())
+        .into_iter()
+        .chain(disk.as_mut().and_then(|d| d.take_scope_events()))
+        .collect();
+    crate::scope::watch_events(rings, stop_tx.clone());
     runtime.spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
-        let _ = stop_tx.send(());
+        let _ = stop_tx.send(Wake::Stop);
     });
 
     let interval = config.agent.interval;
@@ -113,11 +123,30 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let watchdog_period = sd_notify::watchdog_enabled(false, &mut watchdog_usec)
         .then(|| std::time::Duration::from_micros(watchdog_usec / 2));
     let mut ready_sent = false;
-    loop {
+    let mut scope_memory = ScopeMemory::default();
+    let proc_root = std::path::Path::new("/proc");
+    // Resolves the targets and points the kernel's scope maps at them.
+    let mut rescope = |targets: &mut Targets, net: &mut Option<NetSignal>, disk: &mut Option<crate::disk::DiskSignal>| {
+        targets.refresh();
+        let plan = ScopePlan::build(proc_root, targets.current(), &targets.exec_names(), cgroup2.as_deref(), &mut scope_memory);
+        if let Some(n) = net.as_mut() {
+            if let Err(e) = n.set_scope(&plan, targets.current()) {
+                tracing::error!("network signal: writing the watched set to the kernel: {e}");
+            }
+        }
+        if let Some(d) = disk.as_mut() {
+            if let Err(e) = d.set_scope(&plan) {
+                tracing::error!("disk signal: writing the watched set to the kernel: {e}");
+            }
+        }
+        plan
+    };
+    'collect: loop {
         let started = Instant::now();
-        let current = targets.refresh();
+        let plan = rescope(&mut targets, &mut net, &mut disk);
+        let current = targets.current();
         if let Some(signal) = net.as_mut() {
-            match signal.collect(current) {
+            match signal.collect(current, &plan) {
                 Ok(snap) => {
                     net_metrics.record(&snap);
                     net_snapshot.publish(snap);
@@ -129,7 +158,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 }
             }
         }
-        crate::disk::collect_into(&mut disk, current, &disk_metrics, &disk_snapshot);
+        crate::disk::collect_into(&mut disk, current, &plan, &disk_metrics, &disk_snapshot);
         resources_snapshot.publish(resources.collect(current));
         // after every signal has published this interval's snapshot
         health_snapshot.publish(health_engine.evaluate(&health::Inputs {
@@ -144,8 +173,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
             ready_sent = true;
         }
-        if !wait_for_next(&stop, started + interval, watchdog_period) {
-            break;
+        loop {
+            match wait_for_next(&stop, started + interval, watchdog_period) {
+                Wake::Stop => break 'collect,
+                Wake::Interval => break,
+                // a node started: watch it now, not at the next interval
+                Wake::Scope => drop(rescope(&mut targets, &mut net, &mut disk)),
+            }
         }
     }
 
@@ -157,20 +191,32 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What wakes the collection loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The next interval is due.
+    Interval,
+    /// A process exec'd under a watched node's name.
+    Scope,
+    /// SIGTERM or Ctrl-C.
+    Stop,
+}
+
 /// Waits until `deadline`, pinging the systemd watchdog every `watchdog`
-/// period meanwhile. False when the agent should stop.
-fn wait_for_next(stop: &mpsc::Receiver<()>, deadline: Instant, watchdog: Option<std::time::Duration>) -> bool {
+/// period meanwhile; returns early for a stop or a scope event.
+fn wait_for_next(stop: &mpsc::Receiver<Wake>, deadline: Instant, watchdog: Option<std::time::Duration>) -> Wake {
     loop {
         if watchdog.is_some() {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return true;
+            return Wake::Interval;
         }
         let step = watchdog.map_or(left, |w| w.min(left));
         match stop.recv_timeout(step) {
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => return false,
+            Ok(wake) => return wake,
+            Err(RecvTimeoutError::Disconnected) => return Wake::Stop,
             Err(RecvTimeoutError::Timeout) => {}
         }
     }

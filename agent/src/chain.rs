@@ -35,6 +35,9 @@ pub struct Ports {
 const NAMED_CHAINS: [Chain; 3] = [Chain::Bitcoin, Chain::Litecoin, Chain::Monero];
 
 impl Chain {
+    /// The chains whose nodes have known process names.
+    pub const ALL: [Chain; 3] = NAMED_CHAINS;
+
     /// The same spelling serde uses, so labels and config files agree.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -156,8 +156,12 @@ pub struct TargetConfig {
     pub pid_file: Option<PathBuf>,
     /// Process name as /proc/PID/comm shows it.
     pub process: Option<String>,
-    /// A cgroup2 directory the node runs in.
+    /// A cgroup2 directory the node runs in: absolute, or relative to the
+    /// cgroup2 mount (a Kubernetes pod's group, whatever the host mounts
+    /// cgroup2 at).
     pub cgroup: Option<PathBuf>,
+    /// The node's container (or pod), by name or id prefix.
+    pub container: Option<String>,
     #[serde(default = "default_chain")]
     pub chain: Chain,
     pub datadir: Option<PathBuf>,
@@ -392,11 +396,11 @@ impl Config {
             if !names.insert(&t.name) {
                 return Err(ConfigError::invalid(key("name"), format!("duplicate target name {:?}", t.name)));
             }
-            let selectors = [t.pid_file.is_some(), t.process.is_some(), t.cgroup.is_some()];
+            let selectors = [t.pid_file.is_some(), t.process.is_some(), t.cgroup.is_some(), t.container.is_some()];
             match selectors.iter().filter(|s| **s).count() {
-                0 => return Err(ConfigError::invalid(format!("targets[{i}]"), "needs one of pid_file, process, cgroup")),
+                0 => return Err(ConfigError::invalid(format!("targets[{i}]"), "needs one of pid_file, process, cgroup, container")),
                 1 => {}
-                _ => return Err(ConfigError::invalid(format!("targets[{i}]"), "takes only one of pid_file, process, cgroup")),
+                _ => return Err(ConfigError::invalid(format!("targets[{i}]"), "takes only one of pid_file, process, cgroup, container")),
             }
             if let Some(p) = &t.process {
                 if p.is_empty() || p.len() > 15 {
@@ -404,8 +408,15 @@ impl Config {
                 }
             }
             if let Some(c) = &t.cgroup {
-                if !c.is_absolute() {
-                    return Err(ConfigError::invalid(key("cgroup"), "must be an absolute path"));
+                let escapes = c.components().any(|part| part == std::path::Component::ParentDir);
+                if c.as_os_str().is_empty() || escapes {
+                    return Err(ConfigError::invalid(key("cgroup"), "must be a cgroup2 directory: absolute, or relative to the cgroup2 mount, without '..'"));
+                }
+            }
+            if let Some(c) = &t.container {
+                let valid = c.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+                if c.is_empty() || c.len() > crate::container::MAX_NAME_LEN || !valid {
+                    return Err(ConfigError::invalid(key("container"), format!("must be a container name or id prefix: 1 to {} letters, digits, '-', '_', '.'", crate::container::MAX_NAME_LEN)));
                 }
             }
             for (k, ports) in [("p2p_ports", &t.p2p_ports), ("rpc_ports", &t.rpc_ports)] {
@@ -621,11 +632,41 @@ mod tests {
         assert_eq!(err_key("[http]\nlisten = \"1.2.3.4:5\"\nbogus = 1"), "http.bogus");
         assert_eq!(err_key("[[targets]]\nname = \"a\""), "targets[0]");
         assert_eq!(err_key("[[targets]]\nname = \"a\"\nprocess = \"x\"\ncgroup = \"/c\""), "targets[0]");
+        assert_eq!(err_key("[[targets]]\nname = \"a\"\ncontainer = \"c\"\ncgroup = \"/c\""), "targets[0]");
         assert_eq!(err_key("[[targets]]\nname = \"a\"\nprocess = \"x\"\nchain = \"dogecoin\""), "targets[0].chain");
         assert_eq!(err_key("[agent]\ninterval = \"1ms\""), "agent.interval");
         assert_eq!(err_key("[otlp]\nendpoint = \"grpc://x:4317\""), "otlp.endpoint");
         assert_eq!(err_key("[[targets]]\nname = \"a\"\nprocess = \"x\"\n[[targets]]\nname = \"a\"\nprocess = \"y\""), "targets[1].name");
         assert!(err_key("[http\n").starts_with("config (line 1)"));
+    }
+
+    #[test]
+    fn container_and_relative_cgroup_selectors() {
+        let c = load(
+            r#"
+            [[targets]]
+            name = "ltc"
+            container = "ltc-node"
+            chain = "litecoin"
+            [[targets]]
+            name = "btc"
+            cgroup = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b.slice"
+            chain = "bitcoin"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.targets[0].container.as_deref(), Some("ltc-node"));
+        assert_eq!(c.targets[1].cgroup.as_deref(), Some(Path::new("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b.slice")));
+        let target = "[[targets]]\nname = \"a\"\n";
+        for bad in ["container = \"\"", "container = \"a b\"", "container = \"a/b\"", "cgroup = \"\"", "cgroup = \"../x\"", "cgroup = \"/a/../b\""] {
+            let key = bad.split(' ').next().unwrap();
+            assert_eq!(err_key(&format!("{target}{bad}")), format!("targets[0].{key}"), "{bad}");
+        }
+        assert_eq!(err_key(&format!("{target}container = \"{}\"", "a".repeat(65))), "targets[0].container");
+        match load(&format!("{target}container = \"a:b\"")) {
+            Err(e) => assert!(e.to_string().starts_with("targets[0].container: must be a container name"), "{e}"),
+            Ok(_) => panic!("bad container accepted"),
+        }
     }
 
     #[test]

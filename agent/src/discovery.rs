@@ -5,22 +5,28 @@
 //! has its RPC locked down. Every function takes the procfs root so tests can
 //! point it at a fake tree; real callers pass "/proc".
 //!
-//! Paths are read as the node sees them. A node in a container has its own
-//! mount namespace, so its data dir and config file may not exist at the same
-//! path on the host; the config is then not found and defaults are reported.
+//! Paths are reported as the node sees them (its command line, its config,
+//! /health/detailed) and opened as the node would open them. A node in a
+//! container has a mount namespace of its own: its data dir, config file and
+//! passwd file exist only there, and are read through `/proc/PID/root` (see
+//! `read_node_file`), so no volume has to be mounted into the agent.
 
 use std::collections::HashSet;
-use std::ffi::OsStr;
+use std::ffi::{CString, OsStr};
 use std::fs;
-use std::io;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::chain::{Chain, Network, Ports};
 
 /// Where a process's home dir is looked up when its environment is unreadable.
 const PASSWD: &str = "/etc/passwd";
+/// Config and passwd files are far smaller; a bigger one is not one, and the
+/// bound keeps a file the node controls from making the agent read forever.
+const NODE_FILE_MAX_BYTES: u64 = 1 << 20;
 
 /// proc(5) numbering of the /proc/PID/stat fields we read.
 const STAT_STATE: usize = 3;
@@ -153,13 +159,18 @@ pub fn start_time_ticks(proc_root: &Path, pid: u32) -> Option<u64> {
     Some(ticks / clock_ticks_per_second())
 }
 
+/// The parent's pid (stat field 4).
+pub fn parent_pid(proc_root: &Path, pid: u32) -> Option<u32> {
+    stat_field(&read_stat(proc_root, pid)?, 4)?.parse().ok()
+}
+
 fn pid_dir(proc_root: &Path, pid: u32) -> PathBuf {
     proc_root.join(pid.to_string())
 }
 
 /// Numeric entries of the procfs root, sorted. Listing /proc yields only
 /// thread-group leaders; other threads are reachable by tid but not listed.
-fn pids(proc_root: &Path) -> Vec<u32> {
+pub fn pids(proc_root: &Path) -> Vec<u32> {
     let Ok(entries) = fs::read_dir(proc_root) else {
         return Vec::new();
     };
@@ -239,11 +250,14 @@ fn listening_in_table<'a>(table: &'a str, inodes: &'a HashSet<u64>) -> impl Iter
 /// One process's directory under the procfs root.
 struct Process {
     dir: PathBuf,
+    /// The process's root when its mount namespace is not the agent's (a
+    /// container): the files it names are opened inside it.
+    root: Option<PathBuf>,
 }
 
 impl Process {
     fn new(proc_root: &Path, pid: u32) -> Self {
-        Process { dir: pid_dir(proc_root, pid) }
+        Process { dir: pid_dir(proc_root, pid), root: crate::target::foreign_root(proc_root, pid) }
     }
 
     /// argv without argv[0]. Lossy UTF-8: options are ASCII, and a path that
@@ -260,11 +274,36 @@ impl Process {
             // Core and monerod both use "/" when HOME is unset or empty.
             Ok(environ) => Some(home_from_environ(&environ).unwrap_or_else(|| PathBuf::from("/"))),
             // Another user's environment needs ptrace access; their passwd
-            // entry is what HOME is set from at login and by systemd.
+            // entry is what HOME is set from at login and by systemd. The
+            // passwd file is the node's own (a container's), which numbers
+            // users as the node's user namespace does.
             Err(_) => {
                 let uid = self.uid()?;
-                let passwd = fs::read_to_string(PASSWD).unwrap_or_default();
+                let uid = fs::read_to_string(self.dir.join("uid_map")).map_or(uid, |map| uid_inside(&map, uid));
+                let passwd = self.read_file(Path::new(PASSWD)).unwrap_or_default();
                 home_from_passwd(&passwd, uid).or_else(|| (uid == 0).then(|| PathBuf::from("/root")))
+            }
+        }
+    }
+
+    /// A file the node names (a config file, its passwd file) as it would
+    /// read it. Lossy UTF-8: these are ASCII text files.
+    fn read_file(&self, node_path: &Path) -> io::Result<String> {
+        let raw = read_node_file(self.root.as_deref(), node_path, NODE_FILE_MAX_BYTES)?;
+        Ok(String::from_utf8_lossy(&raw).into_owned())
+    }
+
+    /// A config file's text, or None when it can't be read. A missing file
+    /// is normal (nodes run fine without one); anything else means the ports
+    /// and network we report may be defaults the node doesn't use, so say so.
+    fn read_config(&self, node_path: &Path) -> Option<String> {
+        match self.read_file(node_path) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::debug!(path = %node_path.display(), error = %e, "node config file unreadable, assuming defaults");
+                }
+                None
             }
         }
     }
@@ -307,6 +346,22 @@ fn home_from_environ(environ: &[u8]) -> Option<PathBuf> {
     (!home.is_empty()).then(|| PathBuf::from(OsStr::from_bytes(home)))
 }
 
+/// A uid as the process's own user namespace numbers it, from the number
+/// the agent sees: uid_map lines are `inside outside count`, with `outside`
+/// in the reader's namespace. Unmapped, the number is kept (what the kernel
+/// shows for it inside is the overflow uid, which no passwd entry has).
+fn uid_inside(uid_map: &str, uid: u32) -> u32 {
+    uid_map
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<u64> = line.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+            let &[inside, outside, count] = fields.as_slice() else { return None };
+            let offset = u64::from(uid).checked_sub(outside).filter(|&o| o < count)?;
+            u32::try_from(inside + offset).ok()
+        })
+        .unwrap_or(uid)
+}
+
 fn home_from_passwd(passwd: &str, uid: u32) -> Option<PathBuf> {
     passwd.lines().find_map(|line| {
         // name:password:uid:gid:gecos:home:shell
@@ -316,19 +371,65 @@ fn home_from_passwd(passwd: &str, uid: u32) -> Option<PathBuf> {
     })
 }
 
-/// A config file's text, or None when it can't be read. A missing file is
-/// normal (nodes run fine without one); anything else means the ports and
-/// network we report may be defaults the node doesn't use, so say so.
-fn read_config(path: &Path) -> Option<String> {
-    match fs::read(path) {
-        Ok(raw) => Some(String::from_utf8_lossy(&raw).into_owned()),
-        Err(e) => {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::debug!(path = %path.display(), error = %e, "node config file unreadable, assuming defaults");
-            }
-            None
-        }
+/// Reads a file a node names, as the node would: inside `root` when the
+/// node has a root of its own (a container's `/proc/PID/root`). The file is
+/// the node's to make, so it is read only if it is a regular file (a FIFO
+/// would block the agent, a device never end), without blocking on open,
+/// and at most `limit` bytes of it.
+pub fn read_node_file(root: Option<&Path>, node_path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let file = match root {
+        Some(root) => open_in_root(root, node_path)?,
+        None => fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(node_path)?,
+    };
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
     }
+    let mut contents = Vec::new();
+    file.take(limit).read_to_end(&mut contents)?;
+    Ok(contents)
+}
+
+/// Opens `node_path` with `root` as `/`. A plain `root.join(path)` would
+/// not do: the kernel resolves an absolute symlink met after
+/// `/proc/PID/root` against the agent's root, so a container's
+/// `/home/x/.bitcoin -> /data` would lead to the host's `/data`, and a
+/// container could point the agent at any host file. openat2's
+/// RESOLVE_IN_ROOT resolves every symlink inside the root instead.
+fn open_in_root(root: &Path, node_path: &Path) -> io::Result<fs::File> {
+    let relative = node_path.strip_prefix("/").unwrap_or(node_path);
+    let dir = fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_DIRECTORY).open(root)?;
+    let c_path = CString::new(relative.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    // SAFETY: open_how is a plain C struct; all zeros is valid (no flags).
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: dir is an open descriptor, c_path a NUL-terminated string and
+    // how a valid open_how whose size is passed along.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c_path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOSYS) {
+            return Err(e);
+        }
+        // Kernels before 5.6 have no openat2: a plain join, with the
+        // absolute symlink caveat above.
+        return fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(root.join(relative));
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("openat2 returned an out-of-range descriptor"))?;
+    // SAFETY: fd is a descriptor openat2 just opened, owned by nothing else.
+    Ok(unsafe { fs::File::from_raw_fd(fd) })
 }
 
 /// `dir` joined with a network subdir, without the trailing slash that
@@ -459,7 +560,7 @@ impl CoreArgs {
     /// Adds the files named by `includeconf` in the chosen network's section
     /// and the top level, in the order Core reads them. Core allows one level
     /// of includes, and `-noincludeconf` on the command line turns them off.
-    fn read_includes(&mut self, datadir: Option<&Path>) {
+    fn read_includes(&mut self, process: &Process, datadir: Option<&Path>) {
         if self.on_cmdline("includeconf").is_some() {
             return;
         }
@@ -474,7 +575,7 @@ impl CoreArgs {
         let mut files = includes_in(Some(&net));
         files.extend(includes_in(None));
         for file in files {
-            if let Some(text) = relative_to(datadir, &file).as_deref().and_then(read_config) {
+            if let Some(text) = relative_to(datadir, &file).and_then(|path| process.read_config(&path)) {
                 self.config.extend(parse_core_config(&text));
             }
         }
@@ -541,9 +642,9 @@ fn inspect_core(process: &Process, pid: u32, chain: Chain, args: &[String]) -> N
         Some(conf) if !conf.value.is_empty() => relative_to(base.as_deref(), &conf.value),
         _ => base.as_ref().map(|base| base.join(conf_name)),
     };
-    if let Some(text) = conf.as_deref().and_then(read_config) {
+    if let Some(text) = conf.and_then(|conf| process.read_config(&conf)) {
         settings.config = parse_core_config(&text);
-        settings.read_includes(base.as_deref());
+        settings.read_includes(process, base.as_deref());
     }
 
     let net = settings.chain().to_owned();
@@ -657,7 +758,7 @@ fn inspect_monero(process: &Process, pid: u32, args: &[String]) -> NodeInfo {
         let subdir = chain.network_subdir(options.network());
         default_base.as_deref().map(|base| with_subdir(base, subdir).join("bitmonero.conf"))
     });
-    if let Some(text) = config.as_deref().and_then(read_config) {
+    if let Some(text) = config.and_then(|config| process.read_config(&config)) {
         options.add_config(&text);
     }
 

@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::bpf::abi::MAX_TARGETS;
+use crate::bpf::abi::{MAX_TARGETS, TARGET_PENDING};
 use crate::cgroup::{self, Mounts, ProcessCgroups};
 use crate::chain::{Chain, Network};
 use crate::config::{Config, TargetConfig};
+use crate::container::{self, Container};
 use crate::discovery;
 
 /// How a target is named in config.
@@ -16,7 +17,10 @@ use crate::discovery;
 pub enum Selector {
     PidFile(PathBuf),
     Process(String),
+    /// Absolute, or relative to the cgroup2 mount.
     Cgroup(PathBuf),
+    /// A container's (or pod's) name or id prefix.
+    Container(String),
     /// Found by discovery.
     Pid(u32),
 }
@@ -33,11 +37,12 @@ pub struct TargetSpec {
 
 impl From<&TargetConfig> for TargetSpec {
     fn from(t: &TargetConfig) -> Self {
-        let selector = match (&t.pid_file, &t.process, &t.cgroup) {
-            (Some(p), _, _) => Selector::PidFile(p.clone()),
-            (_, Some(p), _) => Selector::Process(p.clone()),
-            (_, _, Some(c)) => Selector::Cgroup(c.clone()),
-            // Config::validate guarantees one of the three
+        let selector = match (&t.pid_file, &t.process, &t.cgroup, &t.container) {
+            (Some(p), _, _, _) => Selector::PidFile(p.clone()),
+            (_, Some(p), _, _) => Selector::Process(p.clone()),
+            (_, _, Some(c), _) => Selector::Cgroup(c.clone()),
+            (_, _, _, Some(c)) => Selector::Container(c.clone()),
+            // Config::validate guarantees one of the four
             _ => unreachable!("validated target without selector"),
         };
         TargetSpec {
@@ -225,6 +230,11 @@ impl Targets {
         self.discover
     }
 
+    /// The targets as the last refresh resolved them.
+    pub fn current(&self) -> &[Target] {
+        &self.current
+    }
+
     pub fn refresh(&mut self) -> &[Target] {
         let specs = if self.discover { self.discovered_specs() } else { self.specs.clone() };
         let mut out = Vec::with_capacity(specs.len());
@@ -271,17 +281,22 @@ impl Targets {
         Some(free)
     }
 
-    /// Nodes found on the host, named `<chain>-<network>`, and
-    /// `<chain>-<network>-<p2p port>` when several share a chain and network,
-    /// so a node keeps its name across restarts. A node that went away stays
-    /// listed (absent, so its verdicts say so) for `DISCOVERED_ABSENT_TTL`,
-    /// then is forgotten and its slot freed.
+    /// Nodes found on the host, named `<chain>-<network>`, or
+    /// `<chain>-<network>-<container>` for a node in a container (by the
+    /// name the runtime or the pod gives it, see `container`), and with
+    /// `-<p2p port>` added when several share a name, so a node keeps its
+    /// name across restarts, its container's included. A node that went
+    /// away stays listed (absent, so its verdicts say so) for
+    /// `DISCOVERED_ABSENT_TTL`, then is forgotten and its slot freed.
     fn discovered_specs(&mut self) -> Vec<TargetSpec> {
         let mut specs: Vec<TargetSpec> = Vec::new();
         for (pid, chain) in discovery::find_nodes(&self.proc_root) {
             let info = discovery::inspect(&self.proc_root, pid, chain).ok();
             let network = info.as_ref().map(|i| i.network).unwrap_or(Network::Main);
             let mut name = format!("{}-{}", chain.as_str(), network.as_str());
+            if let Some(c) = Container::of_process(&self.proc_root, pid) {
+                name = format!("{name}-{}", c.name);
+            }
             if specs.iter().any(|s| s.name == name) {
                 let port = info.as_ref().and_then(|i| i.p2p_ports.first().copied());
                 name = match port {
@@ -336,14 +351,33 @@ impl Targets {
             Selector::Pid(0) => (None, None),
             Selector::Pid(pid) => (Some(*pid), None),
             Selector::Cgroup(dir) => {
-                let procs = cgroup::procs(dir).unwrap_or_default();
+                let dir = match (dir.is_absolute(), &self.mounts.v2) {
+                    (true, _) => dir.clone(),
+                    (false, Some(mount)) => mount.join(dir),
+                    // no cgroup2 hierarchy to be relative to
+                    (false, None) => return (None, None),
+                };
+                // A pod's group holds no process itself: its containers' groups below it do.
+                let procs = container::procs_below(&dir);
                 let names = spec.chain.process_names();
                 let node = procs.iter().copied().find(|pid| {
                     std::fs::read_to_string(proc_root.join(pid.to_string()).join("comm"))
                         .map(|c| names.contains(&c.trim()))
                         .unwrap_or(false)
                 });
-                (node.or(procs.first().copied()), Some(dir.clone()))
+                (node.or(procs.first().copied()), Some(dir))
+            }
+            Selector::Container(wanted) => {
+                // The chain's node processes; a generic node has no known
+                // name, so any process of the container, the lowest pid.
+                let names = spec.chain.process_names();
+                let mut candidates: Vec<u32> = if names.is_empty() {
+                    discovery::pids(proc_root)
+                } else {
+                    names.iter().flat_map(|n| discovery::find_by_name(proc_root, n)).collect()
+                };
+                candidates.sort_unstable();
+                (container::find_in(proc_root, candidates, wanted), None)
             }
         }
     }
@@ -353,6 +387,40 @@ impl Targets {
             discovery::socket_inodes(&self.proc_root, pid).map(|s| s.into_iter().collect()).unwrap_or_default();
         socket_inodes.sort_unstable();
         Scope::Process { pids: vec![pid], listen_ports: listening.to_vec(), socket_inodes }
+    }
+
+    /// Process names whose exec makes a process watched at once, and the
+    /// target it then is: a configured `process` name is its target's; a
+    /// chain's names belong to the one target of that chain, or are left to
+    /// the agent (TARGET_PENDING) when discovering or when several targets
+    /// could claim them.
+    pub fn exec_names(&self) -> Vec<(String, u32)> {
+        let mut names: BTreeMap<String, Option<u32>> = BTreeMap::new();
+        if self.discover {
+            for chain in Chain::ALL {
+                for n in chain.process_names() {
+                    names.insert(n.to_string(), None);
+                }
+            }
+        }
+        for spec in &self.specs {
+            let Some(index) = self.slots.get(&spec.name).copied() else { continue };
+            let claimed: Vec<String> = match &spec.selector {
+                Selector::Process(name) => vec![name.clone()],
+                _ => spec.chain.process_names().iter().map(|n| n.to_string()).collect(),
+            };
+            for n in claimed {
+                names
+                    .entry(n)
+                    .and_modify(|t| {
+                        if *t != Some(index) {
+                            *t = None;
+                        }
+                    })
+                    .or_insert(Some(index));
+            }
+        }
+        names.into_iter().map(|(n, t)| (n, t.unwrap_or(TARGET_PENDING))).collect()
     }
 
     fn resolve(&self, index: u32, spec: &TargetSpec) -> Target {
@@ -373,7 +441,15 @@ impl Targets {
             root: None,
             netns: None,
         };
-        let Some(pid) = pid else { return t };
+        let Some(pid) = pid else {
+            // a configured group is watched before any process enters it
+            if let Some(dir) = cgroup_dir {
+                if let Ok(id) = cgroup::cgroup2_id(&dir) {
+                    t.scope = Scope::Cgroup { id, path: dir };
+                }
+            }
+            return t;
+        };
         t.root = foreign_root(&self.proc_root, pid);
         t.netns = namespace_inode(&self.proc_root, pid, "net");
 
@@ -405,7 +481,7 @@ impl Targets {
                 Ok(id) => Scope::Cgroup { id, path: dir },
                 Err(_) => Scope::Absent,
             },
-            (None, Some((path, dir))) if path != "/" && dedicated(&dir, pid) => match cgroup::cgroup2_id(&dir) {
+            (None, Some((path, dir))) if path != "/" && dedicated(&self.proc_root, &dir, pid) => match cgroup::cgroup2_id(&dir) {
                 Ok(id) => Scope::Cgroup { id, path: dir },
                 Err(_) => self.process_scope(pid, &t.listening),
             },
@@ -423,15 +499,31 @@ pub fn namespace_inode(proc_root: &Path, pid: u32, kind: &str) -> Option<u64> {
 }
 
 /// `/proc/PID/root` when the process's mount namespace is not the agent's.
-fn foreign_root(proc_root: &Path, pid: u32) -> Option<PathBuf> {
+pub fn foreign_root(proc_root: &Path, pid: u32) -> Option<PathBuf> {
     let own = namespace_inode(proc_root, std::process::id(), "mnt")?;
     let theirs = namespace_inode(proc_root, pid, "mnt")?;
     (own != theirs).then(|| proc_root.join(pid.to_string()).join("root"))
 }
 
-/// A group is the node's own when the node is the only process in it.
-fn dedicated(dir: &Path, pid: u32) -> bool {
-    matches!(cgroup::procs(dir).as_deref(), Ok([only]) if *only == pid)
+/// A group is the node's own when every other process in it is one the node
+/// runs under or started: an init or wrapper in a container (tini, a shell
+/// that runs it), or its helpers (`-blocknotify` children).
+fn dedicated(proc_root: &Path, dir: &Path, pid: u32) -> bool {
+    let Ok(procs) = cgroup::procs(dir) else { return false };
+    procs.iter().all(|&p| p == pid || is_ancestor(proc_root, p, pid) || is_ancestor(proc_root, pid, p))
+}
+
+/// Whether `ancestor` is in the parent chain of `pid`.
+fn is_ancestor(proc_root: &Path, ancestor: u32, pid: u32) -> bool {
+    let mut p = pid;
+    for _ in 0..64 {
+        match discovery::parent_pid(proc_root, p) {
+            Some(parent) if parent == ancestor => return true,
+            Some(parent) if parent > 1 => p = parent,
+            _ => return false,
+        }
+    }
+    false
 }
 
 #[cfg(test)]

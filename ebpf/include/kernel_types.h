@@ -26,8 +26,23 @@ struct kernfs_node {
 	__u64 id;
 };
 
+struct cgroup_root {
+	int hierarchy_id; /* 0: the cgroup2 (default) hierarchy */
+};
+
 struct cgroup {
 	struct kernfs_node *kn;
+	struct cgroup_root *root;
+	int level;
+	struct cgroup *ancestors[];
+};
+
+struct ns_common {
+	unsigned int inum;
+};
+
+struct net {
+	struct ns_common ns;
 };
 
 struct sock_cgroup_data {
@@ -43,6 +58,10 @@ struct sock_common {
 	volatile unsigned char skc_state;
 	struct in6_addr skc_v6_daddr;
 	struct in6_addr skc_v6_rcv_saddr;
+	struct {
+		struct net *net;
+	} skc_net; /* possible_net_t */
+	unsigned long skc_flags; /* sk_flags: SOCK_DONE... */
 	struct {
 		__s64 counter;
 	} skc_cookie; /* atomic64_t; 0 until someone asks for the cookie */
@@ -65,6 +84,8 @@ struct sock {
 struct tcp_sock {
 	__u64 bytes_received;
 	__u64 bytes_acked;
+	__u32 write_seq; /* one past the last byte the process queued */
+	__u32 snd_una;   /* first byte not yet acknowledged */
 };
 
 struct bpf_iter_meta {
@@ -112,9 +133,18 @@ struct files_struct {
 	struct fdtable *fdt;
 };
 
+struct nsproxy {
+	struct net *net_ns;
+};
+
 struct task_struct {
 	struct files_struct *files;
+	int pid;
+	int tgid;
+	struct nsproxy *nsproxy;
 };
+
+struct linux_binprm;
 
 #pragma clang attribute pop
 
@@ -142,6 +172,7 @@ enum {
 	TCP_ESTABLISHED = 1,
 	TCP_SYN_SENT = 2,
 	TCP_SYN_RECV = 3,
+	TCP_FIN_WAIT1 = 4,
 	TCP_FIN_WAIT2 = 5,
 	TCP_CLOSE = 7,
 	TCP_LAST_ACK = 9,
@@ -149,7 +180,9 @@ enum {
 	TCP_CLOSING = 11,
 };
 
-#define RCV_SHUTDOWN 1
+/* enum sock_flags: set when the peer's FIN arrived (tcp_fin), never by a
+ * reset or by the node's own close */
+#define SOCK_DONE 1
 
 /* what a full hash map answers to an insert */
 #define E2BIG 7

@@ -18,6 +18,55 @@
  * every signal's target maps. */
 #define NS_MAX_TARGETS 64
 
+/* ---- scope (scope.bpf.h, compiled into each signal's object) ----------- */
+
+/* Target value of a process the kernel saw exec under a node's process name
+ * before user space knew which node it is (discovery): user space assigns it
+ * by tgid, and reassigns the records made meanwhile. */
+#define NS_TARGET_PENDING 0xffffffffu
+
+/* A listening port in one network namespace: two containers that both
+ * listen on 19444 are two keys. */
+struct ns_port_key {
+	__u32 netns; /* inode of the network namespace */
+	__u16 port;  /* host order */
+	__u16 _pad;
+};
+
+/* Ports a target is known to listen on (from config, discovery or its last
+ * run), at most NS_SCOPE_TARGET_PORTS each: on the exec of a node, the kernel
+ * watches them in the node's network namespace at once, so a node that
+ * restarts in a new container is watched before its first accept. Key:
+ * target * NS_SCOPE_TARGET_PORTS + i. */
+#define NS_SCOPE_TARGET_PORTS 8
+
+#define NS_COMM_LEN 16
+struct ns_comm {
+	char name[NS_COMM_LEN];
+};
+
+/* A cgroup2 path relative to the hierarchy's root, as the cgroup_mkdir
+ * tracepoint gives it ("/libpod_parent/libpod-ab12..."), NUL-padded. */
+#define NS_CGROUP_PATH_LEN 128
+struct ns_cgroup_path {
+	char path[NS_CGROUP_PATH_LEN];
+};
+
+/* A process exec'd under a watched process name: user space resolves it now
+ * rather than at its next pass. */
+struct ns_scope_event {
+	__u32 tgid;
+	__u32 target; /* NS_TARGET_PENDING when not known yet */
+	char comm[NS_COMM_LEN];
+};
+
+/* Indices of the per-CPU scope stats array (one per signal object). */
+#define NS_SCOPE_STAT_PIDS_FULL 0    /* a process not watched: pids map full */
+#define NS_SCOPE_STAT_CGROUPS_FULL 1 /* a new cgroup not watched: cgroups map full */
+#define NS_SCOPE_STAT_PORTS_FULL 2   /* a port not watched: ports map full */
+#define NS_SCOPE_STAT_EVENTS_LOST 3  /* an exec event not delivered: ring buffer full */
+#define NS_SCOPE_STAT_MAX 4
+
 /* ---- network signal (net.bpf.c) ---------------------------------------- */
 
 /* Who opened the connection. UNKNOWN: it existed before nodescope started
@@ -35,14 +84,17 @@
 
 /* One TCP connection of a watched node, keyed by socket cookie. */
 struct ns_conn {
-	__u64 bytes_acked;    /* tcp_sock.bytes_acked: counts the SYN of an outbound
-	                       * connection and an acknowledged FIN; see flags */
+	__u64 bytes_sent;     /* sequence space the node queued: bytes_acked plus
+	                       * what is queued but not yet acknowledged; counts the
+	                       * SYN of an outbound connection and a sent FIN */
 	__u64 bytes_received; /* tcp_sock.bytes_received: counts a received FIN */
 	__u64 start_ns;       /* CLOCK_BOOTTIME at establishment; 0 = before nodescope */
 	__u64 end_ns;         /* CLOCK_BOOTTIME at close or failure; 0 = open */
 	__u8 laddr[16];       /* IPv4 in the first 4 bytes, network order */
 	__u8 raddr[16];
-	__u32 target;         /* index of the watched node, see ns_target_* maps */
+	__u32 target;         /* index of the watched node, or NS_TARGET_PENDING */
+	__u32 tgid;           /* the process that connected (outbound); 0 otherwise */
+	__u32 netns;          /* inode of the socket's network namespace */
 	__u16 family;         /* AF_INET or AF_INET6 */
 	__u16 lport;          /* host order */
 	__u16 rport;          /* host order */
@@ -50,17 +102,26 @@ struct ns_conn {
 	__u8 state;           /* NS_CONN_* */
 	__u8 flags;           /* NS_CONN_F_* */
 	__u8 _pad[3];
-	__s32 error;          /* sk_err when a connect failed (ECONNREFUSED, ETIMEDOUT, ...) */
+	__s32 error;          /* sk_err when a connect failed (ECONNREFUSED, ETIMEDOUT,
+	                       * ...); 0 when the node itself gave up on the connect */
 };
 
-/* Sequence-number bytes the raw counters hold beyond the payload, so the
- * agent can report exactly what the node wrote and read. */
-#define NS_CONN_F_FIN_ACKED 1    /* our FIN was acknowledged: bytes_acked + 1 */
+/* Sequence-number bytes the counters hold beyond the payload, so the agent
+ * can report exactly what the node wrote and read, whichever side closed. */
+#define NS_CONN_F_FIN_SENT 1     /* the node queued its FIN: bytes_sent + 1 */
 #define NS_CONN_F_FIN_RECEIVED 2 /* the peer's FIN arrived: bytes_received + 1 */
+
+/* A connection that closed or failed, sent to user space through the ring
+ * buffer as it happens, so no later state change can overwrite it. */
+struct ns_conn_event {
+	__u64 cookie;
+	struct ns_conn conn;
+};
 
 /* Indices of the per-CPU stats array of net.bpf.c. */
 #define NS_NET_STAT_CONN_DROPPED 0  /* connection not tracked: conns map full */
-#define NS_NET_STAT_MAX 1
+#define NS_NET_STAT_EVENTS_FULL 1   /* close event kept as a map record: ring buffer full */
+#define NS_NET_STAT_MAX 2
 
 /* ---- disk signal (disk.bpf.c) ------------------------------------------ */
 

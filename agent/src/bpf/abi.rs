@@ -22,22 +22,25 @@ pub const CONN_ESTABLISHED: u8 = 1;
 pub const CONN_CLOSED: u8 = 2;
 pub const CONN_FAILED: u8 = 3;
 
-pub const CONN_F_FIN_ACKED: u8 = 1;
+pub const CONN_F_FIN_SENT: u8 = 1;
 pub const CONN_F_FIN_RECEIVED: u8 = 2;
 
 pub const NET_STAT_CONN_DROPPED: u32 = 0;
+pub const NET_STAT_EVENTS_FULL: u32 = 1;
 
 /// `struct ns_conn`
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Conn {
-    pub bytes_acked: u64,
+    pub bytes_sent: u64,
     pub bytes_received: u64,
     pub start_ns: u64,
     pub end_ns: u64,
     pub laddr: [u8; 16],
     pub raddr: [u8; 16],
     pub target: u32,
+    pub tgid: u32,
+    pub netns: u32,
     pub family: u16,
     pub lport: u16,
     pub rport: u16,
@@ -54,13 +57,15 @@ unsafe impl aya::Pod for Conn {}
 
 const _: () = {
     assert!(size_of::<Conn>() == layout::ns_conn_SIZE);
-    assert!(offset_of!(Conn, bytes_acked) == layout::ns_conn_bytes_acked);
+    assert!(offset_of!(Conn, bytes_sent) == layout::ns_conn_bytes_sent);
     assert!(offset_of!(Conn, bytes_received) == layout::ns_conn_bytes_received);
     assert!(offset_of!(Conn, start_ns) == layout::ns_conn_start_ns);
     assert!(offset_of!(Conn, end_ns) == layout::ns_conn_end_ns);
     assert!(offset_of!(Conn, laddr) == layout::ns_conn_laddr);
     assert!(offset_of!(Conn, raddr) == layout::ns_conn_raddr);
     assert!(offset_of!(Conn, target) == layout::ns_conn_target);
+    assert!(offset_of!(Conn, tgid) == layout::ns_conn_tgid);
+    assert!(offset_of!(Conn, netns) == layout::ns_conn_netns);
     assert!(offset_of!(Conn, family) == layout::ns_conn_family);
     assert!(offset_of!(Conn, lport) == layout::ns_conn_lport);
     assert!(offset_of!(Conn, rport) == layout::ns_conn_rport);
@@ -72,9 +77,95 @@ const _: () = {
     assert!(DIR_INBOUND as u32 == layout::NS_DIR_INBOUND && DIR_OUTBOUND as u32 == layout::NS_DIR_OUTBOUND);
     assert!(CONN_ESTABLISHED as u32 == layout::NS_CONN_ESTABLISHED);
     assert!(CONN_CLOSED as u32 == layout::NS_CONN_CLOSED && CONN_FAILED as u32 == layout::NS_CONN_FAILED);
-    assert!(CONN_F_FIN_ACKED as u32 == layout::NS_CONN_F_FIN_ACKED);
+    assert!(CONN_F_FIN_SENT as u32 == layout::NS_CONN_F_FIN_SENT);
     assert!(CONN_F_FIN_RECEIVED as u32 == layout::NS_CONN_F_FIN_RECEIVED);
     assert!(NET_STAT_CONN_DROPPED == layout::NS_NET_STAT_CONN_DROPPED);
+    assert!(NET_STAT_EVENTS_FULL == layout::NS_NET_STAT_EVENTS_FULL);
+    assert!(size_of::<ConnEvent>() == layout::ns_conn_event_SIZE);
+    assert!(offset_of!(ConnEvent, cookie) == layout::ns_conn_event_cookie);
+    assert!(offset_of!(ConnEvent, conn) == layout::ns_conn_event_conn);
+};
+
+/// `struct ns_conn_event`: a closed or failed connection, from the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnEvent {
+    pub cookie: u64,
+    pub conn: Conn,
+}
+
+// ---- scope (scope.bpf.h) ----
+
+/// NS_TARGET_PENDING: a process exec'd under a node's name, not yet assigned.
+pub const TARGET_PENDING: u32 = u32::MAX;
+/// NS_SCOPE_TARGET_PORTS: ports per target the kernel re-watches at exec.
+pub const SCOPE_TARGET_PORTS: usize = 8;
+pub const COMM_LEN: usize = 16;
+pub const CGROUP_PATH_LEN: usize = 128;
+
+pub const SCOPE_STAT_PIDS_FULL: u32 = 0;
+pub const SCOPE_STAT_CGROUPS_FULL: u32 = 1;
+pub const SCOPE_STAT_PORTS_FULL: u32 = 2;
+pub const SCOPE_STAT_EVENTS_LOST: u32 = 3;
+
+/// `struct ns_port_key`
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub netns: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// `struct ns_comm`
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Comm {
+    pub name: [u8; COMM_LEN],
+}
+
+/// `struct ns_cgroup_path`
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CgroupPath {
+    pub path: [u8; CGROUP_PATH_LEN],
+}
+
+/// `struct ns_scope_event`
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScopeEvent {
+    pub tgid: u32,
+    pub target: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+// SAFETY: plain old data, every bit pattern valid, no implicit padding
+// (checked against the C layout below).
+unsafe impl aya::Pod for ConnEvent {}
+unsafe impl aya::Pod for PortKey {}
+unsafe impl aya::Pod for Comm {}
+unsafe impl aya::Pod for CgroupPath {}
+unsafe impl aya::Pod for ScopeEvent {}
+
+const _: () = {
+    assert!(TARGET_PENDING == layout::NS_TARGET_PENDING);
+    assert!(SCOPE_TARGET_PORTS == layout::NS_SCOPE_TARGET_PORTS as usize);
+    assert!(COMM_LEN == layout::NS_COMM_LEN as usize);
+    assert!(CGROUP_PATH_LEN == layout::NS_CGROUP_PATH_LEN as usize);
+    assert!(size_of::<PortKey>() == layout::ns_port_key_SIZE);
+    assert!(offset_of!(PortKey, netns) == layout::ns_port_key_netns);
+    assert!(offset_of!(PortKey, port) == layout::ns_port_key_port);
+    assert!(size_of::<Comm>() == layout::ns_comm_SIZE);
+    assert!(size_of::<CgroupPath>() == layout::ns_cgroup_path_SIZE);
+    assert!(size_of::<ScopeEvent>() == layout::ns_scope_event_SIZE);
+    assert!(offset_of!(ScopeEvent, tgid) == layout::ns_scope_event_tgid);
+    assert!(offset_of!(ScopeEvent, target) == layout::ns_scope_event_target);
+    assert!(offset_of!(ScopeEvent, comm) == layout::ns_scope_event_comm);
+    assert!(SCOPE_STAT_PIDS_FULL == layout::NS_SCOPE_STAT_PIDS_FULL);
+    assert!(SCOPE_STAT_CGROUPS_FULL == layout::NS_SCOPE_STAT_CGROUPS_FULL);
+    assert!(SCOPE_STAT_PORTS_FULL == layout::NS_SCOPE_STAT_PORTS_FULL);
+    assert!(SCOPE_STAT_EVENTS_LOST == layout::NS_SCOPE_STAT_EVENTS_LOST);
 };
 
 // ---- disk signal (disk.bpf.c) ----

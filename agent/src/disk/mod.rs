@@ -15,6 +15,7 @@ use std::path::Path;
 
 use crate::bpf::abi;
 use crate::config::DiskConfig;
+use crate::scope::ScopePlan;
 use crate::target::Target;
 use classes::{Classifier, OTHER};
 use probe::{DiskError, DiskProbe, KernelStats};
@@ -161,11 +162,12 @@ pub fn start(config: &DiskConfig) -> Option<DiskSignal> {
 pub fn collect_into(
     signal: &mut Option<DiskSignal>,
     targets: &[Target],
+    plan: &ScopePlan,
     metrics: &metrics::DiskMetrics,
     shared: &crate::snapshot::Shared<DiskSnapshot>,
 ) {
     let Some(signal) = signal.as_mut() else { return };
-    match signal.collect(targets) {
+    match signal.collect(targets, plan) {
         Ok(snap) => {
             metrics.record(&snap);
             shared.publish(snap);
@@ -198,11 +200,26 @@ impl DiskSignal {
         })
     }
 
-    /// One interval: point the kernel at the current targets, fold what it
-    /// counted since the last read into the totals.
-    pub fn collect(&mut self, targets: &[Target]) -> Result<DiskSnapshot, DiskError> {
+    /// Writes the scope plan to the kernel.
+    pub fn set_scope(&mut self, plan: &ScopePlan) -> Result<(), crate::bpf::BpfError> {
+        self.probe.set_scope(plan)
+    }
+
+    /// The exec events ring buffer of the scope programs.
+    pub fn take_scope_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.probe.take_scope_events()
+    }
+
+    /// One interval: fold what the kernel counted since the last read into
+    /// the totals.
+    pub fn collect(&mut self, targets: &[Target], plan: &ScopePlan) -> Result<DiskSnapshot, DiskError> {
         self.round += 1;
-        self.probe.set_targets(targets.iter().map(|t| (t.index, &t.scope)))?;
+        // A process the kernel saw exec under a node's name before the agent
+        // knew which node (scope.bpf.h): its records are that node's.
+        let assign = |target: u32, tgid: u32| match target {
+            abi::TARGET_PENDING => plan.target_of_pid(tgid).unwrap_or(target),
+            t => t,
+        };
         let by_index: HashMap<u32, &Target> = targets.iter().map(|t| (t.index, t)).collect();
         for t in targets {
             // a slot freed by a forgotten target and taken by a new one starts afresh
@@ -215,8 +232,18 @@ impl DiskSignal {
         // made before them, so the reads below find it. Then open files,
         // then closed ones: a file closed in between is found among the
         // closed, with its final counts.
+        // (sync histograms are keyed by target: the few syncs of a process in
+        // the moment before the agent resolved it are not reassigned)
         let syncs = self.probe.syncs()?;
-        let open = self.probe.open_files()?;
+        let open: Vec<(abi::DiskFdKey, abi::DiskFile)> = self
+            .probe
+            .open_files()?
+            .into_iter()
+            .map(|(k, mut f)| {
+                f.target = assign(f.target, f.tgid);
+                (k, f)
+            })
+            .collect();
         let mut seen: HashSet<u64> = HashSet::with_capacity(open.len());
         let mut alive: HashMap<u32, bool> = HashMap::new();
         for (key, rec) in &open {
@@ -237,7 +264,8 @@ impl DiskSignal {
                 self.retire(rec.id);
             }
         }
-        for rec in self.probe.take_closed()? {
+        for mut rec in self.probe.take_closed()? {
+            rec.target = assign(rec.target, rec.tgid);
             self.fold(&rec, &by_index);
             self.retire(rec.id);
         }

@@ -6,7 +6,7 @@ use aya::Ebpf;
 
 use crate::bpf::{self, abi, BpfError, HookStatus};
 use crate::config::DiskConfig;
-use crate::target::Scope;
+use crate::scope::ScopePlan;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -121,23 +121,19 @@ impl DiskProbe {
         bpf::ensure_tracefs()?;
         let mut ebpf = load_object(config)?;
         attach_all(&mut ebpf, false, |_, _, _, _| {})?;
+        let btf = bpf::kernel_btf()?;
+        crate::scope::attach(&mut ebpf, &btf)?;
         Ok(DiskProbe { ebpf })
     }
 
-    /// Makes the kernel's target maps say exactly `scopes` (target index, scope).
-    pub fn set_targets<'s>(&mut self, scopes: impl IntoIterator<Item = (u32, &'s Scope)>) -> Result<(), BpfError> {
-        let mut cgroups = Vec::new();
-        let mut pids = Vec::new();
-        for (index, scope) in scopes {
-            match scope {
-                Scope::Cgroup { id, .. } => cgroups.push((*id, index)),
-                Scope::Process { pids: p, .. } => pids.extend(p.iter().map(|pid| (*pid, index))),
-                Scope::Absent => {}
-            }
-        }
-        bpf::sync_map(&mut self.ebpf, "ns_disk_target_cgroups", &cgroups)?;
-        bpf::sync_map(&mut self.ebpf, "ns_disk_target_pids", &pids)?;
-        Ok(())
+    /// Writes the scope plan to this object's maps.
+    pub fn set_scope(&mut self, plan: &ScopePlan) -> Result<(), BpfError> {
+        plan.apply(&mut self.ebpf, std::path::Path::new("/proc"))
+    }
+
+    /// The exec events ring buffer of the scope programs.
+    pub fn take_scope_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        aya::maps::RingBuf::try_from(self.ebpf.take_map(crate::scope::EVENTS)?).ok()
     }
 
     /// Records of files open now.

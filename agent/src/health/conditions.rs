@@ -367,6 +367,7 @@ mod tests {
 
     fn conn(addr: &str, port: u16, direction: Direction) -> Connection {
         Connection {
+            cookie: 0,
             address: addr.into(),
             port,
             local_port: 19444,

@@ -219,6 +219,7 @@ mod tests {
     fn net(peers: usize) -> NetSnapshot {
         let connections = (0..peers)
             .map(|i| Connection {
+                cookie: i as u64,
                 address: "127.0.0.1".into(),
                 port: 40000 + i as u16,
                 local_port: 19444,

@@ -156,11 +156,32 @@ impl NetMetrics {
             })
             .build();
 
-        let s = net;
+        let s = net.clone();
         meter
             .u64_observable_counter("nodescope.net.connections.dropped")
             .with_description("Connections the kernel could not track because limits.max_connections records were in use")
             .with_callback(move |o| o.observe(s.get().kernel.conn_dropped, &[]))
+            .build();
+
+        let s = net.clone();
+        meter
+            .u64_observable_counter("nodescope.net.close_events.deferred")
+            .with_description("Connection closes the kernel kept as map records for the next read because its event ring buffer was full")
+            .with_callback(move |o| o.observe(s.get().kernel.events_full, &[]))
+            .build();
+
+        // The scope maps (scope.bpf.h): what the kernel could not add as
+        // processes started and cgroups were made, because a map was full.
+        let s = net;
+        meter
+            .u64_observable_counter("nodescope.scope.dropped")
+            .with_description("Processes, cgroups, ports or exec events the kernel could not add to the watched set because its map or ring buffer was full")
+            .with_callback(move |o| {
+                let k = s.get().kernel.scope;
+                for (what, n) in [("pid", k.pids_full), ("cgroup", k.cgroups_full), ("port", k.ports_full), ("exec_event", k.events_lost)] {
+                    o.observe(n, &[KeyValue::new("kind", what)]);
+                }
+            })
             .build();
 
         let lifetime = meter

@@ -8,7 +8,7 @@ pub mod book;
 pub mod metrics;
 pub mod probe;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::bpf::{abi, boot_ns_to_unix, BpfError};
 use crate::config::Limits;
+use crate::scope::ScopePlan;
 use crate::target::{Direction, Service, Target};
 use book::{ByteBook, Bytes};
 use probe::{KernelStats, NetProbe};
@@ -23,6 +24,8 @@ use probe::{KernelStats, NetProbe};
 /// One open connection as /peers shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Connection {
+    #[serde(skip)]
+    pub cookie: u64,
     pub address: String,
     /// The peer's port.
     pub port: u16,
@@ -111,11 +114,31 @@ impl NetSignal {
         })
     }
 
-    /// One interval: point the kernel at the current targets, read it, and
-    /// fold the records into totals.
-    pub fn collect(&mut self, targets: &[Target]) -> Result<NetSnapshot, BpfError> {
-        self.probe.set_targets(targets.iter().map(|t| (t.index, &t.scope)))?;
-        let records = self.probe.read()?;
+    /// Writes the scope plan to the kernel, with the socket inodes of nodes
+    /// that share their cgroup (to adopt their older connections).
+    pub fn set_scope(&mut self, plan: &ScopePlan, targets: &[Target]) -> Result<(), BpfError> {
+        self.probe.set_scope(plan)?;
+        self.probe.set_adoptable(targets.iter().map(|t| (t.index, &t.scope)))
+    }
+
+    /// The exec events ring buffer of the scope programs.
+    pub fn take_scope_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.probe.take_scope_events()
+    }
+
+    /// One interval: read the kernel (in every watched network namespace)
+    /// and fold its records and close events into totals.
+    pub fn collect(&mut self, targets: &[Target], plan: &ScopePlan) -> Result<NetSnapshot, BpfError> {
+        let own_netns = crate::target::namespace_inode(std::path::Path::new("/proc"), std::process::id(), "net");
+        let mut netns_pids: BTreeMap<u64, u32> = BTreeMap::new();
+        for t in targets {
+            if let (Some(ns), Some(pid)) = (t.netns, t.pid) {
+                if Some(ns) != own_netns {
+                    netns_pids.entry(ns).or_insert(pid);
+                }
+            }
+        }
+        let read = self.probe.read(&netns_pids.into_values().collect::<Vec<_>>())?;
         let now = Instant::now();
         let by_index: HashMap<u32, &Target> = targets.iter().map(|t| (t.index, t)).collect();
         for t in targets {
@@ -131,87 +154,16 @@ impl NetSignal {
             }
         }
 
-        let mut open: HashMap<u32, Vec<Connection>> = HashMap::new();
-        let mut lifetimes: HashMap<u32, Vec<(Direction, Service, f64)>> = HashMap::new();
-        let mut seen = Vec::with_capacity(records.len());
-        for (cookie, rec) in records {
-            // its target went away with the record still open: nothing to report it under
-            let Some(target) = by_index.get(&rec.target) else {
-                self.tracked.remove(&cookie);
-                let _ = self.probe.forget(cookie);
-                continue;
-            };
-            let per = self.targets.get_mut(&rec.target).expect("inserted above");
-            if rec.state == abi::CONN_FAILED {
-                let service = target.service(Direction::Outbound, rec.lport, rec.rport);
-                *per.failed.entry((service, failure_reason(rec.error))).or_default() += 1;
-                self.tracked.remove(&cookie);
-                continue;
-            }
-            if rec.state == abi::CONN_CONNECTING {
-                continue;
-            }
-            seen.push(cookie);
-            let remote = ip(rec.family, &rec.raddr);
-            let direction = match rec.direction {
-                abi::DIR_INBOUND => Direction::Inbound,
-                abi::DIR_OUTBOUND => Direction::Outbound,
-                _ => target.infer_direction(rec.lport),
-            };
-            let service = target.service(direction, rec.lport, rec.rport);
-            let tracked = self.tracked.entry(cookie).or_insert_with(|| {
-                let key = (remote, direction);
-                let netgroup = netgroup(remote);
-                if service == Service::P2p {
-                    per.peers.open(&key, now);
-                    per.netgroups.open(&netgroup, now);
-                }
-                Tracked { target: rec.target, key, netgroup, service, counted_open: false, last: Bytes::default() }
-            });
-            if !tracked.counted_open && rec.start_ns != 0 {
-                per.churn.entry((direction, service)).or_default().opened += 1;
-            }
-            tracked.counted_open = true;
-
-            let bytes = payload(&rec, direction);
-            let delta = Bytes {
-                sent: bytes.sent.saturating_sub(tracked.last.sent),
-                received: bytes.received.saturating_sub(tracked.last.received),
-            };
-            tracked.last = Bytes { sent: tracked.last.sent.max(bytes.sent), received: tracked.last.received.max(bytes.received) };
-            if service == Service::P2p {
-                per.peers.add(&tracked.key, delta, now);
-                per.netgroups.add(&tracked.netgroup, delta, now);
-            }
-
-            if rec.state == abi::CONN_CLOSED {
-                per.churn.entry((direction, service)).or_default().closed += 1;
-                if service == Service::P2p {
-                    per.peers.close(&tracked.key, now);
-                    per.netgroups.close(&tracked.netgroup, now);
-                }
-                if rec.start_ns != 0 && rec.end_ns >= rec.start_ns {
-                    let secs = Duration::from_nanos(rec.end_ns - rec.start_ns).as_secs_f64();
-                    lifetimes.entry(rec.target).or_default().push((direction, service, secs));
-                }
-                self.tracked.remove(&cookie);
-            } else {
-                open.entry(rec.target).or_default().push(Connection {
-                    address: remote.to_string(),
-                    port: rec.rport,
-                    local_port: rec.lport,
-                    direction,
-                    service,
-                    bytes_sent: bytes.sent,
-                    bytes_received: bytes.received,
-                    connected_since: boot_ns_to_unix(rec.start_ns),
-                    netgroup: tracked.netgroup.clone(),
-                });
-            }
+        let mut fold = Fold { open: HashMap::new(), lifetimes: HashMap::new(), seen: HashSet::new(), now };
+        for (cookie, rec) in read.records {
+            self.fold(cookie, rec, &by_index, plan, &mut fold);
         }
-        // Records that vanished without a tombstone: their target's maps were
-        // cleared (the node went away) or the map was full when they closed.
-        let seen: std::collections::HashSet<u64> = seen.into_iter().collect();
+        for event in read.closed {
+            self.fold(event.cookie, event.conn, &by_index, plan, &mut fold);
+        }
+        let Fold { mut open, mut lifetimes, seen, .. } = fold;
+        // Records that vanished with no close event: their target was
+        // forgotten, or the agent lost track of them. Closed without bytes.
         let vanished: Vec<u64> = self.tracked.keys().filter(|c| !seen.contains(c)).copied().collect();
         for cookie in vanished {
             if let Some(t) = self.tracked.remove(&cookie) {
@@ -259,24 +211,132 @@ impl NetSignal {
         }
         Ok(snapshot)
     }
+
+    /// Folds one kernel record (from the map, or a close event) into the
+    /// totals of its target.
+    fn fold(&mut self, cookie: u64, rec: abi::Conn, by_index: &HashMap<u32, &Target>, plan: &ScopePlan, fold: &mut Fold) {
+        let now = fold.now;
+        // A process the kernel saw exec under a node's name, before the agent
+        // knew which node: its target is the one that process turned out to be.
+        let index = match rec.target {
+            abi::TARGET_PENDING => match plan.target_of_pid(rec.tgid) {
+                Some(i) => i,
+                None => {
+                    // not (yet) a node: keep an open record for a later pass
+                    if rec.state == abi::CONN_CLOSED || rec.state == abi::CONN_FAILED || rec.tgid == 0 {
+                        let _ = self.probe.forget(cookie);
+                    }
+                    return;
+                }
+            },
+            i => i,
+        };
+        // its target went away with the record still open: nothing to report it under
+        let Some(target) = by_index.get(&index) else {
+            self.tracked.remove(&cookie);
+            let _ = self.probe.forget(cookie);
+            return;
+        };
+        let per = self.targets.get_mut(&index).expect("inserted for every target");
+        if rec.state == abi::CONN_FAILED {
+            let service = target.service(Direction::Outbound, rec.lport, rec.rport);
+            *per.failed.entry((service, failure_reason(rec.error))).or_default() += 1;
+            self.tracked.remove(&cookie);
+            return;
+        }
+        if rec.state == abi::CONN_CONNECTING {
+            return;
+        }
+        fold.seen.insert(cookie);
+        let remote = ip(rec.family, &rec.raddr);
+        let direction = match rec.direction {
+            abi::DIR_INBOUND => Direction::Inbound,
+            abi::DIR_OUTBOUND => Direction::Outbound,
+            _ => target.infer_direction(rec.lport),
+        };
+        let service = target.service(direction, rec.lport, rec.rport);
+        let tracked = self.tracked.entry(cookie).or_insert_with(|| {
+            let key = (remote, direction);
+            let netgroup = netgroup(remote);
+            if service == Service::P2p {
+                per.peers.open(&key, now);
+                per.netgroups.open(&netgroup, now);
+            }
+            Tracked { target: index, key, netgroup, service, counted_open: false, last: Bytes::default() }
+        });
+        if !tracked.counted_open && rec.start_ns != 0 {
+            per.churn.entry((direction, service)).or_default().opened += 1;
+        }
+        tracked.counted_open = true;
+
+        let bytes = payload(&rec, direction);
+        let delta = Bytes {
+            sent: bytes.sent.saturating_sub(tracked.last.sent),
+            received: bytes.received.saturating_sub(tracked.last.received),
+        };
+        tracked.last = Bytes { sent: tracked.last.sent.max(bytes.sent), received: tracked.last.received.max(bytes.received) };
+        if service == Service::P2p {
+            per.peers.add(&tracked.key, delta, now);
+            per.netgroups.add(&tracked.netgroup, delta, now);
+        }
+
+        if rec.state == abi::CONN_CLOSED {
+            per.churn.entry((direction, service)).or_default().closed += 1;
+            if service == Service::P2p {
+                per.peers.close(&tracked.key, now);
+                per.netgroups.close(&tracked.netgroup, now);
+            }
+            if rec.start_ns != 0 && rec.end_ns >= rec.start_ns {
+                let secs = Duration::from_nanos(rec.end_ns - rec.start_ns).as_secs_f64();
+                fold.lifetimes.entry(index).or_default().push((direction, service, secs));
+            }
+            self.tracked.remove(&cookie);
+            fold.open.entry(index).or_default().retain(|c: &Connection| c.cookie != cookie);
+        } else {
+            fold.open.entry(index).or_default().push(Connection {
+                cookie,
+                address: remote.to_string(),
+                port: rec.rport,
+                local_port: rec.lport,
+                direction,
+                service,
+                bytes_sent: bytes.sent,
+                bytes_received: bytes.received,
+                connected_since: boot_ns_to_unix(rec.start_ns),
+                netgroup: tracked.netgroup.clone(),
+            });
+        }
+    }
 }
 
-/// The kernel's counters count sequence space: the SYN of a connection we
-/// opened and each acknowledged FIN take one byte that no one wrote or read.
+/// What one collection gathers while folding records.
+struct Fold {
+    open: HashMap<u32, Vec<Connection>>,
+    lifetimes: HashMap<u32, Vec<(Direction, Service, f64)>>,
+    seen: HashSet<u64>,
+    now: Instant,
+}
+
+/// The kernel's counters count sequence space: the SYN of a connection the
+/// node opened, its FIN once queued and the peer's FIN once received each
+/// take one byte that no one wrote or read.
 fn payload(rec: &abi::Conn, direction: Direction) -> Bytes {
-    let syn = u64::from(direction == Direction::Outbound && rec.bytes_acked > 0);
-    let fin_sent = u64::from(rec.flags & abi::CONN_F_FIN_ACKED != 0);
+    let syn = u64::from(direction == Direction::Outbound && rec.bytes_sent > 0);
+    let fin_sent = u64::from(rec.flags & abi::CONN_F_FIN_SENT != 0);
     let fin_received = u64::from(rec.flags & abi::CONN_F_FIN_RECEIVED != 0);
     Bytes {
-        sent: rec.bytes_acked.saturating_sub(syn + fin_sent),
+        sent: rec.bytes_sent.saturating_sub(syn + fin_sent),
         received: rec.bytes_received.saturating_sub(fin_received),
     }
 }
 
+/// Why a connect failed. No error at all means the node closed the socket
+/// while the connect was still pending: it gave up waiting (Bitcoin Core's
+/// `-timeout`), which is a timeout from where the node stands.
 fn failure_reason(errno: i32) -> &'static str {
     match errno {
         libc::ECONNREFUSED => "refused",
-        libc::ETIMEDOUT => "timeout",
+        0 | libc::ETIMEDOUT => "timeout",
         libc::ECONNRESET => "reset",
         libc::EHOSTUNREACH | libc::ENETUNREACH => "unreachable",
         _ => "other",
@@ -328,10 +388,10 @@ mod tests {
 
     #[test]
     fn payload_removes_sequence_bytes() {
-        let mut c = abi::Conn { bytes_acked: 1001, bytes_received: 301, ..Default::default() };
+        let mut c = abi::Conn { bytes_sent: 1001, bytes_received: 301, ..Default::default() };
         c.flags = abi::CONN_F_FIN_RECEIVED;
         assert_eq!(payload(&c, Direction::Outbound), Bytes { sent: 1000, received: 300 });
-        c.flags |= abi::CONN_F_FIN_ACKED;
+        c.flags |= abi::CONN_F_FIN_SENT;
         assert_eq!(payload(&c, Direction::Inbound), Bytes { sent: 1000, received: 300 });
         let fresh = abi::Conn::default();
         assert_eq!(payload(&fresh, Direction::Outbound), Bytes::default());

@@ -1,11 +1,14 @@
 //! Loads `net.bpf.c`, tells it which sockets to watch and reads its records.
 
 use std::io::Read;
+use std::os::fd::AsRawFd;
 
+use aya::maps::{MapData, RingBuf};
 use aya::programs::{BtfTracePoint, Iter};
 use aya::Ebpf;
 
 use crate::bpf::{self, abi, BpfError, HookStatus};
+use crate::scope::{self, ScopePlan, ScopeStats};
 use crate::target::Scope;
 
 const STATE_PROG: &str = "on_tcp_state";
@@ -14,14 +17,35 @@ const ITER_PROG: &str = "tcp_iter";
 /// max_entries of ns_target_inodes in net.bpf.c
 const INODE_MAP_SIZE: usize = 8192;
 
+const EVENTS: &str = "ns_conn_events";
+
 pub struct NetProbe {
     ebpf: Ebpf,
+    events: RingBuf<MapData>,
 }
 
 /// The kernel side's own counters (summed over CPUs).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KernelStats {
     pub conn_dropped: u64,
+    /// Close events kept as map records because the ring buffer was full.
+    pub events_full: u64,
+    pub scope: ScopeStats,
+}
+
+/// What one read returns: the records in the map (open connections, and
+/// tombstones of closes the ring buffer had no room for), then the closes
+/// and failures that happened since the last read, in order.
+pub struct NetRead {
+    pub records: Vec<(u64, abi::Conn)>,
+    pub closed: Vec<abi::ConnEvent>,
+}
+
+/// Ring buffer size for close events: room for every tracked connection to
+/// close within one interval, a power of two as the kernel requires.
+fn events_size(max_connections: u32) -> u32 {
+    let want = (max_connections as usize).saturating_mul(std::mem::size_of::<abi::ConnEvent>() + 8);
+    want.clamp(64 * 1024, 64 << 20).next_power_of_two() as u32
 }
 
 fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
@@ -39,37 +63,40 @@ impl NetProbe {
     /// is attached for each read.
     pub fn load(max_connections: u32) -> Result<NetProbe, BpfError> {
         let btf = bpf::kernel_btf()?;
-        let mut ebpf = bpf::load("net.bpf.o", bpf::NET_OBJ, &[("ns_conns", max_connections)])?;
+        let sizes = [("ns_conns", max_connections), (EVENTS, events_size(max_connections))];
+        let mut ebpf = bpf::load("net.bpf.o", bpf::NET_OBJ, &sizes)?;
+        scope::attach(&mut ebpf, &btf)?;
         let state: &mut BtfTracePoint = prog(&mut ebpf, STATE_PROG)?;
         let err = |source| BpfError::Program { program: STATE_PROG, source };
         state.load(STATE_HOOK, &btf).map_err(err)?;
         state.attach().map_err(err)?;
         let iter: &mut Iter = prog(&mut ebpf, ITER_PROG)?;
         iter.load("tcp", &btf).map_err(|source| BpfError::Program { program: ITER_PROG, source })?;
-        Ok(NetProbe { ebpf })
+        let events = ebpf.take_map(EVENTS).ok_or(BpfError::MissingMap(EVENTS))?;
+        let events = RingBuf::try_from(events).map_err(|source| BpfError::Map { map: EVENTS, source })?;
+        Ok(NetProbe { ebpf, events })
     }
 
-    /// Makes the kernel's target maps say exactly `scopes` (target index,
-    /// scope): adds what is new, removes what went away.
-    pub fn set_targets<'s>(&mut self, scopes: impl IntoIterator<Item = (u32, &'s Scope)>) -> Result<(), BpfError> {
-        let mut cgroups = Vec::new();
-        let mut pids = Vec::new();
-        let mut ports = Vec::new();
+    /// The ring buffer of the scope programs' exec events, for a watcher
+    /// thread to wait on.
+    pub fn take_scope_events(&mut self) -> Option<RingBuf<MapData>> {
+        RingBuf::try_from(self.ebpf.take_map(scope::EVENTS)?).ok()
+    }
+
+    /// Writes the scope plan to this object's maps.
+    pub fn set_scope(&mut self, plan: &ScopePlan) -> Result<(), BpfError> {
+        plan.apply(&mut self.ebpf, std::path::Path::new("/proc"))
+    }
+
+    /// The socket inodes of targets that share their cgroup, to adopt their
+    /// connections older than the agent.
+    pub fn set_adoptable<'s>(&mut self, scopes: impl IntoIterator<Item = (u32, &'s Scope)>) -> Result<(), BpfError> {
         let mut inodes = Vec::new();
         for (index, scope) in scopes {
-            match scope {
-                Scope::Cgroup { id, .. } => cgroups.push((*id, index)),
-                Scope::Process { pids: p, listen_ports, socket_inodes } => {
-                    pids.extend(p.iter().map(|pid| (*pid, index)));
-                    ports.extend(listen_ports.iter().map(|port| (*port, index)));
-                    inodes.extend(socket_inodes.iter().map(|ino| (*ino, index)));
-                }
-                Scope::Absent => {}
+            if let Scope::Process { socket_inodes, .. } = scope {
+                inodes.extend(socket_inodes.iter().map(|ino| (*ino, index)));
             }
         }
-        bpf::sync_map(&mut self.ebpf, "ns_target_cgroups", &cgroups)?;
-        bpf::sync_map(&mut self.ebpf, "ns_target_pids", &pids)?;
-        bpf::sync_map(&mut self.ebpf, "ns_target_ports", &ports)?;
         // Only for adopting connections older than the agent: past the map's
         // size the rest are left out (the node's newer sockets need no inode).
         inodes.truncate(INODE_MAP_SIZE);
@@ -77,17 +104,20 @@ impl NetProbe {
         Ok(())
     }
 
-    /// Runs the iterator (live byte counts, adoption of older connections),
-    /// then returns every record and deletes the tombstones it returned.
-    pub fn read(&mut self) -> Result<Vec<(u64, abi::Conn)>, BpfError> {
-        let iter: &mut Iter = prog(&mut self.ebpf, ITER_PROG)?;
-        let err = |source| BpfError::Program { program: ITER_PROG, source };
-        let link_id = iter.attach().map_err(err)?;
-        let link = iter.take_link(link_id).map_err(err)?;
-        let mut file = link.into_file().map_err(|e| BpfError::Iter(e.to_string()))?;
-        // The program prints nothing; reading to the end is what runs it.
-        let mut sink = Vec::new();
-        file.read_to_end(&mut sink).map_err(|e| BpfError::Iter(e.to_string()))?;
+    /// Runs the iterator in the agent's own network namespace and in each
+    /// of `netns_pids` (a process in each other namespace to watch), then
+    /// returns every record, deletes the tombstones it returned, and drains
+    /// the close events. Events are drained after the map is read: a record
+    /// missing from the map was deleted after its event was written, so its
+    /// event is in this drain.
+    pub fn read(&mut self, netns_pids: &[u32]) -> Result<NetRead, BpfError> {
+        self.run_iter(None)?;
+        for &pid in netns_pids {
+            // a namespace whose process just exited: nothing left to list
+            if let Err(e) = self.run_iter(Some(pid)) {
+                tracing::debug!("tcp iterator in the network namespace of pid {pid}: {e}");
+            }
+        }
 
         let mut conns = bpf::hash_map::<u64, abi::Conn>(&mut self.ebpf, "ns_conns")?;
         let records: Vec<(u64, abi::Conn)> = conns.iter().filter_map(Result::ok).collect();
@@ -97,7 +127,50 @@ impl NetProbe {
                 let _ = conns.remove(cookie);
             }
         }
-        Ok(records)
+        let mut closed = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() >= std::mem::size_of::<abi::ConnEvent>() {
+                // SAFETY: the kernel wrote a whole ns_conn_event (size checked
+                // above); read_unaligned because ring buffer records are only
+                // 8-byte aligned by contract, not by type.
+                closed.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<abi::ConnEvent>()) });
+            }
+        }
+        Ok(NetRead { records, closed })
+    }
+
+    /// One pass of the TCP iterator. An iterator lists the sockets of the
+    /// network namespace it is created in, so for another namespace it is
+    /// created on a short-lived thread that joined that namespace.
+    fn run_iter(&mut self, netns_of: Option<u32>) -> Result<(), BpfError> {
+        let iter: &mut Iter = prog(&mut self.ebpf, ITER_PROG)?;
+        let err = |source| BpfError::Program { program: ITER_PROG, source };
+        let link_id = iter.attach().map_err(err)?;
+        let link = iter.take_link(link_id).map_err(err)?;
+        let mut file = match netns_of {
+            None => link.into_file().map_err(|e| BpfError::Iter(e.to_string()))?,
+            Some(pid) => std::thread::scope(|s| {
+                s.spawn(move || -> Result<std::fs::File, BpfError> {
+                    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+                        .map_err(|e| BpfError::Iter(format!("opening /proc/{pid}/ns/net: {e}")))?;
+                    // SAFETY: setns on a valid namespace fd; it changes only
+                    // this thread, which ends right after.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(BpfError::Iter(format!(
+                            "joining the network namespace of pid {pid}: {}",
+                            std::io::Error::last_os_error()
+                        )));
+                    }
+                    link.into_file().map_err(|e| BpfError::Iter(e.to_string()))
+                })
+                .join()
+                .map_err(|_| BpfError::Iter("network namespace thread panicked".into()))?
+            })?,
+        };
+        // The program prints nothing; reading to the end is what runs it.
+        let mut sink = Vec::new();
+        file.read_to_end(&mut sink).map_err(|e| BpfError::Iter(e.to_string()))?;
+        Ok(())
     }
 
     /// Forgets a record the agent no longer wants (its target went away).
@@ -111,6 +184,8 @@ impl NetProbe {
         let sum = bpf::percpu_counters(&self.ebpf, "ns_net_stats")?;
         Ok(KernelStats {
             conn_dropped: sum(abi::NET_STAT_CONN_DROPPED),
+            events_full: sum(abi::NET_STAT_EVENTS_FULL),
+            scope: scope::stats(&self.ebpf)?,
         })
     }
 }
@@ -133,7 +208,16 @@ pub fn probe_hooks() -> Vec<HookStatus> {
         p.load("tcp", btf)?;
         p.attach().map(drop)
     });
-    [(format!("tp_btf/{STATE_HOOK}"), STATE_PROG, state), ("iter/tcp".to_string(), ITER_PROG, iter)]
+    let mut hooks = vec![(format!("tp_btf/{STATE_HOOK}"), STATE_PROG, state), ("iter/tcp".to_string(), ITER_PROG, iter)];
+    for &(program, hook) in scope::HOOKS {
+        let r = attempt(program, &|ebpf, btf| {
+            let p: &mut BtfTracePoint = ebpf.program_mut(program).unwrap().try_into()?;
+            p.load(hook, btf)?;
+            p.attach().map(drop)
+        });
+        hooks.push((format!("tp_btf/{hook}"), program, r));
+    }
+    hooks
         .into_iter()
         .map(|(hook, program, r)| HookStatus {
             signal: "net",

@@ -32,6 +32,13 @@
 //! `du -sb` semantics: apparent sizes (st_size) of every entry including the
 //! directories themselves, symlinks not followed (their own size counts),
 //! each multiply-linked inode once.
+//!
+//! A node in a container is reached through `/proc/PID/root`, a path that
+//! changes with every restart of the node while the directory stays the
+//! same. The watcher keeps each tree by target and the data dir as the node
+//! names it, and moves it to the new path (`DirTracker::rebase`) rather than
+//! walking it again; a root that cannot be reached (the node stopped) leaves
+//! the tree as it was, and is never walked until a live path is given.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
@@ -182,6 +189,17 @@ impl DirTracker {
             }
             self.reset();
         }
+        if self.error.is_some() {
+            // The root was lost: nothing below it can be read until it is back.
+            self.operations += 1;
+            match self.stat_dir(&self.root) {
+                Ok(_) => self.error = None,
+                Err(e) => {
+                    self.error = Some(format!("{}: {e}", self.root.display()));
+                    return;
+                }
+            }
+        }
         if self.dirs.is_empty() {
             self.reset();
             self.dirs.insert(self.root.clone(), DirState::default());
@@ -198,7 +216,7 @@ impl DirTracker {
             budget -= self.check_dirs(quota);
             budget = budget.saturating_sub(self.check_hot());
         }
-        while budget > 0 && self.over_limit_since.is_none() {
+        while budget > 0 && self.over_limit_since.is_none() && self.error.is_none() {
             if !self.list_step(&mut budget) {
                 break;
             }
@@ -207,6 +225,41 @@ impl DirTracker {
         if !self.walked && idle && self.over_limit_since.is_none() && !self.dirs.is_empty() {
             self.walked = true;
             self.last_rescan = Instant::now();
+        }
+    }
+
+    /// The path the tree is read at.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Moves the tree to another path of the same directory: a container
+    /// node's `/proc/PID/root/...` after the node restarted. What is known
+    /// is kept; following changes as usual catches up with what the node
+    /// did meanwhile. A listing in progress starts over at the new path.
+    pub fn rebase(&mut self, root: &Path) {
+        let root: PathBuf = root.components().collect();
+        if root == self.root {
+            return;
+        }
+        let old = std::mem::replace(&mut self.root, root);
+        let new = self.root.clone();
+        let moved = |p: &Path| match p.strip_prefix(&old) {
+            Ok(rest) if rest.as_os_str().is_empty() => new.clone(),
+            Ok(rest) => new.join(rest),
+            // every path of the tree is under its root
+            Err(_) => p.to_path_buf(),
+        };
+        self.dirs = std::mem::take(&mut self.dirs).into_iter().map(|(d, state)| (moved(&d), state)).collect();
+        self.changed = self.changed.iter().map(|d| moved(d)).collect();
+        self.rescan_queue = self.rescan_queue.iter().map(|d| moved(d)).collect();
+        self.hot = std::mem::take(&mut self.hot).into_iter().map(|(m, p)| (m, moved(&p))).collect();
+        self.hot_mtime = std::mem::take(&mut self.hot_mtime).into_iter().map(|(p, m)| (moved(&p), m)).collect();
+        if let Some(listing) = self.listing.take() {
+            let dir = moved(&listing.dir);
+            if !self.changed.contains(&dir) {
+                self.changed.push_front(dir);
+            }
         }
     }
 
@@ -259,6 +312,9 @@ impl DirTracker {
             let (dir, name) = (dir.to_path_buf(), name.to_os_string());
             match fs::symlink_metadata(path) {
                 Ok(m) if !m.is_dir() => self.set_file(&dir, name, FileState::from_meta(&m)),
+                // The whole tree is out of reach (the node's root went with
+                // it): its files are not gone, keep them hot.
+                Err(_) if self.stat_dir(&self.root).is_err() => break,
                 // Gone or replaced by a directory: the parent's listing sorts it out.
                 _ => {
                     self.drop_hot(path);
@@ -473,11 +529,24 @@ impl DirTracker {
     }
 
     fn lost_dir(&mut self, dir: &Path, reason: String) {
-        if dir == self.root {
-            self.reset();
-            self.error = Some(format!("{}: {reason}", self.root.display()));
-        } else {
+        let root_lost = match dir == self.root {
+            true => Some(reason),
+            false => self.stat_dir(&self.root).err().map(|e| e.to_string()),
+        };
+        let Some(reason) = root_lost else {
             self.remove_subtree(dir);
+            return;
+        };
+        self.error = Some(format!("{}: {reason}", self.root.display()));
+        if self.walked {
+            // Keep the tree: the directory may come back at this path, or
+            // at another after its container restarted (rebase), and then
+            // only what changed is read again.
+            if !self.changed.iter().any(|d| d == dir) {
+                self.changed.push_front(dir.to_path_buf());
+            }
+        } else {
+            self.reset();
         }
     }
 
@@ -549,10 +618,24 @@ fn stamp(m: &fs::Metadata) -> DirStamp {
     DirStamp { ino: m.ino(), mtime_sec: m.mtime(), mtime_nsec: m.mtime_nsec() }
 }
 
+/// What a data dir's tree and figures are kept under: its target, and the
+/// data dir as the node names it. Neither changes when a node in a
+/// container restarts; the path the agent reads it at does. Two containers
+/// may name the same path for different directories, hence the target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WatchKey {
+    pub target: String,
+    pub dir: PathBuf,
+}
+
 /// A data dir to watch, and whose eyes to check its writability with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchRequest {
-    pub dir: PathBuf,
+    pub key: WatchKey,
+    /// Where the agent reads it now; None while it cannot (a node in a
+    /// container that is not running): its tree is kept, not read, and it
+    /// has no report.
+    pub dir: Option<PathBuf>,
     /// The node's filesystem uid and gid.
     pub owner: Option<(u32, u32)>,
 }
@@ -573,7 +656,7 @@ pub struct DirReport {
 /// delays the data dir figures and nothing else.
 pub struct DatadirWatcher {
     requests: SyncSender<Vec<WatchRequest>>,
-    reports: Arc<Mutex<HashMap<PathBuf, DirReport>>>,
+    reports: Arc<Mutex<HashMap<WatchKey, DirReport>>>,
     skipped: u64,
     /// The thread ended (it panicked): its last reports are withdrawn.
     stopped: bool,
@@ -612,9 +695,8 @@ impl DatadirWatcher {
         self.skipped
     }
 
-    pub fn report(&self, dir: &Path) -> Option<DirReport> {
-        let key: PathBuf = dir.components().collect();
-        self.reports.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned()
+    pub fn report(&self, key: &WatchKey) -> Option<DirReport> {
+        self.reports.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
     }
 }
 
@@ -623,22 +705,22 @@ struct Watched {
     writable: Option<(Instant, Result<(), String>)>,
 }
 
-fn watch(rx: Receiver<Vec<WatchRequest>>, reports: Arc<Mutex<HashMap<PathBuf, DirReport>>>, limits: WalkLimits, writable_check: Duration) {
-    let mut watched: HashMap<PathBuf, Watched> = HashMap::new();
+fn watch(rx: Receiver<Vec<WatchRequest>>, reports: Arc<Mutex<HashMap<WatchKey, DirReport>>>, limits: WalkLimits, writable_check: Duration) {
+    let mut watched: HashMap<WatchKey, Watched> = HashMap::new();
     while let Ok(requests) = rx.recv() {
-        let wanted: HashMap<PathBuf, Option<(u32, u32)>> =
-            requests.into_iter().map(|r| (r.dir.components().collect(), r.owner)).collect();
-        watched.retain(|dir, _| wanted.contains_key(dir));
+        watched.retain(|key, _| requests.iter().any(|r| r.key == *key));
         let mut out = HashMap::new();
-        for (dir, owner) in wanted {
-            let w = watched.entry(dir.clone()).or_insert_with(|| Watched { tracker: DirTracker::new(&dir, limits), writable: None });
+        for WatchRequest { key, dir, owner } in requests {
+            let Some(dir) = dir else { continue };
+            let w = watched.entry(key.clone()).or_insert_with(|| Watched { tracker: DirTracker::new(&dir, limits), writable: None });
+            w.tracker.rebase(&dir);
             w.tracker.pass();
             if w.writable.as_ref().is_none_or(|(at, _)| at.elapsed() >= writable_check) {
-                w.writable = Some((Instant::now(), write_test(&dir, owner)));
+                w.writable = Some((Instant::now(), write_test(w.tracker.root(), owner)));
             }
             let t = &w.tracker;
             let writable = w.writable.as_ref().map(|(_, r)| r.clone());
-            out.insert(dir, DirReport {
+            out.insert(key, DirReport {
                 size_bytes: t.size_bytes(),
                 entries: t.entries(),
                 operations: t.operations(),
