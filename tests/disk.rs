@@ -862,3 +862,49 @@ fn monerod_lmdb_writes_and_syncs() {
     drop((writes_node, mapped_node));
     drop((cg_default, cg_mapped));
 }
+
+/// A process that joins a watched group (here a child group made after the
+/// agent started: the group's whole subtree is the node's), writes and exits
+/// well within one interval is counted to the byte: scope is kept in the
+/// kernel, not resolved once per interval.
+#[test]
+fn short_lived_writer_in_watched_subtree_is_counted() {
+    require_root();
+    let work = TempDir::new("disk-short");
+    let datadir = work.path().join("ltc");
+    std::fs::create_dir_all(datadir.join("blocks")).unwrap();
+    let cgroup = Cgroup::new();
+    let interval = Duration::from_secs(10);
+    let agent = Agent::start(&format!(
+        "[agent]\ninterval = \"10s\"\n\n[[targets]]\nname = \"ltc\"\ncgroup = \"{}\"\nchain = \"litecoin\"\n",
+        cgroup.path.display()
+    ));
+    // one collection done: the empty group is in the kernel's maps
+    wait_for("the first collection", Duration::from_secs(30), || agent.metrics().contains("nodescope_health_status{").then_some(()));
+    let child = cgroup.path.join("writer");
+    std::fs::create_dir(&child).unwrap();
+    let started = Instant::now();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > '{}/cgroup.procs' && exec dd if=/dev/zero of='{}' bs=65536 count=100 conv=fsync",
+            child.display(),
+            datadir.join("blocks/blk00000.dat").display()
+        ))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(status.success());
+    std::fs::remove_dir(&child).unwrap();
+    assert!(took < interval / 2, "the writer took {took:?}: not short-lived against a {interval:?} interval");
+    let size = std::fs::metadata(datadir.join("blocks/blk00000.dat")).unwrap().len();
+    assert_eq!(size, 6_553_600);
+    let m = wait_for("the next collection to count the writer", interval * 3, || {
+        let m = agent.metrics();
+        (total_written(&m, "ltc") > 0.0).then_some(m)
+    });
+    assert_eq!(written(&m, "ltc", "blocks"), 6_553_600.0, "the file holds 6,553,600 bytes written by 100 calls:\n{}", m.lines().filter(|l| l.starts_with("nodescope_file_")).collect::<Vec<_>>().join("\n"));
+    assert_eq!(writes(&m, "ltc", "blocks", "write"), 100.0);
+    assert_eq!(syncs(&m, "ltc", "blocks", "fsync"), 1.0);
+}

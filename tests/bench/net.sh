@@ -70,6 +70,10 @@ port = int(sys.argv[1])
 for _ in range(3000):  # bounded: 3000 short connections to loopback
     c = socket.create_connection(("127.0.0.1", port)); c.send(b"x"); c.close()
 PY
+# process and cgroup churn for the scope hooks: 1000 fork+exec+exit, 200
+# groups made and removed below the watched one
+for _ in $(seq 1000); do /bin/true; done
+for i in $(seq 200); do mkdir "$cg/churn-$i"; rmdir "$cg/churn-$i"; done
 sleep 3
 prog_stats=$(bpftool prog show --json)
 metrics=$(curl -sf "http://127.0.0.1:$http_port/metrics")
@@ -80,7 +84,7 @@ python3 - "$prog_stats" <<PY
 import json, sys
 progs = json.loads(sys.argv[1])
 def stat(name):
-    rows = [p for p in progs if p.get("name") == name and p.get("run_cnt")]
+    rows = [p for p in progs if p.get("name", "").startswith(name) and p.get("run_cnt")]
     if not rows: return None
     p = max(rows, key=lambda p: p["id"])
     return p["run_time_ns"], p["run_cnt"]
@@ -91,11 +95,22 @@ print(f"{'iperf3 bulk (Gbit/s, median)':<34}{bulk_off:>12.2f}{bulk_on:>12.2f}{bu
 print(f"{'iperf3 1 KiB writes (Gbit/s)':<34}{small_off:>12.2f}{small_on:>12.2f}{small_on/small_off:>9.3f}   >= 0.970")
 print("raw rounds: bulk off [$(echo ${res[bulk-off]})] on [$(echo ${res[bulk-on]})]")
 print("            1KiB off [$(echo ${res[small-off]})] on [$(echo ${res[small-on]})]")
-for name, what in [("on_tcp_state", "state tracepoint, per TCP state change"), ("tcp_iter", "tcp iterator, per socket visited")]:
+missing = []
+for name, what, target in [("on_tcp_state", "state tracepoint, per TCP state change", "target <= 150 ns"),
+                           ("tcp_iter", "tcp iterator, per socket visited", ""),
+                           # kernel program names are cut to 15 characters
+                           ("scope_fork", "fork of any process (scope)", ""),
+                           ("scope_exec", "exec of any process (scope)", ""),
+                           ("scope_exit", "exit of any process (scope)", ""),
+                           ("scope_cgroup_m", "cgroup mkdir (scope)", ""),
+                           ("scope_cgroup_r", "cgroup rmdir (scope)", "")]:
     s = stat(name)
     if s is None:
-        print(f"{name}: no runs recorded"); continue
+        missing.append(name); print(f"{name}: no runs recorded"); continue
     ns, cnt = s
-    print(f"{name:<14} {what:<40} {ns/cnt:8.0f} ns/run over {cnt} runs   target <= 150 ns")
+    print(f"{name:<15} {what:<40} {ns/cnt:8.0f} ns/run over {cnt} runs   {target}")
+if missing:
+    print("bench net: FAILED: no runs recorded for " + ", ".join(missing) + ": the probes were not attached")
+    sys.exit(1)
 PY
 echo "connections the agent counted during churn: $(echo "$metrics" | awk '/^nodescope_connection_opened_total/ && /nodescope_target="bench"/ {s+=$NF} END {print s+0}') (3000 made)"
