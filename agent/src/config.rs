@@ -398,9 +398,19 @@ impl Config {
             }
             let selectors = [t.pid_file.is_some(), t.process.is_some(), t.cgroup.is_some(), t.container.is_some()];
             match selectors.iter().filter(|s| **s).count() {
-                0 => return Err(ConfigError::invalid(format!("targets[{i}]"), "needs one of pid_file, process, cgroup, container")),
+                0 => {
+                    return Err(ConfigError::invalid(
+                        format!("targets[{i}]"),
+                        "needs one of pid_file, process, cgroup, container",
+                    ))
+                }
                 1 => {}
-                _ => return Err(ConfigError::invalid(format!("targets[{i}]"), "takes only one of pid_file, process, cgroup, container")),
+                _ => {
+                    return Err(ConfigError::invalid(
+                        format!("targets[{i}]"),
+                        "takes only one of pid_file, process, cgroup, container",
+                    ))
+                }
             }
             if let Some(p) = &t.process {
                 if p.is_empty() || p.len() > 15 {
@@ -410,13 +420,22 @@ impl Config {
             if let Some(c) = &t.cgroup {
                 let escapes = c.components().any(|part| part == std::path::Component::ParentDir);
                 if c.as_os_str().is_empty() || escapes {
-                    return Err(ConfigError::invalid(key("cgroup"), "must be a cgroup2 directory: absolute, or relative to the cgroup2 mount, without '..'"));
+                    return Err(ConfigError::invalid(
+                        key("cgroup"),
+                        "must be a cgroup2 directory: absolute, or relative to the cgroup2 mount, without '..'",
+                    ));
                 }
             }
             if let Some(c) = &t.container {
                 let valid = c.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
                 if c.is_empty() || c.len() > crate::container::MAX_NAME_LEN || !valid {
-                    return Err(ConfigError::invalid(key("container"), format!("must be a container name or id prefix: 1 to {} letters, digits, '-', '_', '.'", crate::container::MAX_NAME_LEN)));
+                    return Err(ConfigError::invalid(
+                        key("container"),
+                        format!(
+                            "must be a container name or id prefix: 1 to {} letters, digits, '-', '_', '.'",
+                            crate::container::MAX_NAME_LEN
+                        ),
+                    ));
                 }
             }
             for (k, ports) in [("p2p_ports", &t.p2p_ports), ("rpc_ports", &t.rpc_ports)] {
@@ -656,9 +675,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.targets[0].container.as_deref(), Some("ltc-node"));
-        assert_eq!(c.targets[1].cgroup.as_deref(), Some(Path::new("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b.slice")));
+        assert_eq!(
+            c.targets[1].cgroup.as_deref(),
+            Some(Path::new("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b.slice"))
+        );
         let target = "[[targets]]\nname = \"a\"\n";
-        for bad in ["container = \"\"", "container = \"a b\"", "container = \"a/b\"", "cgroup = \"\"", "cgroup = \"../x\"", "cgroup = \"/a/../b\""] {
+        for bad in [
+            "container = \"\"",
+            "container = \"a b\"",
+            "container = \"a/b\"",
+            "cgroup = \"\"",
+            "cgroup = \"../x\"",
+            "cgroup = \"/a/../b\"",
+        ] {
             let key = bad.split(' ').next().unwrap();
             assert_eq!(err_key(&format!("{target}{bad}")), format!("targets[0].{key}"), "{bad}");
         }

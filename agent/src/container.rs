@@ -133,7 +133,9 @@ impl Container {
 pub fn find_in(proc_root: &Path, pids: impl IntoIterator<Item = u32>, wanted: &str) -> Option<u32> {
     let mut names: HashMap<String, String> = HashMap::new();
     pids.into_iter().find(|&pid| {
-        let Some(c) = ContainerId::of_process(proc_root, pid) else { return false };
+        let Some(c) = ContainerId::of_process(proc_root, pid) else {
+            return false;
+        };
         c.id.starts_with(wanted) || *names.entry(c.id.clone()).or_insert_with(|| c.name(proc_root, pid)) == wanted
     })
 }
@@ -312,14 +314,20 @@ mod tests {
         host.process(10, &format!("/libpod_parent/libpod-{ID}"));
         host.write(
             &format!("proc/1/root/{PODMAN_CONTAINERS}"),
-            &format!(r#"[{{"id":"{}","names":["other"]}},{{"id":"{ID}","names":["ltc-node","alias"],"image":"x"}}]"#, "a".repeat(64)),
+            &format!(
+                r#"[{{"id":"{}","names":["other"]}},{{"id":"{ID}","names":["ltc-node","alias"],"image":"x"}}]"#,
+                "a".repeat(64)
+            ),
         );
         assert_eq!(Container::of_process(&proc_root, 10), Some(Container { id: ID.into(), name: "ltc-node".into() }));
 
         // docker, v1-only host
         let docker_id = "b".repeat(64);
         host.write("proc/11/cgroup", &format!("12:memory:/docker/{docker_id}\n1:name=systemd:/docker/{docker_id}\n"));
-        host.write(&format!("proc/1/root/{DOCKER_CONTAINERS}/{docker_id}/config.v2.json"), r#"{"ID":"b","Name":"/btc main"}"#);
+        host.write(
+            &format!("proc/1/root/{DOCKER_CONTAINERS}/{docker_id}/config.v2.json"),
+            r#"{"ID":"b","Name":"/btc main"}"#,
+        );
         assert_eq!(Container::of_process(&proc_root, 11).unwrap().name, "btc_main");
 
         // Kubernetes: the pod's hostname; unless the runtime names it

@@ -1259,6 +1259,127 @@ mod tests {
         assert_eq!(home_from_passwd(passwd, 1000), None);
     }
 
+    /// Gives `pid` a mount namespace other than the agent's, with `root` as
+    /// its /proc/PID/root: two distinct files stand in for the two
+    /// namespaces, as only their inode numbers are compared.
+    fn containerize(sb: &Sandbox, pid: u32) -> PathBuf {
+        for p in [pid, std::process::id()] {
+            sb.write(&format!("proc/{p}/ns/mnt"), "");
+        }
+        let root = sb.proc_root().join(pid.to_string()).join("root");
+        fs::create_dir_all(&root).unwrap();
+        root
+    }
+
+    #[test]
+    fn container_paths_are_read_inside_its_root() {
+        let sb = Sandbox::new("container-core");
+        let dir = sb.process(800, "litecoind", &["litecoind", "-printtoconsole"], &[]);
+        // environ unreadable: HOME comes from the container's passwd, under
+        // the uid the container's user namespace gives the node
+        fs::remove_file(dir.join("environ")).unwrap();
+        fs::create_dir(dir.join("environ")).unwrap();
+        fs::write(dir.join("status"), "Name:\tlitecoind\nUid:\t101000\t101000\t101000\t101000\n").unwrap();
+        fs::write(dir.join("uid_map"), "         0     100000      65536\n").unwrap();
+        let root = containerize(&sb, 800);
+        sb.write("proc/800/root/etc/passwd", "root:x:0:0::/root:/bin/sh\nltc:x:1000:1000::/home/ltc:/bin/sh\n");
+        // the image links the default data dir to a volume, absolutely
+        fs::create_dir_all(root.join("home/ltc")).unwrap();
+        symlink("/data", root.join("home/ltc/.litecoin")).unwrap();
+        sb.write(
+            "proc/800/root/data/litecoin.conf",
+            "regtest=1\n[regtest]\nport=19555\nincludeconf=/etc/ltc-extra.conf\n",
+        );
+        sb.write("proc/800/root/etc/ltc-extra.conf", "regtest.rpcport=19556\n");
+
+        let info = inspect(&sb.proc_root(), 800, Chain::Litecoin).unwrap();
+        assert_eq!(
+            info,
+            NodeInfo {
+                pid: 800,
+                chain: Chain::Litecoin,
+                network: Network::Regtest,
+                // as the node names them
+                datadir: Some(PathBuf::from("/home/ltc/.litecoin")),
+                network_datadir: Some(PathBuf::from("/home/ltc/.litecoin/regtest")),
+                p2p_ports: vec![19555],
+                rpc_ports: vec![19556],
+            }
+        );
+    }
+
+    #[test]
+    fn container_symlinks_do_not_lead_to_host_files() {
+        let sb = Sandbox::new("container-escape");
+        let host_conf = sb.write("host/secret.conf", "regtest=1\n");
+        sb.process(801, "bitcoind", &["bitcoind", "-datadir=/data"], &[]);
+        let root = containerize(&sb, 801);
+        fs::create_dir_all(root.join("data")).unwrap();
+        // an absolute link in the container means the container's own path
+        symlink(&host_conf, root.join("data/bitcoin.conf")).unwrap();
+        let info = inspect(&sb.proc_root(), 801, Chain::Bitcoin).unwrap();
+        assert_eq!(info.network, Network::Main, "read the host's file through a container's link");
+        // the same path inside the container is read
+        sb.write(&format!("proc/801/root{}", host_conf.display()), "testnet=1\n");
+        assert_eq!(inspect(&sb.proc_root(), 801, Chain::Bitcoin).unwrap().network, Network::Test);
+    }
+
+    #[test]
+    fn container_monerod_config_file_and_data_dir() {
+        let sb = Sandbox::new("container-monerod");
+        let argv = ["monerod", "--config-file=/etc/monero/monerod.conf", "--non-interactive"];
+        sb.process(802, "monerod", &argv, &["HOME=/home/monero"]);
+        containerize(&sb, 802);
+        sb.write(
+            "proc/802/root/etc/monero/monerod.conf",
+            "data-dir=/var/lib/monero\nstagenet=1\np2p-bind-port=38090\n",
+        );
+        let info = inspect(&sb.proc_root(), 802, Chain::Monero).unwrap();
+        assert_eq!(info.network, Network::Stagenet);
+        assert_eq!(info.datadir, Some(PathBuf::from("/var/lib/monero")));
+        assert_eq!(info.network_datadir, Some(PathBuf::from("/var/lib/monero/stagenet")));
+        assert_eq!(info.p2p_ports, vec![38090]);
+
+        // without --config-file: the default one under HOME's default data dir, inside the container
+        sb.process(803, "monerod", &["monerod", "--testnet"], &["HOME=/home/monero"]);
+        containerize(&sb, 803);
+        sb.write("proc/803/root/home/monero/.bitmonero/testnet/bitmonero.conf", "rpc-bind-port=28100\n");
+        let info = inspect(&sb.proc_root(), 803, Chain::Monero).unwrap();
+        assert_eq!(info.datadir, Some(PathBuf::from("/home/monero/.bitmonero")));
+        assert_eq!(info.rpc_ports, vec![28100]);
+    }
+
+    #[test]
+    fn node_files_are_bounded_regular_files() {
+        let sb = Sandbox::new("node-files");
+        let root = sb.path("root");
+        sb.write("root/etc/hostname", "0123456789");
+        let read = |path: &str, limit| read_node_file(Some(&root), Path::new(path), limit);
+        assert_eq!(read("/etc/hostname", 4).unwrap(), b"0123");
+        assert_eq!(read("etc/hostname", 100).unwrap(), b"0123456789");
+        assert_eq!(read("/etc", 100).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(read("/etc/missing", 100).unwrap_err().kind(), io::ErrorKind::NotFound);
+        // a FIFO would block a plain open until someone writes to it
+        let fifo = CString::new(root.join("etc/fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert_eq!(read("/etc/fifo", 100).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(read_node_file(None, &root.join("etc/fifo"), 100).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(read_node_file(None, &root.join("etc/hostname"), 2).unwrap(), b"01");
+    }
+
+    #[test]
+    fn uids_inside_user_namespaces() {
+        assert_eq!(uid_inside("         0          0 4294967295\n", 1000), 1000);
+        let map = "         0     100000      65536\n     65536     300000        10\n";
+        assert_eq!(uid_inside(map, 100000), 0);
+        assert_eq!(uid_inside(map, 101000), 1000);
+        assert_eq!(uid_inside(map, 300003), 65539);
+        // outside the map: kept
+        assert_eq!(uid_inside(map, 165536), 165536);
+        assert_eq!(uid_inside("", 7), 7);
+    }
+
     #[test]
     fn real_proc_smoke() {
         let proc_root = Path::new("/proc");

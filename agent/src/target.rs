@@ -547,3 +547,137 @@ mod tests {
         assert_eq!(t.infer_direction(50123), Direction::Outbound);
     }
 }
+
+/// `find_pid` and `discovered_specs` on a fake /proc of host and container nodes.
+#[cfg(test)]
+mod selector_tests {
+    use super::*;
+    use std::fs;
+
+    const PODMAN_ID: &str = "5e301f86b9bec8667c3cdf4bce66d307e55c2d593192449ccae5443a1994d4ba";
+
+    struct FakeHost {
+        root: PathBuf,
+    }
+
+    impl FakeHost {
+        fn new(tag: &str) -> FakeHost {
+            let root = std::env::temp_dir().join(format!("nodescope-target-{}-{tag}", std::process::id()));
+            let _ = fs::remove_dir_all(&root);
+            fs::create_dir_all(root.join("proc")).unwrap();
+            FakeHost { root }
+        }
+
+        fn write(&self, rel: &str, contents: &str) {
+            let path = self.root.join(rel);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, contents).unwrap();
+        }
+
+        /// A process named `comm` running `argv` in the cgroup2 group `cgroup`.
+        fn process(&self, pid: u32, comm: &str, argv: &[&str], cgroup: &str) {
+            self.write(&format!("proc/{pid}/comm"), &format!("{comm}\n"));
+            self.write(&format!("proc/{pid}/cmdline"), &argv.iter().map(|a| format!("{a}\0")).collect::<String>());
+            self.write(&format!("proc/{pid}/environ"), "HOME=/nonexistent\0");
+            self.write(&format!("proc/{pid}/cgroup"), &format!("0::{cgroup}\n"));
+        }
+
+        fn targets(&self, config: &str, mounts: Mounts) -> Targets {
+            let mut targets = Targets::new(&Config::from_toml_with_env(config, Vec::new()).unwrap(), mounts);
+            targets.proc_root = self.root.join("proc");
+            targets
+        }
+
+        /// A podman container `name`, one of the fake host's, with one node in it.
+        fn podman_node(&self) {
+            self.write(
+                "proc/1/root/var/lib/containers/storage/overlay-containers/containers.json",
+                &format!(r#"[{{"id":"{PODMAN_ID}","names":["ltc-node"]}}]"#),
+            );
+            self.process(200, "litecoind", &["litecoind", "-regtest"], &format!("/libpod_parent/libpod-{PODMAN_ID}"));
+        }
+
+        /// A Kubernetes pod `litecoin-0`: a pause container and a node's.
+        fn pod(&self) {
+            let pod = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b.slice";
+            let node_id = "c".repeat(64);
+            self.process(
+                300,
+                "litecoind",
+                &["litecoind", "-regtest"],
+                &format!("/{pod}/cri-containerd-{node_id}.scope"),
+            );
+            self.write("proc/300/root/etc/hostname", "litecoin-0\n");
+            self.process(7, "pause", &["/pause"], &format!("/{pod}/cri-containerd-{}.scope", "a".repeat(64)));
+            self.write(&format!("cgroup/{pod}/cgroup.procs"), "");
+            self.write(&format!("cgroup/{pod}/cri-containerd-{node_id}.scope/cgroup.procs"), "300\n");
+            self.write(&format!("cgroup/{pod}/cri-containerd-{}.scope/cgroup.procs", "a".repeat(64)), "7\n");
+        }
+    }
+
+    impl Drop for FakeHost {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.root);
+        }
+    }
+
+    fn spec(selector: Selector, chain: Chain) -> TargetSpec {
+        TargetSpec { name: "t".into(), selector, chain, datadir: None, p2p_ports: Vec::new(), rpc_ports: Vec::new() }
+    }
+
+    #[test]
+    fn discovered_nodes_in_containers_carry_the_container_name() {
+        let host = FakeHost::new("discover");
+        host.process(100, "litecoind", &["litecoind", "-regtest"], "/user.slice/session-1.scope");
+        host.podman_node();
+        host.pod();
+        let mut targets = host.targets("", Mounts::default());
+        let names: Vec<String> = targets.discovered_specs().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["litecoin-regtest", "litecoin-regtest-ltc-node", "litecoin-regtest-litecoin-0"]);
+    }
+
+    #[test]
+    fn container_selector_by_name_or_id_prefix() {
+        let host = FakeHost::new("container");
+        host.process(100, "litecoind", &["litecoind"], "/user.slice/session-1.scope");
+        host.podman_node();
+        host.pod();
+        host.process(301, "sh", &["sh"], &format!("/kubepods.slice/x.slice/cri-containerd-{}.scope", "c".repeat(64)));
+        let targets = host.targets("", Mounts::default());
+        let find = |wanted: &str, chain| targets.find_pid(&spec(Selector::Container(wanted.into()), chain));
+        assert_eq!(find("ltc-node", Chain::Litecoin), (Some(200), None));
+        assert_eq!(find(&PODMAN_ID[..8], Chain::Litecoin), (Some(200), None));
+        assert_eq!(find("litecoin-0", Chain::Litecoin), (Some(300), None));
+        // the container's node must be of the target's chain
+        assert_eq!(find("ltc-node", Chain::Bitcoin), (None, None));
+        assert_eq!(find("no-such", Chain::Litecoin), (None, None));
+        // a generic node: the container's lowest pid, whatever its name
+        assert_eq!(find("cccc", Chain::Generic), (Some(300), None));
+    }
+
+    #[test]
+    fn cgroup_selector_relative_to_the_cgroup2_mount_finds_the_node_below() {
+        let host = FakeHost::new("cgroup");
+        host.pod();
+        let pod = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b.slice";
+        let mounts = Mounts { v2: Some(host.root.join("cgroup")), ..Mounts::default() };
+        let targets = host.targets("", mounts);
+        let selector = Selector::Cgroup(PathBuf::from(pod));
+        assert_eq!(
+            targets.find_pid(&spec(selector.clone(), Chain::Litecoin)),
+            (Some(300), Some(host.root.join("cgroup").join(pod)))
+        );
+        let absolute = Selector::Cgroup(host.root.join("cgroup").join(pod));
+        assert_eq!(targets.find_pid(&spec(absolute, Chain::Litecoin)).0, Some(300));
+        // no cgroup2 hierarchy to be relative to
+        let targets = host.targets("", Mounts::default());
+        assert_eq!(targets.find_pid(&spec(selector, Chain::Litecoin)), (None, None));
+    }
+
+    #[test]
+    fn container_key_selects_a_container() {
+        let config = "[[targets]]\nname = \"ltc\"\ncontainer = \"ltc-node\"\nchain = \"litecoin\"\n";
+        let config = Config::from_toml_with_env(config, Vec::new()).unwrap();
+        assert_eq!(TargetSpec::from(&config.targets[0]).selector, Selector::Container("ltc-node".into()));
+    }
+}

@@ -55,3 +55,10 @@ stop_agent() { kill "$agent"; wait "$agent" 2>/dev/null || true; agent=""; }
 
 # The median of whitespace-separated numbers on stdin.
 median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+# The ids of the BPF programs the running agent holds (from its fds' fdinfo),
+# comma-separated: per-program figures are this agent's only, never those of
+# another agent or tool on the host.
+agent_prog_ids() {
+    grep -h '^prog_id:' /proc/"$agent"/fdinfo/* 2>/dev/null | awk '{print $2}' | sort -un | paste -sd, -
+}

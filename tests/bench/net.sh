@@ -76,13 +76,15 @@ for _ in $(seq 1000); do /bin/true; done
 for i in $(seq 200); do mkdir "$cg/churn-$i"; rmdir "$cg/churn-$i"; done
 sleep 3
 prog_stats=$(bpftool prog show --json)
+prog_ids=$(agent_prog_ids)
 metrics=$(curl -sf "http://127.0.0.1:$http_port/metrics")
 stop_agent
 sysctl -qw kernel.bpf_stats_enabled="$stats_before"
 
-python3 - "$prog_stats" <<PY
+python3 - "$prog_stats" "$prog_ids" <<PY
 import json, sys
-progs = json.loads(sys.argv[1])
+ids = {int(i) for i in sys.argv[2].split(",") if i}
+progs = [p for p in json.loads(sys.argv[1]) if p["id"] in ids]
 def stat(name):
     rows = [p for p in progs if p.get("name", "").startswith(name) and p.get("run_cnt")]
     if not rows: return None

@@ -37,8 +37,9 @@
 //! changes with every restart of the node while the directory stays the
 //! same. The watcher keeps each tree by target and the data dir as the node
 //! names it, and moves it to the new path (`DirTracker::rebase`) rather than
-//! walking it again; a root that cannot be reached (the node stopped) leaves
-//! the tree as it was, and is never walked until a live path is given.
+//! walking it again. A root that goes out of reach mid-pass (the node
+//! stopped) leaves the tree as it was; while a container node is down its
+//! data dir is not asked for at all, so a dead pid's path is not read again.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
@@ -705,14 +706,21 @@ struct Watched {
     writable: Option<(Instant, Result<(), String>)>,
 }
 
-fn watch(rx: Receiver<Vec<WatchRequest>>, reports: Arc<Mutex<HashMap<WatchKey, DirReport>>>, limits: WalkLimits, writable_check: Duration) {
+fn watch(
+    rx: Receiver<Vec<WatchRequest>>,
+    reports: Arc<Mutex<HashMap<WatchKey, DirReport>>>,
+    limits: WalkLimits,
+    writable_check: Duration,
+) {
     let mut watched: HashMap<WatchKey, Watched> = HashMap::new();
     while let Ok(requests) = rx.recv() {
         watched.retain(|key, _| requests.iter().any(|r| r.key == *key));
         let mut out = HashMap::new();
         for WatchRequest { key, dir, owner } in requests {
             let Some(dir) = dir else { continue };
-            let w = watched.entry(key.clone()).or_insert_with(|| Watched { tracker: DirTracker::new(&dir, limits), writable: None });
+            let w = watched
+                .entry(key.clone())
+                .or_insert_with(|| Watched { tracker: DirTracker::new(&dir, limits), writable: None });
             w.tracker.rebase(&dir);
             w.tracker.pass();
             if w.writable.as_ref().is_none_or(|(at, _)| at.elapsed() >= writable_check) {
@@ -966,6 +974,121 @@ mod tests {
         write(&root.join("x"), 5);
         settle(&mut t, 2);
         assert_eq!(t.size_bytes(), Some(du_sb(&root)));
+    }
+
+    /// Two paths of one directory, as /proc/OLD/root/... and
+    /// /proc/NEW/root/... are for a container's data dir across a restart.
+    fn two_paths(tmp: &Tmp) -> (PathBuf, PathBuf, PathBuf) {
+        let real = tmp.0.join("real");
+        fs::create_dir_all(&real).unwrap();
+        let (old, new) = (tmp.0.join("proc-old"), tmp.0.join("proc-new"));
+        std::os::unix::fs::symlink(&real, &old).unwrap();
+        std::os::unix::fs::symlink(&real, &new).unwrap();
+        (real, old, new)
+    }
+
+    #[test]
+    fn rebase_keeps_the_tree_and_follows_changes_at_the_new_path() {
+        let tmp = Tmp::new("rebase");
+        let (real, old, new) = two_paths(&tmp);
+        for f in 0..40 {
+            write(&real.join(format!("blocks/blk{f:05}.dat")), 1000 + f);
+        }
+        write(&real.join("debug.log"), 10);
+        let mut t = DirTracker::new(&old, limits(1000));
+        settle(&mut t, 2);
+        assert_eq!(t.size_bytes(), Some(du_sb(&real)));
+        let entries = t.entries();
+        let before = t.operations();
+        t.pass();
+        let steady = t.operations() - before;
+
+        // the node restarted: its old path is gone, its data is not
+        fs::remove_file(&old).unwrap();
+        t.rebase(&new);
+        assert_eq!(t.root(), new.as_path());
+        assert_eq!(t.size_bytes(), Some(du_sb(&real)), "totals kept across the move");
+        let before = t.operations();
+        t.pass();
+        let spent = t.operations() - before;
+        assert!(spent <= steady, "{spent} operations after the move, {steady} before: walked again");
+        assert_eq!(t.entries(), entries);
+        assert!(t.dirs.keys().all(|d| d.starts_with(&new)) && t.hot.iter().all(|(_, p)| p.starts_with(&new)));
+
+        // what the restarted node writes is followed at the new path
+        let mut f = fs::OpenOptions::new().append(true).open(real.join("debug.log")).unwrap();
+        f.write_all(&[1u8; 500]).unwrap();
+        drop(f);
+        write(&real.join("chainstate/000001.ldb"), 4321);
+        settle(&mut t, 2);
+        assert_eq!(t.size_bytes(), Some(du_sb(&real)));
+    }
+
+    #[test]
+    fn a_lost_root_keeps_the_tree_until_it_is_back() {
+        let tmp = Tmp::new("lost");
+        let (real, old, _) = two_paths(&tmp);
+        write(&real.join("blocks/blk00000.dat"), 5000);
+        write(&real.join("chainstate/a.ldb"), 300);
+        let mut t = DirTracker::new(&old, limits(1000));
+        settle(&mut t, 2);
+        let (size, entries) = (t.size_bytes(), t.entries());
+        assert_eq!(size, Some(du_sb(&real)));
+
+        fs::remove_file(&old).unwrap();
+        settle(&mut t, 2);
+        assert_eq!(t.size_bytes(), None, "unknown while out of reach");
+        assert!(t.error().unwrap().contains("proc-old"), "{:?}", t.error());
+        assert_eq!(t.entries(), entries, "the tree is kept");
+        assert!(!t.hot.is_empty(), "hot files are kept");
+
+        std::os::unix::fs::symlink(&real, &old).unwrap();
+        t.pass();
+        assert_eq!(t.error(), None);
+        assert_eq!(t.size_bytes(), size);
+    }
+
+    #[test]
+    fn watcher_keeps_trees_by_target_and_node_path() {
+        let tmp = Tmp::new("watcher");
+        let (real, old, new) = two_paths(&tmp);
+        for f in 0..50 {
+            write(&real.join(format!("f{f}")), 100);
+        }
+        // A rendezvous channel: a send returns once the thread is done with
+        // the previous request. A fresh walk at 16 operations per pass takes
+        // four passes or more.
+        let (tx, rx) = mpsc::sync_channel(0);
+        let reports = Arc::new(Mutex::new(HashMap::new()));
+        let shared = reports.clone();
+        let thread = std::thread::spawn(move || watch(rx, shared, limits(16), Duration::from_secs(3600)));
+        let key = WatchKey { target: "ltc".into(), dir: PathBuf::from("/data/regtest") };
+        let other = WatchKey { target: "ltc2".into(), dir: key.dir.clone() };
+        let request =
+            |dir: Option<&Path>| vec![WatchRequest { key: key.clone(), dir: dir.map(Path::to_path_buf), owner: None }];
+        // the second send waits for the first's pass to end
+        let passes = |n: usize, dir: Option<&Path>| {
+            for _ in 0..=n {
+                tx.send(request(dir)).unwrap();
+            }
+        };
+        let report = |key: &WatchKey| reports.lock().unwrap().get(key).cloned();
+
+        passes(20, Some(&old));
+        assert_eq!(report(&key).unwrap().size_bytes, Some(du_sb(&real)));
+        assert!(report(&other).is_none(), "another target's tree is its own");
+
+        // the node is down: no report, the tree waits
+        passes(1, None);
+        assert!(report(&key).is_none());
+        // back under another pid: its size after a single pass
+        fs::remove_file(&old).unwrap();
+        passes(1, Some(&new));
+        let r = report(&key).unwrap();
+        assert_eq!(r.size_bytes, Some(du_sb(&real)));
+        assert_eq!(r.writable, Some(true));
+        drop(tx);
+        thread.join().unwrap();
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::cgroup::{Mounts, ProcessCgroups};
 use crate::config::ResourcesConfig;
 use crate::target::{Scope, Target};
 use cgroup_stats::CgroupVersion;
-use datadir::{DatadirWatcher, WalkLimits, WatchRequest};
+use datadir::{DatadirWatcher, WalkLimits, WatchKey, WatchRequest};
 use forecast::Trend;
 use process::ProcessReader;
 
@@ -135,11 +135,18 @@ pub struct ResourceSignal {
     watcher: Option<DatadirWatcher>,
     processes: ProcessReader,
     trends: HashMap<String, Trends>,
+    /// Whether each target's data dir, as last seen with its node running,
+    /// is the same directory at its own path on the agent's side: then it
+    /// is read there while the node is down. Not so for a node in a
+    /// container, whose data dir is only reachable through its root.
+    readable_when_down: HashMap<String, bool>,
     off: OffLog,
 }
 
 /// The series the growth rates come from, for one target's data dir.
 struct Trends {
+    /// The data dir as the node names it: the path it is read at changes
+    /// when a node in a container restarts, and the history stays.
     dir: PathBuf,
     available: Trend,
     datadir: Trend,
@@ -171,6 +178,7 @@ impl ResourceSignal {
             watcher,
             processes: ProcessReader::new(Path::new("/proc")),
             trends: HashMap::new(),
+            readable_when_down: HashMap::new(),
             off: OffLog::default(),
         }
     }
@@ -196,8 +204,10 @@ impl ResourceSignal {
             }
             match &t.datadir {
                 Some(dir) => {
-                    self.datadir(&mut r, dir, now);
-                    requests.push(WatchRequest { dir: dir.clone(), owner });
+                    let key = WatchKey { target: t.name.clone(), dir: dir.clone() };
+                    let at = self.reachable_datadir(t);
+                    self.datadir(&mut r, &key, at.as_deref(), now);
+                    requests.push(WatchRequest { key, dir: at, owner });
                 }
                 None => self.off.report(&t.name, "data dir", vec![("datadir".into(), "not known: set targets.datadir".into())]),
             }
@@ -208,6 +218,7 @@ impl ResourceSignal {
         }
         let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
         self.trends.retain(|n, _| names.contains(&n.as_str()));
+        self.readable_when_down.retain(|n, _| names.contains(&n.as_str()));
         self.processes.forget(&|n| names.contains(&n));
         self.off.forget(&|n| names.contains(&n));
         ResourceSnapshot { targets: out, datadir_passes_skipped: self.watcher.as_ref().map_or(0, |w| w.skipped()) }
@@ -235,13 +246,39 @@ impl ResourceSignal {
         Some(stats)
     }
 
-    fn datadir(&mut self, r: &mut TargetResources, dir: &Path, now: Instant) {
-        let mut failures = Vec::new();
-        match filesystem::statvfs(dir) {
-            Ok(fs) => r.filesystem = Some(fs),
-            Err(e) => failures.push((format!("statvfs {}", dir.display()), e.to_string())),
+    /// Where the agent reads a target's data dir now: through the node's
+    /// root when its mount namespace is not the agent's. While the node is
+    /// down there is no root: its data dir is read at its own path when that
+    /// was the same directory (a node on the host, seen from an agent with a
+    /// private mount namespace of its own, as under systemd's
+    /// ProtectSystem), and not at all when it was not (a node in a
+    /// container: the same path on the host is another directory, or none).
+    fn reachable_datadir(&mut self, t: &Target) -> Option<PathBuf> {
+        let at = t.host_datadir();
+        if t.pid.is_none() {
+            return at.filter(|_| self.readable_when_down.get(&t.name) != Some(&false));
         }
-        let report = self.watcher.as_ref().and_then(|w| w.report(dir));
+        let same = match (&at, &t.datadir, &t.root) {
+            (_, _, None) => Some(true),
+            (Some(at), Some(own), Some(_)) => same_directory(at, own),
+            _ => None,
+        };
+        if let Some(same) = same {
+            self.readable_when_down.insert(t.name.clone(), same);
+        }
+        at
+    }
+
+    /// `key.dir` is the data dir as the node names it (what failures name),
+    /// `at` where the agent reads it.
+    fn datadir(&mut self, r: &mut TargetResources, key: &WatchKey, at: Option<&Path>, now: Instant) {
+        let mut failures = Vec::new();
+        match at.map(filesystem::statvfs) {
+            Some(Ok(fs)) => r.filesystem = Some(fs),
+            Some(Err(e)) => failures.push((format!("statvfs {}", key.dir.display()), e.to_string())),
+            None => failures.push(("data dir".into(), "node not running: its data dir is in its container".into())),
+        }
+        let report = self.watcher.as_ref().and_then(|w| w.report(key));
         if let Some(rep) = &report {
             r.datadir_size_bytes = rep.size_bytes;
             r.datadir_entries = Some(rep.entries);
@@ -261,13 +298,10 @@ impl ResourceSignal {
         self.off.report(&r.name, "data dir", failures);
 
         let window = self.forecast_window;
-        let trends = self.trends.entry(r.name.clone()).or_insert_with(|| Trends {
-            dir: dir.to_path_buf(),
-            available: Trend::new(window),
-            datadir: Trend::new(window),
-        });
-        if trends.dir != dir {
-            *trends = Trends { dir: dir.to_path_buf(), available: Trend::new(window), datadir: Trend::new(window) };
+        let fresh = || Trends { dir: key.dir.clone(), available: Trend::new(window), datadir: Trend::new(window) };
+        let trends = self.trends.entry(r.name.clone()).or_insert_with(fresh);
+        if trends.dir != key.dir {
+            *trends = fresh();
         }
         if let Some(fs) = r.filesystem {
             trends.available.push(now, fs.available_bytes as f64);
@@ -280,6 +314,15 @@ impl ResourceSignal {
             r.growth_bytes_per_second = trends.datadir.slope();
         }
     }
+}
+
+/// Whether `own` (a path on the agent's side) is the directory `at` (the
+/// same path through the node's root). None when `at` cannot be read (not
+/// made yet): nothing to learn from.
+fn same_directory(at: &Path, own: &Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let at = std::fs::metadata(at).ok()?;
+    Some(std::fs::metadata(own).is_ok_and(|own| (own.dev(), own.ino()) == (at.dev(), at.ino())))
 }
 
 /// What is off, per target and kind of source, so each change is logged
@@ -314,6 +357,41 @@ impl OffLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_container_nodes_data_dir_is_read_through_its_root_and_not_while_down() {
+        let tmp = std::env::temp_dir().join(format!("nodescope-resources-{}", std::process::id()));
+        // a path that exists only in the "container", a directory under tmp
+        let node_dir = PathBuf::from(format!("/nodescope-test-{}/regtest", std::process::id()));
+        let root = tmp.join("root");
+        std::fs::create_dir_all(root.join(node_dir.strip_prefix("/").unwrap())).unwrap();
+        let host_dir = tmp.join("host");
+        std::fs::create_dir_all(&host_dir).unwrap();
+
+        let mut signal = ResourceSignal::new(&ResourcesConfig::default());
+        let node = |name: &str, dir: &Path, pid: Option<u32>, root: Option<&Path>| Target {
+            datadir: Some(dir.to_path_buf()),
+            root: root.map(Path::to_path_buf),
+            ..Target::litecoin_for_tests(name, pid, &[], &[], &[])
+        };
+        let in_root = root.join(node_dir.strip_prefix("/").unwrap());
+        assert_eq!(signal.reachable_datadir(&node("ltc", &node_dir, Some(42), Some(&root))), Some(in_root.clone()));
+        // stopped: the host's path of that name is not its data dir
+        assert_eq!(signal.reachable_datadir(&node("ltc", &node_dir, None, None)), None);
+        assert_eq!(signal.reachable_datadir(&node("ltc", &node_dir, Some(43), Some(&root))), Some(in_root));
+
+        // a node on the host, or seen from an agent with a mount namespace
+        // of its own (its root shows the same directory): read running or not
+        for root in [None, Some(Path::new("/"))] {
+            assert_eq!(signal.reachable_datadir(&node("host", &host_dir, Some(44), root)), Some(host_dir.clone()));
+            assert_eq!(signal.reachable_datadir(&node("host", &host_dir, None, None)), Some(host_dir.clone()));
+        }
+        // never seen running: taken as a path on the agent's side
+        assert_eq!(signal.reachable_datadir(&node("new", &node_dir, None, None)), Some(node_dir.clone()));
+        signal.collect(&[]);
+        assert!(signal.readable_when_down.is_empty(), "targets that left are forgotten");
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
 
     #[test]
     fn off_log_forgets_targets_that_left() {

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use super::cgroup_stats::{self, CONTROLLERS};
 use crate::bpf::HookStatus;
 use crate::cgroup::Mounts;
-use crate::discovery;
+use crate::config::Config;
+use crate::target::Targets;
 
 const SIGNAL: &str = "resources";
 
@@ -47,14 +48,11 @@ pub fn probe_sources() -> Vec<HookStatus> {
         rows.push(r);
     }
 
-    let nodes = discovery::find_nodes(Path::new("/proc"));
-    let dirs: Vec<PathBuf> = nodes
-        .iter()
-        .filter_map(|&(pid, chain)| {
-            let info = discovery::inspect(Path::new("/proc"), pid, chain).ok()?;
-            info.network_datadir.or(info.datadir)
-        })
-        .collect();
+    // The nodes discovery finds, resolved as the agent resolves them: a data
+    // dir in a container is reached through the node's root.
+    let nodes = Targets::new(&Config::default(), mounts.clone()).refresh().to_vec();
+    let dirs: Vec<(&str, PathBuf, PathBuf)> =
+        nodes.iter().filter_map(|t| Some((t.name.as_str(), t.datadir.clone()?, t.host_datadir()?))).collect();
     if dirs.is_empty() {
         let r = super::filesystem::statvfs(Path::new("/"));
         rows.push(row(
@@ -66,10 +64,11 @@ pub fn probe_sources() -> Vec<HookStatus> {
             },
         ));
     }
-    for dir in dirs {
-        let r = super::filesystem::statvfs(&dir);
+    for (name, dir, at) in dirs {
+        let r = super::filesystem::statvfs(&at);
+        // the path as the node names it; two containers may name the same one
         rows.push(row(
-            format!("statvfs {}", dir.display()),
+            format!("statvfs {} ({name})", dir.display()),
             r.is_ok(),
             r.map(|fs| format!("{} bytes available", fs.available_bytes)).unwrap_or_else(|e| e.to_string()),
         ));
@@ -78,7 +77,10 @@ pub fn probe_sources() -> Vec<HookStatus> {
     // Another process's io, limits and fd need ptrace read access: the
     // agent must hold every capability the node holds, or CAP_SYS_PTRACE.
     // Tried on the nodes found here, else on the agent's own process.
-    let pids: Vec<String> = if nodes.is_empty() { vec!["self".into()] } else { nodes.iter().map(|(p, _)| p.to_string()).collect() };
+    let pids: Vec<String> = match nodes.iter().filter_map(|t| t.pid).map(|p| p.to_string()).collect::<Vec<_>>() {
+        found if found.is_empty() => vec!["self".into()],
+        found => found,
+    };
     for pid in pids {
         let unreadable: Vec<String> = ["stat", "status", "io", "limits", "fd"]
             .iter()
