@@ -155,7 +155,7 @@ impl Target {
     /// A path as the node sees it, as the agent can open it.
     pub fn host_path(&self, node_path: &Path) -> PathBuf {
         match &self.root {
-            Some(root) => root.join(node_path.strip_prefix("/").unwrap_or(node_path)),
+            Some(root) => resolve_in_root(root, node_path),
             None => node_path.to_path_buf(),
         }
     }
@@ -492,6 +492,51 @@ impl Targets {
 }
 
 
+/// `node_path` as the agent can open it under `root` (`/proc/PID/root`),
+/// with the symlinks along it resolved the way the node sees them: an
+/// absolute link (a data dir `/data -> /mnt/vol` in an image) leads back
+/// under `root`, never to the agent's own file of that name, and `..` never
+/// climbs above `root`. A component that does not exist (yet) is kept as is.
+fn resolve_in_root(root: &Path, node_path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut resolved: Vec<std::ffi::OsString> = Vec::new();
+    let mut pending: Vec<std::ffi::OsString> =
+        node_path.components().rev().filter_map(|c| match c { Component::Normal(n) => Some(n.to_os_string()), Component::ParentDir => Some("..".into()), _ => None }).collect();
+    let mut links = 0;
+    while let Some(name) = pending.pop() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        let mut here = root.to_path_buf();
+        here.extend(&resolved);
+        here.push(&name);
+        match std::fs::symlink_metadata(&here) {
+            Ok(m) if m.file_type().is_symlink() && links < 40 => {
+                links += 1;
+                let Ok(target) = std::fs::read_link(&here) else {
+                    resolved.push(name);
+                    continue;
+                };
+                if target.is_absolute() {
+                    resolved.clear();
+                }
+                for c in target.components().rev() {
+                    match c {
+                        Component::Normal(n) => pending.push(n.to_os_string()),
+                        Component::ParentDir => pending.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            _ => resolved.push(name),
+        }
+    }
+    let mut out = root.to_path_buf();
+    out.extend(resolved);
+    out
+}
+
 /// The inode of one of a process's namespaces (`net`, `mnt`, ...).
 pub fn namespace_inode(proc_root: &Path, pid: u32, kind: &str) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
@@ -532,6 +577,22 @@ mod tests {
 
     fn target(p2p: &[u16], rpc: &[u16], listening: &[u16]) -> Target {
         Target::litecoin_for_tests("t", Some(1), p2p, rpc, listening)
+    }
+
+    #[test]
+    fn paths_resolve_inside_the_root() {
+        let dir = std::env::temp_dir().join(format!("nodescope-root-{}", std::process::id()));
+        let root = dir.join("root");
+        std::fs::create_dir_all(root.join("mnt/vol/regtest")).unwrap();
+        std::fs::create_dir_all(root.join("home/u")).unwrap();
+        // absolute and relative links, as an image would have them
+        std::os::unix::fs::symlink("/mnt/vol", root.join("data")).unwrap();
+        std::os::unix::fs::symlink("../../data", root.join("home/u/.litecoin")).unwrap();
+        assert_eq!(resolve_in_root(&root, Path::new("/data/regtest")), root.join("mnt/vol/regtest"));
+        assert_eq!(resolve_in_root(&root, Path::new("/home/u/.litecoin/regtest")), root.join("mnt/vol/regtest"));
+        assert_eq!(resolve_in_root(&root, Path::new("/../../etc")), root.join("etc"));
+        assert_eq!(resolve_in_root(&root, Path::new("/not/yet")), root.join("not/yet"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
