@@ -2,6 +2,8 @@
 //! when it ends (pass or fail), in cgroups and temp dirs it removes.
 #![allow(dead_code)]
 
+pub mod container;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -48,6 +48,8 @@ const TEST_PACKAGES: &[&str] = &[
     "systemd",
     // disk tests: monerod regtest (LMDB writes and msync)
     "monero",
+    // container tests: podman with runc (crun refuses hybrid cgroups), its CNI bridge and NAT rules
+    "podman", "runc", "containernetworking-plugins", "iptables",
 ];
 /// PyPI packages the tests use (module, package): rotel ships a real OTLP
 /// collector binary; kubernetes-validate checks manifests against the API schemas.
