@@ -229,22 +229,56 @@ const MAX_RULE_DURATION: Duration = Duration::from_secs(365 * 86400);
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DiskConfig {
-    /// Off: no syscall tracepoints are attached.
+    /// Off: no disk hooks are attached.
     pub enabled: bool,
-    /// Open files of watched nodes the kernel keeps counts for (all targets
-    /// together); writes to files beyond it are not counted.
+    /// Which hooks count: the filesystem tracepoints (ext4, xfs; no cost to
+    /// processes that write no file), or the syscall tracepoints (any
+    /// filesystem; every syscall on the host pays). Never switched silently.
+    pub method: DiskMethod,
+    /// Files (device, inode, target) the kernel keeps counts for between
+    /// two reads (all targets together); writes to files beyond it are not
+    /// counted.
     pub max_files: u32,
-    /// Closed files whose last counts wait for the agent's next read.
-    pub max_closed: u32,
-    /// Sync histograms, one per file and sync call.
+    /// Sync latency histograms, one per file and sync call, between two reads.
     pub max_syncs: u32,
+    /// Gone: records are per file identity and read whole every interval.
+    /// Kept only to say so.
+    pub max_closed: Option<u32>,
     /// `[[disk.classes]]`: file class rules, tried before the chain's built-in ones.
     pub classes: Vec<ClassRule>,
 }
 
 impl Default for DiskConfig {
     fn default() -> Self {
-        DiskConfig { enabled: true, max_files: 8192, max_closed: 8192, max_syncs: 4096, classes: Vec::new() }
+        DiskConfig {
+            enabled: true,
+            method: DiskMethod::Filesystem,
+            max_files: 8192,
+            max_syncs: 4096,
+            max_closed: None,
+            classes: Vec::new(),
+        }
+    }
+}
+
+/// `disk.method`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskMethod {
+    /// ext4 and xfs tracepoints, writeback and iomap (ebpf/disk.bpf.c).
+    #[default]
+    Filesystem,
+    /// Syscall tracepoints (ebpf/disk_syscalls.bpf.c): every filesystem, at
+    /// a cost to every syscall of every process on the host.
+    Syscalls,
+}
+
+impl DiskMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskMethod::Filesystem => "filesystem",
+            DiskMethod::Syscalls => "syscalls",
+        }
     }
 }
 
@@ -269,12 +303,17 @@ impl DiskConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         for (key, v, min, max) in [
             ("disk.max_files", self.max_files, 64, 1 << 20),
-            ("disk.max_closed", self.max_closed, 64, 1 << 20),
             ("disk.max_syncs", self.max_syncs, 64, 1 << 20),
         ] {
             if !(min..=max).contains(&v) {
                 return Err(ConfigError::invalid(key, format!("must be between {min} and {max}")));
             }
+        }
+        if self.max_closed.is_some() {
+            return Err(ConfigError::invalid(
+                "disk.max_closed",
+                "no longer used: records are kept per file (device, inode) and read whole every interval; remove it (disk.max_files bounds them)",
+            ));
         }
         if self.classes.len() > MAX_DISK_CLASS_RULES {
             return Err(ConfigError::invalid("disk.classes", format!("at most {MAX_DISK_CLASS_RULES} rules")));
@@ -822,6 +861,10 @@ mod tests {
         assert_eq!(c.disk.classes[1].target.as_deref(), Some("ltc"));
         let env = vec![("NODESCOPE_DISK_ENABLED".to_string(), "false".to_string())];
         assert!(!Config::from_toml_with_env("", env).unwrap().disk.enabled);
+        assert_eq!(c.disk.method, DiskMethod::Filesystem);
+        assert_eq!(load("[disk]\nmethod = \"syscalls\"").unwrap().disk.method, DiskMethod::Syscalls);
+        let env = vec![("NODESCOPE_DISK_METHOD".to_string(), "syscalls".to_string())];
+        assert_eq!(Config::from_toml_with_env("", env).unwrap().disk.method, DiskMethod::Syscalls);
     }
 
     #[test]
@@ -830,6 +873,10 @@ mod tests {
 max_files = 1"), "disk.max_files");
         assert_eq!(err_key("[disk]
 bogus = 1"), "disk.bogus");
+        assert_eq!(err_key("[disk]
+method = \"kprobes\""), "disk.method");
+        assert_eq!(err_key("[disk]
+max_closed = 8192"), "disk.max_closed");
         assert_eq!(err_key("[[disk.classes]]
 class = \"Blocks\"
 paths = [\"x\"]"), "disk.classes[0].class");

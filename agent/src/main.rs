@@ -42,11 +42,16 @@ enum Command {
     },
     /// Validate a config file: exit 0, or 2 naming the bad key.
     CheckConfig { file: PathBuf },
-    /// List each kernel hook nodescope uses and whether this kernel supports it.
+    /// List each kernel hook nodescope uses and whether this kernel supports it,
+    /// and whether the disk hooks see each target's data dir.
     Probes {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Config naming the targets (and the disk method); without it the
+        /// nodes found on the host.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -83,13 +88,26 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Probes { json } => {
+        Command::Probes { json, config } => {
+            let config = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("nodescope: config error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
             let mut hooks = net::probe::probe_hooks();
-            hooks.extend(disk::probe::probe_hooks());
+            let disk_hooks = disk::probe::probe_hooks();
+            let datadirs = disk::coverage::probe_datadirs(&config, &disk_hooks);
+            hooks.extend(disk_hooks);
             hooks.extend(resources::probe::probe_sources());
+            // exit 1 when this kernel refuses a hook; a data dir the hooks do
+            // not see is reported (covered NO) but is the host's choice
+            let all_supported = hooks.iter().all(|h| h.supported);
+            hooks.extend(datadirs);
             // a closed pipe (`nodescope probes | head`) is not an error worth a panic
             let _ = print_hooks(&hooks, json);
-            if hooks.iter().all(|h| h.supported) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if all_supported { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
     }
 }
@@ -100,10 +118,10 @@ fn print_hooks(hooks: &[bpf::HookStatus], json: bool) -> std::io::Result<()> {
     if json {
         return writeln!(out, "{}", serde_json::to_string_pretty(hooks).expect("serializable"));
     }
-    writeln!(out, "{:<9} {:<46} {:<26} {:<9} detail", "signal", "hook", "program", "supported")?;
+    writeln!(out, "{:<13} {:<46} {:<28} {:<9} detail", "signal", "hook", "program", "supported")?;
     for h in hooks {
         let supported = if h.supported { "yes" } else { "NO" };
-        writeln!(out, "{:<9} {:<46} {:<26} {:<9} {}", h.signal, h.hook, h.program, supported, h.detail)?;
+        writeln!(out, "{:<13} {:<46} {:<28} {:<9} {}", h.signal, h.hook, h.program, supported, h.detail)?;
     }
     Ok(())
 }

@@ -100,19 +100,38 @@ struct bpf_iter__tcp {
 	__u32 uid;
 };
 
-/* disk.bpf.c: from the current task to the file behind an fd and its name */
+/* disk.bpf.c and disk_syscalls.bpf.c: from a hook's file, inode, kiocb or
+ * folio to the file's identity (device, inode) and the names of its path */
 struct qstr {
 	const unsigned char *name;
+};
+
+struct hlist_node {
+	struct hlist_node *next;
+};
+
+struct hlist_head {
+	struct hlist_node *first;
 };
 
 struct dentry {
 	struct qstr d_name;
 	struct dentry *d_parent;
+	union {
+		struct hlist_node d_alias; /* in inode->i_dentry */
+	} d_u;
+};
+
+struct super_block {
+	__u32 s_dev; /* dev_t */
+	unsigned long s_magic;
 };
 
 struct inode {
 	unsigned long i_ino;
 	unsigned short i_mode;
+	struct super_block *i_sb;
+	struct hlist_head i_dentry; /* the dentries naming it (d_u.d_alias) */
 };
 
 struct path {
@@ -133,6 +152,46 @@ struct files_struct {
 	struct fdtable *fdt;
 };
 
+struct kiocb {
+	struct file *ki_filp;
+	long long ki_pos;
+};
+
+struct iov_iter {
+	_Bool data_source; /* ITER_SOURCE: the data is written to the file */
+	unsigned long count;
+};
+
+struct address_space {
+	struct inode *host;
+};
+
+/* folio->flags is the first word of every folio (page flags); the number
+ * of pages is in _nr_pages when the folio is large (PG_head set). */
+struct folio {
+	struct address_space *mapping;
+	unsigned int _nr_pages;
+};
+
+struct xfs_inode {
+	struct inode i_vnode;
+};
+
+struct vm_area_struct {
+	unsigned long vm_start;
+	struct file *vm_file;
+};
+
+/* x86_64: the syscall number the task entered with; -1 after a user-mode
+ * exception (a page fault), whose pt_regs are what the task sees */
+struct pt_regs {
+	unsigned long orig_ax;
+};
+
+struct task_io_accounting {
+	__u64 syscw; /* write syscalls completed (CONFIG_TASK_XACCT) */
+};
+
 struct nsproxy {
 	struct net *net_ns;
 };
@@ -142,6 +201,9 @@ struct task_struct {
 	int pid;
 	int tgid;
 	struct nsproxy *nsproxy;
+	unsigned int flags;             /* PF_*: disk.bpf.c */
+	__u64 start_time;               /* disk.bpf.c: tells a reused thread id apart */
+	struct task_io_accounting ioac; /* disk.bpf.c */
 };
 
 struct linux_binprm;
@@ -195,7 +257,15 @@ enum {
 #define S_IFREG 0100000
 #define S_IFDIR 0040000
 
-/* include/uapi/linux/close_range.h */
-#define CLOSE_RANGE_CLOEXEC (1U << 2)
+/* include/linux/sched.h: an io_uring worker (io-wq, SQPOLL) thread */
+#define PF_IO_WORKER 0x00000010
+
+/* include/linux/page-flags.h: the first page of a large folio (the value
+ * is relocated from the running kernel's BTF) */
+enum pageflags {
+	PG_head = 6,
+};
+
+#define NS_PAGE_SIZE 4096
 
 #endif

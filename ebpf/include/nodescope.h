@@ -123,22 +123,33 @@ struct ns_conn_event {
 #define NS_NET_STAT_EVENTS_FULL 1   /* close event kept as a map record: ring buffer full */
 #define NS_NET_STAT_MAX 2
 
-/* ---- disk signal (disk.bpf.c) ------------------------------------------ */
+/* ---- disk signal (disk.bpf.c, disk_syscalls.bpf.c) ---------------------- */
 
-/* Write syscalls counted, index into ns_disk_file.bytes/calls. */
+/* How bytes reached a file: index into ns_disk_rec.bytes/calls. The
+ * filesystem hooks (disk.bpf.c) name the call by the syscall the writing
+ * thread is in; the syscall method (disk_syscalls.bpf.c) only sees the first
+ * five. */
 #define NS_DISK_WRITE 0
 #define NS_DISK_PWRITE64 1
 #define NS_DISK_WRITEV 2
 #define NS_DISK_PWRITEV 3
 #define NS_DISK_PWRITEV2 4
-#define NS_DISK_WRITE_CALLS 5
+#define NS_DISK_COPY_FILE_RANGE 5
+#define NS_DISK_SENDFILE 6
+#define NS_DISK_SPLICE 7
+#define NS_DISK_IO_URING 8     /* io_uring_enter, or an io_uring worker thread */
+#define NS_DISK_MMAP 9         /* folios dirtied by stores through a shared writable mapping */
+#define NS_DISK_WRITE_OTHER 10 /* any other path into the filesystem's write */
+#define NS_DISK_WRITE_CALLS 11
 
-/* Sync syscalls timed, ns_disk_sync_key.call. */
+/* Sync calls: index into ns_disk_rec.syncs and ns_disk_sync_key.call. */
 #define NS_DISK_FSYNC 0
 #define NS_DISK_FDATASYNC 1
 #define NS_DISK_MSYNC 2
-#define NS_DISK_SYNC_FILE_RANGE 3
-#define NS_DISK_SYNC_CALLS 4
+#define NS_DISK_SYNC_FILE_RANGE 3 /* the syscall method only: it is no fsync */
+#define NS_DISK_SYNC_IO_URING 4
+#define NS_DISK_SYNC_OTHER 5
+#define NS_DISK_SYNC_CALLS 6
 
 /* A file's path is kept as its last NS_DISK_PATH_DEPTH components, leaf
  * first, each cut to NS_DISK_NAME_LEN - 1 bytes: enough to tell
@@ -147,37 +158,39 @@ struct ns_conn_event {
 #define NS_DISK_PATH_DEPTH 8
 #define NS_DISK_NAME_LEN 32
 
-#define NS_DISK_F_NOT_FILE 1 /* socket, pipe, device...: writes are not counted */
 #define NS_DISK_F_DEEP 2     /* the path has more components than were kept */
+#define NS_DISK_F_NO_NAME 4  /* the inode had no dentry to name it */
 
-/* One open file of a watched process, as the kernel saw it at the first
- * write or sync through that fd. Keyed by (tgid, fd) while the fd is open;
- * moved to the closed map, keyed by id, when it is closed. */
-struct ns_disk_fd_key {
-	__u32 tgid;
-	__u32 fd;
+/* What one watched node did to one file (device, inode) in one half of the
+ * agent's read cycle. The agent flips ns_disk_epoch each interval and
+ * takes the records of the half it left with an atomic lookup-and-delete,
+ * so a record lives at most two intervals and no count is read twice. */
+struct ns_disk_key {
+	__u64 ino;
+	__u32 dev;    /* the file's superblock s_dev, kernel encoding */
+	__u32 target; /* index of the watched node, or NS_TARGET_PENDING */
+	__u32 tgid;   /* the writer, for NS_TARGET_PENDING records only; else 0 */
+	__u32 epoch;  /* 0 or 1 */
 };
 
-struct ns_disk_file {
-	__u64 id;                           /* unique per record, never reused */
-	__u64 bytes[NS_DISK_WRITE_CALLS];   /* sum of the calls' return values */
-	__u64 calls[NS_DISK_WRITE_CALLS];   /* calls that returned >= 0 */
-	__u32 target;
-	__u32 tgid;
-	__u32 fd;
-	__u16 flags;                        /* NS_DISK_F_* */
-	__u16 depth;                        /* components filled in names */
+struct ns_disk_rec {
+	__u64 bytes[NS_DISK_WRITE_CALLS];       /* NS_DISK_MMAP: whole folios */
+	__u64 calls[NS_DISK_WRITE_CALLS];       /* write syscalls (see disk.md); MMAP: folios */
+	__u64 syncs[NS_DISK_SYNC_CALLS];        /* sync calls that reached the filesystem */
+	__u64 sync_errors[NS_DISK_SYNC_CALLS];  /* of those, the ones known to have failed */
+	__u32 fs_magic;                         /* the file's superblock s_magic */
+	__u16 flags;                            /* NS_DISK_F_* */
+	__u16 depth;                            /* components filled in names */
 	char names[NS_DISK_PATH_DEPTH][NS_DISK_NAME_LEN]; /* leaf first, NUL-terminated */
 };
 
-/* Latency histogram of one sync call on one file. file: the ns_disk_file id
- * for fd-based calls; for msync, which has no fd, the address it was given
- * (the agent finds the file mapped there in /proc/PID/maps). */
+/* Latency histogram of one sync call on one file, for the syncs that are
+ * timed (ext4's enter and exit tracepoints; every sync of the syscall
+ * method). Same epoch as the file's record. */
 struct ns_disk_sync_key {
-	__u64 file;
-	__u32 tgid;
-	__u16 call;   /* NS_DISK_FSYNC... */
-	__u16 target;
+	struct ns_disk_key file;
+	__u32 call; /* NS_DISK_FSYNC... */
+	__u32 _pad;
 };
 
 /* Slot i counts calls that took [2^i, 2^(i+1)) microseconds (slot 0: under
@@ -190,11 +203,10 @@ struct ns_disk_sync_hist {
 	__u64 errors;                       /* calls that returned an error (not in the slots) */
 };
 
-/* Indices of the per-CPU stats array of disk.bpf.c. */
-#define NS_DISK_STAT_FILES_FULL 0    /* a file's writes not counted: files map full */
-#define NS_DISK_STAT_CLOSED_FULL 1   /* a closed file's last counts lost: closed map full */
-#define NS_DISK_STAT_SYNCS_FULL 2    /* a sync call not timed: syncs map full */
-#define NS_DISK_STAT_INFLIGHT_FULL 3 /* a call not counted: too many calls in flight */
-#define NS_DISK_STAT_MAX 4
+/* Indices of the per-CPU stats array of the disk objects. */
+#define NS_DISK_STAT_FILES_FULL 0    /* counts not kept: records map full */
+#define NS_DISK_STAT_SYNCS_FULL 1    /* a sync call not timed: syncs map full */
+#define NS_DISK_STAT_INFLIGHT_FULL 2 /* a call not counted: thread map refused a slot */
+#define NS_DISK_STAT_MAX 3
 
 #endif

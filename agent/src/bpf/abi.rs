@@ -168,67 +168,76 @@ const _: () = {
     assert!(SCOPE_STAT_EVENTS_LOST == layout::NS_SCOPE_STAT_EVENTS_LOST);
 };
 
-// ---- disk signal (disk.bpf.c) ----
+// ---- disk signal (disk.bpf.c, disk_syscalls.bpf.c) ----
 
-/// Index of a write syscall in `DiskFile::bytes` / `calls` (NS_DISK_WRITE...).
+/// Index of a way of writing in `DiskRec::bytes` / `calls` (NS_DISK_WRITE...).
 pub const DISK_WRITE: usize = 0;
 pub const DISK_PWRITE64: usize = 1;
 pub const DISK_WRITEV: usize = 2;
 pub const DISK_PWRITEV: usize = 3;
 pub const DISK_PWRITEV2: usize = 4;
-pub const DISK_WRITE_CALLS: usize = 5;
+pub const DISK_COPY_FILE_RANGE: usize = 5;
+pub const DISK_SENDFILE: usize = 6;
+pub const DISK_SPLICE: usize = 7;
+pub const DISK_IO_URING: usize = 8;
+pub const DISK_MMAP: usize = 9;
+pub const DISK_WRITE_OTHER: usize = 10;
+pub const DISK_WRITE_CALLS: usize = 11;
 
-/// `DiskSyncKey::call` (NS_DISK_FSYNC...).
-pub const DISK_FSYNC: u16 = 0;
-pub const DISK_FDATASYNC: u16 = 1;
-pub const DISK_MSYNC: u16 = 2;
-pub const DISK_SYNC_FILE_RANGE: u16 = 3;
-pub const DISK_SYNC_CALLS: usize = 4;
+/// Index of a sync call in `DiskRec::syncs` and `DiskSyncKey::call` (NS_DISK_FSYNC...).
+pub const DISK_FSYNC: usize = 0;
+pub const DISK_FDATASYNC: usize = 1;
+pub const DISK_MSYNC: usize = 2;
+pub const DISK_SYNC_FILE_RANGE: usize = 3;
+pub const DISK_SYNC_IO_URING: usize = 4;
+pub const DISK_SYNC_OTHER: usize = 5;
+pub const DISK_SYNC_CALLS: usize = 6;
 
 pub const DISK_PATH_DEPTH: usize = 8;
 pub const DISK_NAME_LEN: usize = 32;
-pub const DISK_F_NOT_FILE: u16 = 1;
 pub const DISK_F_DEEP: u16 = 2;
+pub const DISK_F_NO_NAME: u16 = 4;
 pub const DISK_SYNC_SLOTS: usize = 27;
 
 pub const DISK_STAT_FILES_FULL: u32 = 0;
-pub const DISK_STAT_CLOSED_FULL: u32 = 1;
-pub const DISK_STAT_SYNCS_FULL: u32 = 2;
-pub const DISK_STAT_INFLIGHT_FULL: u32 = 3;
-pub const DISK_STAT_MAX: u32 = 4;
+pub const DISK_STAT_SYNCS_FULL: u32 = 1;
+pub const DISK_STAT_INFLIGHT_FULL: u32 = 2;
+pub const DISK_STAT_MAX: u32 = 3;
 
-/// `struct ns_disk_fd_key`
+/// `struct ns_disk_key`: one file (device, inode) of one target, in one
+/// half of the read cycle.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct DiskFdKey {
-    pub tgid: u32,
-    pub fd: u32,
-}
-
-/// `struct ns_disk_file`
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct DiskFile {
-    pub id: u64,
-    pub bytes: [u64; DISK_WRITE_CALLS],
-    pub calls: [u64; DISK_WRITE_CALLS],
+pub struct DiskKey {
+    pub ino: u64,
+    pub dev: u32,
     pub target: u32,
     pub tgid: u32,
-    pub fd: u32,
+    pub epoch: u32,
+}
+
+/// `struct ns_disk_rec`
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DiskRec {
+    pub bytes: [u64; DISK_WRITE_CALLS],
+    pub calls: [u64; DISK_WRITE_CALLS],
+    pub syncs: [u64; DISK_SYNC_CALLS],
+    pub sync_errors: [u64; DISK_SYNC_CALLS],
+    pub fs_magic: u32,
     pub flags: u16,
     pub depth: u16,
     pub names: [[u8; DISK_NAME_LEN]; DISK_PATH_DEPTH],
 }
 
-impl Default for DiskFile {
+impl Default for DiskRec {
     fn default() -> Self {
-        DiskFile {
-            id: 0,
+        DiskRec {
             bytes: [0; DISK_WRITE_CALLS],
             calls: [0; DISK_WRITE_CALLS],
-            target: 0,
-            tgid: 0,
-            fd: 0,
+            syncs: [0; DISK_SYNC_CALLS],
+            sync_errors: [0; DISK_SYNC_CALLS],
+            fs_magic: 0,
             flags: 0,
             depth: 0,
             names: [[0; DISK_NAME_LEN]; DISK_PATH_DEPTH],
@@ -236,7 +245,7 @@ impl Default for DiskFile {
     }
 }
 
-impl DiskFile {
+impl DiskRec {
     /// The kept path components, root side first (the kernel stores them
     /// leaf first). The filesystem root's own name "/" is left out.
     pub fn components(&self) -> Vec<String> {
@@ -257,10 +266,9 @@ impl DiskFile {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DiskSyncKey {
-    pub file: u64,
-    pub tgid: u32,
-    pub call: u16,
-    pub target: u16,
+    pub file: DiskKey,
+    pub call: u32,
+    pub _pad: u32,
 }
 
 /// `struct ns_disk_sync_hist`
@@ -274,45 +282,49 @@ pub struct DiskSyncHist {
 
 // SAFETY: plain old data, every bit pattern is valid, no implicit padding
 // (sizes and offsets checked against the C layout below).
-unsafe impl aya::Pod for DiskFdKey {}
-unsafe impl aya::Pod for DiskFile {}
+unsafe impl aya::Pod for DiskKey {}
+unsafe impl aya::Pod for DiskRec {}
 unsafe impl aya::Pod for DiskSyncKey {}
 unsafe impl aya::Pod for DiskSyncHist {}
 
 const _: () = {
-    assert!(size_of::<DiskFdKey>() == layout::ns_disk_fd_key_SIZE);
-    assert!(offset_of!(DiskFdKey, tgid) == layout::ns_disk_fd_key_tgid);
-    assert!(offset_of!(DiskFdKey, fd) == layout::ns_disk_fd_key_fd);
-    assert!(size_of::<DiskFile>() == layout::ns_disk_file_SIZE);
-    assert!(offset_of!(DiskFile, id) == layout::ns_disk_file_id);
-    assert!(offset_of!(DiskFile, bytes) == layout::ns_disk_file_bytes);
-    assert!(offset_of!(DiskFile, calls) == layout::ns_disk_file_calls);
-    assert!(offset_of!(DiskFile, target) == layout::ns_disk_file_target);
-    assert!(offset_of!(DiskFile, tgid) == layout::ns_disk_file_tgid);
-    assert!(offset_of!(DiskFile, fd) == layout::ns_disk_file_fd);
-    assert!(offset_of!(DiskFile, flags) == layout::ns_disk_file_flags);
-    assert!(offset_of!(DiskFile, depth) == layout::ns_disk_file_depth);
-    assert!(offset_of!(DiskFile, names) == layout::ns_disk_file_names);
+    assert!(size_of::<DiskKey>() == layout::ns_disk_key_SIZE);
+    assert!(offset_of!(DiskKey, ino) == layout::ns_disk_key_ino);
+    assert!(offset_of!(DiskKey, dev) == layout::ns_disk_key_dev);
+    assert!(offset_of!(DiskKey, target) == layout::ns_disk_key_target);
+    assert!(offset_of!(DiskKey, tgid) == layout::ns_disk_key_tgid);
+    assert!(offset_of!(DiskKey, epoch) == layout::ns_disk_key_epoch);
+    assert!(size_of::<DiskRec>() == layout::ns_disk_rec_SIZE);
+    assert!(offset_of!(DiskRec, bytes) == layout::ns_disk_rec_bytes);
+    assert!(offset_of!(DiskRec, calls) == layout::ns_disk_rec_calls);
+    assert!(offset_of!(DiskRec, syncs) == layout::ns_disk_rec_syncs);
+    assert!(offset_of!(DiskRec, sync_errors) == layout::ns_disk_rec_sync_errors);
+    assert!(offset_of!(DiskRec, fs_magic) == layout::ns_disk_rec_fs_magic);
+    assert!(offset_of!(DiskRec, flags) == layout::ns_disk_rec_flags);
+    assert!(offset_of!(DiskRec, depth) == layout::ns_disk_rec_depth);
+    assert!(offset_of!(DiskRec, names) == layout::ns_disk_rec_names);
     assert!(size_of::<DiskSyncKey>() == layout::ns_disk_sync_key_SIZE);
     assert!(offset_of!(DiskSyncKey, file) == layout::ns_disk_sync_key_file);
-    assert!(offset_of!(DiskSyncKey, tgid) == layout::ns_disk_sync_key_tgid);
     assert!(offset_of!(DiskSyncKey, call) == layout::ns_disk_sync_key_call);
-    assert!(offset_of!(DiskSyncKey, target) == layout::ns_disk_sync_key_target);
     assert!(size_of::<DiskSyncHist>() == layout::ns_disk_sync_hist_SIZE);
     assert!(offset_of!(DiskSyncHist, count) == layout::ns_disk_sync_hist_count);
     assert!(offset_of!(DiskSyncHist, sum_ns) == layout::ns_disk_sync_hist_sum_ns);
     assert!(offset_of!(DiskSyncHist, errors) == layout::ns_disk_sync_hist_errors);
     assert!(DISK_WRITE as u32 == layout::NS_DISK_WRITE && DISK_PWRITE64 as u32 == layout::NS_DISK_PWRITE64);
     assert!(DISK_WRITEV as u32 == layout::NS_DISK_WRITEV && DISK_PWRITEV as u32 == layout::NS_DISK_PWRITEV);
-    assert!(DISK_PWRITEV2 as u32 == layout::NS_DISK_PWRITEV2 && DISK_WRITE_CALLS as u32 == layout::NS_DISK_WRITE_CALLS);
+    assert!(DISK_PWRITEV2 as u32 == layout::NS_DISK_PWRITEV2);
+    assert!(DISK_COPY_FILE_RANGE as u32 == layout::NS_DISK_COPY_FILE_RANGE && DISK_SENDFILE as u32 == layout::NS_DISK_SENDFILE);
+    assert!(DISK_SPLICE as u32 == layout::NS_DISK_SPLICE && DISK_IO_URING as u32 == layout::NS_DISK_IO_URING);
+    assert!(DISK_MMAP as u32 == layout::NS_DISK_MMAP && DISK_WRITE_OTHER as u32 == layout::NS_DISK_WRITE_OTHER);
+    assert!(DISK_WRITE_CALLS as u32 == layout::NS_DISK_WRITE_CALLS);
     assert!(DISK_FSYNC as u32 == layout::NS_DISK_FSYNC && DISK_FDATASYNC as u32 == layout::NS_DISK_FDATASYNC);
     assert!(DISK_MSYNC as u32 == layout::NS_DISK_MSYNC && DISK_SYNC_FILE_RANGE as u32 == layout::NS_DISK_SYNC_FILE_RANGE);
+    assert!(DISK_SYNC_IO_URING as u32 == layout::NS_DISK_SYNC_IO_URING && DISK_SYNC_OTHER as u32 == layout::NS_DISK_SYNC_OTHER);
     assert!(DISK_SYNC_CALLS as u32 == layout::NS_DISK_SYNC_CALLS);
     assert!(DISK_PATH_DEPTH as u32 == layout::NS_DISK_PATH_DEPTH && DISK_NAME_LEN as u32 == layout::NS_DISK_NAME_LEN);
-    assert!(DISK_F_NOT_FILE as u32 == layout::NS_DISK_F_NOT_FILE && DISK_F_DEEP as u32 == layout::NS_DISK_F_DEEP);
+    assert!(DISK_F_DEEP as u32 == layout::NS_DISK_F_DEEP && DISK_F_NO_NAME as u32 == layout::NS_DISK_F_NO_NAME);
     assert!(DISK_SYNC_SLOTS as u32 == layout::NS_DISK_SYNC_SLOTS);
     assert!(DISK_STAT_FILES_FULL == layout::NS_DISK_STAT_FILES_FULL);
-    assert!(DISK_STAT_CLOSED_FULL == layout::NS_DISK_STAT_CLOSED_FULL);
     assert!(DISK_STAT_SYNCS_FULL == layout::NS_DISK_STAT_SYNCS_FULL);
     assert!(DISK_STAT_INFLIGHT_FULL == layout::NS_DISK_STAT_INFLIGHT_FULL);
     assert!(DISK_STAT_MAX == layout::NS_DISK_STAT_MAX);

@@ -11,8 +11,11 @@ use aya::{Btf, Ebpf, EbpfLoader};
 /// The compiled `ebpf/net.bpf.c`.
 pub static NET_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/net.bpf.o"));
 
-/// The compiled `ebpf/disk.bpf.c`.
+/// The compiled `ebpf/disk.bpf.c` (the disk signal's filesystem hooks).
 pub static DISK_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/disk.bpf.o"));
+
+/// The compiled `ebpf/disk_syscalls.bpf.c` (`[disk] method = "syscalls"`).
+pub static DISK_SYSCALLS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/disk_syscalls.bpf.o"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
@@ -54,6 +57,45 @@ pub fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
 ) -> Result<aya::maps::HashMap<&'a mut aya::maps::MapData, K, V>, BpfError> {
     let map = ebpf.map_mut(name).ok_or(BpfError::MissingMap(name))?;
     aya::maps::HashMap::try_from(map).map_err(|source| BpfError::Map { map: name, source })
+}
+
+/// Takes the value of `key` out of a hash map in one step
+/// (BPF_MAP_LOOKUP_AND_DELETE_ELEM, hash maps since Linux 5.14): a program
+/// that adds to the entry meanwhile either lands before the take or makes a
+/// new entry, never between a read and a delete. Ok(None): no such key.
+/// aya 0.14 offers it only for queues and stacks.
+pub fn take_elem<K: aya::Pod, V: aya::Pod>(map: &aya::maps::MapData, key: &K) -> std::io::Result<Option<V>> {
+    use std::os::fd::{AsFd, AsRawFd};
+    /// The map-element member of `union bpf_attr`.
+    #[repr(C)]
+    struct MapElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    let mut value = std::mem::MaybeUninit::<V>::zeroed();
+    let attr = MapElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: attr is a valid bpf_attr prefix for this command; key and value
+    // point to buffers of the map's key and value sizes (checked by the
+    // caller's types against the object's map definition by aya).
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr as *const MapElemAttr, size_of::<MapElemAttr>())
+    };
+    if rc == 0 {
+        // SAFETY: the kernel wrote a whole value; V is Pod, every bit pattern valid.
+        return Ok(Some(unsafe { value.assume_init() }));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e) }
 }
 
 /// Makes a hash map hold exactly `want`: removes the keys that went away,

@@ -22,6 +22,8 @@ const CLASS: &str = "nodescope.file.class";
 const WRITE_CALL: &str = "nodescope.write.call";
 const SYNC_CALL: &str = "nodescope.sync.call";
 const DROP_REASON: &str = "nodescope.drop.reason";
+const FS_TYPE: &str = "nodescope.filesystem.type";
+const METHOD: &str = "nodescope.disk.method";
 
 pub struct DiskMetrics {
     sync_duration: Histogram<f64>,
@@ -33,7 +35,7 @@ impl DiskMetrics {
         meter
             .u64_observable_counter("nodescope.file.written")
             .with_unit("By")
-            .with_description("Bytes the node wrote to its files (the write calls' return values), by file class")
+            .with_description("Bytes the node wrote to its files, by file class (through a shared mapping: whole folios dirtied)")
             .with_callback(move |o| {
                 for t in &s.get().targets {
                     for (class, w) in &t.classes {
@@ -46,7 +48,7 @@ impl DiskMetrics {
         let s = disk.clone();
         meter
             .u64_observable_counter("nodescope.file.writes")
-            .with_description("Write calls the node made to its files, by file class and syscall")
+            .with_description("Write calls the node made to its files, by file class and call (syscall, io_uring, or mmap: folios dirtied through a mapping)")
             .with_callback(move |o| {
                 for t in &s.get().targets {
                     for ((class, call), w) in &t.writes_by_call {
@@ -62,8 +64,45 @@ impl DiskMetrics {
 
         let s = disk.clone();
         meter
+            .u64_observable_counter("nodescope.file.syncs")
+            .with_description("Sync calls (fsync, fdatasync, msync...) on the node's files that reached the filesystem, timed or not")
+            .with_callback(move |o| {
+                for t in &s.get().targets {
+                    for ((class, call), n) in &t.sync_counts {
+                        o.observe(*n, &[
+                            KeyValue::new(TARGET, t.name.clone()),
+                            KeyValue::new(CLASS, class.clone()),
+                            KeyValue::new(SYNC_CALL, *call),
+                        ]);
+                    }
+                }
+            })
+            .build();
+
+        let s = disk.clone();
+        meter
+            .u64_observable_gauge("nodescope.disk.covered")
+            .with_description("1 when the disk signal's hooks see the writes to the node's data dir (its filesystem is hooked, or the syscall method is on), else 0")
+            .with_callback(move |o| {
+                let snap = s.get();
+                if !snap.available {
+                    return;
+                }
+                for t in &snap.targets {
+                    let (Some(fs), Some(covered)) = (&t.coverage.filesystem, t.coverage.covered) else { continue };
+                    o.observe(u64::from(covered), &[
+                        KeyValue::new(TARGET, t.name.clone()),
+                        KeyValue::new(FS_TYPE, fs.clone()),
+                        KeyValue::new(METHOD, snap.method),
+                    ]);
+                }
+            })
+            .build();
+
+        let s = disk.clone();
+        meter
             .u64_observable_counter("nodescope.file.sync.errors")
-            .with_description("Sync calls (fsync, fdatasync, msync, sync_file_range) on the node's files that returned an error")
+            .with_description("Sync calls on the node's files that returned an error (where the filesystem reports it: ext4, or the syscall method)")
             .with_callback(move |o| {
                 for t in &s.get().targets {
                     for ((class, call), n) in &t.sync_errors {
@@ -89,7 +128,6 @@ impl DiskMetrics {
                 let d = snap.dropped;
                 for (reason, n) in [
                     ("files_full", d.kernel.files_full),
-                    ("closed_full", d.kernel.closed_full),
                     ("syncs_full", d.kernel.syncs_full),
                     ("inflight_full", d.kernel.inflight_full),
                     ("target_gone", d.target_gone),
@@ -103,7 +141,7 @@ impl DiskMetrics {
         let sync_duration = meter
             .f64_histogram("nodescope.file.sync.duration")
             .with_unit("s")
-            .with_description("Time the node's sync calls (fsync, fdatasync, msync, sync_file_range) took, from syscall entry to exit")
+            .with_description("Time the node's sync calls took in the filesystem (ext4; every sync call with the syscall method)")
             .with_boundaries(bucket_bounds_seconds())
             .build();
         DiskMetrics { sync_duration }

@@ -1,27 +1,60 @@
-//! Loads `disk.bpf.c`, attaches its syscall tracepoints, tells it which
-//! processes to watch and reads its maps.
+//! Loads the disk signal's object for the configured method, attaches its
+//! hooks, tells it which processes to watch, and takes its records.
+//!
+//! `filesystem` (the default, `disk.bpf.c`): tp_btf hooks on the ext4, xfs,
+//! iomap and writeback tracepoints. They are grouped by filesystem: a kernel
+//! without xfs's tracepoints still counts ext4, and the data dirs on xfs are
+//! reported as not covered. `syscalls` (`disk_syscalls.bpf.c`): syscall
+//! tracepoints, every filesystem, at a cost to every syscall on the host.
 
-use aya::programs::TracePoint;
+use std::time::Duration;
+
+use aya::programs::{BtfTracePoint, TracePoint};
 use aya::Ebpf;
 
 use crate::bpf::{self, abi, BpfError, HookStatus};
-use crate::config::DiskConfig;
+use crate::config::{DiskConfig, DiskMethod};
 use crate::scope::ScopePlan;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     #[error(transparent)]
     Bpf(#[from] BpfError),
-    /// The kernel refused one of the hooks: the signal is off.
+    /// The kernel refused a hook the method cannot do without: the signal is off.
     #[error("hook {hook}: {reason}")]
     Hook { hook: String, reason: String },
+    #[error("reading {map}: {source}")]
+    Read { map: &'static str, source: std::io::Error },
 }
 
-/// Every (program, tracepoint category, tracepoint) the signal needs. The
-/// two exit programs are shared by the calls of their kind: the enter side
-/// already noted which call it was.
-pub const HOOKS: &[(&str, &str, &str)] = &[
-    // exits before enters: a call whose enter is seen has its exit seen too
+/// Which filesystems a group of filesystem hooks serves; `None`: every
+/// filesystem (the group is needed by all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    All,
+    Ext4,
+    Xfs,
+}
+
+/// (program, tp_btf tracepoint, group) of the filesystem method. Exits before
+/// enters: a sync whose enter is seen has its exit seen too.
+pub const FS_HOOKS: &[(&str, &str, Group)] = &[
+    ("on_iomap_dio_rw_begin", "iomap_dio_rw_begin", Group::All),
+    ("on_dirty_folio", "writeback_dirty_folio", Group::All),
+    ("on_ext4_da_write_end", "ext4_da_write_end", Group::Ext4),
+    ("on_ext4_write_end", "ext4_write_end", Group::Ext4),
+    ("on_ext4_journalled_write_end", "ext4_journalled_write_end", Group::Ext4),
+    ("on_ext4_sync_exit", "ext4_sync_file_exit", Group::Ext4),
+    ("on_ext4_sync_enter", "ext4_sync_file_enter", Group::Ext4),
+    ("on_xfs_buffered_write", "xfs_file_buffered_write", Group::Xfs),
+    ("on_xfs_file_fsync", "xfs_file_fsync", Group::Xfs),
+    ("on_xfs_dir_fsync", "xfs_dir_fsync", Group::Xfs),
+];
+
+/// (program, tracepoint category, tracepoint) of the syscall method. The two
+/// exit programs are shared by the calls of their kind: the enter side noted
+/// which call it was. Exits before enters.
+pub const SYSCALL_HOOKS: &[(&str, &str, &str)] = &[
     ("on_write_exit", "syscalls", "sys_exit_write"),
     ("on_write_exit", "syscalls", "sys_exit_pwrite64"),
     ("on_write_exit", "syscalls", "sys_exit_writev"),
@@ -40,57 +73,114 @@ pub const HOOKS: &[(&str, &str, &str)] = &[
     ("on_fdatasync_enter", "syscalls", "sys_enter_fdatasync"),
     ("on_msync_enter", "syscalls", "sys_enter_msync"),
     ("on_sync_file_range_enter", "syscalls", "sys_enter_sync_file_range"),
-    ("on_close", "syscalls", "sys_enter_close"),
-    ("on_dup2", "syscalls", "sys_enter_dup2"),
-    ("on_dup3", "syscalls", "sys_enter_dup3"),
-    ("on_close_range", "syscalls", "sys_enter_close_range"),
-    ("on_exec", "sched", "sched_process_exec"),
 ];
 
-const FILES: &str = "ns_disk_files";
-const CLOSED: &str = "ns_disk_closed";
+const RECS: &str = "ns_disk_recs";
 const SYNCS: &str = "ns_disk_syncs";
+const EPOCH: &str = "ns_disk_epoch";
 const STATS: &str = "ns_disk_stats";
+
+/// How long the agent waits after flipping the epoch before it takes the
+/// records of the half it left: programs that read the old epoch just
+/// before the flip finish their update well within it (they run for
+/// microseconds, without sleeping). One that did not would make a new
+/// record in the old half, which the read after next takes: late, not lost.
+const QUIESCE: Duration = Duration::from_millis(10);
+
+/// Which filesystems the attached hooks count, for the coverage report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hooked {
+    pub ext4: bool,
+    pub xfs: bool,
+    /// The syscall method: every filesystem.
+    pub any: bool,
+}
 
 pub struct DiskProbe {
     ebpf: Ebpf,
+    epoch: u32,
+    hooked: Hooked,
+    /// Hooks of a filesystem group the kernel refused (hook, reason).
+    refused: Vec<(String, String)>,
 }
 
 /// The kernel side's loss counters (summed over CPUs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KernelStats {
     pub files_full: u64,
-    pub closed_full: u64,
     pub syncs_full: u64,
     pub inflight_full: u64,
 }
 
-fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePoint, BpfError> {
-    ebpf.program_mut(name)
-        .ok_or(BpfError::MissingProgram(name))?
+/// What one read took from the kernel: every record and histogram of the
+/// half the programs no longer write.
+#[derive(Debug, Default)]
+pub struct Drained {
+    pub records: Vec<(abi::DiskKey, abi::DiskRec)>,
+    pub syncs: Vec<(abi::DiskSyncKey, abi::DiskSyncHist)>,
+}
+
+fn object(method: DiskMethod) -> (&'static str, &'static [u8]) {
+    match method {
+        DiskMethod::Filesystem => ("disk.bpf.o", bpf::DISK_OBJ),
+        DiskMethod::Syscalls => ("disk_syscalls.bpf.o", bpf::DISK_SYSCALLS_OBJ),
+    }
+}
+
+/// Loads the method's object with maps sized from the config.
+fn load_object(method: DiskMethod, config: &DiskConfig) -> Result<Ebpf, BpfError> {
+    let (name, bytes) = object(method);
+    bpf::load(name, bytes, &[(RECS, config.max_files), (SYNCS, config.max_syncs)])
+}
+
+fn attach_btf(ebpf: &mut Ebpf, btf: &aya::Btf, program: &'static str, hook: &str) -> Result<(), String> {
+    let p: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or(BpfError::MissingProgram(program))
+        .and_then(|p| p.try_into().map_err(|source| BpfError::Program { program, source }))
+        .map_err(|e| e.to_string())?;
+    p.load(hook, btf).map_err(|source| BpfError::Program { program, source }.to_string())?;
+    p.attach().map(drop).map_err(|source| BpfError::Program { program, source }.to_string())
+}
+
+/// Attaches every filesystem hook; `report` hears each outcome. A group
+/// with a refused hook is detached as a whole (unloading its programs), so
+/// no filesystem is half counted.
+fn attach_fs(ebpf: &mut Ebpf, btf: &aya::Btf, mut report: impl FnMut(&'static str, &'static str, Group, Result<(), String>)) -> Hooked {
+    let mut failed: Vec<Group> = Vec::new();
+    for &(program, hook, group) in FS_HOOKS {
+        let r = attach_btf(ebpf, btf, program, hook);
+        if r.is_err() && !failed.contains(&group) {
+            failed.push(group);
+        }
+        report(program, hook, group, r);
+    }
+    for &(program, _, group) in FS_HOOKS {
+        if failed.contains(&group) {
+            if let Some(p) = ebpf.program_mut(program).and_then(|p| <&mut BtfTracePoint>::try_from(p).ok()) {
+                let _ = p.unload();
+            }
+        }
+    }
+    Hooked { ext4: !failed.contains(&Group::Ext4), xfs: !failed.contains(&Group::Xfs), any: false }
+}
+
+fn tracepoint<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut TracePoint, BpfError> {
+    ebpf.program_mut(program)
+        .ok_or(BpfError::MissingProgram(program))?
         .try_into()
-        .map_err(|source| BpfError::Program { program: name, source })
+        .map_err(|source| BpfError::Program { program, source })
 }
 
-/// Loads the object with maps sized from the config (probes: defaults).
-fn load_object(config: &DiskConfig) -> Result<Ebpf, BpfError> {
-    bpf::load(
-        "disk.bpf.o",
-        bpf::DISK_OBJ,
-        &[(FILES, config.max_files), (CLOSED, config.max_closed), (SYNCS, config.max_syncs)],
-    )
-}
-
-/// Loads each program once, then attaches every hook; `report` hears how
-/// each hook went (Err: why it failed). Stops at the first failure unless
-/// `keep_going`.
-fn attach_all(
+/// Loads each syscall program once, then attaches every hook; stops at the
+/// first failure unless `keep_going`.
+fn attach_syscalls(
     ebpf: &mut Ebpf,
     keep_going: bool,
     mut report: impl FnMut(&'static str, &'static str, &'static str, Result<(), String>),
 ) -> Result<(), DiskError> {
     let mut loaded: Vec<(&str, Result<(), String>)> = Vec::new();
-    for &(program, category, name) in HOOKS {
+    for &(program, category, name) in SYSCALL_HOOKS {
         let load_result = match loaded.iter().find(|(p, _)| *p == program) {
             Some((_, r)) => r.clone(),
             None => {
@@ -115,15 +205,54 @@ fn attach_all(
 }
 
 impl DiskProbe {
-    /// Loads the programs and attaches every hook; any missing hook fails
-    /// the whole signal (a partial set would count some calls and not others).
+    /// Loads the method's programs and attaches its hooks. The filesystem
+    /// method needs its common hooks (direct I/O, dirtied folios) and at
+    /// least one filesystem's; the syscall method needs every hook (a
+    /// partial set would count some calls and not others).
     pub fn load(config: &DiskConfig) -> Result<DiskProbe, DiskError> {
-        bpf::ensure_tracefs()?;
-        let mut ebpf = load_object(config)?;
-        attach_all(&mut ebpf, false, |_, _, _, _| {})?;
         let btf = bpf::kernel_btf()?;
+        let mut ebpf = load_object(config.method, config)?;
+        let mut refused = Vec::new();
+        let hooked = match config.method {
+            DiskMethod::Filesystem => {
+                let mut common_failed = None;
+                let hooked = attach_fs(&mut ebpf, &btf, |_, hook, group, r| {
+                    if let Err(reason) = r {
+                        if group == Group::All && common_failed.is_none() {
+                            common_failed = Some((hook, reason.clone()));
+                        }
+                        refused.push((format!("tp_btf/{hook}"), reason));
+                    }
+                });
+                if let Some((hook, reason)) = common_failed {
+                    return Err(DiskError::Hook { hook: format!("tp_btf/{hook}"), reason });
+                }
+                if !hooked.ext4 && !hooked.xfs {
+                    let (hook, reason) = refused.first().cloned().unwrap_or_default();
+                    return Err(DiskError::Hook { hook, reason: format!("{reason} (neither ext4's nor xfs's hooks attach)") });
+                }
+                hooked
+            }
+            DiskMethod::Syscalls => {
+                bpf::ensure_tracefs()?;
+                attach_syscalls(&mut ebpf, false, |_, _, _, _| {})?;
+                Hooked { ext4: true, xfs: true, any: true }
+            }
+        };
         crate::scope::attach(&mut ebpf, &btf)?;
-        Ok(DiskProbe { ebpf })
+        let mut probe = DiskProbe { ebpf, epoch: 0, hooked, refused };
+        probe.set_epoch(0)?;
+        Ok(probe)
+    }
+
+    pub fn hooked(&self) -> Hooked {
+        self.hooked
+    }
+
+    /// Hooks of a filesystem group the kernel refused: that filesystem is
+    /// not covered (the others are).
+    pub fn refused(&self) -> &[(String, String)] {
+        &self.refused
     }
 
     /// Writes the scope plan to this object's maps.
@@ -136,72 +265,113 @@ impl DiskProbe {
         aya::maps::RingBuf::try_from(self.ebpf.take_map(crate::scope::EVENTS)?).ok()
     }
 
-    /// Records of files open now.
-    pub fn open_files(&mut self) -> Result<Vec<(abi::DiskFdKey, abi::DiskFile)>, BpfError> {
-        let files = bpf::hash_map::<abi::DiskFdKey, abi::DiskFile>(&mut self.ebpf, FILES)?;
-        Ok(files.iter().filter_map(Result::ok).collect())
-    }
-
-    /// Forgets the record of an fd whose process is gone.
-    pub fn forget_open(&mut self, key: &abi::DiskFdKey) -> Result<(), BpfError> {
-        let mut files = bpf::hash_map::<abi::DiskFdKey, abi::DiskFile>(&mut self.ebpf, FILES)?;
-        let _ = files.remove(key);
+    fn set_epoch(&mut self, epoch: u32) -> Result<(), BpfError> {
+        let map = self.ebpf.map_mut(EPOCH).ok_or(BpfError::MissingMap(EPOCH))?;
+        let mut array: aya::maps::Array<&mut aya::maps::MapData, u32> =
+            aya::maps::Array::try_from(map).map_err(|source| BpfError::Map { map: EPOCH, source })?;
+        array.set(0, epoch, 0).map_err(|source| BpfError::Map { map: EPOCH, source })?;
+        self.epoch = epoch;
         Ok(())
     }
 
-    /// Final records of files closed since the last call; each is returned
-    /// once (deleted from the kernel map as it is read).
-    pub fn take_closed(&mut self) -> Result<Vec<abi::DiskFile>, BpfError> {
-        let mut closed = bpf::hash_map::<u64, abi::DiskFile>(&mut self.ebpf, CLOSED)?;
-        let records: Vec<(u64, abi::DiskFile)> = closed.iter().filter_map(Result::ok).collect();
-        for (id, _) in &records {
-            let _ = closed.remove(id);
+    /// Points the programs at the other half, waits for the ones still in
+    /// the old half to finish, then takes everything in it.
+    pub fn drain(&mut self) -> Result<Drained, DiskError> {
+        let old = self.epoch;
+        self.set_epoch(old ^ 1)?;
+        std::thread::sleep(QUIESCE);
+        let mut out = Drained::default();
+
+        let map = self.ebpf.map(RECS).ok_or(BpfError::MissingMap(RECS))?;
+        let recs: aya::maps::HashMap<&aya::maps::MapData, abi::DiskKey, abi::DiskRec> =
+            aya::maps::HashMap::try_from(map).map_err(|source| BpfError::Map { map: RECS, source })?;
+        let keys: Vec<abi::DiskKey> = recs.keys().filter_map(Result::ok).filter(|k| k.epoch == old).collect();
+        let data = match self.ebpf.map(RECS).ok_or(BpfError::MissingMap(RECS))? {
+            aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => d,
+            _ => return Err(BpfError::MissingMap(RECS).into()),
+        };
+        for key in keys {
+            if let Some(rec) = bpf::take_elem::<abi::DiskKey, abi::DiskRec>(data, &key).map_err(|source| DiskError::Read { map: RECS, source })? {
+                out.records.push((key, rec));
+            }
         }
-        Ok(records.into_iter().map(|(_, f)| f).collect())
-    }
 
-    pub fn syncs(&mut self) -> Result<Vec<(abi::DiskSyncKey, abi::DiskSyncHist)>, BpfError> {
-        let syncs = bpf::hash_map::<abi::DiskSyncKey, abi::DiskSyncHist>(&mut self.ebpf, SYNCS)?;
-        Ok(syncs.iter().filter_map(Result::ok).collect())
-    }
-
-    pub fn forget_sync(&mut self, key: &abi::DiskSyncKey) -> Result<(), BpfError> {
-        let mut syncs = bpf::hash_map::<abi::DiskSyncKey, abi::DiskSyncHist>(&mut self.ebpf, SYNCS)?;
-        let _ = syncs.remove(key);
-        Ok(())
+        let map = self.ebpf.map(SYNCS).ok_or(BpfError::MissingMap(SYNCS))?;
+        let syncs: aya::maps::HashMap<&aya::maps::MapData, abi::DiskSyncKey, abi::DiskSyncHist> =
+            aya::maps::HashMap::try_from(map).map_err(|source| BpfError::Map { map: SYNCS, source })?;
+        let keys: Vec<abi::DiskSyncKey> = syncs.keys().filter_map(Result::ok).filter(|k| k.file.epoch == old).collect();
+        let data = match self.ebpf.map(SYNCS).ok_or(BpfError::MissingMap(SYNCS))? {
+            aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => d,
+            _ => return Err(BpfError::MissingMap(SYNCS).into()),
+        };
+        for key in keys {
+            if let Some(h) = bpf::take_elem::<abi::DiskSyncKey, abi::DiskSyncHist>(data, &key).map_err(|source| DiskError::Read { map: SYNCS, source })? {
+                out.syncs.push((key, h));
+            }
+        }
+        Ok(out)
     }
 
     pub fn kernel_stats(&self) -> Result<KernelStats, BpfError> {
         let sum = bpf::percpu_counters(&self.ebpf, STATS)?;
         Ok(KernelStats {
             files_full: sum(abi::DISK_STAT_FILES_FULL),
-            closed_full: sum(abi::DISK_STAT_CLOSED_FULL),
             syncs_full: sum(abi::DISK_STAT_SYNCS_FULL),
             inflight_full: sum(abi::DISK_STAT_INFLIGHT_FULL),
         })
     }
 }
 
-/// What `nodescope probes` reports for this signal: each hook attached for
-/// real in a fresh object, then released.
+/// What `nodescope probes` reports for this signal: every hook of both
+/// methods, attached for real in a fresh object, then released. The
+/// syscall method's hooks are listed as signal `disk-syscalls` (an opt-in).
 pub fn probe_hooks() -> Vec<HookStatus> {
+    let mut out = Vec::new();
+    let config = DiskConfig::default();
+
+    let fs = bpf::kernel_btf().and_then(|btf| Ok((btf, load_object(DiskMethod::Filesystem, &config)?)));
+    match fs {
+        Err(e) => {
+            for &(program, hook, _) in FS_HOOKS {
+                out.push(HookStatus { signal: "disk", hook: format!("tp_btf/{hook}"), program, supported: false, detail: e.to_string() });
+            }
+        }
+        Ok((btf, mut ebpf)) => {
+            attach_fs(&mut ebpf, &btf, |program, hook, group, r| {
+                let what = match group {
+                    Group::All => "every filesystem",
+                    Group::Ext4 => "ext4",
+                    Group::Xfs => "xfs",
+                };
+                out.push(HookStatus {
+                    signal: "disk",
+                    hook: format!("tp_btf/{hook}"),
+                    program,
+                    supported: r.is_ok(),
+                    detail: match r {
+                        Ok(()) => format!("loaded and attached ({what})"),
+                        Err(e) => format!("{e} ({what} not covered)"),
+                    },
+                });
+            });
+        }
+    }
+
     let status = |program: &'static str, category: &str, name: &str, r: Result<(), String>| HookStatus {
-        signal: "disk",
+        signal: "disk-syscalls",
         hook: format!("tracepoint/{category}/{name}"),
         program,
         supported: r.is_ok(),
-        detail: r.err().unwrap_or_else(|| "loaded and attached".into()),
+        detail: r.err().unwrap_or_else(|| "loaded and attached (disk.method = \"syscalls\")".into()),
     };
-    let mut out = Vec::new();
-    let prepared = bpf::ensure_tracefs().and_then(|()| load_object(&DiskConfig::default()));
-    match prepared {
+    match bpf::ensure_tracefs().and_then(|()| load_object(DiskMethod::Syscalls, &config)) {
         Err(e) => {
-            for &(program, category, name) in HOOKS {
+            for &(program, category, name) in SYSCALL_HOOKS {
                 out.push(status(program, category, name, Err(e.to_string())));
             }
         }
         Ok(mut ebpf) => {
-            let _ = attach_all(&mut ebpf, true, |program, category, name, r| {
+            let _ = attach_syscalls(&mut ebpf, true, |program, category, name, r| {
                 out.push(status(program, category, name, r));
             });
         }

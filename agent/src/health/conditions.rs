@@ -235,8 +235,10 @@ pub fn check(id: &str, p: &RuleParams, v: &View, h: &History, now: Duration) -> 
             ratio(proc_.open_fds, limit, threshold, "open_fds", "fd_limit")
         }
         "fsync_slow" => {
-            if v.disk.is_none() {
-                return unknown(NO_DISK);
+            let Some(disk) = v.disk else { return unknown(NO_DISK) };
+            if disk.coverage.covered.is_some() && !disk.coverage.sync_latency {
+                // xfs: syncs are counted, not timed
+                return unknown(&disk.coverage.detail);
             }
             let Some(latest) = h.latest().and_then(|s| s.syncs.as_ref()) else { return unknown(NO_DISK) };
             let Some(base) = h.baseline(now, p.window, true, |s| s.syncs.is_some()).and_then(|s| s.syncs.as_ref()) else {

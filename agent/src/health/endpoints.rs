@@ -145,6 +145,20 @@ fn target_section(t: &TargetHealth) -> Value {
     let mut m = serde_json::Map::new();
     m.insert("name".into(), json!(t.name));
     m.extend(sections(t.status, &[t]));
+    // whether the disk signal sees the data dir's filesystem (docs/disk.md)
+    m.insert(
+        "disk".into(),
+        match &t.disk {
+            Some((method, c)) => json!({
+                "method": method,
+                "filesystem": c.filesystem,
+                "covered": c.covered,
+                "sync_latency": c.sync_latency,
+                "detail": c.detail,
+            }),
+            None => Value::Null,
+        },
+    );
     m.insert("rules".into(), Value::Array(t.rules.iter().map(|r| rule_json(None, r)).collect()));
     Value::Object(m)
 }
@@ -181,6 +195,7 @@ mod tests {
                 peers_connected: Some(3),
                 rpc_enabled: true,
                 rpc_requests: Some(17),
+                disk: None,
                 rules: vec![RuleStatus { id: "no_peers", severity, state, since: 1, evidence: json!({"p2p_peers": 0}) }],
             }],
         }

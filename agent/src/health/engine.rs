@@ -165,6 +165,7 @@ impl HealthEngine {
                 peers_connected: view.net.map(|n| n.p2p_peers().count() as u64),
                 rpc_enabled: target.rpc_ports.iter().any(|p| target.listening.contains(p)),
                 rpc_requests: view.net.map(|n| n.churn.get(&(Direction::Inbound, Service::Rpc)).map_or(0, |c| c.opened)),
+                disk: view.disk.map(|d| (inputs.disk.method, d.coverage.clone())),
                 rules,
             });
         }

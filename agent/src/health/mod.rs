@@ -81,6 +81,9 @@ pub struct TargetHealth {
     pub rpc_enabled: bool,
     /// RPC connections accepted since the agent started.
     pub rpc_requests: Option<u64>,
+    /// The disk signal's method and whether it sees the data dir's
+    /// filesystem; None when the disk signal is off.
+    pub disk: Option<(&'static str, crate::disk::coverage::Coverage)>,
     /// Enabled rules only.
     pub rules: Vec<RuleStatus>,
 }
