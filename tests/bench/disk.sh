@@ -1,27 +1,46 @@
 #!/usr/bin/env bash
-# cargo xtask bench disk: what the file-write probes cost.
+# cargo xtask bench disk: what the disk signal costs, the rest of the host
+# first.
 #
-# fio writing 4 KiB blocks from inside a watched cgroup, measured with and
-# without nodescope attached, alternating rounds so drift hits both sides
-# alike. Three cases:
-#   sync      4 KiB write + fdatasync each (how a node commits: the target)
-#   buffered  4 KiB writes to the page cache, no sync (worst case: nothing
-#             but syscalls, so the probes' share is largest)
-#   unwatched the buffered case from a process outside the watched cgroup
-#             (every write in the system passes the probes' filter)
-# Then the kernel's own accounting (kernel.bpf_stats_enabled) of each
-# program's time per run during a sync run.
+# Every case runs with and without nodescope (default config: the
+# filesystem method), alternating sides every round and swapping their
+# order, so drift and after-effects (journal commits, writeback) hit both
+# sides alike; medians are compared with each case's target:
+#   null     a process outside every watched group: dd of 64-byte blocks
+#            from /dev/zero to /dev/null (a read and a write each)
+#   tmpfs    the same to a file on tmpfs (/dev/shm)
+#   ext4     the same to a file on ext4 (/var/tmp): the filesystem hooks
+#            fire, the scope filter sends them away (no target)
+#   sync     fio 4 KiB write + fdatasync each, inside the watched group, on
+#            ext4: how a node commits
+#   append   128-byte appends inside the watched group (dd oflag=append):
+#            what a log writer does
+# After each watched case of a "with" round the agent's figures must have
+# grown by exactly what the case wrote (bytes, calls, fdatasyncs); after
+# each unwatched case, not at all. Then one more "with" pass under
+# kernel.bpf_stats_enabled=1 runs each case once and prints, beside it, the
+# time per run of every agent program that ran (agent_prog_ids: this
+# agent's programs only).
 #
-# usage: disk.sh NODESCOPE_BINARY   (env: ROUNDS=5 SECS=3 CASES="sync buffered unwatched")
+# Exits 1 with one line saying which when the agent missed or miscounted a
+# case, when a program a case needs never ran, or when a case misses its
+# target. Nothing is printed as met unless it was measured.
+#
+# usage: disk.sh NODESCOPE_BINARY   (env: ROUNDS=5 SECS=3 NULL_COUNT=2000000 TMPFS_COUNT=1000000 APPEND_COUNT=200000)
 set -euo pipefail
 bin=$1
 rounds=${ROUNDS:-5}
 secs=${SECS:-3}
+null_count=${NULL_COUNT:-2000000}
+tmpfs_count=${TMPFS_COUNT:-1000000}
+append_count=${APPEND_COUNT:-200000}
 source "$(dirname "$0")/common.sh"
 # on the disk, not tmpfs, so fdatasync reaches the device
 bench_setup disk /var/tmp
+shm=$(mktemp -d /dev/shm/nodescope-bench-disk.XXXXXX)
+trap 'bench_cleanup; rm -rf "$shm"' EXIT
 
-# A resident process keeps the cgroup target resolved between fio runs.
+# A resident process keeps the cgroup target resolved between cases.
 sh -c 'echo $$ > "$0/cgroup.procs"; exec sleep 1000000' "$cg" &
 pids+=($!)
 
@@ -33,102 +52,156 @@ interval = "1s"
 [[targets]]
 name = "bench"
 cgroup = "$cg"
-chain = "bitcoin"
+chain = "generic"
+datadir = "$work"
 TOML
 
+in_cg() { sh -c 'echo $$ > "$0/cgroup.procs"; shift; exec "$@"' "$cg" _ "$@"; }
 
-# fio in the watched cgroup (or outside it) -> write IOPS
-fio_iops() { # where(in|out) extra-fio-args...
-    local where=$1; shift
-    local cmd=(fio --name=w --directory="$work" --filename=blocks.dat --rw=write --bs=4k --size=64M
-        --ioengine=sync --time_based --runtime="$secs" --output-format=json "$@")
-    if [ "$where" = in ]; then
-        sh -c 'echo $$ > "$0/cgroup.procs"; shift; exec "$@"' "$cg" _ "${cmd[@]}" >"$work/fio.json"
-    else
-        "${cmd[@]}" >"$work/fio.json"
+# seconds a command takes
+timed() {
+    local t0=$EPOCHREALTIME
+    "$@" 2>/dev/null >/dev/null
+    local t1=$EPOCHREALTIME
+    python3 -c "print(f'{$t1 - $t0:.4f}')"
+}
+
+fio_sync() { # -> "iops bytes writes"
+    in_cg fio --name=w --directory="$work" --filename=blocks.dat --rw=write --bs=4k --size=64M \
+        --ioengine=sync --fdatasync=1 --time_based --runtime="$secs" --output-format=json >"$work/fio.json"
+    python3 -c 'import json,sys; w=json.load(open(sys.argv[1]))["jobs"][0]["write"]; print(w["iops"], w["io_bytes"], w["total_ios"])' "$work/fio.json"
+}
+
+# runs a case: prints its figure (seconds, or IOPS for sync), then the
+# bytes, write calls and fdatasyncs the watched target made in it
+run_case() {
+    case $1 in
+        null) echo "$(timed dd if=/dev/zero of=/dev/null bs=64 count="$null_count") 0 0 0" ;;
+        tmpfs) rm -f "$shm/f"; echo "$(timed dd if=/dev/zero of="$shm/f" bs=64 count="$tmpfs_count") 0 0 0" ;;
+        ext4) rm -f "$work/unwatched.dat"; echo "$(timed dd if=/dev/zero of="$work/unwatched.dat" bs=64 count="$tmpfs_count") 0 0 0" ;;
+        sync) read -r iops bytes n < <(fio_sync); echo "$iops $bytes $n $n" ;;
+        append)
+            rm -f "$work/debug.log"
+            echo "$(timed in_cg dd if=/dev/zero of="$work/debug.log" bs=128 count="$append_count" oflag=append conv=notrunc) $((128 * append_count)) $append_count 0" ;;
+    esac
+}
+
+# The agent's figures for the bench target: bytes, write calls, fdatasyncs.
+counted() {
+    local m
+    m=$(curl -sf "http://127.0.0.1:$http_port/metrics") || { echo "bench disk: FAILED: the agent stopped serving /metrics" >&2; exit 1; }
+    echo "$m" | awk '
+        /^nodescope_file_written_bytes_total/ && /nodescope_target="bench"/ {b += $NF}
+        /^nodescope_file_writes_total/ && /nodescope_target="bench"/ {c += $NF}
+        /^nodescope_file_syncs_total/ && /nodescope_target="bench"/ && /nodescope_sync_call="fdatasync"/ {s += $NF}
+        END {printf "%d %d %d\n", b, c, s}'
+}
+
+# after a case of a "with" round: the agent counted exactly what it made
+check_counted() { # case before-figures made-figures
+    local c=$1 after db dc ds
+    sleep 1.5 # one interval, and the agent's read
+    after=$(counted)
+    read -r b0 c0 s0 <<<"$2"
+    read -r b1 c1 s1 <<<"$after"
+    db=$((b1 - b0)) dc=$((c1 - c0)) ds=$((s1 - s0))
+    if [ "$db $dc $ds" != "$3" ]; then
+        echo "bench disk: FAILED: case $c: the agent counted $db bytes, $dc write calls, $ds fdatasyncs for the bench target; the case made $3" >&2
+        exit 1
     fi
-    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"])' "$work/fio.json"
 }
 
 # Other agents' probes would slow the "without" side too: say so.
-others=$(bpftool prog show --json | python3 -c 'import json,sys; print(sum(1 for p in json.load(sys.stdin) if p.get("name") == "on_write_enter"))')
-[ "$others" = 0 ] || echo "bench: WARNING: $others other nodescope disk probe(s) loaded on this host; the 'without' figures include their cost" >&2
+others=$(bpftool prog show --json | python3 -c 'import json,sys; print(sum(1 for p in json.load(sys.stdin) if p.get("name", "").startswith(("on_write_enter", "on_ext4_da_writ", "on_dirty_folio"))))')
+[ "$others" = 0 ] || echo "bench: WARNING: $others other disk probe(s) loaded on this host (another agent?); the 'without' figures include their cost" >&2
 
-# lay the file out once, so no run pays for allocating it
-fio_iops in >/dev/null
+# lay the fio file out once, so no run pays for allocating it
+fio_sync >/dev/null
 
-declare -A res
-cases=${CASES:-sync buffered unwatched}
-for c in sync buffered unwatched; do res[$c-off]=""; res[$c-on]=""; done
-runs() { [[ " $cases " == *" $1 "* ]]; }
+cases="null tmpfs ext4 sync append"
 for r in $(seq "$rounds"); do
-    # swap the order every round, so a drift or an after-effect of one side
-    # (journal commits, writeback) does not always land on the same side
     sides="off on"
     [ $((r % 2)) = 0 ] && sides="on off"
     for side in $sides; do
         [ "$side" = on ] && start_agent 2
-        runs sync && res[sync-$side]+="$(fio_iops in --fdatasync=1) "
-        runs buffered && res[buffered-$side]+="$(fio_iops in) "
-        runs unwatched && res[unwatched-$side]+="$(fio_iops out) "
+        for c in $cases; do
+            [ "$side" = on ] && before=$(counted)
+            read -r figure made < <(run_case "$c")
+            echo "$figure" >>"$work/res-$c-$side"
+            [ "$side" = on ] && check_counted "$c" "$before" "$made"
+        done
         [ "$side" = on ] && stop_agent
     done
     echo "round $r done" >&2
 done
 
-# per-run kernel cost of each program, from the kernel's accounting, over
-# one sync run and one buffered run of the watched workload
+# per-program kernel time, per case, from the kernel's own accounting
 sysctl -qw kernel.bpf_stats_enabled=1
 start_agent 2
-fio_iops in --fdatasync=1 >/dev/null
-fio_iops in >/dev/null
-sleep 2
-prog_stats=$(bpftool prog show --json)
-# this agent's programs: the ids of the bpf fds it holds
-mine=$(grep -h '^prog_id:' /proc/"$agent"/fdinfo/* 2>/dev/null | awk '{print $2}' | sort -u | tr '\n' ' ')
-metrics=$(curl -sf "http://127.0.0.1:$http_port/metrics")
+ids=$(agent_prog_ids)
+[ -n "$ids" ] || { echo "bench disk: FAILED: the agent holds no BPF programs: the disk signal is off" >&2; cat "$work/agent.log" >&2; exit 1; }
+for c in $cases; do
+    bpftool prog show --json >"$work/progs-before"
+    run_case "$c" >/dev/null
+    bpftool prog show --json >"$work/progs-after"
+    python3 - "$work/progs-before" "$work/progs-after" "$ids" >"$work/stats-$c" <<'PY'
+import json, sys
+ids = {int(i) for i in sys.argv[3].split(",") if i}
+before = {p["id"]: p for p in json.load(open(sys.argv[1]))}
+out = {}
+for p in json.load(open(sys.argv[2])):
+    if p["id"] not in ids:
+        continue
+    b = before.get(p["id"], {})
+    runs = p.get("run_cnt", 0) - b.get("run_cnt", 0)
+    if runs > 0:
+        out[p.get("name", str(p["id"]))] = [p.get("run_time_ns", 0) - b.get("run_time_ns", 0), runs]
+print(json.dumps(out))
+PY
+done
 stop_agent
 sysctl -qw kernel.bpf_stats_enabled="$stats_before"
 
-python3 - "$prog_stats" "$mine" <<PY
-import json, sys
-progs = json.loads(sys.argv[1])
-mine = {int(i) for i in sys.argv[2].split()}
-def stat(name):
-    # bpftool prints the BTF name; the kernel's own keeps 15 characters
-    rows = [p for p in progs if p.get("name") in (name, name[:15]) and p["id"] in mine and p.get("run_cnt")]
-    if not rows: return None
-    return rows[0]["run_time_ns"], rows[0]["run_cnt"]
-print(f"{'case (fio 4 KiB writes, IOPS median)':<40}{'without':>12}{'with':>12}{'ratio':>9}")
-for c, note in [("sync", "target >= 0.98"), ("buffered", "worst case"), ("unwatched", "filter only")]:
-    vals = {"sync": ("$(echo "${res[sync-off]}" | median)", "$(echo "${res[sync-on]}" | median)"),
-            "buffered": ("$(echo "${res[buffered-off]}" | median)", "$(echo "${res[buffered-on]}" | median)"),
-            "unwatched": ("$(echo "${res[unwatched-off]}" | median)", "$(echo "${res[unwatched-on]}" | median)")}[c]
-    if not vals[0] or float(vals[0]) == 0: continue
-    off, on = float(vals[0]), float(vals[1])
-    print(f"{c + ' (' + note + ')':<40}{off:>12.0f}{on:>12.0f}{on/off:>9.3f}")
-    if c == "sync": sync_op_ns = 1e9 / off
-    if c == "buffered": buffered_op_ns = 1e9 / off
-print("raw rounds: sync off [$(echo ${res[sync-off]})] on [$(echo ${res[sync-on]})]")
-print("            buffered off [$(echo ${res[buffered-off]})] on [$(echo ${res[buffered-on]})]")
-print("            unwatched off [$(echo ${res[unwatched-off]})] on [$(echo ${res[unwatched-on]})]")
-sync_op_ns = globals().get("sync_op_ns"); buffered_op_ns = globals().get("buffered_op_ns")
-print("kernel time per program run (all processes' calls pass the enter filters):")
-for name in ["on_write_enter", "on_write_exit", "on_fdatasync_enter", "on_sync_exit", "on_close", "on_exec"]:
-    s = stat(name)
-    if s is None:
-        print(f"  {name:<20} no runs recorded"); continue
-    ns, cnt = s
-    print(f"  {name:<20} {ns/cnt:8.0f} ns/run over {cnt} runs")
-# what the probes add to one operation of the watched workload, by the
-# kernel's accounting: steadier than throughput on a busy machine
-per = {n: (lambda s: s[0] / s[1] if s else 0.0)(stat(n)) for n in ["on_write_enter", "on_write_exit", "on_fdatasync_enter", "on_sync_exit"]}
-w = per["on_write_enter"] + per["on_write_exit"]
-if sync_op_ns:
-    add = w + per["on_fdatasync_enter"] + per["on_sync_exit"]
-    print(f"probe time per sync op (write + fdatasync): {add:.0f} ns of {sync_op_ns:.0f} ns = {100 * add / sync_op_ns:.2f}%   target <= 2%")
-if buffered_op_ns:
-    print(f"probe time per buffered 4 KiB write: {w:.0f} ns of {buffered_op_ns:.0f} ns = {100 * w / buffered_op_ns:.2f}%")
+python3 - "$work" <<'PY'
+import json, statistics, sys
+work = sys.argv[1]
+def figures(case, side):
+    return [float(x) for x in open(f"{work}/res-{case}-{side}").read().split()]
+cases = [
+    # name, what, IOPS (higher is better) or seconds, target ratio with/without, programs it needs
+    # (kernel program names keep 15 characters)
+    ("null", "unwatched dd 64 B /dev/zero -> /dev/null (s)", False, 1.02, []),
+    ("tmpfs", "unwatched dd 64 B -> tmpfs file (s)", False, 1.02, []),
+    ("ext4", "unwatched dd 64 B -> ext4 file (s)", False, None, ["on_ext4_da_writ"]),
+    ("sync", "watched fio 4 KiB write+fdatasync (IOPS)", True, 0.99, ["on_ext4_da_writ", "on_ext4_sync_en", "on_ext4_sync_ex"]),
+    ("append", "watched 128 B appends, a log writer (s)", False, 1.05, ["on_ext4_da_writ"]),
+]
+print(f"{'case':<46}{'without':>10}{'with':>10}{'ratio':>8}  target")
+failures = []
+for name, what, higher, target, needs in cases:
+    off, on = figures(name, "off"), figures(name, "on")
+    mo, mw = statistics.median(off), statistics.median(on)
+    ratio = mw / mo
+    if target is None:
+        verdict = "(informative: no target)"
+    else:
+        ok = ratio >= target if higher else ratio <= target
+        verdict = f"{'>=' if higher else '<='} {target:.2f} {'met' if ok else 'MISSED'}"
+        if not ok:
+            failures.append(f"{name} ratio {ratio:.3f} misses its target {'>=' if higher else '<='} {target:.2f}")
+    fmt = (lambda v: f"{v:10.0f}") if higher else (lambda v: f"{v:10.3f}")
+    print(f"{what:<46}{fmt(mo)}{fmt(mw)}{ratio:8.3f}  {verdict}")
+    print(f"    rounds without [{' '.join(f'{v:g}' for v in off)}] with [{' '.join(f'{v:g}' for v in on)}]")
+    ran = json.load(open(f"{work}/stats-{name}"))
+    for prog, (ns, runs) in sorted(ran.items()):
+        print(f"    {prog:<20} {ns / runs:7.0f} ns/run {runs:>9} runs")
+    if not ran:
+        print("    no disk program ran")
+    for prog in needs:
+        if not any(p.startswith(prog) for p in ran):
+            failures.append(f"{name}: program {prog} never ran: the probes were not attached")
+if failures:
+    print("bench disk: FAILED: " + "; ".join(failures))
+    sys.exit(1)
+print("every case counted exactly by the agent in every \"with\" round; every target met")
 PY
-echo "write calls nodescope counted for the bench target: $(echo "$metrics" | awk '/^nodescope_file_writes_total/ && /nodescope_target="bench"/ {s+=$NF} END {print s+0}')"
-echo "disk drops: $(echo "$metrics" | awk '/^nodescope_disk_dropped_total/ {s+=$NF} END {print s+0}')"

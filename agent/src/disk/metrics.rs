@@ -35,11 +35,15 @@ impl DiskMetrics {
         meter
             .u64_observable_counter("nodescope.file.written")
             .with_unit("By")
-            .with_description("Bytes the node wrote to its files, by file class (through a shared mapping: whole folios dirtied)")
+            .with_description("Bytes the node wrote to its files, by file class and call (call mmap: whole folios dirtied through a shared mapping)")
             .with_callback(move |o| {
                 for t in &s.get().targets {
-                    for (class, w) in &t.classes {
-                        o.observe(w.bytes, &[KeyValue::new(TARGET, t.name.clone()), KeyValue::new(CLASS, class.clone())]);
+                    for ((class, call), w) in &t.writes_by_call {
+                        o.observe(w.bytes, &[
+                            KeyValue::new(TARGET, t.name.clone()),
+                            KeyValue::new(CLASS, class.clone()),
+                            KeyValue::new(WRITE_CALL, *call),
+                        ]);
                     }
                 }
             })

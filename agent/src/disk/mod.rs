@@ -38,8 +38,6 @@ pub struct DiskSnapshot {
 #[derive(Debug, Clone, Default)]
 pub struct TargetDisk {
     pub name: String,
-    /// class ("blocks", "chainstate", "lmdb", "log", "other", ...) -> totals
-    pub classes: BTreeMap<String, ClassWrites>,
     /// (class, sync call) -> latency histogram of the timed sync calls
     /// (ext4, or the syscall method; xfs's syncs are counted, not timed)
     pub syncs: BTreeMap<(String, &'static str), SyncLatency>,
@@ -47,8 +45,8 @@ pub struct TargetDisk {
     pub sync_counts: BTreeMap<(String, &'static str), u64>,
     /// class -> unix seconds of the last interval in which its written bytes grew
     pub last_write_unix: BTreeMap<String, u64>,
-    /// (class, way of writing: "write", "pwrite64", ..., "mmap") -> totals;
-    /// `classes` is its sum over calls.
+    /// (class ("blocks", "chainstate", "lmdb", "log", "other", ...), way of
+    /// writing ("write", "pwrite64", ..., "mmap")) -> totals
     pub writes_by_call: BTreeMap<(String, &'static str), ClassWrites>,
     /// (class, sync call) -> sync calls that returned an error
     pub sync_errors: BTreeMap<(String, &'static str), u64>,
@@ -249,15 +247,8 @@ impl DiskSignal {
             for class in per.grew.drain() {
                 per.last_write_unix.insert(class, now);
             }
-            let mut classes: BTreeMap<String, ClassWrites> = BTreeMap::new();
-            for ((class, _), w) in &per.writes_by_call {
-                let c = classes.entry(class.clone()).or_default();
-                c.bytes += w.bytes;
-                c.calls += w.calls;
-            }
             snapshot.targets.push(TargetDisk {
                 name: t.name.clone(),
-                classes,
                 syncs: per.syncs.clone(),
                 sync_counts: per.sync_counts.clone(),
                 last_write_unix: per.last_write_unix.clone(),
