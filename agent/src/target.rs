@@ -205,6 +205,10 @@ pub struct Targets {
     last_state: BTreeMap<String, String>,
     /// Discovered nodes that went away, and since when.
     absent_since: BTreeMap<String, Instant>,
+    /// Each target's ports (p2p, rpc, listening) when it last ran: a node
+    /// that is down keeps them, so the closes of its last connections, read
+    /// after it died, are still told apart (p2p, rpc) as they were.
+    last_ports: BTreeMap<String, (Vec<u16>, Vec<u16>, Vec<u16>)>,
 }
 
 /// How long a discovered node that went away stays listed: long enough for
@@ -223,6 +227,7 @@ impl Targets {
             current: Vec::new(),
             last_state: BTreeMap::new(),
             absent_since: BTreeMap::new(),
+            last_ports: BTreeMap::new(),
         }
     }
 
@@ -245,7 +250,16 @@ impl Targets {
                 });
                 continue;
             };
-            let t = self.resolve(index, spec);
+            let mut t = self.resolve(index, spec);
+            if t.pid.is_some() {
+                self.last_ports.insert(t.name.clone(), (t.p2p_ports.clone(), t.rpc_ports.clone(), t.listening.clone()));
+            } else if let Some((p2p, rpc, listening)) = self.last_ports.get(&t.name) {
+                for (now, last) in [(&mut t.p2p_ports, p2p), (&mut t.rpc_ports, rpc), (&mut t.listening, listening)] {
+                    if now.is_empty() {
+                        now.clone_from(last);
+                    }
+                }
+            }
             let state = match (&t.pid, &t.scope) {
                 (None, _) => "absent".to_string(),
                 (Some(pid), Scope::Cgroup { path, .. }) => format!("pid {pid}, cgroup {}", path.display()),
@@ -258,6 +272,7 @@ impl Targets {
             });
             out.push(t);
         }
+        self.last_ports.retain(|name, _| out.iter().any(|t| &t.name == name));
         self.current = out;
         &self.current
     }

@@ -249,12 +249,20 @@ impl NetSignal {
         }
         fold.seen.insert(cookie);
         let remote = ip(rec.family, &rec.raddr);
-        let direction = match rec.direction {
-            abi::DIR_INBOUND => Direction::Inbound,
-            abi::DIR_OUTBOUND => Direction::Outbound,
-            _ => target.infer_direction(rec.lport),
+        // Direction and service are decided once, at first sight, while the
+        // node runs and its ports are known: a close read after the node
+        // died keeps what the connection was.
+        let (direction, service) = match self.tracked.get(&cookie) {
+            Some(t) => (t.key.1, t.service),
+            None => {
+                let direction = match rec.direction {
+                    abi::DIR_INBOUND => Direction::Inbound,
+                    abi::DIR_OUTBOUND => Direction::Outbound,
+                    _ => target.infer_direction(rec.lport),
+                };
+                (direction, target.service(direction, rec.lport, rec.rport))
+            }
         };
-        let service = target.service(direction, rec.lport, rec.rport);
         let tracked = self.tracked.entry(cookie).or_insert_with(|| {
             let key = (remote, direction);
             let netgroup = netgroup(remote);
