@@ -60,12 +60,12 @@ char LICENSE[] SEC("license") = "GPL";
 static __always_inline unsigned long syscall_nr(struct task_struct *task)
 {
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
-	return BPF_CORE_READ(regs, orig_ax);
+	return regs->orig_ax;
 }
 
 static __always_inline __u32 write_call(struct task_struct *task)
 {
-	if (BPF_CORE_READ(task, flags) & PF_IO_WORKER)
+	if (task->flags & PF_IO_WORKER)
 		return NS_DISK_IO_URING;
 	switch (syscall_nr(task)) {
 	case __NR_write: return NS_DISK_WRITE;
@@ -83,7 +83,7 @@ static __always_inline __u32 write_call(struct task_struct *task)
 
 static __always_inline __u32 sync_call(struct task_struct *task)
 {
-	if (BPF_CORE_READ(task, flags) & PF_IO_WORKER)
+	if (task->flags & PF_IO_WORKER)
 		return NS_DISK_SYNC_IO_URING;
 	switch (syscall_nr(task)) {
 	case __NR_fsync: return NS_DISK_FSYNC;
@@ -97,10 +97,10 @@ static __always_inline __u32 sync_call(struct task_struct *task)
 /* Whether this chunk starts a new write call of the thread (see above). */
 static __always_inline int new_write_call(struct task_struct *task, __u32 tid, struct ns_disk_key *key, __u64 pos, __u64 bytes)
 {
-	struct ns_disk_thread *t = disk_thread(tid, BPF_CORE_READ(task, start_time));
+	struct ns_disk_thread *t = disk_thread(tid, task->start_time);
 	if (!t)
 		return 1;
-	__u64 syscw = BPF_CORE_READ(task, ioac.syscw);
+	__u64 syscw = task->ioac.syscw;
 	int fresh = t->syscw != syscw || t->last_ino != key->ino || t->last_dev != key->dev || t->last_end != pos;
 	t->syscw = syscw;
 	t->last_ino = key->ino;
@@ -124,7 +124,7 @@ static __always_inline int fs_write(struct inode *inode, struct dentry *d, __u64
 	if (call >= NS_DISK_WRITE_CALLS)
 		return 0;
 	struct ns_disk_key key;
-	disk_key(&key, inode, target, tgid);
+	disk_key(&key, inode->i_ino, inode->i_sb->s_dev, target, tgid);
 	int fresh = new_write_call(task, (__u32)pid_tgid, &key, pos, bytes);
 	struct ns_disk_rec *r = disk_record(&key, inode, d);
 	if (!r)
@@ -155,9 +155,8 @@ int BPF_PROG(on_ext4_journalled_write_end, struct inode *inode, long long pos, u
 
 static __always_inline int iocb_write(struct kiocb *iocb, struct iov_iter *from)
 {
-	struct file *file = BPF_CORE_READ(iocb, ki_filp);
-	return fs_write(BPF_CORE_READ(file, f_inode), BPF_CORE_READ(file, f_path.dentry),
-			BPF_CORE_READ(iocb, ki_pos), BPF_CORE_READ(from, count));
+	struct file *file = iocb->ki_filp;
+	return fs_write(file->f_inode, file->f_path.dentry, iocb->ki_pos, from->count);
 }
 
 SEC("tp_btf/xfs_file_buffered_write")
@@ -170,7 +169,7 @@ int BPF_PROG(on_xfs_buffered_write, struct kiocb *iocb, struct iov_iter *from)
 SEC("tp_btf/iomap_dio_rw_begin")
 int BPF_PROG(on_iomap_dio_rw_begin, struct kiocb *iocb, struct iov_iter *iter, unsigned int dio_flags, unsigned long done_before)
 {
-	if (!BPF_CORE_READ(iter, data_source))
+	if (!iter->data_source)
 		return 0;
 	return iocb_write(iocb, iter);
 }
@@ -187,20 +186,20 @@ int BPF_PROG(on_dirty_folio, struct folio *folio, struct address_space *mapping)
 	if (!scope_match_task(tgid, &target))
 		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
-	if ((BPF_CORE_READ(task, flags) & PF_IO_WORKER) || syscall_nr(task) != ~0UL)
+	if ((task->flags & PF_IO_WORKER) || syscall_nr(task) != ~0UL)
 		return 0;
 	if (!mapping)
 		return 0;
-	struct inode *inode = BPF_CORE_READ(mapping, host);
-	if ((BPF_CORE_READ(inode, i_mode) & S_IFMT) != S_IFREG)
+	struct inode *inode = mapping->host;
+	if (!inode || (inode->i_mode & S_IFMT) != S_IFREG)
 		return 0;
 	unsigned long flags = 0;
 	bpf_probe_read_kernel(&flags, sizeof(flags), folio);
 	__u64 pages = 1;
 	if (flags & (1UL << bpf_core_enum_value(enum pageflags, PG_head)))
-		pages = BPF_CORE_READ(folio, _nr_pages);
+		pages = folio->_nr_pages;
 	struct ns_disk_key key;
-	disk_key(&key, inode, target, tgid);
+	disk_key(&key, inode->i_ino, inode->i_sb->s_dev, target, tgid);
 	struct ns_disk_rec *r = disk_record(&key, inode, NULL);
 	if (!r)
 		return 0;
@@ -217,7 +216,7 @@ int BPF_PROG(on_ext4_sync_enter, struct file *file, int datasync)
 	if (!scope_match_task(tgid, &target))
 		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
-	struct ns_disk_thread *t = disk_thread((__u32)pid_tgid, BPF_CORE_READ(task, start_time));
+	struct ns_disk_thread *t = disk_thread((__u32)pid_tgid, task->start_time);
 	if (!t)
 		return 0;
 	t->call = sync_call(task);
@@ -238,7 +237,7 @@ int BPF_PROG(on_ext4_sync_exit, struct inode *inode, int ret)
 	t->call = NO_CALL;
 	__u64 elapsed = bpf_ktime_get_ns() - t->start_ns;
 	struct ns_disk_key key;
-	disk_key(&key, inode, t->target, t->tgid);
+	disk_key(&key, inode->i_ino, inode->i_sb->s_dev, t->target, t->tgid);
 	disk_count_sync(&key, inode, NULL, call, 1, elapsed, ret);
 	return 0;
 }
@@ -249,9 +248,9 @@ static __always_inline int xfs_sync(struct xfs_inode *ip)
 	__u32 tgid = pid_tgid >> 32, target;
 	if (!scope_match_task(tgid, &target))
 		return 0;
-	struct inode *inode = (struct inode *)((char *)ip + bpf_core_field_offset(struct xfs_inode, i_vnode));
+	struct inode *inode = &ip->i_vnode;
 	struct ns_disk_key key;
-	disk_key(&key, inode, target, tgid);
+	disk_key(&key, inode->i_ino, inode->i_sb->s_dev, target, tgid);
 	disk_count_sync(&key, inode, NULL, sync_call(bpf_get_current_task_btf()), 0, 0, 0);
 	return 0;
 }

@@ -115,7 +115,7 @@ int on_write_exit(struct ns_sys_exit_ctx *ctx)
 		return 0;
 	struct inode *inode = BPF_CORE_READ(file, f_inode);
 	struct ns_disk_key key;
-	disk_key(&key, inode, in.target, in.tgid);
+	disk_key(&key, BPF_CORE_READ(inode, i_ino), BPF_CORE_READ(inode, i_sb, s_dev), in.target, in.tgid);
 	struct ns_disk_rec *r = disk_record(&key, inode, BPF_CORE_READ(file, f_path.dentry));
 	if (!r)
 		return 0;
@@ -178,7 +178,7 @@ int on_sync_exit(struct ns_sys_exit_ctx *ctx)
 	}
 	/* an msync whose mapping is gone counts for an unknown file */
 	struct ns_disk_key key;
-	disk_key(&key, inode, in.target, in.tgid);
+	disk_key(&key, inode ? BPF_CORE_READ(inode, i_ino) : 0, inode ? BPF_CORE_READ(inode, i_sb, s_dev) : 0, in.target, in.tgid);
 	disk_count_sync(&key, inode, d, call, 1, elapsed, ctx->ret);
 	return 0;
 }

@@ -144,13 +144,13 @@ static __always_inline void disk_names(struct ns_disk_rec *n, struct dentry *d)
 	n->flags |= NS_DISK_F_DEEP;
 }
 
-static __always_inline void disk_key(struct ns_disk_key *key, struct inode *inode, __u32 target, __u32 tgid)
+/* The key of file (ino, dev) for `target` in the half the programs write
+ * now. The caller reads ino and dev: directly from a BTF pointer in
+ * tp_btf programs, through bpf_probe_read in classic tracepoints. */
+static __always_inline void disk_key(struct ns_disk_key *key, __u64 ino, __u32 dev, __u32 target, __u32 tgid)
 {
-	__builtin_memset(key, 0, sizeof(*key));
-	if (inode) {
-		key->ino = BPF_CORE_READ(inode, i_ino);
-		key->dev = BPF_CORE_READ(inode, i_sb, s_dev);
-	}
+	key->ino = ino;
+	key->dev = dev;
 	key->target = target;
 	key->tgid = target == NS_TARGET_PENDING ? tgid : 0;
 	key->epoch = disk_epoch();
