@@ -442,6 +442,20 @@ fn unwatched_container_on_same_port_not_counted() {
     drop((agent, peer_a, peer_b));
 }
 
+/// node_down with no delay either way, so its state says at once whether
+/// the agent sees the node running.
+const NODE_DOWN_NOW: &str = "[rules.node_down]\nfor = \"0s\"\nclear_after = \"0s\"\n";
+
+/// node_down's state for `target` in /health/detailed.
+fn node_down_state(agent: &Agent, target: &str) -> Option<String> {
+    let v = agent.json("/health/detailed");
+    v["rules"]
+        .as_array()?
+        .iter()
+        .find(|r| r["target"] == target && r["id"] == "node_down")
+        .and_then(|r| r["state"].as_str().map(str::to_string))
+}
+
 /// The p2p inbound churn counters, the outbound ones and the restart counter of `target`.
 fn counters(m: &str, target: &str) -> (f64, f64, f64, f64, f64) {
     // + 0.0: a sum of no samples is -0.0, which reads oddly in a failure message
@@ -478,10 +492,10 @@ fn container_restart_reattaches() {
     let mut ip = node.ip();
     let (config, fixed_name) = if supports_container_selector() {
         eprintln!("selector: container = {:?}", node.c.name);
-        (format!("[agent]\ninterval = \"{INTERVAL}\"\n\n[[targets]]\nname = \"ltc-c\"\ncontainer = \"{}\"\nchain = \"litecoin\"\n", node.c.name), true)
+        (format!("[agent]\ninterval = \"{INTERVAL}\"\n\n{NODE_DOWN_NOW}\n[[targets]]\nname = \"ltc-c\"\ncontainer = \"{}\"\nchain = \"litecoin\"\n", node.c.name), true)
     } else {
         eprintln!("selector: no `container` key in this agent's config; discovery");
-        (format!("[agent]\ninterval = \"{INTERVAL}\"\n"), false)
+        (format!("[agent]\ninterval = \"{INTERVAL}\"\n\n{NODE_DOWN_NOW}\n"), false)
     };
     let agent = Agent::start(&config);
     // The host peer keeps the container as an added node, so it reconnects by itself.
@@ -498,7 +512,15 @@ fn container_restart_reattaches() {
         let cycle_start = Instant::now();
         let before = settled_counters(&agent, &target);
         let open_at_kill = node.peers().len();
-        node.kill9_and_start();
+        assert_eq!(node_down_state(&agent, &target).as_deref(), Some("ok"), "cycle {cycle}: node_down before the kill");
+        // down: node_down fires (its `for` is 0s) while the container is stopped
+        node.c.kill9();
+        let down = wait_for("node_down to see the node gone", Duration::from_secs(20), || {
+            node_down_state(&agent, &target).filter(|s| s != "ok")
+        });
+        assert_eq!(down, "firing", "cycle {cycle}: node_down while the node is down");
+        node.c.start();
+        node.wait_rpc();
         let new_ip = node.ip();
         if new_ip != ip {
             // a new network namespace, maybe a new address: move the added node
@@ -529,6 +551,7 @@ fn container_restart_reattaches() {
         assert_eq!(after.2 - before.2, 0.0, "outbound P2P churn: {report}");
         assert_eq!(after.3 - before.3, 1.0, "restarts: {report}");
         assert_eq!(after.4, peers.len() as f64, "open P2P connections: {report}");
+        assert_eq!(node_down_state(&agent, &target).as_deref(), Some("ok"), "cycle {cycle}: node_down once the node is back");
         eprintln!("cycle {cycle}: pid {}, ip {ip}, {:?}", node.pid(), cycle_start.elapsed());
     }
     let last = settled_counters(&agent, &target);

@@ -377,7 +377,7 @@ impl ContainerNode {
         node
     }
 
-    fn wait_rpc(&self) {
+    pub fn wait_rpc(&self) {
         wait_for(&format!("litecoind RPC in container {}", self.c.name), Duration::from_secs(60), || {
             assert!(self.c.is_running(), "container {} stopped: {}", self.c.name, self.c.logs());
             self.try_cli(&["getblockcount"]).ok()
