@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+mod common;
+
 fn nodescope(args: &[&str], config: &str) -> (i32, String) {
     let dir = std::env::temp_dir().join(format!("nodescope-cli-{}-{}", std::process::id(), config.len()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -99,8 +101,6 @@ fn systemd_notify_ready_and_watchdog() {
 /// counted, and the counts equal what the client saw.
 #[test]
 fn http_bounds_are_enforced_and_counted() {
-    #[path = "common/mod.rs"]
-    mod common;
     use std::io::{Read, Write};
     common::require_root();
     let agent = common::Agent::start(
@@ -142,8 +142,6 @@ fn http_bounds_are_enforced_and_counted() {
 /// signal off and logged, and the other signals working.
 #[test]
 fn missing_kernel_btf_turns_off_the_network_signal_only() {
-    #[path = "common/mod.rs"]
-    mod common;
     common::require_root();
     common::require_tool("unshare", "util-linux");
     let hide_btf = "mount --bind /dev/null /sys/kernel/btf/vmlinux && exec \"$0\" \"$@\"";

@@ -193,6 +193,9 @@ impl Target {
     }
 }
 
+/// A node's (p2p, rpc, listening) ports.
+type KnownPorts = (Vec<u16>, Vec<u16>, Vec<u16>);
+
 /// The set of targets, re-resolved every interval.
 pub struct Targets {
     specs: Vec<TargetSpec>,
@@ -208,7 +211,7 @@ pub struct Targets {
     /// Each target's ports (p2p, rpc, listening) when it last ran: a node
     /// that is down keeps them, so the closes of its last connections, read
     /// after it died, are still told apart (p2p, rpc) as they were.
-    last_ports: BTreeMap<String, (Vec<u16>, Vec<u16>, Vec<u16>)>,
+    last_ports: BTreeMap<String, KnownPorts>,
 }
 
 /// How long a discovered node that went away stays listed: long enough for
