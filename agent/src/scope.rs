@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 use aya::maps::{MapData, RingBuf};
 use aya::Ebpf;
 
-use crate::bpf::abi::{self, CgroupPath, Comm, PortKey, SCOPE_TARGET_PORTS, TARGET_PENDING};
+use crate::bpf::abi::{self, CgroupPath, Comm, PortKey, TARGET_PENDING};
 use crate::bpf::{self, BpfError};
 use crate::target::{Scope, Target};
 
@@ -27,7 +27,6 @@ const CGROUP_PATHS: &str = "ns_scope_cgroup_paths";
 const PIDS: &str = "ns_scope_pids";
 const NAMES: &str = "ns_scope_names";
 const PORTS: &str = "ns_scope_ports";
-const TARGET_PORTS: &str = "ns_scope_target_ports";
 pub const EVENTS: &str = "ns_scope_events";
 const STATS: &str = "ns_scope_stats";
 
@@ -88,7 +87,6 @@ pub struct ScopePlan {
     pids: Vec<(u32, u32)>,
     names: Vec<(Comm, u32)>,
     ports: Vec<(PortKey, u32)>,
-    target_ports: Vec<(u32, u16)>,
     /// Indices of every listed target, running or not.
     listed: HashSet<u32>,
     /// Indices of the targets that are running now.
@@ -154,9 +152,6 @@ impl ScopePlan {
             } else {
                 memory.ports.get(&key).cloned().unwrap_or((None, ports))
             };
-            for (i, port) in ports.iter().take(SCOPE_TARGET_PORTS).enumerate() {
-                plan.target_ports.push((t.index * SCOPE_TARGET_PORTS as u32 + i as u32, *port));
-            }
             if let Some(netns) = netns {
                 for port in ports {
                     plan.ports.push((PortKey { netns: netns as u32, port, _pad: 0 }, t.index));
@@ -185,7 +180,6 @@ impl ScopePlan {
     pub fn apply(&self, ebpf: &mut Ebpf, proc_root: &Path) -> Result<(), BpfError> {
         bpf::sync_map(ebpf, NAMES, &self.names)?;
         bpf::sync_map(ebpf, CGROUP_PATHS, &self.cgroup_paths)?;
-        bpf::sync_map(ebpf, TARGET_PORTS, &self.target_ports)?;
         let planned = |entries: &[(u64, u32)]| entries.iter().copied().collect::<HashSet<_>>();
         let cgroups = planned(&self.cgroups);
         reconcile(ebpf, CGROUPS, &self.cgroups, |k: &u64, v| self.keeps(v, || cgroups.contains(&(*k, v))))?;
@@ -364,7 +358,6 @@ mod tests {
         let mut t = Target::litecoin_for_tests("ltc", Some(std::process::id()), &[19444], &[19443], &[]);
         t.netns = Some(4026531840);
         let plan = ScopePlan::build(Path::new("/proc"), &[t.clone()], &[], None, &mut memory);
-        assert_eq!(plan.target_ports, vec![(0, 19443), (1, 19444)]);
         assert!(plan.ports.iter().any(|(k, v)| k.netns == 4026531840 && k.port == 19444 && *v == 0));
         // down: no pid, no netns, ports from config only; the last ones stay
         t.pid = None;

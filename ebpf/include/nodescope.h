@@ -33,13 +33,6 @@ struct ns_port_key {
 	__u16 _pad;
 };
 
-/* Ports a target is known to listen on (from config, discovery or its last
- * run), at most NS_SCOPE_TARGET_PORTS each: on the exec of a node, the kernel
- * watches them in the node's network namespace at once, so a node that
- * restarts in a new container is watched before its first accept. Key:
- * target * NS_SCOPE_TARGET_PORTS + i. */
-#define NS_SCOPE_TARGET_PORTS 8
-
 #define NS_COMM_LEN 16
 struct ns_comm {
 	char name[NS_COMM_LEN];
@@ -63,7 +56,7 @@ struct ns_scope_event {
 /* Indices of the per-CPU scope stats array (one per signal object). */
 #define NS_SCOPE_STAT_PIDS_FULL 0    /* a process not watched: pids map full */
 #define NS_SCOPE_STAT_CGROUPS_FULL 1 /* a new cgroup not watched: cgroups map full */
-#define NS_SCOPE_STAT_PORTS_FULL 2   /* a port not watched: ports map full */
+#define NS_SCOPE_STAT_PORTS_FULL 2   /* a listening port not watched: ports map full */
 #define NS_SCOPE_STAT_EVENTS_LOST 3  /* an exec event not delivered: ring buffer full */
 #define NS_SCOPE_STAT_MAX 4
 

@@ -62,14 +62,6 @@ struct {
 	__type(value, __u32);
 } ns_scope_ports SEC(".maps");
 
-/* target * NS_SCOPE_TARGET_PORTS + i -> a port the target listens on */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, NS_MAX_TARGETS * NS_SCOPE_TARGET_PORTS);
-	__type(key, __u32);
-	__type(value, __u16);
-} ns_scope_target_ports SEC(".maps");
-
 /* exec of a watched process name: wakes user space to resolve it */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -124,9 +116,12 @@ int BPF_PROG(scope_fork, struct task_struct *parent, struct task_struct *child)
 	return 0;
 }
 
-/* exec: a process that becomes a watched node is watched from here on, with
- * its known listening ports in its own network namespace; a watched process
- * that becomes something else (a -blocknotify shell) no longer is. */
+/* exec: a process that becomes a watched node is watched from here on; a
+ * watched process that becomes something else (a -blocknotify shell) no
+ * longer is. Its listening ports need nothing here: a node that restarts on
+ * the host finds its ports still watched in the host's namespace, and one
+ * that restarts in a new container is in a new group, which cgroup_mkdir
+ * below (or the agent, woken by this event) watches. */
 SEC("tp_btf/sched_process_exec")
 int BPF_PROG(scope_exec, struct task_struct *p, int old_pid, struct linux_binprm *bprm)
 {
@@ -140,18 +135,6 @@ int BPF_PROG(scope_exec, struct task_struct *p, int old_pid, struct linux_binprm
 	}
 	__u32 target = *t;
 	scope_put(&ns_scope_pids, &tgid, target, NS_SCOPE_STAT_PIDS_FULL);
-
-	if (target != NS_TARGET_PENDING) {
-		struct ns_port_key pk = { .netns = p->nsproxy->net_ns->ns.inum };
-		for (__u32 i = 0; i < NS_SCOPE_TARGET_PORTS; i++) {
-			__u32 k = target * NS_SCOPE_TARGET_PORTS + i;
-			__u16 *port = bpf_map_lookup_elem(&ns_scope_target_ports, &k);
-			if (!port)
-				break;
-			pk.port = *port;
-			scope_put(&ns_scope_ports, &pk, target, NS_SCOPE_STAT_PORTS_FULL);
-		}
-	}
 
 	struct ns_scope_event *e = bpf_ringbuf_reserve(&ns_scope_events, sizeof(*e), 0);
 	if (!e) {

@@ -48,7 +48,6 @@ int main(void)
 	FIELD(ns_conn_event, conn);
 
 	CONST(NS_TARGET_PENDING);
-	CONST(NS_SCOPE_TARGET_PORTS);
 	CONST(NS_COMM_LEN);
 	CONST(NS_CGROUP_PATH_LEN);
 	SIZE(ns_port_key);

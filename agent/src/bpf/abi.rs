@@ -98,8 +98,6 @@ pub struct ConnEvent {
 
 /// NS_TARGET_PENDING: a process exec'd under a node's name, not yet assigned.
 pub const TARGET_PENDING: u32 = u32::MAX;
-/// NS_SCOPE_TARGET_PORTS: ports per target the kernel re-watches at exec.
-pub const SCOPE_TARGET_PORTS: usize = 8;
 pub const COMM_LEN: usize = 16;
 pub const CGROUP_PATH_LEN: usize = 128;
 
@@ -150,7 +148,6 @@ unsafe impl aya::Pod for ScopeEvent {}
 
 const _: () = {
     assert!(TARGET_PENDING == layout::NS_TARGET_PENDING);
-    assert!(SCOPE_TARGET_PORTS == layout::NS_SCOPE_TARGET_PORTS as usize);
     assert!(COMM_LEN == layout::NS_COMM_LEN as usize);
     assert!(CGROUP_PATH_LEN == layout::NS_CGROUP_PATH_LEN as usize);
     assert!(size_of::<PortKey>() == layout::ns_port_key_SIZE);
