@@ -117,9 +117,9 @@ static __always_inline int fs_write(struct inode *inode, struct dentry *d, __u64
 		return 0;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32, target;
-	if (!scope_match_task(tgid, &target))
-		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
+	if (!disk_match_task(task, tgid, &target))
+		return 0;
 	__u32 call = write_call(task);
 	if (call >= NS_DISK_WRITE_CALLS)
 		return 0;
@@ -183,9 +183,9 @@ int BPF_PROG(on_dirty_folio, struct folio *folio, struct address_space *mapping)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32, target;
-	if (!scope_match_task(tgid, &target))
-		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
+	if (!disk_match_task(task, tgid, &target))
+		return 0;
 	if ((task->flags & PF_IO_WORKER) || syscall_nr(task) != ~0UL)
 		return 0;
 	if (!mapping)
@@ -213,9 +213,9 @@ int BPF_PROG(on_ext4_sync_enter, struct file *file, int datasync)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32, target;
-	if (!scope_match_task(tgid, &target))
-		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
+	if (!disk_match_task(task, tgid, &target))
+		return 0;
 	struct ns_disk_thread *t = disk_thread((__u32)pid_tgid, task->start_time);
 	if (!t)
 		return 0;
@@ -246,12 +246,13 @@ static __always_inline int xfs_sync(struct xfs_inode *ip)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32, target;
-	if (!scope_match_task(tgid, &target))
+	struct task_struct *task = bpf_get_current_task_btf();
+	if (!disk_match_task(task, tgid, &target))
 		return 0;
 	struct inode *inode = &ip->i_vnode;
 	struct ns_disk_key key;
 	disk_key(&key, inode->i_ino, inode->i_sb->s_dev, target, tgid);
-	disk_count_sync(&key, inode, NULL, sync_call(bpf_get_current_task_btf()), 0, 0, 0);
+	disk_count_sync(&key, inode, NULL, sync_call(task), 0, 0, 0);
 	return 0;
 }
 

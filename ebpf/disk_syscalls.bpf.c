@@ -39,9 +39,9 @@ static __always_inline int enter(struct ns_sys_enter_ctx *ctx, __u32 call)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32, target;
-	if (!scope_match_task(tgid, &target))
-		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
+	if (!disk_match_task(task, tgid, &target))
+		return 0;
 	struct ns_disk_thread *t = disk_thread((__u32)pid_tgid, BPF_CORE_READ(task, start_time));
 	if (!t)
 		return 0;

@@ -99,6 +99,80 @@ struct {
 	__type(value, __u64);
 } ns_disk_stats SEC(".maps");
 
+/*
+ * Which target the current task writes for, remembered per task. The scope
+ * lookup (scope_match_task: the task's cgroup2 group, then its process, in
+ * two hash maps) is most of what a hook costs a process nobody watches, and
+ * such a process passes it on every folio chunk it writes. So its verdict
+ * is kept in the task's own storage, valid while the task stays in the same
+ * cgroup and the scope has not changed since:
+ *  - the agent bumps ns_disk_scope_gen after every change it writes to the
+ *    scope maps;
+ *  - a new task (fork, clone) starts with no storage, and the scope hooks
+ *    have run for it before it runs;
+ *  - exec, which may make a process a node (a watched process name) or stop
+ *    it being one, drops the task's verdict (disk_scope_exec below, run
+ *    after scope.bpf.h's exec hook);
+ *  - moving to another cgroup changes the group compared.
+ * Each task writes only its own slot, so nothing is torn by preemption.
+ */
+struct ns_disk_scope_slot {
+	__u64 cgid;
+	__u64 gen;
+	__u32 target; /* NO_CALL: not watched */
+	__u32 tgid;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct ns_disk_scope_slot);
+} ns_disk_scope_cache SEC(".maps");
+
+/* Bumped by the agent after each change to the scope maps. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} ns_disk_scope_gen SEC(".maps");
+
+/* scope_match_task, remembered per task (see above). */
+static __always_inline int disk_match_task(struct task_struct *task, __u32 tgid, __u32 *target)
+{
+	__u32 zero = 0;
+	__u64 *gen = bpf_map_lookup_elem(&ns_disk_scope_gen, &zero);
+	if (!gen)
+		return scope_match_task(tgid, target);
+	__u64 g = *gen;
+	__u64 cgid = bpf_get_current_cgroup_id();
+	struct ns_disk_scope_slot *s = bpf_task_storage_get(&ns_disk_scope_cache, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (s && s->gen == g && s->cgid == cgid && s->tgid == tgid) {
+		if (s->target == NO_CALL)
+			return 0;
+		*target = s->target;
+		return 1;
+	}
+	int watched = scope_match_task(tgid, target);
+	if (s) {
+		s->cgid = cgid;
+		s->tgid = tgid;
+		s->target = watched ? *target : NO_CALL;
+		s->gen = g; /* read before the lookup: a bump meanwhile makes it stale, never wrong */
+	}
+	return watched;
+}
+
+/* After scope.bpf.h's exec hook (the agent attaches this one later): the
+ * process may have just become a node, or stopped being one. */
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(disk_scope_exec, struct task_struct *p, int old_pid, struct linux_binprm *bprm)
+{
+	bpf_task_storage_delete(&ns_disk_scope_cache, bpf_get_current_task_btf());
+	return 0;
+}
+
 static __always_inline void disk_stat_inc(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&ns_disk_stats, &idx);

@@ -79,6 +79,10 @@ const RECS: &str = "ns_disk_recs";
 const SYNCS: &str = "ns_disk_syncs";
 const EPOCH: &str = "ns_disk_epoch";
 const STATS: &str = "ns_disk_stats";
+const SCOPE_GEN: &str = "ns_disk_scope_gen";
+/// Drops a task's remembered scope verdict at exec (disk_records.bpf.h);
+/// attached after the scope programs, so it runs after their exec hook.
+const SCOPE_EXEC: (&str, &str) = ("disk_scope_exec", "sched_process_exec");
 
 /// How long the agent waits after flipping the epoch before it takes the
 /// records of the half it left: programs that read the old epoch just
@@ -102,6 +106,8 @@ pub struct DiskProbe {
     hooked: Hooked,
     /// Hooks of a filesystem group the kernel refused (hook, reason).
     refused: Vec<(String, String)>,
+    /// What ns_disk_scope_gen holds.
+    scope_gen: u64,
 }
 
 /// The kernel side's loss counters (summed over CPUs).
@@ -127,10 +133,17 @@ fn object(method: DiskMethod) -> (&'static str, &'static [u8]) {
     }
 }
 
-/// Loads the method's object with maps sized from the config.
+/// Loads the method's object with maps sized from the config. Its task
+/// storage map (the per-task scope verdicts) is one aya 0.14 creates but
+/// has no user-space type for, which the agent never reads anyway.
 fn load_object(method: DiskMethod, config: &DiskConfig) -> Result<Ebpf, BpfError> {
-    let (name, bytes) = object(method);
-    bpf::load(name, bytes, &[(RECS, config.max_files), (SYNCS, config.max_syncs)])
+    let (object, bytes) = object(method);
+    aya::EbpfLoader::new()
+        .map_max_entries(RECS, config.max_files)
+        .map_max_entries(SYNCS, config.max_syncs)
+        .allow_unsupported_maps()
+        .load(bytes)
+        .map_err(|source| BpfError::Load { object, source })
 }
 
 fn attach_btf(ebpf: &mut Ebpf, btf: &aya::Btf, program: &'static str, hook: &str) -> Result<(), String> {
@@ -240,7 +253,9 @@ impl DiskProbe {
             }
         };
         crate::scope::attach(&mut ebpf, &btf)?;
-        let mut probe = DiskProbe { ebpf, epoch: 0, hooked, refused };
+        let (program, hook) = SCOPE_EXEC;
+        attach_btf(&mut ebpf, &btf, program, hook).map_err(|reason| DiskError::Hook { hook: format!("tp_btf/{hook}"), reason })?;
+        let mut probe = DiskProbe { ebpf, epoch: 0, hooked, refused, scope_gen: 0 };
         probe.set_epoch(0)?;
         Ok(probe)
     }
@@ -255,9 +270,16 @@ impl DiskProbe {
         &self.refused
     }
 
-    /// Writes the scope plan to this object's maps.
+    /// Writes the scope plan to this object's maps, then tells the programs
+    /// that the verdicts they remember per task are stale.
     pub fn set_scope(&mut self, plan: &ScopePlan) -> Result<(), BpfError> {
-        plan.apply(&mut self.ebpf, std::path::Path::new("/proc"))
+        let applied = plan.apply(&mut self.ebpf, std::path::Path::new("/proc"));
+        self.scope_gen += 1;
+        let map = self.ebpf.map_mut(SCOPE_GEN).ok_or(BpfError::MissingMap(SCOPE_GEN))?;
+        let mut gen: aya::maps::Array<&mut aya::maps::MapData, u64> =
+            aya::maps::Array::try_from(map).map_err(|source| BpfError::Map { map: SCOPE_GEN, source })?;
+        gen.set(0, self.scope_gen, 0).map_err(|source| BpfError::Map { map: SCOPE_GEN, source })?;
+        applied
     }
 
     /// The exec events ring buffer of the scope programs.
