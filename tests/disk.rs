@@ -1070,6 +1070,60 @@ fn monerod_lmdb_writes_through_calls_and_the_map_on_ext4() {
     drop((cg_default, cg_mapped));
 }
 
+/// A running process moved into the watched group counts from that moment,
+/// and not once moved out again: the verdict the kernel remembers per task
+/// goes stale at every cgroup move.
+#[test]
+fn a_process_moved_in_and_out_of_the_watched_group_counts_only_inside() {
+    require_root();
+    require_tool("python3", "python3");
+    let work = TempDir::new("disk-move");
+    let datadir = work.path().join("ltc");
+    std::fs::create_dir_all(datadir.join("blocks")).unwrap();
+    let cgroup = Cgroup::new();
+    let mut sleeper = spawn_in(Some(&cgroup), "sleep", &["600".to_string()], &work.path().join("sleep.log"));
+    // a long interval: the agent's own rewrite of the scope each interval
+    // must not be what makes the move seen
+    let agent = Agent::start(&format!(
+        "[agent]\ninterval = \"10s\"\n{}{CLASSES}",
+        target_toml("ltc", &format!("cgroup = \"{}\"", cgroup.path.display()), &datadir)
+    ));
+    wait_watching(&agent, &["ltc"]);
+    // one task writes 1000 bytes, then 2000, then 4000, each after a line on stdin
+    let script = "import sys\nf = open(sys.argv[1], 'ab', buffering=0)\nfor n in (1000, 2000, 4000):\n    sys.stdin.readline()\n    f.write(b'x' * n)\n    print(n, flush=True)\n";
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .arg(datadir.join("blocks/blk00000.dat"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut step = |line: &mut String| {
+        stdin.write_all(b"go\n").unwrap();
+        line.clear();
+        stdout.read_line(line).unwrap();
+    };
+    let mut line = String::new();
+    step(&mut line); // 1000 bytes, outside
+    std::fs::write(cgroup.path.join("cgroup.procs"), child.id().to_string()).unwrap();
+    step(&mut line); // 2000 bytes, inside
+    std::fs::write(cgroup2_mount().join("cgroup.procs"), child.id().to_string()).unwrap();
+    step(&mut line); // 4000 bytes, outside again
+    assert_eq!(line.trim(), "4000");
+    assert!(child.wait().unwrap().success());
+    let m = wait_for("the next collection", Duration::from_secs(30), || {
+        let m = agent.metrics();
+        (written(&m, "ltc", "blocks") > 0.0).then_some(m)
+    });
+    assert_eq!(written(&m, "ltc", "blocks"), 2000.0, "only the write made inside the group:\n{m}");
+    assert_eq!(writes(&m, "ltc", "blocks", "write"), 1.0, "{m}");
+    stop_child(&mut sleeper, Duration::from_secs(5));
+    drop(agent);
+    drop(cgroup);
+}
+
 /// A process that joins a watched group (here a child group made after the
 /// agent started: the group's whole subtree is the node's), writes and exits
 /// well within one interval is counted to the byte: scope is kept in the

@@ -104,23 +104,24 @@ struct {
  * lookup (scope_match_task: the task's cgroup2 group, then its process, in
  * two hash maps) is most of what a hook costs a process nobody watches, and
  * such a process passes it on every folio chunk it writes. So its verdict
- * is kept in the task's own storage, valid while the task stays in the same
- * cgroup and the scope has not changed since:
- *  - the agent bumps ns_disk_scope_gen after every change it writes to the
- *    scope maps;
+ * is kept in the task's own storage, valid while the scope generation is
+ * the one it was made in:
+ *  - the agent bumps its half of ns_disk_scope_gen after every change it
+ *    writes to the scope maps;
+ *  - the kernel bumps the other half whenever a task moves to another
+ *    cgroup (cgroup_attach_task: the tracepoint fires once per move, after
+ *    it);
  *  - a new task (fork, clone) starts with no storage, and the scope hooks
  *    have run for it before it runs;
  *  - exec, which may make a process a node (a watched process name) or stop
- *    it being one, drops the task's verdict (disk_scope_exec below, run
- *    after scope.bpf.h's exec hook);
- *  - moving to another cgroup changes the group compared.
+ *    it being one, drops the task's verdict (disk_scope_exec, attached after
+ *    scope.bpf.h's exec hook).
  * Each task writes only its own slot, so nothing is torn by preemption.
  */
 struct ns_disk_scope_slot {
-	__u64 cgid;
-	__u64 gen;
+	__u64 gen;    /* the generation + 1 it was made in (0: never) */
 	__u32 target; /* NO_CALL: not watched */
-	__u32 tgid;
+	__u32 _pad;
 };
 
 struct {
@@ -130,25 +131,30 @@ struct {
 	__type(value, struct ns_disk_scope_slot);
 } ns_disk_scope_cache SEC(".maps");
 
-/* Bumped by the agent after each change to the scope maps. */
+/* [0]: bumped by the agent; [1]: bumped by the kernel on cgroup moves.
+ * Each only grows, so their sum changes with either. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u64);
 } ns_disk_scope_gen SEC(".maps");
 
+static __always_inline __u64 disk_scope_gen(void)
+{
+	__u32 agent = 0, kernel = 1;
+	__u64 *a = bpf_map_lookup_elem(&ns_disk_scope_gen, &agent);
+	__u64 *k = bpf_map_lookup_elem(&ns_disk_scope_gen, &kernel);
+	return (a ? *a : 0) + (k ? *k : 0) + 1;
+}
+
 /* scope_match_task, remembered per task (see above). */
 static __always_inline int disk_match_task(struct task_struct *task, __u32 tgid, __u32 *target)
 {
-	__u32 zero = 0;
-	__u64 *gen = bpf_map_lookup_elem(&ns_disk_scope_gen, &zero);
-	if (!gen)
-		return scope_match_task(tgid, target);
-	__u64 g = *gen;
-	__u64 cgid = bpf_get_current_cgroup_id();
+	/* read before the lookup: a bump meanwhile makes the slot stale, never wrong */
+	__u64 gen = disk_scope_gen();
 	struct ns_disk_scope_slot *s = bpf_task_storage_get(&ns_disk_scope_cache, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (s && s->gen == g && s->cgid == cgid && s->tgid == tgid) {
+	if (s && s->gen == gen) {
 		if (s->target == NO_CALL)
 			return 0;
 		*target = s->target;
@@ -156,10 +162,8 @@ static __always_inline int disk_match_task(struct task_struct *task, __u32 tgid,
 	}
 	int watched = scope_match_task(tgid, target);
 	if (s) {
-		s->cgid = cgid;
-		s->tgid = tgid;
 		s->target = watched ? *target : NO_CALL;
-		s->gen = g; /* read before the lookup: a bump meanwhile makes it stale, never wrong */
+		s->gen = gen;
 	}
 	return watched;
 }
@@ -170,6 +174,19 @@ SEC("tp_btf/sched_process_exec")
 int BPF_PROG(disk_scope_exec, struct task_struct *p, int old_pid, struct linux_binprm *bprm)
 {
 	bpf_task_storage_delete(&ns_disk_scope_cache, bpf_get_current_task_btf());
+	return 0;
+}
+
+/* A task moved to another cgroup (with its threads, for cgroup.procs):
+ * every remembered verdict is stale. Moves are rare (a service or a
+ * container starting). */
+SEC("tp_btf/cgroup_attach_task")
+int BPF_PROG(disk_scope_attach, struct cgroup *dst, const char *path, struct task_struct *task, _Bool threadgroup)
+{
+	__u32 kernel = 1;
+	__u64 *k = bpf_map_lookup_elem(&ns_disk_scope_gen, &kernel);
+	if (k)
+		__sync_fetch_and_add(k, 1);
 	return 0;
 }
 

@@ -80,9 +80,10 @@ const SYNCS: &str = "ns_disk_syncs";
 const EPOCH: &str = "ns_disk_epoch";
 const STATS: &str = "ns_disk_stats";
 const SCOPE_GEN: &str = "ns_disk_scope_gen";
-/// Drops a task's remembered scope verdict at exec (disk_records.bpf.h);
-/// attached after the scope programs, so it runs after their exec hook.
-const SCOPE_EXEC: (&str, &str) = ("disk_scope_exec", "sched_process_exec");
+/// Make a task's remembered scope verdict stale (disk_records.bpf.h): at
+/// exec, and when any task moves to another cgroup. Attached after the
+/// scope programs, so they run after the scope's own exec hook.
+const SCOPE_HOOKS: &[(&str, &str)] = &[("disk_scope_exec", "sched_process_exec"), ("disk_scope_attach", "cgroup_attach_task")];
 
 /// How long the agent waits after flipping the epoch before it takes the
 /// records of the half it left: programs that read the old epoch just
@@ -253,8 +254,9 @@ impl DiskProbe {
             }
         };
         crate::scope::attach(&mut ebpf, &btf)?;
-        let (program, hook) = SCOPE_EXEC;
-        attach_btf(&mut ebpf, &btf, program, hook).map_err(|reason| DiskError::Hook { hook: format!("tp_btf/{hook}"), reason })?;
+        for &(program, hook) in SCOPE_HOOKS {
+            attach_btf(&mut ebpf, &btf, program, hook).map_err(|reason| DiskError::Hook { hook: format!("tp_btf/{hook}"), reason })?;
+        }
         let mut probe = DiskProbe { ebpf, epoch: 0, hooked, refused, scope_gen: 0 };
         probe.set_epoch(0)?;
         Ok(probe)
