@@ -181,3 +181,111 @@ fn missing_kernel_btf_turns_off_the_network_signal_only() {
     assert_eq!(log.matches("network signal off").count(), 1, "logged once: {log}");
     assert!(log.contains("kernel BTF"), "{log}");
 }
+
+/// The environment may hold anything: a variable that is not UTF-8 is
+/// ignored unless it is one of ours, which is refused by name (exit 2).
+#[test]
+fn non_utf8_environment() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let dir = common::TempDir::new("cli-env");
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[agent]\ndiscover = false\n").unwrap();
+    let run = |name: &[u8], value: &[u8]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_nodescope"))
+            .arg("check-config")
+            .arg(&good)
+            .env(OsStr::from_bytes(name), OsStr::from_bytes(value))
+            .output()
+            .unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (code, err) = run(b"FOO", b"\xff");
+    assert_eq!(code, 0, "an unrelated non-UTF-8 variable: {err}");
+    let (code, err) = run(b"FOO\xfe", b"\xff");
+    assert_eq!(code, 0, "an unrelated non-UTF-8 name: {err}");
+    let (code, err) = run(b"NODESCOPE_HTTP_LISTEN", b"\xff");
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("NODESCOPE_HTTP_LISTEN") && err.contains("UTF-8"), "{err}");
+    let (code, err) = run(b"NODESCOPE_\xffX", b"1");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("NODESCOPE_"), "{err}");
+}
+
+/// The config path must name a regular file of at most 1 MiB: a FIFO, a
+/// device, a directory or a huge file are refused at once with one line.
+#[test]
+fn config_path_that_is_not_a_small_file() {
+    let dir = common::TempDir::new("cli-file");
+    let fifo = dir.path().join("fifo.toml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, format!("# {}\n", "x".repeat(1 << 20))).unwrap();
+    let cases = [
+        (fifo.clone(), "FIFO"),
+        ("/dev/zero".into(), "character device"),
+        (dir.path().to_path_buf(), "directory"),
+        (big, "larger than"),
+    ];
+    for (path, why) in cases {
+        for args in [&["check-config"][..], &["run", "--config"][..]] {
+            let started = std::time::Instant::now();
+            let mut child = Command::new(env!("CARGO_BIN_EXE_nodescope"))
+                .args(args)
+                .arg(&path)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let status = loop {
+                if let Some(st) = child.try_wait().unwrap() {
+                    break st;
+                }
+                if started.elapsed() > std::time::Duration::from_secs(5) {
+                    common::stop_child(&mut child, std::time::Duration::from_secs(1));
+                    panic!("{args:?} {} still running after 5 s", path.display());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            assert_eq!(status.code(), Some(2), "{args:?} {}: {err}", path.display());
+            assert_eq!(err.trim().lines().count(), 1, "{err}");
+            assert!(err.contains(why) && err.contains(path.to_str().unwrap()), "{args:?}: {err}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(2), "{args:?} {} took {:?}", path.display(), started.elapsed());
+        }
+    }
+}
+
+/// `listen = "127.0.0.1:0"`: the log names the port the kernel gave, which
+/// answers; the log has no colour codes when stderr is a file.
+#[test]
+fn port_zero_logs_the_bound_port_without_colour() {
+    common::require_root();
+    let dir = common::TempDir::new("cli-port0");
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, "[http]\nlisten = \"127.0.0.1:0\"\n[agent]\ninterval = \"500ms\"\ndiscover = false\n").unwrap();
+    let err_path = dir.path().join("err");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nodescope"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let port: u16 = common::wait_for("the serving line", std::time::Duration::from_secs(20), || {
+        let log = std::fs::read_to_string(&err_path).unwrap_or_default();
+        let line = log.lines().find(|l| l.contains("serving /metrics"))?.to_string();
+        line.rsplit(':').next()?.trim().parse().ok()
+    });
+    let status = common::http_get(port, "/health/live").map(|r| r.0);
+    common::stop_child(&mut child, std::time::Duration::from_secs(10));
+    let log = std::fs::read_to_string(&err_path).unwrap();
+    assert_ne!(port, 0, "{log}");
+    assert_eq!(status.ok(), Some(200), "{log}");
+    assert!(!log.contains('\x1b'), "ANSI codes in a log that is not a terminal: {log:?}");
+}

@@ -84,7 +84,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(config.http.listen))
         .with_context(|| format!("http.listen: binding {}", config.http.listen))?;
-    tracing::info!("serving /metrics and /peers on http://{}", config.http.listen);
+    // the port the kernel gave when http.listen asks for port 0
+    let bound = listener.local_addr().unwrap_or(config.http.listen);
+    tracing::info!("serving /metrics and /peers on http://{bound}");
     let state = Arc::new(AppState {
         telemetry: telemetry.clone(),
         net: net_snapshot.clone(),

@@ -15,6 +15,9 @@ use crate::health::rules::{self as health_rules, Severity};
 pub enum ConfigError {
     #[error("{path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
+    /// The config path names something other than a small regular file.
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
     /// `key` is the dotted path of the offending key, e.g. `targets[0].p2p_ports`.
     #[error("{key}: {reason}")]
     Invalid { key: String, reason: String },
@@ -353,16 +356,84 @@ fn default_chain() -> Chain {
 const ENV_SECTIONS: &[&str] = &["http", "agent", "limits", "log", "otlp", "resources", "disk"];
 const ENV_PREFIX: &str = "NODESCOPE_";
 
+/// A config file is a few KiB; past this it is refused unread.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The `NODESCOPE_*` variables of the process environment. Others are not
+/// looked at (they may be anything, valid UTF-8 or not); one of ours that is
+/// not UTF-8 is an error naming it.
+pub fn nodescope_env() -> Result<Vec<(String, String)>, ConfigError> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        if !name.as_bytes().starts_with(ENV_PREFIX.as_bytes()) {
+            continue;
+        }
+        let Some(name) = name.to_str() else {
+            return Err(ConfigError::invalid(name.to_string_lossy(), "environment variable name is not valid UTF-8"));
+        };
+        let Ok(value) = value.into_string() else {
+            return Err(ConfigError::invalid(name, "value is not valid UTF-8"));
+        };
+        vars.push((name.to_string(), value));
+    }
+    Ok(vars)
+}
+
+/// The config file's text: a regular file of at most MAX_CONFIG_BYTES in
+/// UTF-8. Opened without blocking, so a FIFO (or a device) is refused at
+/// once rather than waited on or read forever.
+pub fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let refuse = |reason: String| ConfigError::File { path: path.to_path_buf(), reason };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let meta = file.metadata().map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        return Err(refuse(format!("is {what}, not a regular file")));
+    }
+    let too_big = || refuse(format!("larger than {} KiB; a config file is a few KiB", MAX_CONFIG_BYTES >> 10));
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // a file that grows while it is read is still cut at the bound
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    String::from_utf8(bytes).map_err(|e| refuse(format!("not UTF-8 (byte {})", e.utf8_error().valid_up_to())))
+}
+
 impl Config {
     /// Reads `path` (or starts from defaults when None), applies the
     /// environment and validates.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let text = match path {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?,
+            Some(p) => read_config_file(p)?,
             None => String::new(),
         };
-        Self::from_toml_with_env(&text, std::env::vars())
+        Self::from_toml_with_env(&text, nodescope_env()?)
     }
 
     pub fn from_toml_with_env(
