@@ -96,8 +96,9 @@ fn systemd_notify_ready_and_watchdog() {
     assert!(status.success(), "agent exit on SIGTERM: {status}");
 }
 
-/// The HTTP listener's bounds: past http.requests_per_second requests get
-/// 429, past http.max_connections connections are closed at accept; both
+/// The HTTP listener's bounds: past http.requests_per_second a client's
+/// requests get 429 with Retry-After, probes never; past
+/// http.max_connections only probes are answered (others 503); both
 /// counted, and the counts equal what the client saw.
 #[test]
 fn http_bounds_are_enforced_and_counted() {
@@ -108,31 +109,40 @@ fn http_bounds_are_enforced_and_counted() {
     );
     // Agent::start spent some of the burst; let the bucket refill
     std::thread::sleep(std::time::Duration::from_secs(3));
-    let statuses: Vec<u16> = (0..20).map(|_| common::http_get(agent.port, "/health/live").unwrap().0).collect();
-    let limited = statuses.iter().filter(|s| **s == 429).count();
-    assert!(limited >= 10, "a burst of 20 against 2/s with burst 4 should mostly be refused: {statuses:?}");
-    assert!(statuses.iter().all(|s| *s == 429 || *s == 200 || *s == 503), "{statuses:?}");
+    let raw = |req: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut buf = String::new();
+        let _ = s.read_to_string(&mut buf);
+        buf
+    };
+    let replies: Vec<String> = (0..20).map(|_| raw("GET /peers HTTP/1.0\r\n\r\n")).collect();
+    let limited: Vec<&String> = replies.iter().filter(|r| r.starts_with("HTTP/1.0 429")).collect();
+    assert!(limited.len() >= 10, "a burst of 20 against 2/s with burst 4 should mostly be refused: {replies:?}");
+    assert!(limited.iter().all(|r| r.to_ascii_lowercase().contains("\r\nretry-after: ")), "{limited:?}");
+    // the same client's probes are never limited
+    let probes: Vec<u16> = (0..20).map(|_| common::http_get(agent.port, "/health/live").unwrap().0).collect();
+    assert!(probes.iter().all(|s| *s == 200), "{probes:?}");
 
-    // hold 3 connections open; the 4th is closed without a response
+    // hold 3 connections open; on a 4th only probes are answered
     let held: Vec<std::net::TcpStream> = (0..3).map(|_| std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap()).collect();
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let mut extra = std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
-    extra.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
-    let _ = extra.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
-    let mut buf = Vec::new();
-    let _ = extra.read_to_end(&mut buf);
-    assert!(buf.is_empty(), "the connection past the bound got an answer: {}", String::from_utf8_lossy(&buf));
+    let refused = raw("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.to_ascii_lowercase().contains("connection: close"), "{refused}");
+    let probe = raw("GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(probe.starts_with("HTTP/1.1 200"), "{probe}");
     drop(held);
-    drop(extra);
 
     std::thread::sleep(std::time::Duration::from_secs(3));
     let m = common::wait_for("a scrape within the rate", std::time::Duration::from_secs(20), || {
         common::http_get(agent.port, "/metrics").ok().filter(|(s, _)| *s == 200).map(|(_, b)| b)
     });
     let rate = common::metric_sum(&m, "nodescope_http_rejected_total", &[("reason", "rate")]);
-    let conns = common::metric_sum(&m, "nodescope_http_rejected_total", &[("reason", "connections")]);
-    assert!(rate >= limited as f64, "429s seen by the client {limited}, counted {rate}");
-    assert_eq!(conns, 1.0, "{m}");
+    let room = common::metric_sum(&m, "nodescope_http_rejected_total", &[("reason", "probe_room")]);
+    assert!(rate >= limited.len() as f64, "429s seen by the client {}, counted {rate}", limited.len());
+    assert_eq!(room, 1.0, "{m}");
 }
 
 /// A missing kernel feature turns off one signal and never the agent: the

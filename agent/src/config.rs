@@ -48,13 +48,27 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
-    /// Connections served at once; more are closed at accept and counted.
+    /// Connections served at once. Past it a connection is taken into the
+    /// probe room, where only /health, /health/live and /health/ready are
+    /// answered (others get 503), one request per connection.
     pub max_connections: usize,
-    /// Requests per second over all clients (token bucket); past it, 429.
+    /// Room kept for probes past `max_connections`; when it is full, the
+    /// oldest of its connections that has sent nothing yet makes way.
+    pub probe_connections: usize,
+    /// Requests per second per client IP address (IPv6: per /64; token
+    /// bucket); past it, 429 with Retry-After. Probes are never limited.
     /// 0 turns the limit off.
     pub requests_per_second: u32,
     /// Requests a burst may take above the steady rate.
     pub burst: u32,
+    /// A connection with nothing read or written for this long is closed
+    /// (keep-alive, or one that never sends a request).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A connection whose client reads none of a response for this long
+    /// is closed.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -62,8 +76,11 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             max_connections: 128,
+            probe_connections: 16,
             requests_per_second: 100,
             burst: 200,
+            idle_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -477,6 +494,14 @@ impl Config {
         }
         if self.http.max_connections == 0 || self.http.max_connections > 65_536 {
             return Err(ConfigError::invalid("http.max_connections", "must be between 1 and 65536"));
+        }
+        if self.http.probe_connections == 0 || self.http.probe_connections > 1024 {
+            return Err(ConfigError::invalid("http.probe_connections", "must be between 1 and 1024"));
+        }
+        for (key, d) in [("http.idle_timeout", self.http.idle_timeout), ("http.write_timeout", self.http.write_timeout)] {
+            if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
+                return Err(ConfigError::invalid(key, "must be between 1s and 1h"));
+            }
         }
         if self.http.requests_per_second > 0 && self.http.burst == 0 {
             return Err(ConfigError::invalid("http.burst", "must be at least 1 while http.requests_per_second is set"));

@@ -2,20 +2,24 @@
 //! Handlers only read published snapshots.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::agent::LoopStatus;
 use crate::config::HttpConfig;
@@ -93,47 +97,416 @@ pub fn peers(net: &NetSnapshot) -> serde_json::Value {
     json!({ "targets": targets })
 }
 
-/// The listener's bounds: connections served at once and a token bucket on
-/// requests. What they turn away is counted and exported.
+/// The endpoints a liveness or readiness probe asks: answered past every
+/// bound (connections, request rate).
+pub fn is_probe(path: &str) -> bool {
+    matches!(path, "/health" | "/health/live" | "/health/ready")
+}
+
+/// How long a connection in the probe room may take to send its request:
+/// a probe sends it at once.
+const PROBE_ROOM_FIRST_REQUEST: Duration = Duration::from_secs(1);
+/// hyper's read and write buffers per connection: a request head fits, and
+/// a client that pipelines requests and never reads the replies holds at
+/// most this much plus the one response in flight.
+const MAX_BUF: usize = 16 * 1024;
+/// The kernel's send buffer per connection (it doubles it): with the
+/// client's receive window, what a client that never reads makes the
+/// agent write before it waits, rather than the megabytes of autotuning.
+const SEND_BUF: libc::c_int = 64 * 1024;
+/// File descriptors left to the rest of the agent when the connection
+/// bounds are fitted under RLIMIT_NOFILE.
+const FD_MARGIN: usize = 16;
+
+/// Requests per second per client: one bucket per IPv4 address or IPv6 /64.
+type KeyedLimiter = governor::DefaultKeyedRateLimiter<IpAddr>;
+
+/// The key of a client's bucket: its IPv4 address, or its IPv6 /64 (one
+/// host holds a whole /64).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// Which room a connection was admitted into.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Room {
+    General,
+    Probe,
+}
+
+/// What a connection's task and its IO share: when bytes last moved, since
+/// when a write has waited on the client, whether a request came, and the
+/// way to close it from outside.
+struct Activity {
+    epoch: Instant,
+    /// ms since epoch of the last byte read or written
+    last_io: AtomicU64,
+    /// ms since epoch + 1 of the first write that found the socket full; 0: none
+    write_blocked: AtomicU64,
+    requested: AtomicBool,
+    evict: tokio::sync::Notify,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            epoch: Instant::now(),
+            last_io: AtomicU64::new(0),
+            write_blocked: AtomicU64::new(0),
+            requested: AtomicBool::new(false),
+            evict: tokio::sync::Notify::new(),
+        }
+    }
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+    fn moved(&self) {
+        self.last_io.store(self.now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// Why a connection was closed by the listener rather than by its client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expiry {
+    Idle,
+    Write,
+    ProbeRoom,
+}
+
+/// The verdict of the watchdog at `now_ms` on a connection.
+fn expired(act: &Activity, room: Room, now_ms: u64, idle: Duration, write: Duration) -> Option<Expiry> {
+    let blocked = act.write_blocked.load(Ordering::Relaxed);
+    if blocked > 0 && now_ms.saturating_sub(blocked - 1) >= write.as_millis() as u64 {
+        return Some(Expiry::Write);
+    }
+    if room == Room::Probe && !act.requested.load(Ordering::Relaxed) && now_ms >= PROBE_ROOM_FIRST_REQUEST.as_millis() as u64 {
+        return Some(Expiry::ProbeRoom);
+    }
+    if blocked == 0 && now_ms.saturating_sub(act.last_io.load(Ordering::Relaxed)) >= idle.as_millis() as u64 {
+        return Some(Expiry::Idle);
+    }
+    None
+}
+
+/// The TCP stream with its reads and writes noted in `Activity`.
+struct Watched {
+    io: TcpStream,
+    act: Arc<Activity>,
+}
+
+impl Watched {
+    fn note_write(&self, r: &Poll<std::io::Result<usize>>) {
+        match r {
+            Poll::Pending => {
+                let since = self.act.now_ms() + 1;
+                let _ = self.act.write_blocked.compare_exchange(0, since, Ordering::Relaxed, Ordering::Relaxed);
+            }
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.act.write_blocked.store(0, Ordering::Relaxed);
+                self.act.moved();
+            }
+            Poll::Ready(_) => {}
+        }
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.act.moved();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, data);
+        self.note_write(&r);
+        r
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.note_write(&r);
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The connections being served: a count in the general room, and the
+/// probe room's connections by age (the oldest that has sent nothing makes
+/// way for a new one when it is full).
+#[derive(Default)]
+struct Rooms {
+    general: usize,
+    probe: Vec<(u64, Arc<Activity>)>,
+    next_id: u64,
+}
+
+/// A connection's place; dropping it frees the place.
+struct Place {
+    guard: Arc<HttpGuard>,
+    room: Room,
+    id: u64,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut rooms = self.guard.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        match self.room {
+            Room::General => rooms.general -= 1,
+            Room::Probe => rooms.probe.retain(|(id, _)| *id != self.id),
+        }
+    }
+}
+
+/// Counts of what the listener turned away or closed, exported as
+/// nodescope_http_rejected_total and nodescope_http_closed_total.
+#[derive(Default)]
+struct Counters {
+    /// closed at accept: both rooms full of connections in the middle of a request
+    connections: AtomicU64,
+    /// a request other than a probe in the probe room: 503
+    probe_room: AtomicU64,
+    /// 429
+    rate: AtomicU64,
+    /// probe room connections that made way for a newer one
+    evicted: AtomicU64,
+    idle: AtomicU64,
+    write: AtomicU64,
+    accept_errors: AtomicU64,
+}
+
+/// The listener's bounds: connections served at once (with room kept for
+/// probes), a token bucket per client on requests other than probes, idle
+/// and write timeouts. What they turn away is counted and exported.
 pub struct HttpGuard {
-    connections: Arc<tokio::sync::Semaphore>,
-    limiter: Option<governor::DefaultDirectRateLimiter>,
-    rejected_connections: Arc<AtomicU64>,
-    rejected_requests: Arc<AtomicU64>,
+    max_general: usize,
+    max_probe: usize,
+    idle_timeout: Duration,
+    write_timeout: Duration,
+    rooms: Mutex<Rooms>,
+    limiter: Option<KeyedLimiter>,
+    /// one /metrics or /peers encoding at a time
+    encoding: tokio::sync::Semaphore,
+    counters: Arc<Counters>,
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard one, and returns the number
+/// of descriptors still free for connections (None: unknown).
+fn free_descriptors() -> Option<usize> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    let open = std::fs::read_dir("/proc/self/fd").ok()?.count();
+    let limit = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
+    Some(limit.saturating_sub(open))
+}
+
+/// Fits (general, probe) under `free` descriptors less FD_MARGIN, the
+/// probe room keeping at least a quarter.
+fn fit_rooms(general: usize, probe: usize, free: usize) -> (usize, usize) {
+    let budget = free.saturating_sub(FD_MARGIN).max(2);
+    if general + probe <= budget {
+        return (general, probe);
+    }
+    let probe = probe.min((budget / 4).max(1));
+    (budget.saturating_sub(probe).clamp(1, general), probe)
 }
 
 impl HttpGuard {
     pub fn new(config: &HttpConfig, meter: &opentelemetry::metrics::Meter) -> HttpGuard {
         let limiter = NonZeroU32::new(config.requests_per_second).map(|rate| {
             let burst = NonZeroU32::new(config.burst).unwrap_or(rate);
-            governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
+            governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst))
         });
+        let (mut max_general, mut max_probe) = (config.max_connections, config.probe_connections);
+        if let Some(free) = free_descriptors() {
+            let (g, p) = fit_rooms(max_general, max_probe, free);
+            if (g, p) != (max_general, max_probe) {
+                tracing::warn!(
+                    "http.max_connections {max_general} + http.probe_connections {max_probe} do not fit the open-file limit ({free} descriptors free): serving {g} + {p} connections"
+                );
+                (max_general, max_probe) = (g, p);
+            }
+        }
         let guard = HttpGuard {
-            connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+            max_general,
+            max_probe,
+            idle_timeout: config.idle_timeout,
+            write_timeout: config.write_timeout,
+            rooms: Mutex::default(),
             limiter,
-            rejected_connections: Arc::default(),
-            rejected_requests: Arc::default(),
+            encoding: tokio::sync::Semaphore::new(1),
+            counters: Arc::default(),
         };
-        let (conns, reqs) = (guard.rejected_connections.clone(), guard.rejected_requests.clone());
+        let c = guard.counters.clone();
         meter
             .u64_observable_counter("nodescope.http.rejected")
-            .with_description("HTTP connections closed at http.max_connections, and requests answered 429 past http.requests_per_second")
+            .with_description("HTTP connections closed at accept with both rooms busy (connections), requests other than probes past http.max_connections answered 503 (probe_room), and requests answered 429 past http.requests_per_second of their client (rate)")
             .with_callback(move |o| {
-                o.observe(conns.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("reason", "connections")]);
-                o.observe(reqs.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("reason", "rate")]);
+                o.observe(c.connections.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("reason", "connections")]);
+                o.observe(c.probe_room.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("reason", "probe_room")]);
+                o.observe(c.rate.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("reason", "rate")]);
             })
+            .build();
+        let c = guard.counters.clone();
+        meter
+            .u64_observable_counter("nodescope.http.closed")
+            .with_description("HTTP connections the agent closed: idle past http.idle_timeout (idle), a client not reading past http.write_timeout (write), probe room connections that sent no request in time or made way for a newer one (probe_room)")
+            .with_callback(move |o| {
+                o.observe(c.idle.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("reason", "idle")]);
+                o.observe(c.write.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("reason", "write")]);
+                o.observe(c.evicted.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("reason", "probe_room")]);
+            })
+            .build();
+        let c = guard.counters.clone();
+        meter
+            .u64_observable_counter("nodescope.http.accept_errors")
+            .with_description("accept() failures on the HTTP listener (EMFILE: the open-file limit), each followed by a back-off")
+            .with_callback(move |o| o.observe(c.accept_errors.load(Ordering::Relaxed), &[]))
             .build();
         guard
     }
 
-    fn admit(&self) -> Option<Resp> {
+    /// A place for a new connection: the general room, else the probe room
+    /// (making way by closing its oldest connection that has sent nothing),
+    /// else none.
+    fn admit_connection(self: &Arc<Self>, act: &Arc<Activity>) -> Option<Place> {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        rooms.next_id += 1;
+        let id = rooms.next_id;
+        if rooms.general < self.max_general {
+            rooms.general += 1;
+            return Some(Place { guard: self.clone(), room: Room::General, id });
+        }
+        if rooms.probe.len() >= self.max_probe {
+            let silent = rooms.probe.iter().position(|(_, a)| !a.requested.load(Ordering::Relaxed))?;
+            // oldest first: the vector is in admission order
+            let (_, old) = rooms.probe.remove(silent);
+            old.evict.notify_one();
+            self.counters.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        rooms.probe.push((id, act.clone()));
+        Some(Place { guard: self.clone(), room: Room::Probe, id })
+    }
+
+    /// 429 when `ip` is past its bucket.
+    fn admit_request(&self, ip: IpAddr) -> Option<Resp> {
         let limiter = self.limiter.as_ref()?;
-        limiter.check().err().map(|_| {
-            self.rejected_requests.fetch_add(1, Ordering::Relaxed);
-            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate limit (http.requests_per_second)");
-            r.headers_mut().insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
-            r
-        })
+        let not_until = limiter.check_key(&client_key(ip)).err()?;
+        self.counters.rate.fetch_add(1, Ordering::Relaxed);
+        use governor::clock::Clock;
+        let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate limit (http.requests_per_second per client)");
+        r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        Some(r)
+    }
+
+    /// The answer to one request on a connection in `room` from `ip`: probes
+    /// and refusals at once; /metrics and /peers encoded one at a time on
+    /// the blocking pool, so the listener's workers stay free for probes
+    /// whatever many clients ask for.
+    async fn answer(self: Arc<Self>, state: Arc<AppState>, room: Room, ip: IpAddr, method: Method, path: String) -> Resp {
+        // one request per turn: a connection with many requests pipelined
+        // waits behind the others (a probe among them) between any two
+        tokio::task::yield_now().await;
+        if is_probe(&path) {
+            let mut r = route(&state, &method, &path);
+            if room == Room::Probe {
+                r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            return r;
+        }
+        if room == Room::Probe {
+            self.counters.probe_room.fetch_add(1, Ordering::Relaxed);
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "connection limit (http.max_connections): only /health, /health/live and /health/ready are answered past it");
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
+        if let Some(limited) = self.admit_request(ip) {
+            return limited;
+        }
+        let Ok(_turn) = self.encoding.acquire().await else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+        };
+        tokio::task::spawn_blocking(move || route(&state, &method, &path))
+            .await
+            .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "handler failed"))
+    }
+}
+
+/// Doubling pause after a failed accept (EMFILE leaves the connection in
+/// the backlog: retrying at once spins), from 10 ms to 1 s.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+    fn new() -> Backoff {
+        Backoff { next: Self::FIRST }
+    }
+    fn fail(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        d
+    }
+    fn succeed(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// At most one line per `every`; the lines held back are counted in the next.
+struct LogLimiter {
+    every: Duration,
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl LogLimiter {
+    fn new(every: Duration) -> LogLimiter {
+        LogLimiter { every, last: None, held: 0 }
+    }
+    /// Some(lines held back since the last one) when a line may be written now.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self.last.is_some_and(|l| now.duration_since(l) < self.every) {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
     }
 }
 
@@ -143,44 +516,180 @@ pub async fn serve(
     guard: Arc<HttpGuard>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    // buckets of clients that have not asked for a while are forgotten
+    if guard.limiter.is_some() {
+        let guard = guard.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                if let Some(l) = &guard.limiter {
+                    l.retain_recent();
+                    l.shrink_to_fit();
+                }
+            }
+        });
+    }
+    let mut backoff = Backoff::new();
+    let mut log = LogLimiter::new(Duration::from_secs(1));
     loop {
-        let (stream, _peer): (_, SocketAddr) = tokio::select! {
+        let (stream, peer): (_, SocketAddr) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(conn) => conn,
+                Ok(conn) => {
+                    backoff.succeed();
+                    conn
+                }
                 Err(e) => {
-                    tracing::warn!("accept: {e}");
+                    guard.counters.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    let pause = backoff.fail();
+                    if let Some(held) = log.allow(Instant::now()) {
+                        let more = if held > 0 { format!(" ({held} more since the last line)") } else { String::new() };
+                        tracing::warn!("accept: {e}{more}; retrying in {pause:?}");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.changed() => return,
+                    }
                     continue;
                 }
             },
             _ = stop.changed() => return,
         };
-        let Ok(permit) = guard.connections.clone().try_acquire_owned() else {
-            guard.rejected_connections.fetch_add(1, Ordering::Relaxed);
+        let act = Arc::new(Activity::new());
+        let Some(place) = guard.admit_connection(&act) else {
+            guard.counters.connections.fetch_add(1, Ordering::Relaxed);
             drop(stream);
             continue;
         };
-        let state = state.clone();
-        let guard = guard.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
-                let guard = guard.clone();
-                async move {
-                    let resp = match guard.admit() {
-                        Some(limited) => limited,
-                        None => route(&state, req.method(), req.uri().path()),
-                    };
-                    Ok::<_, Infallible>(resp)
+        tokio::spawn(connection(stream, peer.ip(), act, place, state.clone()));
+    }
+}
+
+/// Serves one connection until its client closes it, or it is idle, or its
+/// client stops reading, or it makes way in the probe room.
+async fn connection(stream: TcpStream, ip: IpAddr, act: Arc<Activity>, place: Place, state: Arc<AppState>) {
+    let _ = stream.set_nodelay(true);
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setsockopt on a socket this task owns, with an int option value.
+        unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                &SEND_BUF as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    let guard = place.guard.clone();
+    let room = place.room;
+    let svc = {
+        let (guard, act) = (guard.clone(), act.clone());
+        service_fn(move |req: Request<Incoming>| {
+            act.requested.store(true, Ordering::Relaxed);
+            let answer = guard.clone().answer(state.clone(), room, ip, req.method().clone(), req.uri().path().to_string());
+            async move { Ok::<_, Infallible>(answer.await) }
+        })
+    };
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(guard.idle_timeout.min(Duration::from_secs(10)))
+        .max_buf_size(MAX_BUF)
+        .keep_alive(room == Room::General);
+    let conn = builder.serve_connection(TokioIo::new(Watched { io: stream, act: act.clone() }), svc);
+    tokio::pin!(conn);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!("http connection: {e}");
                 }
-            });
-            let conn = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!("http connection: {e}");
+                break;
             }
-            drop(permit);
-        });
+            _ = act.evict.notified() => break,
+            _ = tick.tick() => match expired(&act, room, act.now_ms(), guard.idle_timeout, guard.write_timeout) {
+                Some(Expiry::Idle) => {
+                    guard.counters.idle.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Some(Expiry::Write) => {
+                    guard.counters.write.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Some(Expiry::ProbeRoom) => {
+                    guard.counters.evicted.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                None => {}
+            },
+        }
+    }
+    drop(place);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_second_and_resets() {
+        let mut b = Backoff::new();
+        let waits: Vec<u64> = (0..9).map(|_| b.fail().as_millis() as u64).collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        b.succeed();
+        assert_eq!(b.fail(), Duration::from_millis(10));
+        // a second of failures costs a handful of retries, not a busy loop
+        let mut b = Backoff::new();
+        let (mut t, mut n) = (Duration::ZERO, 0);
+        while t < Duration::from_secs(5) {
+            t += b.fail();
+            n += 1;
+        }
+        assert!(n <= 12, "{n} retries in 5 s");
+    }
+
+    #[test]
+    fn log_limiter_one_line_per_period_counting_the_rest() {
+        let mut l = LogLimiter::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert_eq!(l.allow(t0), Some(0));
+        for i in 1..1000 {
+            assert_eq!(l.allow(t0 + Duration::from_micros(i)), None);
+        }
+        assert_eq!(l.allow(t0 + Duration::from_secs(1)), Some(999));
+    }
+
+    #[test]
+    fn client_keys() {
+        let k = |s: &str| client_key(s.parse().unwrap()).to_string();
+        assert_eq!(k("192.0.2.7"), "192.0.2.7");
+        assert_eq!(k("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(k("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::");
+        assert_eq!(k("2001:db8:1:2::9"), k("2001:db8:1:2:ffff::1"));
+    }
+
+    #[test]
+    fn rooms_fit_the_open_file_limit() {
+        assert_eq!(fit_rooms(128, 16, 10_000), (128, 16));
+        assert_eq!(fit_rooms(128, 16, 64), (36, 12));
+        assert_eq!(fit_rooms(128, 16, 20), (3, 1));
+        assert_eq!(fit_rooms(128, 16, 0), (1, 1));
+    }
+
+    #[test]
+    fn watchdog_verdicts() {
+        let act = Activity::new();
+        let (idle, write) = (Duration::from_secs(30), Duration::from_secs(10));
+        assert_eq!(expired(&act, Room::General, 5_000, idle, write), None);
+        assert_eq!(expired(&act, Room::Probe, 1_000, idle, write), Some(Expiry::ProbeRoom));
+        assert_eq!(expired(&act, Room::General, 30_000, idle, write), Some(Expiry::Idle));
+        act.last_io.store(29_000, Ordering::Relaxed);
+        act.write_blocked.store(20_001, Ordering::Relaxed);
+        assert_eq!(expired(&act, Room::General, 29_999, idle, write), None);
+        assert_eq!(expired(&act, Room::General, 30_000, idle, write), Some(Expiry::Write));
     }
 }

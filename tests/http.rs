@@ -1,0 +1,400 @@
+//! The HTTP listener under hostile clients, against the real agent on
+//! loopback: idle connections that reconnect when closed, connections that
+//! pipeline requests and never read, one client at 1,000 requests/s, and a
+//! low open-file limit. During each, probes from another connection answer
+//! within 100 ms and the agent's memory stays bounded; it serves after.
+//! Every client loop is bounded by a stop flag and a deadline.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const PROBES: usize = 20;
+const PROBE_DEADLINE: Duration = Duration::from_millis(100);
+const RSS_BOUND_KIB: u64 = 64 * 1024;
+
+/// The agent's resident memory, from /proc/PID/status.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap()
+}
+
+/// utime + stime of `pid` in seconds, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // fields after the command name, which may hold spaces and parentheses
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ')'
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// One probe on a new connection: the status and the time from connect to
+/// the whole answer.
+fn probe(port: u16, path: &str) -> (u16, Duration) {
+    let started = Instant::now();
+    let status = (|| -> std::io::Result<u16> {
+        let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf)?;
+        Ok(buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0))
+    })()
+    .unwrap_or(0);
+    (status, started.elapsed())
+}
+
+/// PROBES probes of /health/live, 100 ms apart, while sampling RSS; asserts
+/// every one answered 200 within the deadline. Returns (worst latency, max RSS).
+fn probes_during(what: &str, agent_pid: u32, port: u16) -> (Duration, u64) {
+    let mut results = Vec::new();
+    let mut max_rss = 0;
+    let (cpu0, t0) = (cpu_seconds(agent_pid), Instant::now());
+    for _ in 0..PROBES {
+        results.push(probe(port, "/health/live"));
+        max_rss = max_rss.max(rss_kib(agent_pid));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cpu = (cpu_seconds(agent_pid) - cpu0) / t0.elapsed().as_secs_f64();
+    let ok = results.iter().filter(|(s, t)| *s == 200 && *t <= PROBE_DEADLINE).count();
+    let worst = results.iter().map(|r| r.1).max().unwrap();
+    let ms: Vec<String> = results.iter().map(|(s, t)| format!("{s}/{:.1}ms", t.as_secs_f64() * 1e3)).collect();
+    eprintln!("{what}: {ok}/{PROBES} probes 200 within {PROBE_DEADLINE:?}, worst {worst:?}, RSS max {max_rss} KiB, agent CPU {:.0} % of a core: {ms:?}", cpu * 100.0);
+    assert_eq!(ok, PROBES, "{what}: probes {ms:?}");
+    (worst, max_rss)
+}
+
+/// Clients run on threads until `stop`, each bounded by a deadline.
+struct Flood {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    /// connections made, for the report
+    connects: Arc<AtomicU64>,
+}
+
+impl Flood {
+    fn new() -> Flood {
+        Flood { stop: Arc::default(), threads: Vec::new(), connects: Arc::default() }
+    }
+    fn spawn(&mut self, f: impl FnOnce(Arc<AtomicBool>, Arc<AtomicU64>) + Send + 'static) {
+        let (stop, connects) = (self.stop.clone(), self.connects.clone());
+        self.threads.push(std::thread::spawn(move || f(stop, connects)));
+    }
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.join();
+        }
+        self.connects.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The flood's clients give up after this whatever happens.
+const FLOOD_LIMIT: Duration = Duration::from_secs(60);
+
+fn start_agent(extra: &str) -> Agent {
+    Agent::start(&format!("[agent]\ninterval = \"500ms\"\ndiscover = false\n{extra}"))
+}
+
+/// After a flood: probes, /metrics and /peers all answer.
+fn assert_responsive(agent: &Agent) {
+    std::thread::sleep(Duration::from_millis(500));
+    let (s, t) = probe(agent.port, "/health/live");
+    assert!(s == 200 && t <= PROBE_DEADLINE, "after the flood: {s} in {t:?}");
+    wait_for("/metrics after the flood", Duration::from_secs(10), || http_get(agent.port, "/metrics").ok().filter(|r| r.0 == 200));
+    wait_for("/peers after the flood", Duration::from_secs(10), || http_get(agent.port, "/peers").ok().filter(|r| r.0 == 200));
+}
+
+/// 130 connections that send nothing, more than http.max_connections (128),
+/// each reconnecting as soon as it is closed.
+#[test]
+fn idle_connection_flood() {
+    require_root();
+    let agent = start_agent("");
+    let pid = agent.child.id();
+    let port = agent.port;
+    let before = rss_kib(pid);
+    let mut flood = Flood::new();
+    for _ in 0..130 {
+        flood.spawn(move |stop, connects| {
+            let deadline = Instant::now() + FLOOD_LIMIT;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                connects.fetch_add(1, Ordering::Relaxed);
+                let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                let mut b = [0u8; 64];
+                loop {
+                    if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                        return;
+                    }
+                    match s.read(&mut b) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                        Err(_) => break,
+                    }
+                }
+            }
+        });
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, max_rss) = probes_during("idle flood", pid, port);
+    let connects = flood.finish();
+    eprintln!("idle flood: {connects} connections made; RSS before {before} KiB");
+    assert!(max_rss < RSS_BOUND_KIB, "RSS {max_rss} KiB");
+    assert_responsive(&agent);
+}
+
+/// 128 connections that pipeline requests and never read a reply,
+/// reconnecting when the agent closes them (http.write_timeout).
+#[test]
+fn pipelining_client_that_never_reads() {
+    require_root();
+    let agent = start_agent("");
+    let pid = agent.child.id();
+    let port = agent.port;
+    let before = rss_kib(pid);
+    let mut flood = Flood::new();
+    for i in 0..128 {
+        flood.spawn(move |stop, connects| {
+            let deadline = Instant::now() + FLOOD_LIMIT;
+            let path = if i % 2 == 0 { "/metrics" } else { "/health/live" };
+            let reqs = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").repeat(64);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                connects.fetch_add(1, Ordering::Relaxed);
+                let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    match s.write(reqs.as_bytes()) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                        Err(_) => break,
+                    }
+                }
+            }
+        });
+    }
+    // long enough for buffers to fill and http.write_timeout (10 s) to close some
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, max_rss) = probes_during("pipelining flood", pid, port);
+    let mut max_rss = max_rss;
+    let until = Instant::now() + Duration::from_secs(9);
+    while Instant::now() < until {
+        max_rss = max_rss.max(rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (_, rss2) = probes_during("pipelining flood, after the write timeout", pid, port);
+    let connects = flood.finish();
+    let m = wait_for("a scrape after the flood", Duration::from_secs(10), || http_get(port, "/metrics").ok().filter(|r| r.0 == 200)).1;
+    let closed = metric_sum(&m, "nodescope_http_closed_total", &[("reason", "write")]);
+    eprintln!("pipelining flood: {connects} connections made, {closed} closed at the write timeout; RSS before {before} KiB, max {} KiB", max_rss.max(rss2));
+    assert!(max_rss.max(rss2) < RSS_BOUND_KIB, "RSS {} KiB", max_rss.max(rss2));
+    assert!(closed >= 1.0, "no connection closed at http.write_timeout: {closed}");
+    assert_responsive(&agent);
+}
+
+/// A connection from 127.0.0.2 (another client for the per-client buckets).
+fn connect_from(src: [u8; 4], port: u16) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor we own; it is handed to
+    // TcpStream (which closes it) or closed here on failure.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let addr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(ip) },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let local = addr(src, 0);
+        let remote = addr([127, 0, 0, 1], port);
+        if libc::bind(fd, &local as *const _ as *const libc::sockaddr, len) != 0
+            || libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len) != 0
+        {
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            return Err(e);
+        }
+        Ok(TcpStream::from_raw_fd(fd))
+    }
+}
+
+/// One keep-alive client asking /metrics 1,000 times a second: past its
+/// bucket it gets 429 with Retry-After, while probes from another connection
+/// and a scraper at another address (127.0.0.2) are served.
+#[test]
+fn one_client_at_1000_requests_per_second() {
+    require_root();
+    let agent = start_agent("");
+    let pid = agent.child.id();
+    let port = agent.port;
+    let statuses: Arc<std::sync::Mutex<std::collections::BTreeMap<u16, u64>>> = Arc::default();
+    let retry_after = Arc::new(AtomicU64::new(0));
+    let mut flood = Flood::new();
+    {
+        let (statuses, retry_after) = (statuses.clone(), retry_after.clone());
+        flood.spawn(move |stop, connects| {
+            let deadline = Instant::now() + FLOOD_LIMIT;
+            let started = Instant::now();
+            let mut sent: u64 = 0;
+            'conn: while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let Ok(s) = TcpStream::connect(("127.0.0.1", port)) else { continue };
+                connects.fetch_add(1, Ordering::Relaxed);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    // paced at 1 ms per request
+                    let due = started + Duration::from_millis(sent);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    sent += 1;
+                    if w.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").is_err() {
+                        continue 'conn;
+                    }
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        continue 'conn;
+                    }
+                    let status: u16 = line.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+                    let mut len = 0usize;
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 {
+                            continue 'conn;
+                        }
+                        let h = h.trim_end().to_ascii_lowercase();
+                        if h.is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                        if status == 429 && h.starts_with("retry-after:") {
+                            retry_after.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).is_err() {
+                        continue 'conn;
+                    }
+                    *statuses.lock().unwrap().entry(status).or_default() += 1;
+                }
+            }
+        });
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // a scraper at another address, once a second, while the probes run
+    let scraper = std::thread::spawn(move || {
+        (0..3)
+            .map(|_| {
+                let r = connect_from([127, 0, 0, 2], port).and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+                    let mut b = String::new();
+                    s.read_to_string(&mut b)?;
+                    Ok(b.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0u16))
+                });
+                std::thread::sleep(Duration::from_millis(700));
+                r.unwrap_or(0)
+            })
+            .collect::<Vec<u16>>()
+    });
+    let flood_started = Instant::now();
+    let (_, max_rss) = probes_during("1000 requests/s", pid, port);
+    let scrapes = scraper.join().unwrap();
+    let elapsed = flood_started.elapsed();
+    let connects = flood.finish();
+    let statuses = statuses.lock().unwrap().clone();
+    let answered: u64 = statuses.values().sum();
+    let limited = statuses.get(&429).copied().unwrap_or(0);
+    eprintln!("1000 requests/s: {answered} answered in about {elapsed:?} plus 1 s ({statuses:?}), {connects} connections, scrapes from 127.0.0.2 {scrapes:?}");
+    assert!(answered as f64 >= 700.0 * (elapsed.as_secs_f64() + 1.0), "the client was not served at 1,000/s: {answered}");
+    assert!(limited > 0 && retry_after.load(Ordering::Relaxed) == limited, "429s {limited}, with Retry-After {}", retry_after.load(Ordering::Relaxed));
+    assert!(scrapes.iter().all(|s| *s == 200), "another client's scrapes: {scrapes:?}");
+    assert!(max_rss < RSS_BOUND_KIB, "RSS {max_rss} KiB");
+    assert_responsive(&agent);
+}
+
+/// `ulimit -n 64` (prlimit) and 100 connections: no busy loop on accept
+/// errors (under 10 % of a core over 5 s), a few log lines a second at most,
+/// and probes still answered after.
+#[test]
+fn low_open_file_limit_with_100_connections() {
+    require_root();
+    require_tool("prlimit", "util-linux");
+    let dir = TempDir::new("http-nofile");
+    let port = free_port();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, format!("[http]\nlisten = \"127.0.0.1:{port}\"\n[agent]\ninterval = \"500ms\"\ndiscover = false\n")).unwrap();
+    let err_path = dir.path().join("err");
+    // prlimit execs the agent: the child's pid is the agent's
+    let mut child = std::process::Command::new("prlimit")
+        .args(["--nofile=64:64", env!("CARGO_BIN_EXE_nodescope"), "run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("the agent under prlimit", Duration::from_secs(30), || http_get(port, "/health/live").ok().filter(|r| r.0 == 200));
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        assert!(limits.lines().any(|l| l.starts_with("Max open files") && l.split_whitespace().nth(3) == Some("64")), "{limits}");
+        let mut held = Vec::new();
+        for _ in 0..100 {
+            if let Ok(s) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)) {
+                held.push(s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let log_before = std::fs::read_to_string(&err_path).unwrap().lines().count();
+        let cpu_before = cpu_seconds(pid);
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(5));
+        let cpu = (cpu_seconds(pid) - cpu_before) / t0.elapsed().as_secs_f64();
+        let log = std::fs::read_to_string(&err_path).unwrap();
+        let lines = log.lines().count() - log_before;
+        eprintln!("nofile 64, {} connections held: agent CPU {:.1} % of a core over 5 s, {lines} log lines", held.len(), cpu * 100.0);
+        assert!(cpu < 0.10, "agent CPU {:.1} % of a core", cpu * 100.0);
+        assert!(lines <= 15, "{lines} log lines in 5 s: {log}");
+        drop(held);
+        std::thread::sleep(Duration::from_millis(500));
+        let (s, t) = probe(port, "/health/live");
+        assert!(s == 200 && t <= PROBE_DEADLINE, "after: {s} in {t:?}");
+    }));
+    stop_child(&mut child, Duration::from_secs(10));
+    if let Err(e) = result {
+        eprintln!("--- agent log ---\n{}", std::fs::read_to_string(&err_path).unwrap_or_default());
+        std::panic::resume_unwind(e);
+    }
+}
