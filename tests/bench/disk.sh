@@ -72,12 +72,12 @@ timed() {
     python3 -c "print(f'{$t1 - $t0:.4f}')"
 }
 
-fio_sync() { # -> "iops bytes writes"
+fio_sync() { # -> "iops bytes writes fdatasyncs"
     in_cg fio --name=w --directory="$work" --filename=blocks.dat --rw=write --bs=4k --size=64M \
         --ioengine=sync --fdatasync=1 --time_based --runtime="$secs" --output-format=json >"$shm/fio.json"
     # (its report goes to tmpfs: written to the work dir, it would be the
     # watched group's writes too)
-    python3 -c 'import json,sys; w=json.load(open(sys.argv[1]))["jobs"][0]["write"]; print(w["iops"], w["io_bytes"], w["total_ios"])' "$shm/fio.json"
+    python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; w=j["write"]; print(w["iops"], w["io_bytes"], w["total_ios"], j["sync"]["lat_ns"]["N"])' "$shm/fio.json"
 }
 
 # runs a case: prints its figure (seconds, or IOPS for sync), then the
@@ -87,7 +87,7 @@ run_case() {
         null) echo "$(timed dd if=/dev/zero of=/dev/null bs=64 count="$null_count") 0 0 0" ;;
         tmpfs) rm -f "$shm/f"; echo "$(timed dd if=/dev/zero of="$shm/f" bs=64 count="$tmpfs_count") 0 0 0" ;;
         ext4) rm -f "$work/unwatched.dat"; echo "$(timed dd if=/dev/zero of="$work/unwatched.dat" bs=64 count="$tmpfs_count") 0 0 0" ;;
-        sync) read -r iops bytes n < <(fio_sync); echo "$iops $bytes $n $n" ;;
+        sync) read -r iops bytes n syncs < <(fio_sync); echo "$iops $bytes $n $syncs" ;;
         append)
             rm -f "$work/debug.log"
             echo "$(timed in_cg dd if=/dev/zero of="$work/debug.log" bs=128 count="$append_count" oflag=append conv=notrunc) $((128 * append_count)) $append_count 0" ;;

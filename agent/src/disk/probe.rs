@@ -304,36 +304,10 @@ impl DiskProbe {
         let old = self.epoch;
         self.set_epoch(old ^ 1)?;
         std::thread::sleep(QUIESCE);
-        let mut out = Drained::default();
-
-        let map = self.ebpf.map(RECS).ok_or(BpfError::MissingMap(RECS))?;
-        let recs: aya::maps::HashMap<&aya::maps::MapData, abi::DiskKey, abi::DiskRec> =
-            aya::maps::HashMap::try_from(map).map_err(|source| BpfError::Map { map: RECS, source })?;
-        let keys: Vec<abi::DiskKey> = recs.keys().filter_map(Result::ok).filter(|k| k.epoch == old).collect();
-        let data = match self.ebpf.map(RECS).ok_or(BpfError::MissingMap(RECS))? {
-            aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => d,
-            _ => return Err(BpfError::MissingMap(RECS).into()),
-        };
-        for key in keys {
-            if let Some(rec) = bpf::take_elem::<abi::DiskKey, abi::DiskRec>(data, &key).map_err(|source| DiskError::Read { map: RECS, source })? {
-                out.records.push((key, rec));
-            }
-        }
-
-        let map = self.ebpf.map(SYNCS).ok_or(BpfError::MissingMap(SYNCS))?;
-        let syncs: aya::maps::HashMap<&aya::maps::MapData, abi::DiskSyncKey, abi::DiskSyncHist> =
-            aya::maps::HashMap::try_from(map).map_err(|source| BpfError::Map { map: SYNCS, source })?;
-        let keys: Vec<abi::DiskSyncKey> = syncs.keys().filter_map(Result::ok).filter(|k| k.file.epoch == old).collect();
-        let data = match self.ebpf.map(SYNCS).ok_or(BpfError::MissingMap(SYNCS))? {
-            aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => d,
-            _ => return Err(BpfError::MissingMap(SYNCS).into()),
-        };
-        for key in keys {
-            if let Some(h) = bpf::take_elem::<abi::DiskSyncKey, abi::DiskSyncHist>(data, &key).map_err(|source| DiskError::Read { map: SYNCS, source })? {
-                out.syncs.push((key, h));
-            }
-        }
-        Ok(out)
+        Ok(Drained {
+            records: take_half(&self.ebpf, RECS, |k: &abi::DiskKey| k.epoch == old)?,
+            syncs: take_half(&self.ebpf, SYNCS, |k: &abi::DiskSyncKey| k.file.epoch == old)?,
+        })
     }
 
     pub fn kernel_stats(&self) -> Result<KernelStats, BpfError> {
@@ -344,6 +318,25 @@ impl DiskProbe {
             inflight_full: sum(abi::DISK_STAT_INFLIGHT_FULL),
         })
     }
+}
+
+/// Takes every entry of hash map `name` whose key is in the half the
+/// programs left, each with one atomic lookup-and-delete.
+fn take_half<K: aya::Pod, V: aya::Pod>(ebpf: &Ebpf, name: &'static str, in_half: impl Fn(&K) -> bool) -> Result<Vec<(K, V)>, DiskError> {
+    let data = match ebpf.map(name).ok_or(BpfError::MissingMap(name))? {
+        aya::maps::Map::HashMap(d) => d,
+        _ => return Err(BpfError::MissingMap(name).into()),
+    };
+    let map: aya::maps::HashMap<&aya::maps::MapData, K, V> =
+        aya::maps::HashMap::try_from(ebpf.map(name).ok_or(BpfError::MissingMap(name))?).map_err(|source| BpfError::Map { map: name, source })?;
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| in_half(k)).collect();
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        if let Some(value) = bpf::take_elem::<K, V>(data, &key).map_err(|source| DiskError::Read { map: name, source })? {
+            out.push((key, value));
+        }
+    }
+    Ok(out)
 }
 
 /// What `nodescope probes` reports for this signal: every hook of both
