@@ -276,6 +276,8 @@ impl Drop for Place {
             Room::General => rooms.general -= 1,
             Room::Probe => rooms.probe.retain(|(id, _)| *id != self.id),
         }
+        // a descriptor is free: an accept waiting out EMFILE may try now
+        self.guard.freed.notify_one();
     }
 }
 
@@ -308,6 +310,8 @@ pub struct HttpGuard {
     limiter: Option<KeyedLimiter>,
     /// one /metrics or /peers encoding at a time
     encoding: tokio::sync::Semaphore,
+    /// a connection closed (its descriptor is free)
+    freed: tokio::sync::Notify,
     counters: Arc<Counters>,
 }
 
@@ -366,6 +370,7 @@ impl HttpGuard {
             rooms: Mutex::default(),
             limiter,
             encoding: tokio::sync::Semaphore::new(1),
+            freed: tokio::sync::Notify::new(),
             counters: Arc::default(),
         };
         let c = guard.counters.clone();
@@ -548,6 +553,7 @@ pub async fn serve(
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
+                        _ = guard.freed.notified() => {}
                         _ = stop.changed() => return,
                     }
                     continue;
