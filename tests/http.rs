@@ -157,9 +157,12 @@ fn idle_connection_flood() {
         });
     }
     std::thread::sleep(Duration::from_secs(2));
+    let scrapes = scraper(port);
     let (_, max_rss) = probes_during("idle flood", pid, port);
+    let scrapes = scrapes.join().unwrap();
     let connects = flood.finish();
-    eprintln!("idle flood: {connects} connections made; RSS before {before} KiB");
+    eprintln!("idle flood: {connects} connections made; RSS before {before} KiB; scrapes on new connections from 127.0.0.2 {scrapes:?}");
+    assert!(scrapes.iter().all(|s| *s == 200), "scrapes past 130 idle connections: {scrapes:?}");
     assert!(max_rss < RSS_BOUND_KIB, "RSS {max_rss} KiB");
     assert_responsive(&agent);
 }
@@ -199,20 +202,27 @@ fn pipelining_client_that_never_reads() {
     }
     // long enough for buffers to fill and http.write_timeout (10 s) to close some
     std::thread::sleep(Duration::from_secs(3));
+    let scrapes = scraper(port);
     let (_, max_rss) = probes_during("pipelining flood", pid, port);
+    let scrapes = scrapes.join().unwrap();
+    // until http.write_timeout (10 s) has closed connections whose client
+    // reads nothing, read from /metrics at another address
     let mut max_rss = max_rss;
-    let until = Instant::now() + Duration::from_secs(9);
-    while Instant::now() < until {
+    let started = Instant::now();
+    let mut closed = 0.0;
+    while closed < 100.0 && started.elapsed() < Duration::from_secs(40) {
         max_rss = max_rss.max(rss_kib(pid));
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(500));
+        if let Some(m) = scrape_from([127, 0, 0, 2], port) {
+            closed = metric_sum(&m, "nodescope_http_closed_total", &[("reason", "write")]);
+        }
     }
     let (_, rss2) = probes_during("pipelining flood, after the write timeout", pid, port);
     let connects = flood.finish();
-    let m = wait_for("a scrape after the flood", Duration::from_secs(10), || http_get(port, "/metrics").ok().filter(|r| r.0 == 200)).1;
-    let closed = metric_sum(&m, "nodescope_http_closed_total", &[("reason", "write")]);
-    eprintln!("pipelining flood: {connects} connections made, {closed} closed at the write timeout; RSS before {before} KiB, max {} KiB", max_rss.max(rss2));
+    eprintln!("pipelining flood: {connects} connections made, {closed} closed at the write timeout; RSS before {before} KiB, max {} KiB; scrapes on new connections from 127.0.0.2 {scrapes:?}", max_rss.max(rss2));
+    assert!(scrapes.iter().all(|s| *s == 200), "another client's scrapes past 128 pipelining connections: {scrapes:?}");
     assert!(max_rss.max(rss2) < RSS_BOUND_KIB, "RSS {} KiB", max_rss.max(rss2));
-    assert!(closed >= 1.0, "no connection closed at http.write_timeout: {closed}");
+    assert!(closed >= 100.0, "connections closed at http.write_timeout: {closed} in {:?}", started.elapsed());
     assert_responsive(&agent);
 }
 
@@ -244,6 +254,37 @@ fn connect_from(src: [u8; 4], port: u16) -> std::io::Result<TcpStream> {
         }
         Ok(TcpStream::from_raw_fd(fd))
     }
+}
+
+/// /metrics on a new connection from `src`, when it answers 200.
+fn scrape_from(src: [u8; 4], port: u16) -> Option<String> {
+    let mut s = connect_from(src, port).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut b = String::new();
+    s.read_to_string(&mut b).ok()?;
+    let (head, body) = b.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200").then(|| body.to_string())
+}
+
+/// A scraper at 127.0.0.2 asking /metrics on a new connection about once a
+/// second, three times (while the probes run): the statuses it got.
+fn scraper(port: u16) -> JoinHandle<Vec<u16>> {
+    std::thread::spawn(move || {
+        (0..3)
+            .map(|_| {
+                let r = connect_from([127, 0, 0, 2], port).and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+                    let mut b = String::new();
+                    s.read_to_string(&mut b)?;
+                    Ok(b.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0u16))
+                });
+                std::thread::sleep(Duration::from_millis(700));
+                r.unwrap_or(0)
+            })
+            .collect()
+    })
 }
 
 /// One keep-alive client asking /metrics 1,000 times a second: past its
@@ -313,21 +354,7 @@ fn one_client_at_1000_requests_per_second() {
     }
     std::thread::sleep(Duration::from_secs(1));
     // a scraper at another address, once a second, while the probes run
-    let scraper = std::thread::spawn(move || {
-        (0..3)
-            .map(|_| {
-                let r = connect_from([127, 0, 0, 2], port).and_then(|mut s| {
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-                    let mut b = String::new();
-                    s.read_to_string(&mut b)?;
-                    Ok(b.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0u16))
-                });
-                std::thread::sleep(Duration::from_millis(700));
-                r.unwrap_or(0)
-            })
-            .collect::<Vec<u16>>()
-    });
+    let scraper = scraper(port);
     let flood_started = Instant::now();
     let (_, max_rss) = probes_during("1000 requests/s", pid, port);
     let scrapes = scraper.join().unwrap();

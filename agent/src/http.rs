@@ -252,15 +252,20 @@ impl AsyncWrite for Watched {
     }
 }
 
-/// The connections being served: a count in the general room, and the
-/// probe room's connections by age (the oldest that has sent nothing makes
-/// way for a new one when it is full).
+/// The connections being served, each room's by age: in the probe room the
+/// oldest that has sent nothing makes way for a new connection when it is
+/// full; in the general room one makes way for a client whose request
+/// arrived in the probe room (`HttpGuard::make_way`).
 #[derive(Default)]
 struct Rooms {
-    general: usize,
+    general: Vec<(u64, IpAddr, Arc<Activity>)>,
     probe: Vec<(u64, Arc<Activity>)>,
     next_id: u64,
 }
+
+/// A general-room connection this old that has sent no request is taken
+/// for one held open to fill the room (a client sends its request at once).
+const SILENT_AFTER: Duration = Duration::from_secs(1);
 
 /// A connection's place; dropping it frees the place.
 struct Place {
@@ -273,7 +278,7 @@ impl Drop for Place {
     fn drop(&mut self) {
         let mut rooms = self.guard.rooms.lock().unwrap_or_else(|p| p.into_inner());
         match self.room {
-            Room::General => rooms.general -= 1,
+            Room::General => rooms.general.retain(|(id, _, _)| *id != self.id),
             Room::Probe => rooms.probe.retain(|(id, _)| *id != self.id),
         }
         // a descriptor is free: an accept waiting out EMFILE may try now
@@ -293,6 +298,8 @@ struct Counters {
     rate: AtomicU64,
     /// probe room connections that made way for a newer one
     evicted: AtomicU64,
+    /// general room connections that made way for a client with a request
+    made_way: AtomicU64,
     idle: AtomicU64,
     write: AtomicU64,
     accept_errors: AtomicU64,
@@ -386,11 +393,12 @@ impl HttpGuard {
         let c = guard.counters.clone();
         meter
             .u64_observable_counter("nodescope.http.closed")
-            .with_description("HTTP connections the agent closed: idle past http.idle_timeout (idle), a client not reading past http.write_timeout (write), probe room connections that sent no request in time or made way for a newer one (probe_room)")
+            .with_description("HTTP connections the agent closed: idle past http.idle_timeout (idle), a client not reading past http.write_timeout (write), probe room connections that sent no request in time or made way for a newer one (probe_room), connections past http.max_connections that made way for another client's request (made_way)")
             .with_callback(move |o| {
                 o.observe(c.idle.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("reason", "idle")]);
                 o.observe(c.write.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("reason", "write")]);
                 o.observe(c.evicted.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("reason", "probe_room")]);
+                o.observe(c.made_way.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("reason", "made_way")]);
             })
             .build();
         let c = guard.counters.clone();
@@ -405,12 +413,12 @@ impl HttpGuard {
     /// A place for a new connection: the general room, else the probe room
     /// (making way by closing its oldest connection that has sent nothing),
     /// else none.
-    fn admit_connection(self: &Arc<Self>, act: &Arc<Activity>) -> Option<Place> {
+    fn admit_connection(self: &Arc<Self>, ip: IpAddr, act: &Arc<Activity>) -> Option<Place> {
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
         rooms.next_id += 1;
         let id = rooms.next_id;
-        if rooms.general < self.max_general {
-            rooms.general += 1;
+        if rooms.general.len() < self.max_general {
+            rooms.general.push((id, client_key(ip), act.clone()));
             return Some(Place { guard: self.clone(), room: Room::General, id });
         }
         if rooms.probe.len() >= self.max_probe {
@@ -422,6 +430,35 @@ impl HttpGuard {
         }
         rooms.probe.push((id, act.clone()));
         Some(Place { guard: self.clone(), room: Room::Probe, id })
+    }
+
+    /// A request other than a probe came on a connection in the probe room
+    /// (the general room was full when it connected): close a general
+    /// connection in its favour, if one is the oldest that has sent nothing
+    /// for SILENT_AFTER, or else the oldest of the client holding the most
+    /// general connections when that is more than one over what `ip` holds.
+    /// A client with requests to make thus gets in past connections held
+    /// open and empty, and past another client's share.
+    fn make_way(&self, ip: IpAddr) -> bool {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        let silent = rooms
+            .general
+            .iter()
+            .position(|(_, _, a)| !a.requested.load(Ordering::Relaxed) && a.epoch.elapsed() >= SILENT_AFTER);
+        let victim = silent.or_else(|| {
+            let mut held: std::collections::HashMap<IpAddr, usize> = std::collections::HashMap::new();
+            for (_, key, _) in &rooms.general {
+                *held.entry(*key).or_default() += 1;
+            }
+            let mine = held.get(&client_key(ip)).copied().unwrap_or(0);
+            let (top, most) = held.into_iter().max_by_key(|(_, n)| *n)?;
+            (most > mine + 1).then(|| rooms.general.iter().position(|(_, key, _)| *key == top)).flatten()
+        });
+        let Some(i) = victim else { return false };
+        let (_, _, act) = rooms.general.remove(i);
+        act.evict.notify_one();
+        self.counters.made_way.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// 429 when `ip` is past its bucket.
@@ -452,22 +489,29 @@ impl HttpGuard {
             }
             return r;
         }
-        if room == Room::Probe {
+        if room == Room::Probe && !self.make_way(ip) {
             self.counters.probe_room.fetch_add(1, Ordering::Relaxed);
             let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "connection limit (http.max_connections): only /health, /health/live and /health/ready are answered past it");
             r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
             r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
             return r;
         }
-        if let Some(limited) = self.admit_request(ip) {
-            return limited;
-        }
-        let Ok(_turn) = self.encoding.acquire().await else {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+        let mut r = match self.admit_request(ip) {
+            Some(limited) => limited,
+            None => {
+                let Ok(_turn) = self.encoding.acquire().await else {
+                    return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+                };
+                tokio::task::spawn_blocking(move || route(&state, &method, &path))
+                    .await
+                    .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "handler failed"))
+            }
         };
-        tokio::task::spawn_blocking(move || route(&state, &method, &path))
-            .await
-            .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "handler failed"))
+        if room == Room::Probe {
+            // served in the probe room's place: one request
+            r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
     }
 }
 
@@ -562,7 +606,7 @@ pub async fn serve(
             _ = stop.changed() => return,
         };
         let act = Arc::new(Activity::new());
-        let Some(place) = guard.admit_connection(&act) else {
+        let Some(place) = guard.admit_connection(peer.ip(), &act) else {
             guard.counters.connections.fetch_add(1, Ordering::Relaxed);
             drop(stream);
             continue;
@@ -684,6 +728,46 @@ mod tests {
         assert_eq!(fit_rooms(128, 16, 64), (36, 12));
         assert_eq!(fit_rooms(128, 16, 20), (3, 1));
         assert_eq!(fit_rooms(128, 16, 0), (1, 1));
+    }
+
+    /// Whether `n` holds a notification (polled once, not waited on).
+    fn fired(n: &tokio::sync::Notify) -> bool {
+        use std::future::Future;
+        let f = std::pin::pin!(n.notified());
+        f.poll(&mut Context::from_waker(std::task::Waker::noop())).is_ready()
+    }
+
+    #[test]
+    fn a_client_with_a_request_gets_in_past_silent_and_greedy_connections() {
+        let config = HttpConfig { max_connections: 3, probe_connections: 2, ..HttpConfig::default() };
+        let guard = Arc::new(HttpGuard::new(&config, &opentelemetry::global::meter("test")));
+        let greedy: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        let conn = |ip: IpAddr, aged: bool, requested: bool| {
+            let mut act = Activity::new();
+            if aged {
+                act.epoch -= SILENT_AFTER;
+            }
+            act.requested.store(requested, Ordering::Relaxed);
+            let act = Arc::new(act);
+            (guard.admit_connection(ip, &act).unwrap(), act)
+        };
+        // three busy connections of one client fill the general room
+        let held: Vec<_> = (0..3).map(|_| conn(greedy, true, true)).collect();
+        assert!(held.iter().all(|(p, _)| p.room == Room::General));
+        let (late, _) = conn(greedy, false, false);
+        assert_eq!(late.room, Room::Probe);
+        // the same client gets no more than it holds
+        assert!(!guard.make_way(greedy));
+        // another one gets the oldest of the client holding the most
+        assert!(guard.make_way(other));
+        assert!(fired(&held[0].1.evict));
+        assert_eq!(guard.rooms.lock().unwrap().general.len(), 2);
+        // a silent connection makes way before a busy one, for anyone
+        let (_silent_place, silent) = conn(other, true, false);
+        assert!(guard.make_way(greedy));
+        assert!(fired(&silent.evict));
+        assert!(!fired(&held[1].1.evict));
     }
 
     #[test]
