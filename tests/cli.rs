@@ -27,6 +27,9 @@ const BAD: &[(&str, &str)] = &[
     ("[rules.disk_low]\nthreshold = 120\n", "rules.disk_low.threshold"),
     ("[[targets]]\nname = \"ltc\"\nprocess = \"litecoind\"\n[targets.rules.memory_high]\nthreshold = 100.5\n", "targets[0].rules.memory_high.threshold"),
     ("[[targets]]\nname = \"ltc\"\nprocess = \"litecoind\"\n[targets.rules.no_outbound]\nclear_after = \"-1m\"\n", "targets[0].rules.no_outbound.clear_after"),
+    // what run could not use is refused by check-config too
+    ("[[targets]]\nname = \"ltc\"\npid_file = \"ltc.pid\"\n", "targets[0].pid_file"),
+    ("[[targets]]\nname = \"ltc\"\nprocess = \"litecoind\"\ndatadir = \"/data/\\u0000\"\n", "targets[0].datadir"),
 ];
 
 #[test]

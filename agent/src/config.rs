@@ -459,6 +459,7 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut doc: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, e))?;
         apply_env(&mut doc, env)?;
+        refuse_nul(&toml::Value::Table(doc.clone()), "")?;
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
             let key = e.path().to_string();
             let reason = e.into_inner().to_string();
@@ -545,6 +546,14 @@ impl Config {
                         format!("targets[{i}]"),
                         "takes only one of pid_file, process, cgroup, container",
                     ))
+                }
+            }
+            for (k, path) in [("pid_file", &t.pid_file), ("datadir", &t.datadir)] {
+                if path.as_ref().is_some_and(|p| !p.is_absolute()) {
+                    return Err(ConfigError::invalid(
+                        key(k),
+                        "must be an absolute path (the agent's working directory is not the config file's)",
+                    ));
                 }
             }
             if let Some(p) = &t.process {
@@ -688,6 +697,25 @@ fn validate_rules(prefix: &str, rules: &BTreeMap<String, RuleConfig>) -> Result<
     Ok(())
 }
 
+/// A NUL byte in any string (TOML allows "\u0000") is refused by key: no
+/// path, name or URL the agent would use can hold one.
+fn refuse_nul(v: &toml::Value, key: &str) -> Result<(), ConfigError> {
+    let name = |k: &str| if key.is_empty() { k.to_string() } else { format!("{key}.{k}") };
+    match v {
+        toml::Value::String(s) if s.contains('\0') => {
+            Err(ConfigError::invalid(if key.is_empty() { "config" } else { key }, "contains a NUL byte"))
+        }
+        toml::Value::Table(t) => t.iter().try_for_each(|(k, v)| {
+            if k.contains('\0') {
+                return Err(ConfigError::invalid(name(&k.replace('\0', "\\0")), "key contains a NUL byte"));
+            }
+            refuse_nul(v, &name(k))
+        }),
+        toml::Value::Array(a) => a.iter().enumerate().try_for_each(|(i, v)| refuse_nul(v, &format!("{key}[{i}]"))),
+        _ => Ok(()),
+    }
+}
+
 /// One line: where the TOML is broken and why.
 fn toml_error(text: &str, e: toml::de::Error) -> ConfigError {
     let line = e.span().map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1);
@@ -792,6 +820,20 @@ mod tests {
         assert_eq!(err_key("[otlp]\nendpoint = \"grpc://x:4317\""), "otlp.endpoint");
         assert_eq!(err_key("[[targets]]\nname = \"a\"\nprocess = \"x\"\n[[targets]]\nname = \"a\"\nprocess = \"y\""), "targets[1].name");
         assert!(err_key("[http\n").starts_with("config (line 1)"));
+    }
+
+    #[test]
+    fn nul_bytes_and_relative_paths_are_refused_by_key() {
+        let target = "[[targets]]\nname = \"a\"\n";
+        assert_eq!(err_key(&format!("{target}pid_file = \"/x\\u0000y\"")), "targets[0].pid_file");
+        assert_eq!(err_key(&format!("{target}process = \"ab\\u0000\"")), "targets[0].process");
+        assert_eq!(err_key("[log]\nlevel = \"info\\u0000\""), "log.level");
+        assert_eq!(err_key(&format!("{target}process = \"x\"\np2p_ports = [1]\ndatadir = \"/d\"\n[targets.rules.\"a\\u0000\"]\nenabled = true")), "targets[0].rules.a\\0");
+        let env = vec![("NODESCOPE_HTTP_LISTEN".to_string(), "127.0.0.1:1\0".to_string())];
+        assert!(matches!(Config::from_toml_with_env("", env), Err(ConfigError::Invalid { key, .. }) if key == "http.listen"));
+        assert_eq!(err_key(&format!("{target}pid_file = \"rel.pid\"")), "targets[0].pid_file");
+        assert_eq!(err_key(&format!("{target}process = \"x\"\ndatadir = \"data\"")), "targets[0].datadir");
+        assert!(load(&format!("{target}pid_file = \"/run/a.pid\"\ndatadir = \"/data\"")).is_ok());
     }
 
     #[test]
