@@ -94,10 +94,10 @@ static __always_inline __u32 sync_call(struct task_struct *task)
 	}
 }
 
-/* Whether this chunk starts a new write call of the thread (see above). */
-static __always_inline int new_write_call(struct task_struct *task, __u32 tid, struct ns_disk_key *key, __u64 pos, __u64 bytes)
+/* Whether this chunk starts a new write call of the thread (see above);
+ * without a slot, every chunk is one. */
+static __always_inline int new_write_call(struct task_struct *task, struct ns_disk_task *t, struct ns_disk_key *key, __u64 pos, __u64 bytes)
 {
-	struct ns_disk_thread *t = disk_thread(tid, task->start_time);
 	if (!t)
 		return 1;
 	__u64 syscw = task->ioac.syscw;
@@ -118,14 +118,15 @@ static __always_inline int fs_write(struct inode *inode, struct dentry *d, __u64
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32, target;
 	struct task_struct *task = bpf_get_current_task_btf();
-	if (!disk_match_task(task, tgid, &target))
+	struct ns_disk_task *slot;
+	if (!disk_match_task(task, tgid, &target, &slot))
 		return 0;
 	__u32 call = write_call(task);
 	if (call >= NS_DISK_WRITE_CALLS)
 		return 0;
 	struct ns_disk_key key;
 	disk_key(&key, inode->i_ino, inode->i_sb->s_dev, target, tgid);
-	int fresh = new_write_call(task, (__u32)pid_tgid, &key, pos, bytes);
+	int fresh = new_write_call(task, slot, &key, pos, bytes);
 	struct ns_disk_rec *r = disk_record(&key, inode, d);
 	if (!r)
 		return 0;
@@ -184,7 +185,8 @@ int BPF_PROG(on_dirty_folio, struct folio *folio, struct address_space *mapping)
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32, target;
 	struct task_struct *task = bpf_get_current_task_btf();
-	if (!disk_match_task(task, tgid, &target))
+	struct ns_disk_task *slot;
+	if (!disk_match_task(task, tgid, &target, &slot))
 		return 0;
 	if ((task->flags & PF_IO_WORKER) || syscall_nr(task) != ~0UL)
 		return 0;
@@ -214,14 +216,12 @@ int BPF_PROG(on_ext4_sync_enter, struct file *file, int datasync)
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32, target;
 	struct task_struct *task = bpf_get_current_task_btf();
-	if (!disk_match_task(task, tgid, &target))
+	struct ns_disk_task *t;
+	if (!disk_match_task(task, tgid, &target, &t) || !t)
 		return 0;
-	struct ns_disk_thread *t = disk_thread((__u32)pid_tgid, task->start_time);
-	if (!t)
-		return 0;
-	t->call = sync_call(task);
-	t->target = target;
-	t->tgid = tgid;
+	t->call = sync_call(task) + 1;
+	t->call_target = target;
+	t->call_tgid = tgid;
 	t->start_ns = bpf_ktime_get_ns();
 	return 0;
 }
@@ -229,15 +229,14 @@ int BPF_PROG(on_ext4_sync_enter, struct file *file, int datasync)
 SEC("tp_btf/ext4_sync_file_exit")
 int BPF_PROG(on_ext4_sync_exit, struct inode *inode, int ret)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct ns_disk_thread *t = bpf_map_lookup_elem(&ns_disk_threads, &tid);
-	if (!t || t->call == NO_CALL)
+	struct ns_disk_task *t = disk_task();
+	if (!t || !t->call)
 		return 0;
-	__u32 call = t->call;
-	t->call = NO_CALL;
+	__u64 call = t->call - 1;
+	t->call = 0;
 	__u64 elapsed = bpf_ktime_get_ns() - t->start_ns;
 	struct ns_disk_key key;
-	disk_key(&key, inode->i_ino, inode->i_sb->s_dev, t->target, t->tgid);
+	disk_key(&key, inode->i_ino, inode->i_sb->s_dev, t->call_target, t->call_tgid);
 	disk_count_sync(&key, inode, NULL, call, 1, elapsed, ret);
 	return 0;
 }
@@ -247,7 +246,8 @@ static __always_inline int xfs_sync(struct xfs_inode *ip)
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32, target;
 	struct task_struct *task = bpf_get_current_task_btf();
-	if (!disk_match_task(task, tgid, &target))
+	struct ns_disk_task *slot;
+	if (!disk_match_task(task, tgid, &target, &slot))
 		return 0;
 	struct inode *inode = &ip->i_vnode;
 	struct ns_disk_key key;

@@ -40,29 +40,39 @@ static __always_inline int enter(struct ns_sys_enter_ctx *ctx, __u32 call)
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32, target;
 	struct task_struct *task = bpf_get_current_task_btf();
-	if (!disk_match_task(task, tgid, &target))
+	struct ns_disk_task *t;
+	if (!disk_match_task(task, tgid, &target, &t) || !t)
 		return 0;
-	struct ns_disk_thread *t = disk_thread((__u32)pid_tgid, BPF_CORE_READ(task, start_time));
-	if (!t)
-		return 0;
-	t->call = call;
+	t->call = call + 1;
 	t->arg = ctx->args[0];
-	t->target = target;
-	t->tgid = tgid;
+	t->call_target = target;
+	t->call_tgid = tgid;
 	t->start_ns = (call & SYNC_BIT) ? bpf_ktime_get_ns() : 0;
 	return 0;
 }
 
+/* What the enter hook kept of this thread's call in flight. */
+struct inflight {
+	__u64 arg;
+	__u64 start_ns;
+	__u32 call;
+	__u32 target;
+	__u32 tgid;
+};
+
 /* Takes this thread's call in flight; false when there is none (not a
  * watched thread, or the call began before nodescope attached). */
-static __always_inline int take(struct ns_disk_thread *out)
+static __always_inline int take(struct inflight *out)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct ns_disk_thread *t = bpf_map_lookup_elem(&ns_disk_threads, &tid);
-	if (!t || t->call == NO_CALL)
+	struct ns_disk_task *t = disk_task();
+	if (!t || !t->call)
 		return 0;
-	*out = *t;
-	t->call = NO_CALL;
+	out->arg = t->arg;
+	out->start_ns = t->start_ns;
+	out->call = t->call - 1;
+	out->target = t->call_target;
+	out->tgid = t->call_tgid;
+	t->call = 0;
 	return 1;
 }
 
@@ -104,11 +114,13 @@ int on_pwritev2_enter(struct ns_sys_enter_ctx *ctx) { return enter(ctx, NS_DISK_
 SEC("tracepoint/syscalls/sys_exit_write")
 int on_write_exit(struct ns_sys_exit_ctx *ctx)
 {
-	struct ns_disk_thread in;
+	struct inflight in;
 	if (!take(&in))
 		return 0;
 	long ret = ctx->ret;
-	if (ret < 0 || in.call >= NS_DISK_WRITE_CALLS)
+	__u64 call = in.call;
+	barrier_var(call);
+	if (ret < 0 || call >= NS_DISK_WRITE_CALLS)
 		return 0;
 	struct file *file = fd_file(in.arg);
 	if (!file || file_kind(file) != S_IFREG)
@@ -119,8 +131,8 @@ int on_write_exit(struct ns_sys_exit_ctx *ctx)
 	struct ns_disk_rec *r = disk_record(&key, inode, BPF_CORE_READ(file, f_path.dentry));
 	if (!r)
 		return 0;
-	__sync_fetch_and_add(&r->bytes[in.call], ret);
-	__sync_fetch_and_add(&r->calls[in.call], 1);
+	__sync_fetch_and_add(&r->bytes[call], ret);
+	__sync_fetch_and_add(&r->calls[call], 1);
 	return 0;
 }
 
@@ -151,11 +163,11 @@ static long vma_file_cb(struct task_struct *task, struct vm_area_struct *vma, st
 SEC("tracepoint/syscalls/sys_exit_fsync")
 int on_sync_exit(struct ns_sys_exit_ctx *ctx)
 {
-	struct ns_disk_thread in;
+	struct inflight in;
 	if (!take(&in) || !(in.call & SYNC_BIT))
 		return 0;
 	__u64 elapsed = bpf_ktime_get_ns() - in.start_ns;
-	__u32 call = in.call & ~SYNC_BIT;
+	__u64 call = in.call & ~SYNC_BIT;
 	struct file *file = NULL;
 	if (call == NS_DISK_MSYNC) {
 		/* no fd: the file mapped at the address (LMDB msyncs its map) */

@@ -23,31 +23,6 @@
 
 #define NO_CALL 0xffffffffu
 
-/* Per thread: which write syscall it last counted (task->ioac.syscw at the
- * time, and where that write ended), so a syscall the filesystem sees as many
- * folio chunks counts as one call; and the call in flight (a timed sync; in
- * the syscall method any call) between its enter and exit hooks. */
-struct ns_disk_thread {
-	__u64 task_start; /* task->start_time: a reused thread id is a new thread */
-	__u64 syscw;      /* ~0: no write counted yet */
-	__u64 last_ino;
-	__u64 last_end;   /* offset one past the thread's last counted byte */
-	__u64 start_ns;   /* when the call in flight began */
-	__u64 arg;        /* disk_syscalls.bpf.c: the fd, or msync's address */
-	__u32 last_dev;
-	__u32 call;       /* the call in flight, or NO_CALL */
-	__u32 target;     /* of the call in flight */
-	__u32 tgid;
-};
-
-/* LRU: entries of threads that are gone make room for new ones. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u32);
-	__type(value, struct ns_disk_thread);
-} ns_disk_threads SEC(".maps");
-
 /* Which half the programs write: element 0, set by the agent. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -100,27 +75,47 @@ struct {
 } ns_disk_stats SEC(".maps");
 
 /*
- * Which target the current task writes for, remembered per task. The scope
- * lookup (scope_match_task: the task's cgroup2 group, then its process, in
- * two hash maps) is most of what a hook costs a process nobody watches, and
- * such a process passes it on every folio chunk it writes. So its verdict
- * is kept in the task's own storage, valid while the scope generation is
- * the one it was made in:
- *  - the agent bumps its half of ns_disk_scope_gen after every change it
- *    writes to the scope maps;
- *  - the kernel bumps the other half whenever a task moves to another
- *    cgroup (cgroup_attach_task: the tracepoint fires once per move, after
- *    it);
- *  - a new task (fork, clone) starts with no storage, and the scope hooks
- *    have run for it before it runs;
- *  - exec, which may make a process a node (a watched process name) or stop
- *    it being one, drops the task's verdict (disk_scope_exec, attached after
- *    scope.bpf.h's exec hook).
- * Each task writes only its own slot, so nothing is torn by preemption.
+ * Per task, in the task's own storage (BPF_MAP_TYPE_TASK_STORAGE: made on a
+ * task's first hook, freed with the task, so it is bounded by the tasks
+ * there are, no thread id is ever reused into it, and each task writes only
+ * its own, so nothing is torn by preemption):
+ *
+ * - which target the task writes for. The scope lookup (scope_match_task:
+ *   the task's cgroup2 group, then its process, in two hash maps) is most of
+ *   what a hook costs a process nobody watches, and such a process passes it
+ *   on every folio chunk it writes; so its verdict is kept, valid while the
+ *   scope generation is the one it was made in:
+ *     - the agent bumps its half of ns_disk_scope_gen after every change it
+ *       writes to the scope maps;
+ *     - the kernel bumps the other half whenever a task moves to another
+ *       cgroup (cgroup_attach_task: the tracepoint fires once per move, after
+ *       it);
+ *     - a new task (fork, clone) starts with no storage, and the scope hooks
+ *       have run for it before it runs;
+ *     - exec, which may make a process a node (a watched process name) or
+ *       stop it being one, drops the task's storage (disk_scope_exec,
+ *       attached after scope.bpf.h's exec hook).
+ * - which write syscall the thread last counted (task->ioac.syscw at the
+ *   time, and where that write ended), so a syscall the filesystem sees as
+ *   many folio chunks counts as one call;
+ * - the call in flight (a timed sync; in the syscall method any call)
+ *   between its enter and exit hooks.
+ *
+ * A new slot is all zeros: no verdict (gen 0), no call in flight (call 0),
+ * and a last write on inode 0, which no file has.
  */
-struct ns_disk_scope_slot {
-	__u64 gen;    /* the generation + 1 it was made in (0: never) */
-	__u32 target; /* NO_CALL: not watched */
+struct ns_disk_task {
+	__u64 gen;      /* the scope generation + 1 the verdict was made in; 0: none */
+	__u64 syscw;    /* task->ioac.syscw at the last counted write */
+	__u64 last_ino; /* the file and end offset of the last counted write */
+	__u64 last_end;
+	__u64 start_ns; /* when the call in flight began */
+	__u64 arg;      /* disk_syscalls.bpf.c: the fd, or msync's address */
+	__u32 target;   /* the verdict: a target, or NO_CALL (not watched) */
+	__u32 last_dev;
+	__u32 call;     /* the call in flight + 1; 0: none */
+	__u32 call_target;
+	__u32 call_tgid;
 	__u32 _pad;
 };
 
@@ -128,8 +123,8 @@ struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
-	__type(value, struct ns_disk_scope_slot);
-} ns_disk_scope_cache SEC(".maps");
+	__type(value, struct ns_disk_task);
+} ns_disk_tasks SEC(".maps");
 
 /* [0]: bumped by the agent; [1]: bumped by the kernel on cgroup moves.
  * Each only grows, so their sum changes with either. */
@@ -148,12 +143,17 @@ static __always_inline __u64 disk_scope_gen(void)
 	return (a ? *a : 0) + (k ? *k : 0) + 1;
 }
 
-/* scope_match_task, remembered per task (see above). */
-static __always_inline int disk_match_task(struct task_struct *task, __u32 tgid, __u32 *target)
+static __always_inline void disk_stat_inc(__u32 idx);
+
+/* Whether the current task writes for a target (its index in *target),
+ * with the task's slot in *slot (NULL when none could be made: counted as
+ * inflight_full, the verdict then asked afresh). */
+static __always_inline int disk_match_task(struct task_struct *task, __u32 tgid, __u32 *target, struct ns_disk_task **slot)
 {
 	/* read before the lookup: a bump meanwhile makes the slot stale, never wrong */
 	__u64 gen = disk_scope_gen();
-	struct ns_disk_scope_slot *s = bpf_task_storage_get(&ns_disk_scope_cache, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	struct ns_disk_task *s = bpf_task_storage_get(&ns_disk_tasks, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	*slot = s;
 	if (s && s->gen == gen) {
 		if (s->target == NO_CALL)
 			return 0;
@@ -164,8 +164,16 @@ static __always_inline int disk_match_task(struct task_struct *task, __u32 tgid,
 	if (s) {
 		s->target = watched ? *target : NO_CALL;
 		s->gen = gen;
+	} else if (watched) {
+		disk_stat_inc(NS_DISK_STAT_INFLIGHT_FULL);
 	}
 	return watched;
+}
+
+/* The current task's slot if it has one (an exit hook: its enter made it). */
+static __always_inline struct ns_disk_task *disk_task(void)
+{
+	return bpf_task_storage_get(&ns_disk_tasks, bpf_get_current_task_btf(), 0, 0);
 }
 
 /* After scope.bpf.h's exec hook (the agent attaches this one later): the
@@ -173,7 +181,7 @@ static __always_inline int disk_match_task(struct task_struct *task, __u32 tgid,
 SEC("tp_btf/sched_process_exec")
 int BPF_PROG(disk_scope_exec, struct task_struct *p, int old_pid, struct linux_binprm *bprm)
 {
-	bpf_task_storage_delete(&ns_disk_scope_cache, bpf_get_current_task_btf());
+	bpf_task_storage_delete(&ns_disk_tasks, bpf_get_current_task_btf());
 	return 0;
 }
 
@@ -278,31 +286,6 @@ static __always_inline struct ns_disk_rec *disk_record(struct ns_disk_key *key, 
 	return bpf_map_lookup_elem(&ns_disk_recs, key);
 }
 
-/* The calling thread's slot, reset when its id now names another thread. */
-static __always_inline struct ns_disk_thread *disk_thread(__u32 tid, __u64 task_start)
-{
-	struct ns_disk_thread *t = bpf_map_lookup_elem(&ns_disk_threads, &tid);
-	if (t && t->task_start == task_start)
-		return t;
-	struct ns_disk_thread n = {
-		.task_start = task_start,
-		.syscw = ~0ULL,
-		.last_ino = ~0ULL,
-		.last_end = ~0ULL,
-		.last_dev = ~0U,
-		.call = NO_CALL,
-	};
-	if (t) {
-		*t = n;
-		return t;
-	}
-	if (bpf_map_update_elem(&ns_disk_threads, &tid, &n, BPF_ANY)) {
-		disk_stat_inc(NS_DISK_STAT_INFLIGHT_FULL);
-		return NULL;
-	}
-	return bpf_map_lookup_elem(&ns_disk_threads, &tid);
-}
-
 /* From libbpf-tools bits.bpf.h */
 static __always_inline __u64 log2_u32(__u32 v)
 {
@@ -324,8 +307,10 @@ static __always_inline __u64 log2_u64(__u64 v)
 /* One sync call on the file of `key`: counted in its record, and, when
  * `timed`, its latency (or its failure) in the file's histogram. */
 static __always_inline void disk_count_sync(struct ns_disk_key *key, struct inode *inode, struct dentry *d,
-					    __u32 call, int timed, __u64 elapsed_ns, long ret)
+					    __u64 call, int timed, __u64 elapsed_ns, long ret)
 {
+	/* 64 bits and a barrier: the bound is checked on the register the index uses */
+	barrier_var(call);
 	if (call >= NS_DISK_SYNC_CALLS)
 		return;
 	struct ns_disk_rec *r = disk_record(key, inode, d);
@@ -337,7 +322,7 @@ static __always_inline void disk_count_sync(struct ns_disk_key *key, struct inod
 	if (!timed)
 		return;
 
-	struct ns_disk_sync_key sk = { .file = *key, .call = call };
+	struct ns_disk_sync_key sk = { .file = *key, .call = (__u32)call };
 	struct ns_disk_sync_hist *h = bpf_map_lookup_elem(&ns_disk_syncs, &sk);
 	if (!h) {
 		__u32 zero = 0;

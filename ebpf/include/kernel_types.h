@@ -202,7 +202,6 @@ struct task_struct {
 	int tgid;
 	struct nsproxy *nsproxy;
 	unsigned int flags;             /* PF_*: disk.bpf.c */
-	__u64 start_time;               /* disk.bpf.c: tells a reused thread id apart */
 	struct task_io_accounting ioac; /* disk.bpf.c */
 };
 

@@ -199,7 +199,7 @@ struct ns_disk_sync_hist {
 /* Indices of the per-CPU stats array of the disk objects. */
 #define NS_DISK_STAT_FILES_FULL 0    /* counts not kept: records map full */
 #define NS_DISK_STAT_SYNCS_FULL 1    /* a sync call not timed: syncs map full */
-#define NS_DISK_STAT_INFLIGHT_FULL 2 /* a call not counted: thread map refused a slot */
+#define NS_DISK_STAT_INFLIGHT_FULL 2 /* a watched task got no state slot (task storage) */
 #define NS_DISK_STAT_MAX 3
 
 #endif
