@@ -389,10 +389,10 @@ fn agent_works_with_the_units_privileges() {
         "the agent made {} distinct syscalls, all allowed by the unit's SystemCallFilter",
         used.len()
     );
-    assert!(
-        used.contains("bpf") && used.contains("perf_event_open"),
-        "strace saw no BPF work: {used:?}"
-    );
+    // bpf(2) loads and attaches every program (tp_btf and iterator links;
+    // classic tracepoints, which add perf_event_open, only with
+    // [disk] method = "syscalls")
+    assert!(used.contains("bpf"), "strace saw no BPF work: {used:?}");
     assert!(
         denied.is_empty(),
         "syscalls the unit's SystemCallFilter would refuse with EPERM: {denied:?}"
