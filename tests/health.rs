@@ -77,7 +77,9 @@ fn rule(agent: &Agent, id: &str) -> Value {
 
 fn wait_rule(agent: &Agent, id: &str, state: &str, timeout: Duration) -> Value {
     wait_for(&format!("{id} {state}"), timeout, || {
-        let r = rule(agent, id);
+        // before the agent's first evaluation the target is not listed yet
+        let d = detailed(agent).1;
+        let r = d["targets"][0]["rules"].as_array()?.iter().find(|r| r["id"] == id)?.clone();
         (r["state"] == state).then_some(r)
     })
 }
@@ -182,7 +184,7 @@ fn assert_shapes(agent: &Agent, node: &Litecoind, disabled: &[&str]) {
         assert_ne!(r["state"], "firing", "nothing should fire on a healthy node: {r}");
     }
     let t = &d["targets"][0];
-    assert_eq!(keys(t), sorted(&["name", "status", "chain", "storage", "network", "rpc", "rules"]));
+    assert_eq!(keys(t), sorted(&["name", "status", "chain", "storage", "network", "rpc", "rules", "disk"]));
     assert_eq!(t["name"], "ltc");
     assert_eq!(t["network"]["peers_connected"], peers);
     assert_eq!(t["rules"].as_array().unwrap().len(), want.len());
@@ -360,8 +362,16 @@ fn mass_disconnect_is_a_partition_and_slow_rotation_is_not() {
     watch(&agent, Duration::from_secs(7), never_fires);
     assert_eq!(rule(&agent, "partition_suspected")["state"], "ok");
 
-    // -- mass disconnect: 4 of 5 at once
+    // -- mass disconnect: 4 of 5 at once, once the agent too has seen all 5
+    // (the rule can only count peers it observed before they left)
     wait_for("5 peers again", Duration::from_secs(10), || (node.peers().len() == 5).then_some(()));
+    wait_for("5 peers in /peers again", Duration::from_secs(10), || {
+        let v = agent.json("/peers");
+        (v["targets"][0]["peers"].as_array().map(|a| a.len()) == Some(5)).then_some(())
+    });
+    // a whole window with 5 peers, so the window's start (the rule's
+    // baseline) holds the last reconnected one too
+    std::thread::sleep(Duration::from_millis(7000));
     let before = addrs(&node);
     let start = Instant::now();
     for victim in &before[..4] {
