@@ -125,9 +125,9 @@ static __always_inline int fs_write(struct inode *inode, struct dentry *d, __u64
 	if (call >= NS_DISK_WRITE_CALLS)
 		return 0;
 	struct ns_disk_key key;
-	disk_key(&key, inode->i_ino, inode->i_sb->s_dev, target, tgid);
+	__u32 round = disk_key(&key, inode->i_ino, inode->i_sb->s_dev, target, tgid);
 	int fresh = new_write_call(task, slot, &key, pos, bytes);
-	struct ns_disk_rec *r = disk_record(&key, inode, d);
+	struct ns_disk_counts *r = disk_counts(&key, round, inode, d, slot);
 	if (!r)
 		return 0;
 	__sync_fetch_and_add(&r->bytes[call], bytes);
@@ -201,8 +201,8 @@ int BPF_PROG(on_dirty_folio, struct folio *folio, struct address_space *mapping)
 	if (flags & (1UL << bpf_core_enum_value(enum pageflags, PG_head)))
 		pages = folio->_nr_pages;
 	struct ns_disk_key key;
-	disk_key(&key, inode->i_ino, inode->i_sb->s_dev, target, tgid);
-	struct ns_disk_rec *r = disk_record(&key, inode, NULL);
+	__u32 round = disk_key(&key, inode->i_ino, inode->i_sb->s_dev, target, tgid);
+	struct ns_disk_counts *r = disk_counts(&key, round, inode, NULL, slot);
 	if (!r)
 		return 0;
 	__sync_fetch_and_add(&r->bytes[NS_DISK_MMAP], pages * NS_PAGE_SIZE);

@@ -127,8 +127,8 @@ int on_write_exit(struct ns_sys_exit_ctx *ctx)
 		return 0;
 	struct inode *inode = BPF_CORE_READ(file, f_inode);
 	struct ns_disk_key key;
-	disk_key(&key, BPF_CORE_READ(inode, i_ino), BPF_CORE_READ(inode, i_sb, s_dev), in.target, in.tgid);
-	struct ns_disk_rec *r = disk_record(&key, inode, BPF_CORE_READ(file, f_path.dentry));
+	__u32 round = disk_key(&key, BPF_CORE_READ(inode, i_ino), BPF_CORE_READ(inode, i_sb, s_dev), in.target, in.tgid);
+	struct ns_disk_counts *r = disk_counts(&key, round, inode, BPF_CORE_READ(file, f_path.dentry), disk_task());
 	if (!r)
 		return 0;
 	__sync_fetch_and_add(&r->bytes[call], ret);

@@ -648,7 +648,7 @@ fn strip_ansi(text: &str) -> String {
     out
 }
 
-/// How many records the agent's `ns_disk_recs` map holds, as bpftool reads
+/// How many files the agent's `ns_disk_files` map holds, as bpftool reads
 /// it from the kernel.
 fn kernel_records(agent: &Agent) -> usize {
     require_tool("bpftool", "bpftool");
@@ -668,10 +668,10 @@ fn kernel_records(agent: &Agent) -> usize {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|m| m["name"] == "ns_disk_recs" && m["id"].as_u64().is_some_and(|id| held.contains(&id)))
+        .filter(|m| m["name"] == "ns_disk_files" && m["id"].as_u64().is_some_and(|id| held.contains(&id)))
         .map(|m| m["id"].to_string())
         .collect();
-    assert_eq!(ids.len(), 1, "the agent's ns_disk_recs map among {held:?}: {maps:#}");
+    assert_eq!(ids.len(), 1, "the agent's ns_disk_files map among {held:?}: {maps:#}");
     bpftool(&["map", "dump", "id", &ids[0]]).as_array().unwrap().len()
 }
 
@@ -828,7 +828,7 @@ fn writers_are_counted_exactly(exe: &Path, base: &Path, fs: &str, method: Method
     for target in ["ltc", "solo"] {
         assert_eq!(total_written(&after, target), total_written(&m, target), "{after}");
     }
-    wait_for("the kernel's records map to empty itself", Duration::from_secs(10), || (kernel_records(&agent) == 0).then_some(()));
+    wait_for("the kernel's files map to empty itself", Duration::from_secs(10), || (kernel_records(&agent) == 0).then_some(()));
     drop(agent);
     drop(cgroup);
 }

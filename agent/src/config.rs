@@ -257,7 +257,7 @@ pub struct DiskConfig {
     pub method: DiskMethod,
     /// Files (device, inode, target) the kernel keeps counts for between
     /// two reads (all targets together); writes to files beyond it are not
-    /// counted.
+    /// counted. Their count slots are preallocated: 2 x 272 bytes each.
     pub max_files: u32,
     /// Sync latency histograms, one per file and sync call, between two reads.
     pub max_syncs: u32,
@@ -322,7 +322,8 @@ const MAX_DISK_CLASSES: usize = 24;
 impl DiskConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         for (key, v, min, max) in [
-            ("disk.max_files", self.max_files, 64, 1 << 20),
+            // each file slot is preallocated twice (272 bytes each): 35 MB at the top
+            ("disk.max_files", self.max_files, 64, 1 << 16),
             ("disk.max_syncs", self.max_syncs, 64, 1 << 20),
         ] {
             if !(min..=max).contains(&v) {

@@ -6,14 +6,18 @@
  * file identity, so the agent reads them one way. docs/disk.md has the
  * design.
  *
- * A record is (device, inode, target, epoch) -> bytes and calls per way of
- * writing, sync calls per sync call, and the names of the file's last path
- * components, read once when the record is made. The agent flips
- * ns_disk_epoch every interval, waits a moment, and takes every record of
- * the half it left with BPF_MAP_LOOKUP_AND_DELETE_ELEM: the programs write
- * into the other half meanwhile, so nothing is read twice and nothing is
- * lost between a read and a delete, and the map holds only the files
- * written in the last two intervals (no close, dup or exec bookkeeping).
+ * A file is (device, inode, target, half): its names, read once per half
+ * when it is first written, in ns_disk_files, and its counts (bytes and
+ * calls per way of writing, sync calls per sync call) in a slot of the
+ * preallocated ns_disk_counts, which the hot path reaches by index: each
+ * task remembers the slot of the file it last wrote. The agent advances the
+ * round in ns_disk_epoch every interval (the programs write the half of its
+ * low bit), waits for an RCU grace period, so no program is still in the
+ * old half, takes every file of the old half with
+ * BPF_MAP_LOOKUP_AND_DELETE_ELEM, reads its counts, and frees the half's
+ * slots. Nothing is read twice or lost between a read and a delete, and the
+ * maps hold only the files written in the last two intervals (no close, dup
+ * or exec bookkeeping).
  */
 #ifndef NODESCOPE_DISK_RECORDS_BPF_H
 #define NODESCOPE_DISK_RECORDS_BPF_H
@@ -23,7 +27,8 @@
 
 #define NO_CALL 0xffffffffu
 
-/* Which half the programs write: element 0, set by the agent. */
+/* The round, set by the agent each interval: its low bit is the half the
+ * programs write. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -31,16 +36,32 @@ struct {
 	__type(value, __u32);
 } ns_disk_epoch SEC(".maps");
 
-/* max_entries set by the agent (disk.max_files). Not preallocated: a
- * deleted element is freed after an RCU grace period, so a program that
- * still holds it never writes into another file's record. */
+/* (file, half) -> its slot and names. max_entries set by the agent
+ * (2 x disk.max_files). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 8192);
+	__uint(max_entries, 16384);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct ns_disk_key);
-	__type(value, struct ns_disk_rec);
-} ns_disk_recs SEC(".maps");
+	__type(value, struct ns_disk_file);
+} ns_disk_files SEC(".maps");
+
+/* slot -> counts; max_entries set by the agent (2 x disk.max_files). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct ns_disk_counts);
+} ns_disk_counts SEC(".maps");
+
+/* [half]: the next free slot of each half (the agent zeroes it when it has
+ * read the half); [NS_DISK_ALLOC_PER_HALF]: slots per half, set by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 3);
+	__type(key, __u32);
+	__type(value, __u64);
+} ns_disk_alloc SEC(".maps");
 
 /* max_entries set by the agent (disk.max_syncs) */
 struct {
@@ -59,12 +80,12 @@ struct {
 	__type(value, struct ns_disk_sync_hist);
 } ns_disk_zero_hist SEC(".maps");
 
-/* Where a new record is assembled (too big for the BPF stack). */
+/* Where a new file is assembled (too big for the BPF stack). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct ns_disk_rec);
+	__type(value, struct ns_disk_file);
 } ns_disk_scratch SEC(".maps");
 
 struct {
@@ -105,6 +126,9 @@ struct {
  * and a last write on inode 0, which no file has.
  */
 struct ns_disk_task {
+	struct ns_disk_key c_key; /* the file the task last counted into, ... */
+	__u32 c_round;  /* ... in this round (0: none; the agent starts at 1) ... */
+	__u32 c_slot;   /* ... and its slot */
 	__u64 gen;      /* the scope generation + 1 the verdict was made in; 0: none */
 	__u64 syscw;    /* task->ioac.syscw at the last counted write */
 	__u64 last_ino; /* the file and end offset of the last counted write */
@@ -205,11 +229,12 @@ static __always_inline void disk_stat_inc(__u32 idx)
 		*v += 1;
 }
 
-static __always_inline __u32 disk_epoch(void)
+/* The round: its low bit is the half the programs write. */
+static __always_inline __u32 disk_round(void)
 {
 	__u32 zero = 0;
 	__u32 *e = bpf_map_lookup_elem(&ns_disk_epoch, &zero);
-	return e ? (*e & 1) : 0;
+	return e ? *e : 0;
 }
 
 /* The dentry that names an inode with no file at hand: the first of its
@@ -224,7 +249,7 @@ static __always_inline struct dentry *inode_dentry(struct inode *inode)
 
 /* The last NS_DISK_PATH_DEPTH names of d's path, leaf first, up to the root
  * of its filesystem. */
-static __always_inline void disk_names(struct ns_disk_rec *n, struct dentry *d)
+static __always_inline void disk_names(struct ns_disk_file *n, struct dentry *d)
 {
 	if (!d) {
 		n->flags |= NS_DISK_F_NO_NAME;
@@ -244,46 +269,92 @@ static __always_inline void disk_names(struct ns_disk_rec *n, struct dentry *d)
 }
 
 /* The key of file (ino, dev) for `target` in the half the programs write
- * now. The caller reads ino and dev: directly from a BTF pointer in
- * tp_btf programs, through bpf_probe_read in classic tracepoints. */
-static __always_inline void disk_key(struct ns_disk_key *key, __u64 ino, __u32 dev, __u32 target, __u32 tgid)
+ * now; returns the round. The caller reads ino and dev: directly from a BTF
+ * pointer in tp_btf programs, through bpf_probe_read in classic
+ * tracepoints. */
+static __always_inline __u32 disk_key(struct ns_disk_key *key, __u64 ino, __u32 dev, __u32 target, __u32 tgid)
 {
+	__u32 round = disk_round();
 	key->ino = ino;
 	key->dev = dev;
 	key->target = target;
 	key->tgid = target == NS_TARGET_PENDING ? tgid : 0;
-	key->epoch = disk_epoch();
+	key->epoch = round & 1;
+	return round;
 }
 
-/* The record of `key`, made on first use with the file's names (from `d`
- * when the hook has the file's own dentry, else from the inode's alias).
- * NULL when the map is full (counted). An inode of NULL makes the record of
- * an unknown file (ino 0, dev 0), which the agent counts as class other. */
-static __always_inline struct ns_disk_rec *disk_record(struct ns_disk_key *key, struct inode *inode, struct dentry *d)
-{
-	struct ns_disk_rec *r = bpf_map_lookup_elem(&ns_disk_recs, key);
-	if (r)
-		return r;
+#define NO_SLOT 0xffffffffu
 
-	__u32 zero = 0;
-	struct ns_disk_rec *n = bpf_map_lookup_elem(&ns_disk_scratch, &zero);
-	if (!n)
-		return NULL;
+/* The slot of `key`'s counts, the file made on first use with its names
+ * (from `d` when the hook has the file's own dentry, else from the inode's
+ * alias) and a fresh slot of its half. NO_SLOT when the half is full
+ * (counted). An inode of NULL makes an unknown file (ino 0, dev 0), which
+ * the agent counts as class other. */
+static __always_inline __u32 disk_slot(struct ns_disk_key *key, struct inode *inode, struct dentry *d)
+{
+	struct ns_disk_file *f = bpf_map_lookup_elem(&ns_disk_files, key);
+	if (f)
+		return f->slot;
+
+	__u32 half = key->epoch & 1, per_key = NS_DISK_ALLOC_PER_HALF, zero = 0;
+	/* 64-bit counters: the only fetch-and-add the default BPF target emits */
+	__u64 *next = bpf_map_lookup_elem(&ns_disk_alloc, &half);
+	__u64 *per = bpf_map_lookup_elem(&ns_disk_alloc, &per_key);
+	struct ns_disk_file *n = bpf_map_lookup_elem(&ns_disk_scratch, &zero);
+	if (!next || !per || !n)
+		return NO_SLOT;
+	__u64 i = __sync_fetch_and_add(next, 1);
+	if (i >= *per) {
+		disk_stat_inc(NS_DISK_STAT_FILES_FULL);
+		return NO_SLOT;
+	}
+	__u32 slot = half * (__u32)*per + (__u32)i;
+	struct ns_disk_counts *c = bpf_map_lookup_elem(&ns_disk_counts, &slot);
+	if (!c)
+		return NO_SLOT;
+	__builtin_memset(c, 0, sizeof(*c));
 	__builtin_memset(n, 0, sizeof(*n));
+	n->slot = slot;
 	if (inode) {
 		n->fs_magic = BPF_CORE_READ(inode, i_sb, s_magic);
 		disk_names(n, d ? d : inode_dentry(inode));
 	} else {
 		n->flags |= NS_DISK_F_NO_NAME;
 	}
-	if (bpf_map_update_elem(&ns_disk_recs, key, n, BPF_NOEXIST)) {
-		/* another CPU made it first, or the map is full */
-		r = bpf_map_lookup_elem(&ns_disk_recs, key);
-		if (!r)
+	if (bpf_map_update_elem(&ns_disk_files, key, n, BPF_NOEXIST)) {
+		/* another CPU made it first (the slot taken here stays unused),
+		 * or the map is full */
+		f = bpf_map_lookup_elem(&ns_disk_files, key);
+		if (!f) {
 			disk_stat_inc(NS_DISK_STAT_FILES_FULL);
-		return r;
+			return NO_SLOT;
+		}
+		return f->slot;
 	}
-	return bpf_map_lookup_elem(&ns_disk_recs, key);
+	return slot;
+}
+
+/* The counts of `key` (made in round `round`): through the slot the task
+ * remembers when it wrote this very file in this round last, else found or
+ * made, and remembered. */
+static __always_inline struct ns_disk_counts *disk_counts(struct ns_disk_key *key, __u32 round, struct inode *inode,
+							 struct dentry *d, struct ns_disk_task *t)
+{
+	__u32 slot;
+	if (t && t->c_round == round && t->c_key.ino == key->ino && t->c_key.dev == key->dev &&
+	    t->c_key.target == key->target && t->c_key.tgid == key->tgid) {
+		slot = t->c_slot;
+	} else {
+		slot = disk_slot(key, inode, d);
+		if (slot == NO_SLOT)
+			return NULL;
+		if (t) {
+			t->c_key = *key;
+			t->c_round = round;
+			t->c_slot = slot;
+		}
+	}
+	return bpf_map_lookup_elem(&ns_disk_counts, &slot);
 }
 
 /* From libbpf-tools bits.bpf.h */
@@ -304,7 +375,7 @@ static __always_inline __u64 log2_u64(__u64 v)
 	return hi ? log2_u32(hi) + 32 : log2_u32(v);
 }
 
-/* One sync call on the file of `key`: counted in its record, and, when
+/* One sync call on the file of `key`: counted with the file, and, when
  * `timed`, its latency (or its failure) in the file's histogram. */
 static __always_inline void disk_count_sync(struct ns_disk_key *key, struct inode *inode, struct dentry *d,
 					    __u64 call, int timed, __u64 elapsed_ns, long ret)
@@ -313,7 +384,8 @@ static __always_inline void disk_count_sync(struct ns_disk_key *key, struct inod
 	barrier_var(call);
 	if (call >= NS_DISK_SYNC_CALLS)
 		return;
-	struct ns_disk_rec *r = disk_record(key, inode, d);
+	__u32 slot = disk_slot(key, inode, d);
+	struct ns_disk_counts *r = slot == NO_SLOT ? NULL : bpf_map_lookup_elem(&ns_disk_counts, &slot);
 	if (r) {
 		__sync_fetch_and_add(&r->syncs[call], 1);
 		if (ret < 0)
@@ -340,11 +412,11 @@ static __always_inline void disk_count_sync(struct ns_disk_key *key, struct inod
 		__sync_fetch_and_add(&h->errors, 1);
 		return;
 	}
-	__u64 slot = log2_u64(elapsed_ns / 1000);
-	if (slot >= NS_DISK_SYNC_SLOTS)
-		slot = NS_DISK_SYNC_SLOTS - 1;
-	__sync_fetch_and_add(&h->count[slot], 1);
-	__sync_fetch_and_add(&h->sum_ns[slot], elapsed_ns);
+	__u64 bucket = log2_u64(elapsed_ns / 1000);
+	if (bucket >= NS_DISK_SYNC_SLOTS)
+		bucket = NS_DISK_SYNC_SLOTS - 1;
+	__sync_fetch_and_add(&h->count[bucket], 1);
+	__sync_fetch_and_add(&h->sum_ns[bucket], elapsed_ns);
 }
 
 #endif

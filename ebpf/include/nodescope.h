@@ -118,7 +118,7 @@ struct ns_conn_event {
 
 /* ---- disk signal (disk.bpf.c, disk_syscalls.bpf.c) ---------------------- */
 
-/* How bytes reached a file: index into ns_disk_rec.bytes/calls. The
+/* How bytes reached a file: index into ns_disk_counts.bytes/calls. The
  * filesystem hooks (disk.bpf.c) name the call by the syscall the writing
  * thread is in; the syscall method (disk_syscalls.bpf.c) only sees the first
  * five. */
@@ -135,7 +135,7 @@ struct ns_conn_event {
 #define NS_DISK_WRITE_OTHER 10 /* any other path into the filesystem's write */
 #define NS_DISK_WRITE_CALLS 11
 
-/* Sync calls: index into ns_disk_rec.syncs and ns_disk_sync_key.call. */
+/* Sync calls: index into ns_disk_counts.syncs and ns_disk_sync_key.call. */
 #define NS_DISK_FSYNC 0
 #define NS_DISK_FDATASYNC 1
 #define NS_DISK_MSYNC 2
@@ -154,28 +154,43 @@ struct ns_conn_event {
 #define NS_DISK_F_DEEP 2     /* the path has more components than were kept */
 #define NS_DISK_F_NO_NAME 4  /* the inode had no dentry to name it */
 
-/* What one watched node did to one file (device, inode) in one half of the
- * agent's read cycle. The agent flips ns_disk_epoch each interval and
- * takes the records of the half it left with an atomic lookup-and-delete,
- * so a record lives at most two intervals and no count is read twice. */
+/* One file (device, inode) of one watched node in one half of the agent's
+ * read cycle. The agent advances ns_disk_epoch (a round number; its low bit
+ * names the half the programs write) every interval, waits for an RCU grace
+ * period (no program still in the old half), then takes every file of the
+ * old half with an atomic lookup-and-delete, reads its counts and frees the
+ * half's count slots: no count is read twice or lost, and the maps hold only
+ * the files written in the last two intervals. */
 struct ns_disk_key {
 	__u64 ino;
 	__u32 dev;    /* the file's superblock s_dev, kernel encoding */
 	__u32 target; /* index of the watched node, or NS_TARGET_PENDING */
 	__u32 tgid;   /* the writer, for NS_TARGET_PENDING records only; else 0 */
-	__u32 epoch;  /* 0 or 1 */
+	__u32 epoch;  /* the half: 0 or 1 */
 };
 
-struct ns_disk_rec {
+/* What is known of the file, made once per half: where its counts are and
+ * the names of its path. */
+struct ns_disk_file {
+	__u32 slot;     /* index of its ns_disk_counts */
+	__u32 fs_magic; /* the file's superblock s_magic */
+	__u16 flags;    /* NS_DISK_F_* */
+	__u16 depth;    /* components filled in names */
+	__u32 _pad;
+	char names[NS_DISK_PATH_DEPTH][NS_DISK_NAME_LEN]; /* leaf first, NUL-terminated */
+};
+
+/* Its counts, in a preallocated array the hot path reaches by index: half
+ * h owns slots [h * per_half, (h + 1) * per_half). */
+struct ns_disk_counts {
 	__u64 bytes[NS_DISK_WRITE_CALLS];       /* NS_DISK_MMAP: whole folios */
 	__u64 calls[NS_DISK_WRITE_CALLS];       /* write syscalls (see disk.md); MMAP: folios */
 	__u64 syncs[NS_DISK_SYNC_CALLS];        /* sync calls that reached the filesystem */
 	__u64 sync_errors[NS_DISK_SYNC_CALLS];  /* of those, the ones known to have failed */
-	__u32 fs_magic;                         /* the file's superblock s_magic */
-	__u16 flags;                            /* NS_DISK_F_* */
-	__u16 depth;                            /* components filled in names */
-	char names[NS_DISK_PATH_DEPTH][NS_DISK_NAME_LEN]; /* leaf first, NUL-terminated */
 };
+
+/* ns_disk_alloc: the next free count slot of each half, and the slots per half. */
+#define NS_DISK_ALLOC_PER_HALF 2
 
 /* Latency histogram of one sync call on one file, for the syncs that are
  * timed (ext4's enter and exit tracepoints; every sync of the syscall

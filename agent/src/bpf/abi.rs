@@ -167,7 +167,7 @@ const _: () = {
 
 // ---- disk signal (disk.bpf.c, disk_syscalls.bpf.c) ----
 
-/// Index of a way of writing in `DiskRec::bytes` / `calls` (NS_DISK_WRITE...).
+/// Index of a way of writing in `DiskCounts::bytes` / `calls` (NS_DISK_WRITE...).
 pub const DISK_WRITE: usize = 0;
 pub const DISK_PWRITE64: usize = 1;
 pub const DISK_WRITEV: usize = 2;
@@ -181,7 +181,7 @@ pub const DISK_MMAP: usize = 9;
 pub const DISK_WRITE_OTHER: usize = 10;
 pub const DISK_WRITE_CALLS: usize = 11;
 
-/// Index of a sync call in `DiskRec::syncs` and `DiskSyncKey::call` (NS_DISK_FSYNC...).
+/// Index of a sync call in `DiskCounts::syncs` and `DiskSyncKey::call` (NS_DISK_FSYNC...).
 pub const DISK_FSYNC: usize = 0;
 pub const DISK_FDATASYNC: usize = 1;
 pub const DISK_MSYNC: usize = 2;
@@ -213,36 +213,25 @@ pub struct DiskKey {
     pub epoch: u32,
 }
 
-/// `struct ns_disk_rec`
+/// `struct ns_disk_file`: a file's count slot and the names of its path.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct DiskRec {
-    pub bytes: [u64; DISK_WRITE_CALLS],
-    pub calls: [u64; DISK_WRITE_CALLS],
-    pub syncs: [u64; DISK_SYNC_CALLS],
-    pub sync_errors: [u64; DISK_SYNC_CALLS],
+pub struct DiskFile {
+    pub slot: u32,
     pub fs_magic: u32,
     pub flags: u16,
     pub depth: u16,
+    pub _pad: u32,
     pub names: [[u8; DISK_NAME_LEN]; DISK_PATH_DEPTH],
 }
 
-impl Default for DiskRec {
+impl Default for DiskFile {
     fn default() -> Self {
-        DiskRec {
-            bytes: [0; DISK_WRITE_CALLS],
-            calls: [0; DISK_WRITE_CALLS],
-            syncs: [0; DISK_SYNC_CALLS],
-            sync_errors: [0; DISK_SYNC_CALLS],
-            fs_magic: 0,
-            flags: 0,
-            depth: 0,
-            names: [[0; DISK_NAME_LEN]; DISK_PATH_DEPTH],
-        }
+        DiskFile { slot: 0, fs_magic: 0, flags: 0, depth: 0, _pad: 0, names: [[0; DISK_NAME_LEN]; DISK_PATH_DEPTH] }
     }
 }
 
-impl DiskRec {
+impl DiskFile {
     /// The kept path components, root side first (the kernel stores them
     /// leaf first). The filesystem root's own name "/" is left out.
     pub fn components(&self) -> Vec<String> {
@@ -258,6 +247,19 @@ impl DiskRec {
             .collect()
     }
 }
+
+/// `struct ns_disk_counts`
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskCounts {
+    pub bytes: [u64; DISK_WRITE_CALLS],
+    pub calls: [u64; DISK_WRITE_CALLS],
+    pub syncs: [u64; DISK_SYNC_CALLS],
+    pub sync_errors: [u64; DISK_SYNC_CALLS],
+}
+
+/// NS_DISK_ALLOC_PER_HALF: the ns_disk_alloc entry holding the slots per half.
+pub const DISK_ALLOC_PER_HALF: u32 = 2;
 
 /// `struct ns_disk_sync_key`
 #[repr(C)]
@@ -280,7 +282,8 @@ pub struct DiskSyncHist {
 // SAFETY: plain old data, every bit pattern is valid, no implicit padding
 // (sizes and offsets checked against the C layout below).
 unsafe impl aya::Pod for DiskKey {}
-unsafe impl aya::Pod for DiskRec {}
+unsafe impl aya::Pod for DiskFile {}
+unsafe impl aya::Pod for DiskCounts {}
 unsafe impl aya::Pod for DiskSyncKey {}
 unsafe impl aya::Pod for DiskSyncHist {}
 
@@ -291,15 +294,18 @@ const _: () = {
     assert!(offset_of!(DiskKey, target) == layout::ns_disk_key_target);
     assert!(offset_of!(DiskKey, tgid) == layout::ns_disk_key_tgid);
     assert!(offset_of!(DiskKey, epoch) == layout::ns_disk_key_epoch);
-    assert!(size_of::<DiskRec>() == layout::ns_disk_rec_SIZE);
-    assert!(offset_of!(DiskRec, bytes) == layout::ns_disk_rec_bytes);
-    assert!(offset_of!(DiskRec, calls) == layout::ns_disk_rec_calls);
-    assert!(offset_of!(DiskRec, syncs) == layout::ns_disk_rec_syncs);
-    assert!(offset_of!(DiskRec, sync_errors) == layout::ns_disk_rec_sync_errors);
-    assert!(offset_of!(DiskRec, fs_magic) == layout::ns_disk_rec_fs_magic);
-    assert!(offset_of!(DiskRec, flags) == layout::ns_disk_rec_flags);
-    assert!(offset_of!(DiskRec, depth) == layout::ns_disk_rec_depth);
-    assert!(offset_of!(DiskRec, names) == layout::ns_disk_rec_names);
+    assert!(size_of::<DiskFile>() == layout::ns_disk_file_SIZE);
+    assert!(offset_of!(DiskFile, slot) == layout::ns_disk_file_slot);
+    assert!(offset_of!(DiskFile, fs_magic) == layout::ns_disk_file_fs_magic);
+    assert!(offset_of!(DiskFile, flags) == layout::ns_disk_file_flags);
+    assert!(offset_of!(DiskFile, depth) == layout::ns_disk_file_depth);
+    assert!(offset_of!(DiskFile, names) == layout::ns_disk_file_names);
+    assert!(size_of::<DiskCounts>() == layout::ns_disk_counts_SIZE);
+    assert!(offset_of!(DiskCounts, bytes) == layout::ns_disk_counts_bytes);
+    assert!(offset_of!(DiskCounts, calls) == layout::ns_disk_counts_calls);
+    assert!(offset_of!(DiskCounts, syncs) == layout::ns_disk_counts_syncs);
+    assert!(offset_of!(DiskCounts, sync_errors) == layout::ns_disk_counts_sync_errors);
+    assert!(DISK_ALLOC_PER_HALF == layout::NS_DISK_ALLOC_PER_HALF);
     assert!(size_of::<DiskSyncKey>() == layout::ns_disk_sync_key_SIZE);
     assert!(offset_of!(DiskSyncKey, file) == layout::ns_disk_sync_key_file);
     assert!(offset_of!(DiskSyncKey, call) == layout::ns_disk_sync_key_call);

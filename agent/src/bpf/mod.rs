@@ -66,16 +66,6 @@ pub fn hash_map<'a, K: aya::Pod, V: aya::Pod>(
 /// aya 0.14 offers it only for queues and stacks.
 pub fn take_elem<K: aya::Pod, V: aya::Pod>(map: &aya::maps::MapData, key: &K) -> std::io::Result<Option<V>> {
     use std::os::fd::{AsFd, AsRawFd};
-    /// The map-element member of `union bpf_attr`.
-    #[repr(C)]
-    struct MapElemAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
     let mut value = std::mem::MaybeUninit::<V>::zeroed();
     let attr = MapElemAttr {
         map_fd: map.fd().as_fd().as_raw_fd() as u32,
@@ -84,18 +74,89 @@ pub fn take_elem<K: aya::Pod, V: aya::Pod>(map: &aya::maps::MapData, key: &K) ->
         value: value.as_mut_ptr() as u64,
         flags: 0,
     };
-    // SAFETY: attr is a valid bpf_attr prefix for this command; key and value
-    // point to buffers of the map's key and value sizes (checked by the
-    // caller's types against the object's map definition by aya).
-    let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr as *const MapElemAttr, size_of::<MapElemAttr>())
-    };
-    if rc == 0 {
+    // key and value point to buffers of the map's key and value sizes (the
+    // caller's types were checked against the object's map by aya)
+    match sys_bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr) {
         // SAFETY: the kernel wrote a whole value; V is Pod, every bit pattern valid.
-        return Ok(Some(unsafe { value.assume_init() }));
+        Ok(_) => Ok(Some(unsafe { value.assume_init() })),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
     }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e) }
+}
+
+/// Waits until every BPF program that was running has finished: an RCU
+/// grace period, which the kernel takes when user space updates a map of
+/// maps (`maybe_wait_bpf_programs`; tracing programs run under
+/// rcu_read_lock). A 1-entry array of maps made for this alone, holding a
+/// 1-entry array. After `wait`, no program still uses a value it read
+/// before the call (the disk signal's epoch).
+pub struct RcuBarrier {
+    outer: std::os::fd::OwnedFd,
+    inner: std::os::fd::OwnedFd,
+}
+
+/// The map-creation member of `union bpf_attr`, as far as used here.
+#[repr(C)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+}
+
+/// The map-element member of `union bpf_attr`.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+
+fn sys_bpf<A>(cmd: libc::c_long, attr: &A) -> std::io::Result<libc::c_long> {
+    // SAFETY: attr is a prefix of union bpf_attr valid for cmd, and lives
+    // across the call; the kernel reads only size_of::<A>() bytes.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const A, size_of::<A>()) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+impl RcuBarrier {
+    pub fn new() -> std::io::Result<RcuBarrier> {
+        use std::os::fd::FromRawFd;
+        let array = |map_type, inner_map_fd| MapCreateAttr { map_type, key_size: 4, value_size: 4, max_entries: 1, map_flags: 0, inner_map_fd };
+        let inner = sys_bpf(BPF_MAP_CREATE, &array(BPF_MAP_TYPE_ARRAY, 0))?;
+        // SAFETY: a fresh fd the kernel just returned, owned here alone.
+        let inner = unsafe { std::os::fd::OwnedFd::from_raw_fd(inner as i32) };
+        use std::os::fd::AsRawFd;
+        let outer = sys_bpf(BPF_MAP_CREATE, &array(BPF_MAP_TYPE_ARRAY_OF_MAPS, inner.as_raw_fd() as u32))?;
+        // SAFETY: as above.
+        let outer = unsafe { std::os::fd::OwnedFd::from_raw_fd(outer as i32) };
+        Ok(RcuBarrier { outer, inner })
+    }
+
+    /// Returns once an RCU grace period has passed.
+    pub fn wait(&self) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let key = 0u32;
+        let value = self.inner.as_raw_fd() as u32;
+        let attr = MapElemAttr {
+            map_fd: self.outer.as_raw_fd() as u32,
+            _pad: 0,
+            key: &key as *const u32 as u64,
+            value: &value as *const u32 as u64,
+            flags: 0,
+        };
+        sys_bpf(BPF_MAP_UPDATE_ELEM, &attr).map(drop)
+    }
 }
 
 /// Makes a hash map hold exactly `want`: removes the keys that went away,

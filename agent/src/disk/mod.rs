@@ -272,14 +272,14 @@ impl DiskSignal {
         };
         // the class of each file read now, for its histograms below
         let mut class_of: HashMap<FileId, (String, bool)> = HashMap::new();
-        for (key, rec) in &drained.records {
+        for (key, file, rec) in &drained.records {
             let index = assign(key);
             let (Some(target), Some(per)) = (by_index.get(&index), self.targets.get_mut(&index)) else {
                 self.target_gone += 1;
                 continue;
             };
-            let named = key.ino != 0 && rec.flags & abi::DISK_F_NO_NAME == 0;
-            let class = if named { self.classifier.classify(&target.name, target.chain, &rec.components()).to_string() } else { OTHER.to_string() };
+            let named = key.ino != 0 && file.flags & abi::DISK_F_NO_NAME == 0;
+            let class = if named { self.classifier.classify(&target.name, target.chain, &file.components()).to_string() } else { OTHER.to_string() };
             for (call, name) in WRITE_CALLS.iter().enumerate() {
                 let (bytes, calls) = (rec.bytes[call], rec.calls[call]);
                 if bytes == 0 && calls == 0 {
@@ -361,7 +361,7 @@ mod tests {
 
     #[test]
     fn components_come_root_first() {
-        let mut f = abi::DiskRec::default();
+        let mut f = abi::DiskFile::default();
         for (i, n) in ["blk00000.dat", "blocks", "regtest", "/"].iter().enumerate() {
             f.names[i][..n.len()].copy_from_slice(n.as_bytes());
         }

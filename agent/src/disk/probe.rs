@@ -75,7 +75,9 @@ pub const SYSCALL_HOOKS: &[(&str, &str, &str)] = &[
     ("on_sync_file_range_enter", "syscalls", "sys_enter_sync_file_range"),
 ];
 
-const RECS: &str = "ns_disk_recs";
+const FILES: &str = "ns_disk_files";
+const COUNTS: &str = "ns_disk_counts";
+const ALLOC: &str = "ns_disk_alloc";
 const SYNCS: &str = "ns_disk_syncs";
 const EPOCH: &str = "ns_disk_epoch";
 const STATS: &str = "ns_disk_stats";
@@ -85,11 +87,10 @@ const SCOPE_GEN: &str = "ns_disk_scope_gen";
 /// scope programs, so they run after the scope's own exec hook.
 const SCOPE_HOOKS: &[(&str, &str)] = &[("disk_scope_exec", "sched_process_exec"), ("disk_scope_attach", "cgroup_attach_task")];
 
-/// How long the agent waits after flipping the epoch before it takes the
-/// records of the half it left: programs that read the old epoch just
-/// before the flip finish their update well within it (they run for
-/// microseconds, without sleeping). One that did not would make a new
-/// record in the old half, which the read after next takes: late, not lost.
+/// Without an RCU barrier (a kernel that refuses the array of maps), how
+/// long the agent waits after advancing the round before it reads the half
+/// it left: programs that read the old round run for microseconds and
+/// never sleep.
 const QUIESCE: Duration = Duration::from_millis(10);
 
 /// Which filesystems the attached hooks count, for the coverage report.
@@ -103,7 +104,13 @@ pub struct Hooked {
 
 pub struct DiskProbe {
     ebpf: Ebpf,
-    epoch: u32,
+    /// The round the programs write (its low bit is the half); starts at 1,
+    /// so a task's remembered slot of round 0 means none.
+    round: u32,
+    /// Waits out the programs still in the old half (None: sleep QUIESCE).
+    barrier: Option<bpf::RcuBarrier>,
+    /// Count slots per half (disk.max_files).
+    per_half: u32,
     hooked: Hooked,
     /// Hooks of a filesystem group the kernel refused (hook, reason).
     refused: Vec<(String, String)>,
@@ -119,11 +126,11 @@ pub struct KernelStats {
     pub inflight_full: u64,
 }
 
-/// What one read took from the kernel: every record and histogram of the
+/// What one read took from the kernel: every file and histogram of the
 /// half the programs no longer write.
 #[derive(Debug, Default)]
 pub struct Drained {
-    pub records: Vec<(abi::DiskKey, abi::DiskRec)>,
+    pub records: Vec<(abi::DiskKey, abi::DiskFile, abi::DiskCounts)>,
     pub syncs: Vec<(abi::DiskSyncKey, abi::DiskSyncHist)>,
 }
 
@@ -140,7 +147,8 @@ fn object(method: DiskMethod) -> (&'static str, &'static [u8]) {
 fn load_object(method: DiskMethod, config: &DiskConfig) -> Result<Ebpf, BpfError> {
     let (object, bytes) = object(method);
     aya::EbpfLoader::new()
-        .map_max_entries(RECS, config.max_files)
+        .map_max_entries(FILES, 2 * config.max_files)
+        .map_max_entries(COUNTS, 2 * config.max_files)
         .map_max_entries(SYNCS, config.max_syncs)
         .allow_unsupported_maps()
         .load(bytes)
@@ -257,8 +265,12 @@ impl DiskProbe {
         for &(program, hook) in SCOPE_HOOKS {
             attach_btf(&mut ebpf, &btf, program, hook).map_err(|reason| DiskError::Hook { hook: format!("tp_btf/{hook}"), reason })?;
         }
-        let mut probe = DiskProbe { ebpf, epoch: 0, hooked, refused, scope_gen: 0 };
-        probe.set_epoch(0)?;
+        let barrier = bpf::RcuBarrier::new()
+            .inspect_err(|e| tracing::warn!("disk signal: no RCU barrier ({e}); waiting {QUIESCE:?} per read instead"))
+            .ok();
+        let mut probe = DiskProbe { ebpf, round: 0, barrier, per_half: config.max_files, hooked, refused, scope_gen: 0 };
+        probe.set_alloc(abi::DISK_ALLOC_PER_HALF, u64::from(config.max_files))?;
+        probe.set_round(1)?;
         Ok(probe)
     }
 
@@ -289,25 +301,54 @@ impl DiskProbe {
         aya::maps::RingBuf::try_from(self.ebpf.take_map(crate::scope::EVENTS)?).ok()
     }
 
-    fn set_epoch(&mut self, epoch: u32) -> Result<(), BpfError> {
+    fn set_round(&mut self, round: u32) -> Result<(), BpfError> {
         let map = self.ebpf.map_mut(EPOCH).ok_or(BpfError::MissingMap(EPOCH))?;
         let mut array: aya::maps::Array<&mut aya::maps::MapData, u32> =
             aya::maps::Array::try_from(map).map_err(|source| BpfError::Map { map: EPOCH, source })?;
-        array.set(0, epoch, 0).map_err(|source| BpfError::Map { map: EPOCH, source })?;
-        self.epoch = epoch;
+        array.set(0, round, 0).map_err(|source| BpfError::Map { map: EPOCH, source })?;
+        self.round = round;
         Ok(())
     }
 
-    /// Points the programs at the other half, waits for the ones still in
-    /// the old half to finish, then takes everything in it.
+    fn set_alloc(&mut self, index: u32, value: u64) -> Result<(), BpfError> {
+        let map = self.ebpf.map_mut(ALLOC).ok_or(BpfError::MissingMap(ALLOC))?;
+        let mut array: aya::maps::Array<&mut aya::maps::MapData, u64> =
+            aya::maps::Array::try_from(map).map_err(|source| BpfError::Map { map: ALLOC, source })?;
+        array.set(index, value, 0).map_err(|source| BpfError::Map { map: ALLOC, source })
+    }
+
+    /// Points the programs at the other half, waits out those still in the
+    /// old one, takes every file and histogram of it with their counts, and
+    /// frees its count slots for its next turn.
     pub fn drain(&mut self) -> Result<Drained, DiskError> {
-        let old = self.epoch;
-        self.set_epoch(old ^ 1)?;
-        std::thread::sleep(QUIESCE);
-        Ok(Drained {
-            records: take_half(&self.ebpf, RECS, |k: &abi::DiskKey| k.epoch == old)?,
-            syncs: take_half(&self.ebpf, SYNCS, |k: &abi::DiskSyncKey| k.file.epoch == old)?,
-        })
+        let old = self.round & 1;
+        // the half flips every time (u32::MAX is odd, 2 even); 0 stays unused
+        self.set_round(if self.round == u32::MAX { 2 } else { self.round + 1 })?;
+        match self.barrier.as_ref().map(bpf::RcuBarrier::wait) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                tracing::warn!("disk signal: RCU barrier failed ({e}); waiting {QUIESCE:?} per read instead");
+                self.barrier = None;
+                std::thread::sleep(QUIESCE);
+            }
+            None => std::thread::sleep(QUIESCE),
+        }
+        let files: Vec<(abi::DiskKey, abi::DiskFile)> = take_half(&self.ebpf, FILES, |k: &abi::DiskKey| k.epoch == old)?;
+        let counts_map = self.ebpf.map(COUNTS).ok_or(BpfError::MissingMap(COUNTS))?;
+        let counts: aya::maps::Array<&aya::maps::MapData, abi::DiskCounts> =
+            aya::maps::Array::try_from(counts_map).map_err(|source| BpfError::Map { map: COUNTS, source })?;
+        let mut records = Vec::with_capacity(files.len());
+        for (key, file) in files {
+            // a slot outside the half would be a kernel-side bug: skip it rather than misread
+            if file.slot / self.per_half.max(1) != old {
+                continue;
+            }
+            let c = counts.get(&file.slot, 0).map_err(|source| BpfError::Map { map: COUNTS, source })?;
+            records.push((key, file, c));
+        }
+        let syncs = take_half(&self.ebpf, SYNCS, |k: &abi::DiskSyncKey| k.file.epoch == old)?;
+        self.set_alloc(old, 0)?;
+        Ok(Drained { records, syncs })
     }
 
     pub fn kernel_stats(&self) -> Result<KernelStats, BpfError> {
