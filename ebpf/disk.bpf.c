@@ -236,8 +236,8 @@ int BPF_PROG(on_ext4_sync_exit, struct inode *inode, int ret)
 	t->call = 0;
 	__u64 elapsed = bpf_ktime_get_ns() - t->start_ns;
 	struct ns_disk_key key;
-	disk_key(&key, inode->i_ino, inode->i_sb->s_dev, t->call_target, t->call_tgid);
-	disk_count_sync(&key, inode, NULL, call, 1, elapsed, ret);
+	__u32 round = disk_key(&key, inode->i_ino, inode->i_sb->s_dev, t->call_target, t->call_tgid);
+	disk_count_sync(&key, round, inode, NULL, t, call, 1, elapsed, ret);
 	return 0;
 }
 
@@ -251,8 +251,8 @@ static __always_inline int xfs_sync(struct xfs_inode *ip)
 		return 0;
 	struct inode *inode = &ip->i_vnode;
 	struct ns_disk_key key;
-	disk_key(&key, inode->i_ino, inode->i_sb->s_dev, target, tgid);
-	disk_count_sync(&key, inode, NULL, sync_call(task), 0, 0, 0);
+	__u32 round = disk_key(&key, inode->i_ino, inode->i_sb->s_dev, target, tgid);
+	disk_count_sync(&key, round, inode, NULL, slot, sync_call(task), 0, 0, 0);
 	return 0;
 }
 

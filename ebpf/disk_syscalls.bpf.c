@@ -190,7 +190,7 @@ int on_sync_exit(struct ns_sys_exit_ctx *ctx)
 	}
 	/* an msync whose mapping is gone counts for an unknown file */
 	struct ns_disk_key key;
-	disk_key(&key, inode ? BPF_CORE_READ(inode, i_ino) : 0, inode ? BPF_CORE_READ(inode, i_sb, s_dev) : 0, in.target, in.tgid);
-	disk_count_sync(&key, inode, d, call, 1, elapsed, ctx->ret);
+	__u32 round = disk_key(&key, inode ? BPF_CORE_READ(inode, i_ino) : 0, inode ? BPF_CORE_READ(inode, i_sb, s_dev) : 0, in.target, in.tgid);
+	disk_count_sync(&key, round, inode, d, disk_task(), call, 1, elapsed, ctx->ret);
 	return 0;
 }

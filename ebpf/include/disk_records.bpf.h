@@ -375,17 +375,17 @@ static __always_inline __u64 log2_u64(__u64 v)
 	return hi ? log2_u32(hi) + 32 : log2_u32(v);
 }
 
-/* One sync call on the file of `key`: counted with the file, and, when
+/* One sync call on the file of `key` (in round `round`, by the task of slot
+ * `t`, which usually wrote it just before): counted with the file, and, when
  * `timed`, its latency (or its failure) in the file's histogram. */
-static __always_inline void disk_count_sync(struct ns_disk_key *key, struct inode *inode, struct dentry *d,
-					    __u64 call, int timed, __u64 elapsed_ns, long ret)
+static __always_inline void disk_count_sync(struct ns_disk_key *key, __u32 round, struct inode *inode, struct dentry *d,
+					    struct ns_disk_task *t, __u64 call, int timed, __u64 elapsed_ns, long ret)
 {
 	/* 64 bits and a barrier: the bound is checked on the register the index uses */
 	barrier_var(call);
 	if (call >= NS_DISK_SYNC_CALLS)
 		return;
-	__u32 slot = disk_slot(key, inode, d);
-	struct ns_disk_counts *r = slot == NO_SLOT ? NULL : bpf_map_lookup_elem(&ns_disk_counts, &slot);
+	struct ns_disk_counts *r = disk_counts(key, round, inode, d, t);
 	if (r) {
 		__sync_fetch_and_add(&r->syncs[call], 1);
 		if (ret < 0)
