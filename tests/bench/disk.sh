@@ -76,11 +76,11 @@ print(f"{r.ru_utime + r.ru_stime:.4f}")' "$@"
 }
 
 fio_sync() { # -> "iops bytes writes fdatasyncs"
-    in_cg fio --name=w --directory="$work" --filename=blocks.dat --rw=write --bs=4k --size=64M \
-        --ioengine=sync --fdatasync=1 --time_based --runtime="$secs" --output-format=json >"$shm/fio.json"
-    # (its report goes to tmpfs: written to the work dir, it would be the
+    # (its report goes through a pipe: written to a file, it would be the
     # watched group's writes too)
-    python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; w=j["write"]; print(w["iops"], w["io_bytes"], w["total_ios"], j["sync"]["lat_ns"]["N"])' "$shm/fio.json"
+    in_cg fio --name=w --directory="$work" --filename=blocks.dat --rw=write --bs=4k --size=64M \
+        --ioengine=sync --fdatasync=1 --time_based --runtime="$secs" --output-format=json |
+        python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; w=j["write"]; print(w["iops"], w["io_bytes"], w["total_ios"], j["sync"]["lat_ns"]["N"])'
 }
 
 # runs a case: prints its figure (CPU seconds, or IOPS for sync), then the
