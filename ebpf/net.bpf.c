@@ -167,12 +167,10 @@ int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 {
 	/* Runs for every TCP socket on the host: leave early and cheaply for the
 	 * transitions and sockets that are not ours. */
-	if (newstate != TCP_SYN_SENT && newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE &&
-	    newstate != TCP_FIN_WAIT1 && newstate != TCP_LAST_ACK)
+	const __u32 wanted = 1u << TCP_SYN_SENT | 1u << TCP_ESTABLISHED | 1u << TCP_CLOSE |
+			     1u << TCP_FIN_WAIT1 | 1u << TCP_LAST_ACK;
+	if (newstate > TCP_CLOSING || !((1u << newstate) & wanted))
 		return 0;
-	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
-	if (!tp)
-		return 0; /* not a full TCP socket */
 	__u32 target;
 
 	if (newstate == TCP_SYN_SENT) {
@@ -207,6 +205,11 @@ int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 		 * byte in write_seq that it never wrote */
 		c->flags |= NS_CONN_F_FIN_SENT;
 	} else if (newstate == TCP_CLOSE) {
+		/* only a full socket has byte counters (the cast is a helper
+		 * call, so it is made here, once per connection) */
+		struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+		if (!tp)
+			return 0;
 		read_counters(c, tp, sk);
 		c->end_ns = bpf_ktime_get_boot_ns();
 		if (c->state == NS_CONN_CONNECTING) {
