@@ -29,7 +29,7 @@
 # METHOD=syscalls measures the opt-in syscall method instead (docs/disk.md:
 # it is expected to miss the host-tax targets; that is why it is opt-in).
 #
-# usage: disk.sh NODESCOPE_BINARY   (env: ROUNDS=5 SECS=3 NULL_COUNT=2000000 TMPFS_COUNT=1000000 APPEND_COUNT=200000 METHOD=filesystem)
+# usage: disk.sh NODESCOPE_BINARY   (env: ROUNDS=5 SECS=3 NULL_COUNT=2000000 TMPFS_COUNT=1000000 APPEND_COUNT=500000 METHOD=filesystem)
 set -euo pipefail
 bin=$1
 method=${METHOD:-filesystem}
@@ -37,7 +37,7 @@ rounds=${ROUNDS:-5}
 secs=${SECS:-3}
 null_count=${NULL_COUNT:-2000000}
 tmpfs_count=${TMPFS_COUNT:-1000000}
-append_count=${APPEND_COUNT:-200000}
+append_count=${APPEND_COUNT:-500000}
 source "$(dirname "$0")/common.sh"
 # on the disk, not tmpfs, so fdatasync reaches the device
 bench_setup disk /var/tmp
