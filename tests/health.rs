@@ -341,6 +341,10 @@ fn mass_disconnect_is_a_partition_and_slow_rotation_is_not() {
         let v = agent.json("/peers");
         (v["targets"][0]["peers"].as_array().map(|a| a.len()) == Some(5)).then_some(())
     });
+    // the first evaluation lands just after the first /peers
+    wait_for("the first evaluation", Duration::from_secs(10), || {
+        detailed(&agent).1["targets"][0]["rules"].as_array().map(|_| ())
+    });
     let never_fires = |code: u16, d: &Value| {
         let r = rule_in(d, "partition_suspected");
         (code == 503 || r["state"] == "firing").then(|| format!("partition_suspected fired on a slow rotation (HTTP {code})"))
@@ -551,7 +555,11 @@ fn no_blocks_while_connected_is_chain_stalled() {
     node.wait_peers(1);
     node.address(); // the wallet, made before the agent watches
     let agent = Agent::start(&agent_config(&node, &cgroup, "[targets.rules.chain_stalled]\nthreshold = 6\n"));
-    wait_for("chain_stalled known", Duration::from_secs(20), || (rule(&agent, "chain_stalled")["state"] != "unknown").then_some(()));
+    wait_for("chain_stalled known", Duration::from_secs(20), || {
+        let d = detailed(&agent).1;
+        let r = d["targets"][0]["rules"].as_array()?.iter().find(|r| r["id"] == "chain_stalled")?.clone();
+        (r["state"] != "unknown").then_some(())
+    });
 
     let height = node.cli(&["getblockcount"]);
     // taken before the block is written: a lower bound on the write's time
