@@ -158,7 +158,9 @@ static __always_inline void finish(__u64 cookie, struct ns_conn *c)
 	}
 	e->cookie = cookie;
 	__builtin_memcpy(&e->conn, c, sizeof(*c));
-	bpf_ringbuf_submit(e, 0);
+	/* the agent drains it once per interval and never sleeps on it: no
+	 * wakeup (which would queue an irq_work on every close) */
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 	bpf_map_delete_elem(&ns_conns, &cookie);
 }
 
