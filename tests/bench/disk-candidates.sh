@@ -64,7 +64,9 @@ start() {
             bpftrace -e "tracepoint:ext4:ext4_da_write_end /cgroup == $cgid/ { @b = sum(args->copied); }
                          tracepoint:ext4:ext4_sync_file_exit /cgroup == $cgid/ { @s = count(); }" >"$work/bpftrace.log" 2>&1 &
             tracer=$!
-            for _ in $(seq 100); do grep -q "Attaching" "$work/bpftrace.log" 2>/dev/null && break; sleep 0.1; done
+            # its probes are attached once it says so; measuring without them would lie
+            for _ in $(seq 300); do grep -q "Attaching" "$work/bpftrace.log" 2>/dev/null && break; sleep 0.1; done
+            grep -q "Attaching" "$work/bpftrace.log" || { echo "bench: FAILED: bpftrace did not attach in 30 s:" >&2; cat "$work/bpftrace.log" >&2; exit 1; }
             sleep 1 ;;
         filesystem | syscalls) config "$1"; start_agent 2 ;;
     esac
@@ -72,7 +74,12 @@ start() {
 
 stop() {
     case $1 in
-        tracepoint) kill -INT "$tracer"; wait "$tracer" 2>/dev/null || true; tracer="" ;;
+        tracepoint)
+            kill -INT "$tracer"
+            for _ in $(seq 100); do kill -0 "$tracer" 2>/dev/null || break; sleep 0.1; done
+            kill -KILL "$tracer" 2>/dev/null || true
+            wait "$tracer" 2>/dev/null || true
+            tracer="" ;;
         filesystem | syscalls) stop_agent ;;
     esac
 }
