@@ -46,8 +46,8 @@ const TEST_PACKAGES: &[&str] = &[
     "e2fsprogs", "mount", "coreutils", "util-linux", "python3",
     // deploy tests: systemd-analyze verify/security/syscall-filter
     "systemd",
-    // disk tests: monerod regtest (LMDB writes and msync)
-    "monero",
+    // disk tests: monerod regtest (LMDB writes and msync); loop-mounted xfs and btrfs
+    "monero", "xfsprogs", "btrfs-progs",
     // container tests: podman with runc (crun refuses hybrid cgroups), its CNI bridge and NAT rules
     "podman", "runc", "containernetworking-plugins", "iptables",
 ];
@@ -55,7 +55,7 @@ const TEST_PACKAGES: &[&str] = &[
 /// collector binary; kubernetes-validate checks manifests against the API schemas.
 const TEST_PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "rotel"), ("kubernetes_validate", "kubernetes-validate")];
 const RUN_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc", "litecoind"];
-const BENCH_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc", "iperf3", "bpftool", "fio", "procps"];
+const BENCH_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc", "iperf3", "bpftool", "fio", "procps", "bpftrace"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
