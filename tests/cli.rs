@@ -25,8 +25,14 @@ const BAD: &[(&str, &str)] = &[
     ("[rules.no_such_rule]\nenabled = true\n", "rules.no_such_rule"),
     ("[rules.no_peers]\nfor = \"-5s\"\n", "rules.no_peers.for"),
     ("[rules.disk_low]\nthreshold = 120\n", "rules.disk_low.threshold"),
-    ("[[targets]]\nname = \"ltc\"\nprocess = \"litecoind\"\n[targets.rules.memory_high]\nthreshold = 100.5\n", "targets[0].rules.memory_high.threshold"),
-    ("[[targets]]\nname = \"ltc\"\nprocess = \"litecoind\"\n[targets.rules.no_outbound]\nclear_after = \"-1m\"\n", "targets[0].rules.no_outbound.clear_after"),
+    (
+        "[[targets]]\nname = \"ltc\"\nprocess = \"litecoind\"\n[targets.rules.memory_high]\nthreshold = 100.5\n",
+        "targets[0].rules.memory_high.threshold",
+    ),
+    (
+        "[[targets]]\nname = \"ltc\"\nprocess = \"litecoind\"\n[targets.rules.no_outbound]\nclear_after = \"-1m\"\n",
+        "targets[0].rules.no_outbound.clear_after",
+    ),
     // what run could not use is refused by check-config too
     ("[[targets]]\nname = \"ltc\"\npid_file = \"ltc.pid\"\n", "targets[0].pid_file"),
     ("[[targets]]\nname = \"ltc\"\nprocess = \"litecoind\"\ndatadir = \"/data/\\u0000\"\n", "targets[0].datadir"),
@@ -67,7 +73,11 @@ fn systemd_notify_ready_and_watchdog() {
     sock.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = dir.join("c.toml");
-    std::fs::write(&config, format!("[http]\nlisten = \"127.0.0.1:{port}\"\n[agent]\ninterval = \"30s\"\ndiscover = false\n")).unwrap();
+    std::fs::write(
+        &config,
+        format!("[http]\nlisten = \"127.0.0.1:{port}\"\n[agent]\ninterval = \"30s\"\ndiscover = false\n"),
+    )
+    .unwrap();
     // systemd sets WATCHDOG_PID to the service's pid: exec keeps the shell's
     let mut child = Command::new("sh")
         .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" run --config \"$1\""])
@@ -81,7 +91,9 @@ fn systemd_notify_ready_and_watchdog() {
         .unwrap();
     let mut seen = Vec::new();
     let mut buf = [0u8; 256];
-    while !(seen.iter().any(|m: &String| m.contains("READY=1")) && seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2) {
+    while !(seen.iter().any(|m: &String| m.contains("READY=1"))
+        && seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2)
+    {
         match sock.recv(&mut buf) {
             Ok(n) => seen.push(String::from_utf8_lossy(&buf[..n]).to_string()),
             Err(e) => {
@@ -129,7 +141,8 @@ fn http_bounds_are_enforced_and_counted() {
     assert!(probes.iter().all(|s| *s == 200), "{probes:?}");
 
     // hold 3 connections open; on a 4th only probes are answered
-    let held: Vec<std::net::TcpStream> = (0..3).map(|_| std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap()).collect();
+    let held: Vec<std::net::TcpStream> =
+        (0..3).map(|_| std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap()).collect();
     std::thread::sleep(std::time::Duration::from_millis(300));
     let refused = raw("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
@@ -168,14 +181,27 @@ fn missing_kernel_btf_turns_off_the_network_signal_only() {
         let line = table.lines().find(|l| l.contains(hook)).unwrap_or_else(|| panic!("{hook} not listed:\n{table}"));
         assert!(line.contains(" NO ") && line.contains("kernel BTF"), "{line}");
     }
-    assert!(table.lines().any(|l| l.starts_with("disk") && l.contains(" yes ")), "other signals still probe fine:\n{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("disk") && l.contains(" yes ")),
+        "other signals still probe fine:\n{table}"
+    );
 
     let dir = common::TempDir::new("nobtf");
     let port = common::free_port();
     let config = dir.path().join("c.toml");
     std::fs::write(&config, format!("[http]\nlisten = \"127.0.0.1:{port}\"\n[agent]\ninterval = \"300ms\"\ndiscover = false\n[[targets]]\nname = \"self\"\npid_file = \"{}\"\n", dir.path().join("pid").display())).unwrap();
     let mut child = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sh", "-c", hide_btf, env!("CARGO_BIN_EXE_nodescope"), "run", "--config"])
+        .args([
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            hide_btf,
+            env!("CARGO_BIN_EXE_nodescope"),
+            "run",
+            "--config",
+        ])
         .arg(&config)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("err")).unwrap())
@@ -184,7 +210,10 @@ fn missing_kernel_btf_turns_off_the_network_signal_only() {
     // the target is this test process: procfs figures must still flow
     std::fs::write(dir.path().join("pid"), std::process::id().to_string()).unwrap();
     let metrics = common::wait_for("metrics with process figures", std::time::Duration::from_secs(20), || {
-        common::http_get(port, "/metrics").ok().filter(|(s, b)| *s == 200 && b.contains("nodescope_process_open_fds{")).map(|(_, b)| b)
+        common::http_get(port, "/metrics")
+            .ok()
+            .filter(|(s, b)| *s == 200 && b.contains("nodescope_process_open_fds{"))
+            .map(|(_, b)| b)
     });
     assert_eq!(common::http_get(port, "/health/live").unwrap().0, 200);
     assert_eq!(common::http_get(port, "/health/ready").unwrap().0, 503, "not ready without the network probes");
@@ -268,7 +297,12 @@ fn config_path_that_is_not_a_small_file() {
             assert_eq!(status.code(), Some(2), "{args:?} {}: {err}", path.display());
             assert_eq!(err.trim().lines().count(), 1, "{err}");
             assert!(err.contains(why) && err.contains(path.to_str().unwrap()), "{args:?}: {err}");
-            assert!(started.elapsed() < std::time::Duration::from_secs(2), "{args:?} {} took {:?}", path.display(), started.elapsed());
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(2),
+                "{args:?} {} took {:?}",
+                path.display(),
+                started.elapsed()
+            );
         }
     }
 }
@@ -280,7 +314,8 @@ fn port_zero_logs_the_bound_port_without_colour() {
     common::require_root();
     let dir = common::TempDir::new("cli-port0");
     let config = dir.path().join("c.toml");
-    std::fs::write(&config, "[http]\nlisten = \"127.0.0.1:0\"\n[agent]\ninterval = \"500ms\"\ndiscover = false\n").unwrap();
+    std::fs::write(&config, "[http]\nlisten = \"127.0.0.1:0\"\n[agent]\ninterval = \"500ms\"\ndiscover = false\n")
+        .unwrap();
     let err_path = dir.path().join("err");
     let mut child = Command::new(env!("CARGO_BIN_EXE_nodescope"))
         .args(["run", "--config"])

@@ -31,8 +31,15 @@ const SETTLE: Duration = Duration::from_millis(2300);
 fn selector(c: &Container) -> String {
     let dir = TempDir::new("selector");
     let file = dir.path().join("probe.toml");
-    std::fs::write(&file, format!("[[targets]]\nname = \"probe\"\ncontainer = \"{}\"\nchain = \"litecoin\"\n", c.name)).unwrap();
-    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_nodescope")).arg("check-config").arg(&file).output().unwrap().status.success();
+    std::fs::write(&file, format!("[[targets]]\nname = \"probe\"\ncontainer = \"{}\"\nchain = \"litecoin\"\n", c.name))
+        .unwrap();
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_nodescope"))
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap()
+        .status
+        .success();
     if ok {
         eprintln!("selector: container = {:?}", c.name);
         format!("container = \"{}\"", c.name)
@@ -47,7 +54,13 @@ fn supports_container_selector() -> bool {
     let dir = TempDir::new("selector");
     let file = dir.path().join("probe.toml");
     std::fs::write(&file, "[[targets]]\nname = \"probe\"\ncontainer = \"probe\"\nchain = \"litecoin\"\n").unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_nodescope")).arg("check-config").arg(&file).output().unwrap().status.success()
+    std::process::Command::new(env!("CARGO_BIN_EXE_nodescope"))
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap()
+        .status
+        .success()
 }
 
 fn targets(agent: &Agent) -> Vec<Value> {
@@ -73,13 +86,17 @@ fn container_target(agent: &Agent, node: &ContainerNode) -> Option<String> {
         return t["name"].as_str().map(String::from);
     }
     let theirs = node.peers();
-    let ports: Vec<u64> = theirs.iter().filter(|p| p["inbound"] == true).map(|p| split_addr(p["addr"].as_str().unwrap()).1).collect();
+    let ports: Vec<u64> =
+        theirs.iter().filter(|p| p["inbound"] == true).map(|p| split_addr(p["addr"].as_str().unwrap()).1).collect();
     let gw = node.c.gateway();
     ts.iter()
         .find(|t| {
             t["peers"].as_array().is_some_and(|ps| {
                 ps.iter().any(|p| {
-                    p["address"] == gw.as_str() && p["local_port"] == P2P_PORT && p["direction"] == "inbound" && p["port"].as_u64().is_some_and(|x| ports.contains(&x))
+                    p["address"] == gw.as_str()
+                        && p["local_port"] == P2P_PORT
+                        && p["direction"] == "inbound"
+                        && p["port"].as_u64().is_some_and(|x| ports.contains(&x))
                 })
             })
         })
@@ -109,7 +126,10 @@ fn wait_container_target(agent: &Agent, node: &ContainerNode) -> String {
 
 /// Everything of the node's peers that must hold still between two readings.
 fn signature(peers: &[Value]) -> String {
-    peers.iter().map(|p| format!("{} {} {} {} {};", p["id"], p["addr"], p["inbound"], p["bytessent"], p["bytesrecv"])).collect()
+    peers
+        .iter()
+        .map(|p| format!("{} {} {} {} {};", p["id"], p["addr"], p["inbound"], p["bytessent"], p["bytesrecv"]))
+        .collect()
 }
 
 /// Empty when the agent lists exactly the node's peers with exactly its bytes.
@@ -122,7 +142,10 @@ fn compare_exact(theirs: &[Value], ours: &[Value]) -> String {
         let addr = p["addr"].as_str().unwrap();
         let (ip, port) = split_addr(addr);
         let Some(o) = ours.iter().find(|o| o["address"] == ip && o["port"] == port) else {
-            problems += &format!("peer {addr} (node: sent {}, received {}) missing from /peers\n", p["bytessent"], p["bytesrecv"]);
+            problems += &format!(
+                "peer {addr} (node: sent {}, received {}) missing from /peers\n",
+                p["bytessent"], p["bytesrecv"]
+            );
             continue;
         };
         let dir = if p["inbound"] == true { "inbound" } else { "outbound" };
@@ -131,12 +154,16 @@ fn compare_exact(theirs: &[Value], ours: &[Value]) -> String {
         }
         for (ours_key, theirs_key) in [("bytes_sent", "bytessent"), ("bytes_received", "bytesrecv")] {
             if o[ours_key].as_u64() != p[theirs_key].as_u64() {
-                problems += &format!("peer {addr}: agent {ours_key} {} vs node {theirs_key} {}\n", o[ours_key], p[theirs_key]);
+                problems +=
+                    &format!("peer {addr}: agent {ours_key} {} vs node {theirs_key} {}\n", o[ours_key], p[theirs_key]);
             }
         }
     }
     for o in ours {
-        if !theirs.iter().any(|p| split_addr(p["addr"].as_str().unwrap()) == (o["address"].as_str().unwrap_or(""), o["port"].as_u64().unwrap_or(0))) {
+        if !theirs.iter().any(|p| {
+            split_addr(p["addr"].as_str().unwrap())
+                == (o["address"].as_str().unwrap_or(""), o["port"].as_u64().unwrap_or(0))
+        }) {
             problems += &format!("agent lists {}:{} which is not a peer of the node: {o}\n", o["address"], o["port"]);
         }
     }
@@ -148,13 +175,20 @@ fn compare_exact(theirs: &[Value], ours: &[Value]) -> String {
 /// when equal to the byte.
 fn compare_metric(m: &str, target: &str, gw: &str, theirs: &[Value]) -> String {
     let from_gw = theirs.iter().filter(|p| split_addr(p["addr"].as_str().unwrap()).0 == gw);
-    let (sent, recv) = from_gw.fold((0u64, 0u64), |(s, r), p| (s + p["bytessent"].as_u64().unwrap(), r + p["bytesrecv"].as_u64().unwrap()));
+    let (sent, recv) = from_gw
+        .fold((0u64, 0u64), |(s, r), p| (s + p["bytessent"].as_u64().unwrap(), r + p["bytesrecv"].as_u64().unwrap()));
     let series = |dir: &str| {
-        metric_sum(m, "nodescope_peer_io_bytes_total", &[("nodescope_target", target), ("network_peer_address", gw), ("network_io_direction", dir)])
+        metric_sum(
+            m,
+            "nodescope_peer_io_bytes_total",
+            &[("nodescope_target", target), ("network_peer_address", gw), ("network_io_direction", dir)],
+        )
     };
     let (tx, rx) = (series("transmit"), series("receive"));
     let listed = m.lines().any(|l| {
-        l.starts_with("nodescope_peer_io_bytes_total{") && l.contains(&format!("nodescope_target=\"{target}\"")) && l.contains(&format!("network_peer_address=\"{gw}\""))
+        l.starts_with("nodescope_peer_io_bytes_total{")
+            && l.contains(&format!("nodescope_target=\"{target}\""))
+            && l.contains(&format!("network_peer_address=\"{gw}\""))
     });
     let mut problems = String::new();
     if !listed {
@@ -173,7 +207,11 @@ fn compare_metric(m: &str, target: &str, gw: &str, theirs: &[Value]) -> String {
 /// The state of one rule of one target on /health/detailed (None when absent).
 fn rule_state(agent: &Agent, target: &str, rule: &str) -> Option<String> {
     let v = agent.json("/health/detailed");
-    v["rules"].as_array()?.iter().find(|r| r["target"] == target && r["id"] == rule).and_then(|r| r["state"].as_str().map(String::from))
+    v["rules"]
+        .as_array()?
+        .iter()
+        .find(|r| r["target"] == target && r["id"] == rule)
+        .and_then(|r| r["state"].as_str().map(String::from))
 }
 
 /// no_peers is evaluated for the target and neither pending nor firing.
@@ -201,7 +239,11 @@ fn assert_exact(node: &ContainerNode, agent: &Agent, target: &str, metric: bool)
         let m = agent.metrics();
         let after = node.peers();
         if signature(&before) != signature(&after) {
-            last = format!("the node's counters kept moving:\nbefore {}\nafter  {}", signature(&before), signature(&after));
+            last = format!(
+                "the node's counters kept moving:\nbefore {}\nafter  {}",
+                signature(&before),
+                signature(&after)
+            );
         } else {
             let mut problems = match &ours {
                 Some(ours) => compare_exact(&after, ours),
@@ -212,7 +254,10 @@ fn assert_exact(node: &ContainerNode, agent: &Agent, target: &str, metric: bool)
             }
             if problems.is_empty() {
                 for p in &after {
-                    eprintln!("{target}: peer {} sent {} received {} (agent and node agree)", p["addr"], p["bytessent"], p["bytesrecv"]);
+                    eprintln!(
+                        "{target}: peer {} sent {} received {} (agent and node agree)",
+                        p["addr"], p["bytessent"], p["bytesrecv"]
+                    );
                 }
                 return after;
             }
@@ -220,12 +265,25 @@ fn assert_exact(node: &ContainerNode, agent: &Agent, target: &str, metric: bool)
                 "{problems}\nnode getpeerinfo (container {}, ip {}): {}\nagent /peers for {target}: {}",
                 node.c.name,
                 node.ip(),
-                serde_json::to_string(&after.iter().map(|p| (p["addr"].clone(), p["inbound"].clone(), p["bytessent"].clone(), p["bytesrecv"].clone())).collect::<Vec<_>>()).unwrap(),
+                serde_json::to_string(
+                    &after
+                        .iter()
+                        .map(|p| (
+                            p["addr"].clone(),
+                            p["inbound"].clone(),
+                            p["bytessent"].clone(),
+                            p["bytesrecv"].clone()
+                        ))
+                        .collect::<Vec<_>>()
+                )
+                .unwrap(),
                 serde_json::to_string(&ours).unwrap()
             );
         }
         if Instant::now() > deadline {
-            panic!("the agent's figures for {target} do not match the container node's getpeerinfo within 60s:\n{last}");
+            panic!(
+                "the agent's figures for {target} do not match the container node's getpeerinfo within 60s:\n{last}"
+            );
         }
     }
 }
@@ -265,14 +323,19 @@ fn container_node_peers_match_getpeerinfo() {
     }
     let height: u64 = node.cli(&["getblockcount"]).parse().unwrap();
     wait_for("host peers at the container's tip", Duration::from_secs(60), || {
-        (peer_a.cli(&["getblockcount"]).parse::<u64>().ok() == Some(height) && peer_b.cli(&["getblockcount"]).parse::<u64>().ok() == Some(height))
-            .then_some(())
+        (peer_a.cli(&["getblockcount"]).parse::<u64>().ok() == Some(height)
+            && peer_b.cli(&["getblockcount"]).parse::<u64>().ok() == Some(height))
+        .then_some(())
     });
     let peers = assert_exact(&node, &agent, &target, true);
     assert_eq!(peers.len(), 2, "{peers:?}");
     let m = agent.metrics();
     assert!(
-        metric_sum(&m, "nodescope_peer_io_bytes_total", &[("nodescope_target", &target), ("nodescope_connection_direction", "inbound")]) > 0.0,
+        metric_sum(
+            &m,
+            "nodescope_peer_io_bytes_total",
+            &[("nodescope_target", &target), ("nodescope_connection_direction", "inbound")]
+        ) > 0.0,
         "no inbound nodescope_peer_io_bytes_total for {target}"
     );
     assert_no_peers_quiet(&agent, &target, &node);
@@ -318,7 +381,10 @@ fn container_datadir_and_filesystem() {
     ));
     let dir = "/data/regtest";
     // The agent can only reach it through the node's /proc/PID/root.
-    assert!(!std::path::Path::new(dir).exists(), "{dir} exists on the host: this test needs it to exist only in the container");
+    assert!(
+        !std::path::Path::new(dir).exists(),
+        "{dir} exists on the host: this test needs it to exist only in the container"
+    );
 
     // Size: du inside the container, read on both sides of the agent's reading.
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -333,10 +399,18 @@ fn container_datadir_and_filesystem() {
             eprintln!("data dir {dir}: {du2} bytes (agent and du agree)");
             break;
         }
-        last = format!("nodescope_datadir_size_bytes{{ltc-c}} = {ours:?}, du -sb {dir} in the container: {du1} then {du2}");
+        last = format!(
+            "nodescope_datadir_size_bytes{{ltc-c}} = {ours:?}, du -sb {dir} in the container: {du1} then {du2}"
+        );
         if Instant::now() > deadline {
-            let ours: Vec<&str> = m.lines().filter(|l| l.contains("\"ltc-c\"") && (l.contains("datadir") || l.contains("filesystem"))).collect();
-            panic!("data dir size does not match du within 90s: {last}\nthe agent's data dir and filesystem series:\n{}", ours.join("\n"));
+            let ours: Vec<&str> = m
+                .lines()
+                .filter(|l| l.contains("\"ltc-c\"") && (l.contains("datadir") || l.contains("filesystem")))
+                .collect();
+            panic!(
+                "data dir size does not match du within 90s: {last}\nthe agent's data dir and filesystem series:\n{}",
+                ours.join("\n")
+            );
         }
     }
 
@@ -369,8 +443,10 @@ fn container_datadir_and_filesystem() {
 
     // Disk rules are evaluated on it (tmpfs of 256 MiB, ~90% available).
     let states = wait_for("disk rules evaluated for ltc-c", Duration::from_secs(60), || {
-        let s: BTreeMap<&str, Option<String>> =
-            ["disk_low", "disk_critical", "disk_full_soon"].into_iter().map(|r| (r, rule_state(&agent, "ltc-c", r))).collect();
+        let s: BTreeMap<&str, Option<String>> = ["disk_low", "disk_critical", "disk_full_soon"]
+            .into_iter()
+            .map(|r| (r, rule_state(&agent, "ltc-c", r)))
+            .collect();
         s.values().all(|v| v.as_deref().is_some_and(|v| v != "unknown")).then_some(s)
     });
     eprintln!("disk rules on ltc-c: {states:?}");
@@ -404,7 +480,9 @@ fn unwatched_container_on_same_port_not_counted() {
 
     // B relays blocks to its host peer; A is quiet. Every reading of the
     // agent for A stays within A's own counters, read after it.
-    let b_ports = |b: &ContainerNode| -> Vec<u64> { b.peers().iter().map(|p| split_addr(p["addr"].as_str().unwrap()).1).collect() };
+    let b_ports = |b: &ContainerNode| -> Vec<u64> {
+        b.peers().iter().map(|p| split_addr(p["addr"].as_str().unwrap()).1).collect()
+    };
     for round in 0..4 {
         b.mine(30);
         std::thread::sleep(SETTLE);
@@ -414,9 +492,15 @@ fn unwatched_container_on_same_port_not_counted() {
         let bp = b_ports(&b);
         let leaked: Vec<&Value> = ours.iter().filter(|o| o["port"].as_u64().is_some_and(|p| bp.contains(&p))).collect();
         assert!(leaked.is_empty(), "round {round}: B's peers (ports {bp:?}) listed under ltc-a: {leaked:?}");
-        let (sent, recv) = theirs.iter().fold((0u64, 0u64), |(s, r), p| (s + p["bytessent"].as_u64().unwrap(), r + p["bytesrecv"].as_u64().unwrap()));
+        let (sent, recv) = theirs.iter().fold((0u64, 0u64), |(s, r), p| {
+            (s + p["bytessent"].as_u64().unwrap(), r + p["bytesrecv"].as_u64().unwrap())
+        });
         for (dir, node_total) in [("transmit", sent), ("receive", recv)] {
-            let v = metric_sum(&m, "nodescope_peer_io_bytes_total", &[("nodescope_target", "ltc-a"), ("network_peer_address", &gw), ("network_io_direction", dir)]);
+            let v = metric_sum(
+                &m,
+                "nodescope_peer_io_bytes_total",
+                &[("nodescope_target", "ltc-a"), ("network_peer_address", &gw), ("network_io_direction", dir)],
+            );
             assert!(
                 v <= node_total as f64,
                 "round {round}: ltc-a {dir} {v} exceeds A's own getpeerinfo total {node_total}: B's traffic counted\nA: {theirs:?}\nB: {:?}",
@@ -426,14 +510,22 @@ fn unwatched_container_on_same_port_not_counted() {
         for o in &ours {
             for key in ["bytes_sent", "bytes_received"] {
                 let theirs_key = if key == "bytes_sent" { "bytessent" } else { "bytesrecv" };
-                let p = theirs.iter().find(|p| split_addr(p["addr"].as_str().unwrap()) == (o["address"].as_str().unwrap_or(""), o["port"].as_u64().unwrap_or(0)));
+                let p = theirs.iter().find(|p| {
+                    split_addr(p["addr"].as_str().unwrap())
+                        == (o["address"].as_str().unwrap_or(""), o["port"].as_u64().unwrap_or(0))
+                });
                 if let Some(p) = p {
-                    assert!(o[key].as_u64() <= p[theirs_key].as_u64(), "round {round}: ltc-a peer {o} {key} beyond the node's {}", p[theirs_key]);
+                    assert!(
+                        o[key].as_u64() <= p[theirs_key].as_u64(),
+                        "round {round}: ltc-a peer {o} {key} beyond the node's {}",
+                        p[theirs_key]
+                    );
                 }
             }
         }
     }
-    let b_bytes: u64 = b.peers().iter().map(|p| p["bytessent"].as_u64().unwrap() + p["bytesrecv"].as_u64().unwrap()).sum();
+    let b_bytes: u64 =
+        b.peers().iter().map(|p| p["bytessent"].as_u64().unwrap() + p["bytesrecv"].as_u64().unwrap()).sum();
     assert!(b_bytes > 20_000, "B moved only {b_bytes} bytes: the test proves nothing");
     // A's own peer is still exact, and only it is listed.
     let peers = assert_exact(&a, &agent, "ltc-a", true);
@@ -460,7 +552,11 @@ fn node_down_state(agent: &Agent, target: &str) -> Option<String> {
 fn counters(m: &str, target: &str) -> (f64, f64, f64, f64, f64) {
     // + 0.0: a sum of no samples is -0.0, which reads oddly in a failure message
     let churn = |name: &str, dir: &str| {
-        metric_sum(m, name, &[("nodescope_target", target), ("nodescope_connection_direction", dir), ("nodescope_service", "p2p")]) + 0.0
+        metric_sum(
+            m,
+            name,
+            &[("nodescope_target", target), ("nodescope_connection_direction", dir), ("nodescope_service", "p2p")],
+        ) + 0.0
     };
     (
         churn("nodescope_connection_opened_total", "inbound"),
@@ -551,11 +647,19 @@ fn container_restart_reattaches() {
         assert_eq!(after.2 - before.2, 0.0, "outbound P2P churn: {report}");
         assert_eq!(after.3 - before.3, 1.0, "restarts: {report}");
         assert_eq!(after.4, peers.len() as f64, "open P2P connections: {report}");
-        assert_eq!(node_down_state(&agent, &target).as_deref(), Some("ok"), "cycle {cycle}: node_down once the node is back");
+        assert_eq!(
+            node_down_state(&agent, &target).as_deref(),
+            Some("ok"),
+            "cycle {cycle}: node_down once the node is back"
+        );
         eprintln!("cycle {cycle}: pid {}, ip {ip}, {:?}", node.pid(), cycle_start.elapsed());
     }
     let last = settled_counters(&agent, &target);
-    assert_eq!(last.3 - first.3, RESTARTS as f64, "nodescope_process_restarts_total over {RESTARTS} restarts: {first:?} -> {last:?}");
+    assert_eq!(
+        last.3 - first.3,
+        RESTARTS as f64,
+        "nodescope_process_restarts_total over {RESTARTS} restarts: {first:?} -> {last:?}"
+    );
     eprintln!("container_restart_reattaches: {:?}", started.elapsed());
     drop((agent, peer));
 }

@@ -63,25 +63,17 @@ fn run(cmd: &mut Command) -> Output {
 #[test]
 fn alert_rules_pass_promtool_check() {
     require_tool("promtool", "prometheus");
-    let out = run(Command::new("promtool")
-        .args(["check", "rules"])
-        .arg(deploy("prometheus/alerts.yml")));
+    let out = run(Command::new("promtool").args(["check", "rules"]).arg(deploy("prometheus/alerts.yml")));
     assert!(out.ok, "promtool check rules: {}", out.text());
     let rules = alert_rules();
     eprintln!("{}", out.stdout.trim());
-    assert!(
-        out.stdout.contains(&format!("SUCCESS: {} rules found", rules.len())),
-        "{}",
-        out.text()
-    );
+    assert!(out.stdout.contains(&format!("SUCCESS: {} rules found", rules.len())), "{}", out.text());
 }
 
 #[test]
 fn alert_unit_tests_pass() {
     require_tool("promtool", "prometheus");
-    let out = run(Command::new("promtool")
-        .args(["test", "rules"])
-        .arg(deploy("prometheus/alerts_test.yml")));
+    let out = run(Command::new("promtool").args(["test", "rules"]).arg(deploy("prometheus/alerts_test.yml")));
     assert!(out.ok && out.stdout.contains("SUCCESS"), "promtool test rules: {}", out.text());
 
     // Every alert has a case where it fires and one where it does not.
@@ -108,9 +100,7 @@ fn alert_unit_tests_pass() {
 #[test]
 fn prometheus_config_passes_promtool_check() {
     require_tool("promtool", "prometheus");
-    let out = run(Command::new("promtool")
-        .args(["check", "config"])
-        .arg(deploy("prometheus/prometheus.yml")));
+    let out = run(Command::new("promtool").args(["check", "config"]).arg(deploy("prometheus/prometheus.yml")));
     assert!(out.ok, "promtool check config: {}", out.text());
     // the rule file it names is the one shipped beside it, and was checked too
     let rules = alert_rules().len();
@@ -121,7 +111,11 @@ fn prometheus_config_passes_promtool_check() {
 fn alert_rules() -> Vec<String> {
     let docs = yaml_docs(&deploy("prometheus/alerts.yml"));
     let groups = docs[0]["groups"].as_array().unwrap();
-    groups.iter().flat_map(|g| g["rules"].as_array().unwrap()).map(|r| r["alert"].as_str().unwrap().to_string()).collect()
+    groups
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .map(|r| r["alert"].as_str().unwrap().to_string())
+        .collect()
 }
 
 // ---------------------------------------------------------------- systemd
@@ -132,10 +126,7 @@ fn shipped_unit() -> String {
 
 /// `Key=` values of the unit (later lines win, as systemd reads them).
 fn unit_value(unit: &str, key: &str) -> Option<String> {
-    unit.lines()
-        .rev()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .map(|v| v.trim().to_string())
+    unit.lines().rev().find_map(|l| l.strip_prefix(&format!("{key}="))).map(|v| v.trim().to_string())
 }
 
 /// The unit with the binary swapped for the one under test, in a temp dir.
@@ -165,23 +156,13 @@ fn systemd_unit_verifies() {
     let broken = dir.path().join("broken");
     std::fs::create_dir(&broken).unwrap();
     let bad = broken.join("nodescope.service");
-    std::fs::write(
-        &bad,
-        unit.replace(SHIPPED_BIN, BIN)
-            .replace("[Service]\n", "[Service]\nWatchDogSec=30s\n"),
-    )
-    .unwrap();
+    std::fs::write(&bad, unit.replace(SHIPPED_BIN, BIN).replace("[Service]\n", "[Service]\nWatchDogSec=30s\n"))
+        .unwrap();
     let out = run(Command::new("systemd-analyze").arg("verify").arg(&bad));
-    assert!(
-        out.text().contains("Unknown key 'WatchDogSec'"),
-        "verify missed a misspelt key: {}",
-        out.text()
-    );
+    assert!(out.text().contains("Unknown key 'WatchDogSec'"), "verify missed a misspelt key: {}", out.text());
 
     // systemd's own rating of the sandbox: 0 is locked down, 10 is none.
-    let out = run(Command::new("systemd-analyze")
-        .args(["security", "--offline=yes", "--no-pager"])
-        .arg(&path));
+    let out = run(Command::new("systemd-analyze").args(["security", "--offline=yes", "--no-pager"]).arg(&path));
     let level = out
         .stdout
         .lines()
@@ -218,22 +199,12 @@ fn status_caps(pid: u32, field: &str) -> u64 {
 /// unit's main process: its capability bounding set (and so, as root, its
 /// permitted and effective sets) and no_new_privs.
 fn unit_privileges(unit: &str) -> (Vec<String>, u64) {
-    let caps: Vec<String> = unit_value(unit, "CapabilityBoundingSet")
-        .unwrap()
-        .split_whitespace()
-        .map(String::from)
-        .collect();
+    let caps: Vec<String> =
+        unit_value(unit, "CapabilityBoundingSet").unwrap().split_whitespace().map(String::from).collect();
     let mask = caps.iter().fold(0u64, |m, c| m | 1 << cap_number(c));
-    let bounding = caps
-        .iter()
-        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut args = vec![
-        "setpriv".to_string(),
-        format!("--bounding-set=-all,{bounding}"),
-        "--inh-caps=-all".into(),
-    ];
+    let bounding =
+        caps.iter().map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())).collect::<Vec<_>>().join(",");
+    let mut args = vec!["setpriv".to_string(), format!("--bounding-set=-all,{bounding}"), "--inh-caps=-all".into()];
     if unit_value(unit, "NoNewPrivileges").as_deref() == Some("yes") {
         args.push("--no-new-privs".into());
     }
@@ -343,10 +314,7 @@ fn agent_works_with_the_units_privileges() {
     while let Ok(n) = notify.recv(&mut buf) {
         queued.push(String::from_utf8_lossy(&buf[..n]).into_owned());
     }
-    assert!(
-        queued.iter().any(|m| m.lines().any(|l| l == "READY=1")),
-        "no READY=1 on NOTIFY_SOCKET: {queued:?}"
-    );
+    assert!(queued.iter().any(|m| m.lines().any(|l| l == "READY=1")), "no READY=1 on NOTIFY_SOCKET: {queued:?}");
     notify.set_nonblocking(false).unwrap();
     let mut messages: Vec<(Instant, String)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(6);
@@ -355,21 +323,12 @@ fn agent_works_with_the_units_privileges() {
             messages.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
         }
     }
-    let pings: Vec<Instant> = messages
-        .iter()
-        .filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1"))
-        .map(|(t, _)| *t)
-        .collect();
+    let pings: Vec<Instant> =
+        messages.iter().filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1")).map(|(t, _)| *t).collect();
     assert!(pings.len() >= 3, "watchdog pings in 6 s with agent.interval 1s: {messages:?}");
     let max_gap = pings.windows(2).map(|w| w[1] - w[0]).max().unwrap();
-    eprintln!(
-        "watchdog: {} pings in 6 s, longest gap {max_gap:?} (WatchdogSec={watchdog})",
-        pings.len()
-    );
-    assert!(
-        max_gap < Duration::from_secs(watchdog_secs) / 2,
-        "longest gap between watchdog pings {max_gap:?}"
-    );
+    eprintln!("watchdog: {} pings in 6 s, longest gap {max_gap:?} (WatchdogSec={watchdog})", pings.len());
+    assert!(max_gap < Duration::from_secs(watchdog_secs) / 2, "longest gap between watchdog pings {max_gap:?}");
 
     scene.assert_signals_work();
     let log = scene.agent.log();
@@ -377,26 +336,17 @@ fn agent_works_with_the_units_privileges() {
 
     // A signal that cannot start is logged as an error (and turned off).
     for line in log.lines() {
-        assert!(
-            !line.contains("ERROR"),
-            "a signal failed under the unit's privileges: {line}\n{log}"
-        );
+        assert!(!line.contains("ERROR"), "a signal failed under the unit's privileges: {line}\n{log}");
     }
     let used = strace_summary(&read(&syscalls));
     let allowed = allowed_syscalls(&unit);
     let denied: Vec<&String> = used.iter().filter(|s| !allowed.contains(*s)).collect();
-    eprintln!(
-        "the agent made {} distinct syscalls, all allowed by the unit's SystemCallFilter",
-        used.len()
-    );
+    eprintln!("the agent made {} distinct syscalls, all allowed by the unit's SystemCallFilter", used.len());
     // bpf(2) loads and attaches every program (tp_btf and iterator links;
     // classic tracepoints, which add perf_event_open, only with
     // [disk] method = "syscalls")
     assert!(used.contains("bpf"), "strace saw no BPF work: {used:?}");
-    assert!(
-        denied.is_empty(),
-        "syscalls the unit's SystemCallFilter would refuse with EPERM: {denied:?}"
-    );
+    assert!(denied.is_empty(), "syscalls the unit's SystemCallFilter would refuse with EPERM: {denied:?}");
 }
 
 // ---------------------------------------------------------------- configs
@@ -477,9 +427,7 @@ struct Manifest {
 
 impl Manifest {
     fn load() -> Manifest {
-        Manifest {
-            docs: yaml_docs(&deploy("kubernetes/daemonset.yaml")),
-        }
+        Manifest { docs: yaml_docs(&deploy("kubernetes/daemonset.yaml")) }
     }
 
     fn kind(&self, kind: &str) -> &Value {
@@ -511,12 +459,7 @@ impl Manifest {
     }
 
     fn command(&self) -> Vec<String> {
-        self.container()["command"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap().to_string())
-            .collect()
+        self.container()["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
     }
 }
 
@@ -533,11 +476,7 @@ fn kubernetes_manifests_validate() {
             cmd.args(["-k", v]);
         }
         let out = run(cmd.arg(&file));
-        assert!(
-            out.ok && !out.text().contains("ERROR"),
-            "kubernetes-validate {version:?}: {}",
-            out.text()
-        );
+        assert!(out.ok && !out.text().contains("ERROR"), "kubernetes-validate {version:?}: {}", out.text());
         eprintln!("{}", out.text().trim());
     }
 
@@ -547,12 +486,7 @@ fn kubernetes_manifests_validate() {
     let spec = &pod["spec"];
     assert_eq!(spec["hostPID"], true, "host pids: the agent reads /proc/PID of the nodes");
     let c = m.container();
-    let port = c["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "metrics")
-        .expect("a port named metrics");
+    let port = c["ports"].as_array().unwrap().iter().find(|p| p["name"] == "metrics").expect("a port named metrics");
     assert_eq!(port["containerPort"], 9464);
     let annotations = &pod["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"], "true");
@@ -563,34 +497,18 @@ fn kubernetes_manifests_validate() {
     for probe in ["livenessProbe", "readinessProbe"] {
         assert_eq!(c[probe]["httpGet"]["port"], "metrics");
     }
-    assert!(m
-        .env_with_pod_ip("10.0.0.7")
-        .contains(&("NODESCOPE_HTTP_LISTEN".into(), "10.0.0.7:9464".into())));
+    assert!(m.env_with_pod_ip("10.0.0.7").contains(&("NODESCOPE_HTTP_LISTEN".into(), "10.0.0.7:9464".into())));
     for k in ["requests", "limits"] {
-        assert!(
-            c["resources"][k]["cpu"].is_string() && c["resources"][k]["memory"].is_string(),
-            "resources.{k}"
-        );
+        assert!(c["resources"][k]["cpu"].is_string() && c["resources"][k]["memory"].is_string(), "resources.{k}");
     }
     assert_eq!(c["securityContext"]["privileged"], true);
-    let mounts: BTreeMap<&str, &Value> = c["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| (v["mountPath"].as_str().unwrap(), v))
-        .collect();
-    let volumes: BTreeMap<&str, &Value> = spec["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| (v["name"].as_str().unwrap(), v))
-        .collect();
-    for (path, read_only) in [
-        ("/sys/kernel/btf", true),
-        ("/sys/fs/cgroup", true),
-        ("/sys/kernel/tracing", false),
-        ("/etc/nodescope", true),
-    ] {
+    let mounts: BTreeMap<&str, &Value> =
+        c["volumeMounts"].as_array().unwrap().iter().map(|v| (v["mountPath"].as_str().unwrap(), v)).collect();
+    let volumes: BTreeMap<&str, &Value> =
+        spec["volumes"].as_array().unwrap().iter().map(|v| (v["name"].as_str().unwrap(), v)).collect();
+    for (path, read_only) in
+        [("/sys/kernel/btf", true), ("/sys/fs/cgroup", true), ("/sys/kernel/tracing", false), ("/etc/nodescope", true)]
+    {
         let mount = mounts.get(path).unwrap_or_else(|| panic!("no volume mounted at {path}"));
         assert_eq!(mount["readOnly"].as_bool().unwrap_or(false), read_only, "{path} readOnly");
         let volume = volumes[mount["name"].as_str().unwrap()];
@@ -602,15 +520,21 @@ fn kubernetes_manifests_validate() {
     // /proc/PID/root, so no node volume is mounted into the agent: only the
     // kernel and cgroup views above and the config. That needs the host's
     // pid namespace.
-    assert_eq!(m.kind("DaemonSet")["spec"]["template"]["spec"]["hostPID"], true, "hostPID: /proc/PID/root of the node's pod");
+    assert_eq!(
+        m.kind("DaemonSet")["spec"]["template"]["spec"]["hostPID"],
+        true,
+        "hostPID: /proc/PID/root of the node's pod"
+    );
     assert!(!m.config_toml().lines().any(|l| l.trim().starts_with("datadir")), "no host data dir in the config");
-    let node_volumes: Vec<&str> = mounts.keys().copied().filter(|p| !["/sys/kernel/btf", "/sys/fs/cgroup", "/sys/kernel/tracing", "/etc/nodescope"].contains(p)).collect();
+    let node_volumes: Vec<&str> = mounts
+        .keys()
+        .copied()
+        .filter(|p| !["/sys/kernel/btf", "/sys/fs/cgroup", "/sys/kernel/tracing", "/etc/nodescope"].contains(p))
+        .collect();
     assert!(node_volumes.is_empty(), "node volumes mounted into the agent: {node_volumes:?}");
     // The command reads the ConfigMap's key where it is mounted.
-    let cm_volume = volumes
-        .values()
-        .find(|v| v["configMap"]["name"] == m.kind("ConfigMap")["metadata"]["name"])
-        .unwrap();
+    let cm_volume =
+        volumes.values().find(|v| v["configMap"]["name"] == m.kind("ConfigMap")["metadata"]["name"]).unwrap();
     let cm_mount = mounts.values().find(|v| v["name"] == cm_volume["name"]).unwrap();
     let cmd = m.command();
     let config_arg = &cmd[cmd.iter().position(|a| a == "--config").unwrap() + 1];
@@ -618,10 +542,7 @@ fn kubernetes_manifests_validate() {
     // The headless Service selects the pods and is the name prometheus.yml resolves.
     let svc = m.kind("Service");
     assert_eq!(svc["spec"]["clusterIP"], "None");
-    assert_eq!(
-        svc["spec"]["publishNotReadyAddresses"], true,
-        "an agent reporting a sick node must still be scraped"
-    );
+    assert_eq!(svc["spec"]["publishNotReadyAddresses"], true, "an agent reporting a sick node must still be scraped");
     for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
         assert_eq!(&pod["metadata"]["labels"][k], v, "Service selector {k}");
     }
@@ -630,10 +551,7 @@ fn kubernetes_manifests_validate() {
         svc["metadata"]["name"].as_str().unwrap(),
         svc["metadata"]["namespace"].as_str().unwrap()
     );
-    assert!(
-        read(&deploy("prometheus/prometheus.yml")).contains(&dns),
-        "prometheus.yml does not scrape {dns}"
-    );
+    assert!(read(&deploy("prometheus/prometheus.yml")).contains(&dns), "prometheus.yml does not scrape {dns}");
 }
 
 /// The DaemonSet's command line, run as the container would run it: from a
@@ -656,11 +574,7 @@ fn daemonset_command_runs_in_the_hosts_cgroup_namespace() {
     // runs in the initial cgroup namespace, so it stands in for pid 1.
     let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/cgroup")).unwrap();
     let me = std::process::id().to_string();
-    assert_eq!(
-        ns(&me),
-        Path::new(INITIAL_CGROUP_NS),
-        "the test must run in the host's cgroup namespace"
-    );
+    assert_eq!(ns(&me), Path::new(INITIAL_CGROUP_NS), "the test must run in the host's cgroup namespace");
     let cmd: Vec<String> = m
         .command()
         .into_iter()
@@ -685,19 +599,12 @@ fn daemonset_command_runs_in_the_hosts_cgroup_namespace() {
         "echo $$ > '{}/cgroup.procs' && exec unshare --cgroup cat /proc/self/cgroup",
         cgroup.path.display()
     )));
-    assert!(
-        private.ok && private.stdout.lines().any(|l| l == "0::/"),
-        "unshare --cgroup: {}",
-        private.text()
-    );
+    assert!(private.ok && private.stdout.lines().any(|l| l == "0::/"), "unshare --cgroup: {}", private.text());
 
     let mut child = Command::new("sh");
     child
         .arg("-c")
-        .arg(format!(
-            "echo $$ > '{}/cgroup.procs' && exec unshare --cgroup \"$@\"",
-            cgroup.path.display()
-        ))
+        .arg(format!("echo $$ > '{}/cgroup.procs' && exec unshare --cgroup \"$@\"", cgroup.path.display()))
         .arg("sh")
         .args(&cmd)
         .stdin(Stdio::null())
@@ -716,11 +623,7 @@ fn daemonset_command_runs_in_the_hosts_cgroup_namespace() {
     });
     assert_eq!(status, 200, "GET /health/live: {body}\n{}", log());
     let pid = agent.0.id();
-    assert_eq!(
-        ns(&pid.to_string()),
-        Path::new(INITIAL_CGROUP_NS),
-        "the agent is not in the host's cgroup namespace"
-    );
+    assert_eq!(ns(&pid.to_string()), Path::new(INITIAL_CGROUP_NS), "the agent is not in the host's cgroup namespace");
     let (status, body) = http_get(port, "/health/ready").unwrap();
     assert!(status == 200 || status == 503, "GET /health/ready: {status} {body}");
     let (status, _) = http_get(port, "/metrics").unwrap();
@@ -772,12 +675,7 @@ impl RunningAgent {
             .stdout(std::fs::File::create(dir.path().join("agent.out")).unwrap())
             .stderr(std::fs::File::create(dir.path().join("agent.err")).unwrap());
         let child = cmd.spawn().unwrap();
-        let mut agent = RunningAgent {
-            pid: child.id(),
-            child,
-            port,
-            dir,
-        };
+        let mut agent = RunningAgent { pid: child.id(), child, port, dir };
         wait_for("nodescope /metrics", Duration::from_secs(60), || {
             if let Ok(Some(st)) = agent.child.try_wait() {
                 panic!("nodescope exited with {st}: {}", agent.log());
@@ -819,12 +717,7 @@ impl Drop for RunningAgent {
 /// The nodescope process under `pid`: `pid` itself, or the child a wrapper
 /// such as strace forked for it.
 fn agent_pid(pid: u32) -> u32 {
-    let comm = |p: u32| {
-        std::fs::read_to_string(format!("/proc/{p}/comm"))
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
+    let comm = |p: u32| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default().trim().to_string();
     if comm(pid) == "nodescope" {
         return pid;
     }
@@ -872,13 +765,7 @@ fn start_node_as_user(cgroup: &Cgroup) -> Litecoind {
     args.push("-connect=0".into());
     let child = spawn_in(Some(cgroup), "setpriv", &args, &dir.path().join("stdout.log"));
     let args = args[6..].to_vec();
-    let node = Litecoind {
-        child,
-        dir,
-        port,
-        rpcport,
-        args,
-    };
+    let node = Litecoind { child, dir, port, rpcport, args };
     wait_for("litecoind RPC", Duration::from_secs(60), || node.try_cli(&["getblockcount"]).ok());
     let uid = read(Path::new(&format!("/proc/{}/status", node.pid())))
         .lines()
@@ -910,12 +797,7 @@ impl Scene {
         // a connect that fails: nothing listens there
         node.cli(&["addnode", &format!("127.0.0.1:{}", free_port()), "onetry"]);
         node.mine(20);
-        Scene {
-            agent,
-            _peer: peer,
-            node,
-            _cgroup: cgroup,
-        }
+        Scene { agent, _peer: peer, node, _cgroup: cgroup }
     }
 
     /// Each signal is on and agrees with an outside source.
@@ -955,11 +837,8 @@ impl Scene {
         let mut last = (0.0, 0.0);
         let agreed = (0..60).any(|_| {
             std::thread::sleep(Duration::from_millis(500));
-            let size = metric_sum(
-                &self.agent.metrics(),
-                "nodescope_datadir_size_bytes",
-                &[("nodescope_target", "ltc")],
-            );
+            let size =
+                metric_sum(&self.agent.metrics(), "nodescope_datadir_size_bytes", &[("nodescope_target", "ltc")]);
             last = (size, du());
             (size - last.1).abs() <= last.1 * 0.05
         });
@@ -1021,11 +900,7 @@ fn variable_queries(dash: &Value) -> Vec<(String, String, String)> {
                 .and_then(|q| q.strip_suffix(')'))
                 .unwrap_or_else(|| panic!("variable query {q}"));
             let (selector, label) = inner.rsplit_once(',').unwrap();
-            (
-                v["name"].as_str().unwrap().to_string(),
-                selector.trim().to_string(),
-                label.trim().to_string(),
-            )
+            (v["name"].as_str().unwrap().to_string(), selector.trim().to_string(), label.trim().to_string())
         })
         .collect()
 }
@@ -1098,7 +973,9 @@ fn promql_names(expr: &str) -> (BTreeSet<String>, BTreeSet<String>) {
             }
             label_list_next = false;
             i += 1;
-        } else if is_ident_start(c) && !(i > 0 && (chars[i - 1].is_ascii_digit() || chars[i - 1] == '.' || chars[i - 1] == '$')) {
+        } else if is_ident_start(c)
+            && !(i > 0 && (chars[i - 1].is_ascii_digit() || chars[i - 1] == '.' || chars[i - 1] == '$'))
+        {
             let start = i;
             while i < chars.len() && is_ident(chars[i]) {
                 i += 1;
@@ -1113,10 +990,7 @@ fn promql_names(expr: &str) -> (BTreeSet<String>, BTreeSet<String>) {
             } else if KEYWORDS.contains(&word.as_str()) {
             } else if j < chars.len() && chars[j] == '(' {
                 // a function or aggregation
-            } else if ["by", "without"]
-                .iter()
-                .any(|k| chars[j..].iter().collect::<String>().starts_with(k))
-            {
+            } else if ["by", "without"].iter().any(|k| chars[j..].iter().collect::<String>().starts_with(k)) {
                 // an aggregation with its label list first: `sum by (x) (...)`
             } else {
                 metrics.insert(word);
@@ -1199,9 +1073,7 @@ fn all_queries() -> Vec<(String, String, String)> {
 
 /// Grafana's variables as a query sees them when "All" is picked.
 fn substitute_grafana(expr: &str) -> String {
-    expr.replace("$__rate_interval", "15s")
-        .replace("$instance", ".*")
-        .replace("$target", ".*")
+    expr.replace("$__rate_interval", "15s").replace("$instance", ".*").replace("$target", ".*")
 }
 
 /// The dashboard and the alerts, statically: valid JSON with the variables
@@ -1214,10 +1086,7 @@ fn dashboard_and_alerts_reference_documented_metrics() {
     assert_eq!(dash["schemaVersion"], 39);
     let vars = variable_queries(&dash);
     let target = vars.iter().find(|(n, _, _)| n == "target").expect("a `target` variable");
-    assert!(
-        target.1.starts_with("nodescope_connection_open") && target.2 == "nodescope_target",
-        "{target:?}"
-    );
+    assert!(target.1.starts_with("nodescope_connection_open") && target.2 == "nodescope_target", "{target:?}");
     let ds = dash["templating"]["list"]
         .as_array()
         .unwrap()
@@ -1384,10 +1253,7 @@ impl Prometheus {
     }
 
     fn query(&self, expr: &str) -> Vec<Value> {
-        self.api(&format!("/api/v1/query?query={}", urlencode(expr)))["data"]["result"]
-            .as_array()
-            .unwrap()
-            .clone()
+        self.api(&format!("/api/v1/query?query={}", urlencode(expr)))["data"]["result"].as_array().unwrap().clone()
     }
 }
 
@@ -1407,10 +1273,7 @@ impl Drop for Prometheus {
 /// return data from the live agent.
 const NOT_IN_SCENE: &[(&str, &str)] = &[
     ("nodescope_cgroup_memory_limit_bytes", "the test's cgroup has no memory limit"),
-    (
-        "nodescope_datadir_days_until_full",
-        "a regtest data dir does not grow steadily enough for a forecast",
-    ),
+    ("nodescope_datadir_days_until_full", "a regtest data dir does not grow steadily enough for a forecast"),
 ];
 
 /// Against a live agent watching a real node, scraped by a real Prometheus
@@ -1439,12 +1302,8 @@ fn queries_match_a_live_agent() {
             set.insert(kv.split_once('=').unwrap().0.to_string());
         }
     }
-    let all_labels: BTreeSet<String> = exported
-        .values()
-        .flatten()
-        .cloned()
-        .chain(["job", "instance", "le"].map(String::from))
-        .collect();
+    let all_labels: BTreeSet<String> =
+        exported.values().flatten().cloned().chain(["job", "instance", "le"].map(String::from)).collect();
 
     let mut problems = Vec::new();
     for (place, expr, templates) in all_queries() {
@@ -1511,7 +1370,12 @@ fn queries_match_a_live_agent() {
         unit_limit >> 20
     );
     for limit in [k8s_limit, unit_limit] {
-        assert!((rss + maps) * 2 <= limit, "the agent's {} MiB leave less than half of a {} MiB limit free", (rss + maps) >> 20, limit >> 20);
+        assert!(
+            (rss + maps) * 2 <= limit,
+            "the agent's {} MiB leave less than half of a {} MiB limit free",
+            (rss + maps) >> 20,
+            limit >> 20
+        );
     }
     assert!(problems.is_empty(), "{}\n\nthe agent exported:\n{scrape}", problems.join("\n"));
     drop(prom);
@@ -1523,14 +1387,19 @@ fn queries_match_a_live_agent() {
 fn agent_memory(pid: u32) -> (u64, u64) {
     let kb = |field: &str| -> u64 {
         let status = read(Path::new(&format!("/proc/{pid}/status")));
-        let line = status.lines().find_map(|l| l.strip_prefix(field)).unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
         line.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap() * 1024
     };
     let mut maps = BTreeMap::new();
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
         if std::fs::read_link(fd.path()).map(|l| l == Path::new("anon_inode:bpf-map")).unwrap_or(false) {
-            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())).unwrap_or_default();
-            let field = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse::<u64>().ok());
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()))
+                .unwrap_or_default();
+            let field =
+                |k: &str| info.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().parse::<u64>().ok());
             if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
                 maps.insert(id, memlock);
             }

@@ -450,7 +450,12 @@ impl Strace {
             cmd.args(["-p", &pid.to_string()]);
         }
         let messages = out.with_extension("err");
-        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&messages).unwrap()).spawn().unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&messages).unwrap())
+            .spawn()
+            .unwrap();
         let s = Strace { child, out: out.to_path_buf() };
         // strace says "Process N attached" once it has seized and stopped
         // every thread of N: from then on no call of N escapes it.
@@ -560,7 +565,10 @@ fn writer_class(call: &Call) -> &'static str {
 /// The agent's scrape once two in a row agree on every disk series.
 fn settled_metrics(agent: &Agent) -> String {
     let keep = |t: &str| {
-        t.lines().filter(|l| l.starts_with("nodescope_file_") || l.starts_with("nodescope_disk_")).collect::<Vec<_>>().join("\n")
+        t.lines()
+            .filter(|l| l.starts_with("nodescope_file_") || l.starts_with("nodescope_disk_"))
+            .collect::<Vec<_>>()
+            .join("\n")
     };
     let mut last = agent.metrics();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -595,25 +603,45 @@ fn quiet_metrics(agent: &Agent, target: &str, quiet: Duration) -> String {
 }
 
 fn written(m: &str, target: &str, class: &str) -> f64 {
-    metric_sum(m, "nodescope_file_written_bytes_total", &[("nodescope_target", target), ("nodescope_file_class", class)])
+    metric_sum(
+        m,
+        "nodescope_file_written_bytes_total",
+        &[("nodescope_target", target), ("nodescope_file_class", class)],
+    )
 }
 
 fn written_by(m: &str, target: &str, class: &str, call: &str) -> f64 {
-    metric_sum(m, "nodescope_file_written_bytes_total", &[("nodescope_target", target), ("nodescope_file_class", class), ("nodescope_write_call", call)])
+    metric_sum(
+        m,
+        "nodescope_file_written_bytes_total",
+        &[("nodescope_target", target), ("nodescope_file_class", class), ("nodescope_write_call", call)],
+    )
 }
 
 fn writes(m: &str, target: &str, class: &str, call: &str) -> f64 {
-    metric_sum(m, "nodescope_file_writes_total", &[("nodescope_target", target), ("nodescope_file_class", class), ("nodescope_write_call", call)])
+    metric_sum(
+        m,
+        "nodescope_file_writes_total",
+        &[("nodescope_target", target), ("nodescope_file_class", class), ("nodescope_write_call", call)],
+    )
 }
 
 /// Sync calls seen, timed or not.
 fn syncs(m: &str, target: &str, class: &str, call: &str) -> f64 {
-    metric_sum(m, "nodescope_file_syncs_total", &[("nodescope_target", target), ("nodescope_file_class", class), ("nodescope_sync_call", call)])
+    metric_sum(
+        m,
+        "nodescope_file_syncs_total",
+        &[("nodescope_target", target), ("nodescope_file_class", class), ("nodescope_sync_call", call)],
+    )
 }
 
 /// Sync calls timed into the latency histogram.
 fn timed_syncs(m: &str, target: &str, class: &str, call: &str) -> f64 {
-    metric_sum(m, "nodescope_file_sync_duration_seconds_count", &[("nodescope_target", target), ("nodescope_file_class", class), ("nodescope_sync_call", call)])
+    metric_sum(
+        m,
+        "nodescope_file_sync_duration_seconds_count",
+        &[("nodescope_target", target), ("nodescope_file_class", class), ("nodescope_sync_call", call)],
+    )
 }
 
 fn total_written(m: &str, target: &str) -> f64 {
@@ -625,7 +653,10 @@ fn total_written(m: &str, target: &str) -> f64 {
 fn wait_watching(agent: &Agent, names: &[&str]) {
     wait_for("the agent to watch the targets", Duration::from_secs(30), || {
         let log = strip_ansi(&agent.log());
-        names.iter().all(|n| log.lines().any(|l| l.contains("watching node") && l.contains(&format!("target_name={n} ")))).then_some(())
+        names
+            .iter()
+            .all(|n| log.lines().any(|l| l.contains("watching node") && l.contains(&format!("target_name={n} "))))
+            .then_some(())
     });
     std::thread::sleep(Duration::from_millis(1500));
 }
@@ -725,7 +756,13 @@ fn writers_are_counted_exactly(exe: &Path, base: &Path, fs: &str, method: Method
     let strace = with_strace.then(|| Strace::attach(&[ltc.pid(), solo.pid()], &work.path().join("strace.txt")));
     // someone else writing into the same data dir meanwhile: not counted
     let outsider = Command::new("dd")
-        .args(["if=/dev/zero", &format!("of={}/blocks/blk00009.dat", ltc_dir.display()), "bs=4096", "count=256", "conv=fsync"])
+        .args([
+            "if=/dev/zero",
+            &format!("of={}/blocks/blk00009.dat", ltc_dir.display()),
+            "bs=4096",
+            "count=256",
+            "conv=fsync",
+        ])
         .stderr(Stdio::null())
         .spawn();
     ltc.go();
@@ -770,7 +807,10 @@ fn writers_are_counted_exactly(exe: &Path, base: &Path, fs: &str, method: Method
             }
             let want_timed = if timed { *n as f64 } else { 0.0 };
             if timed_syncs(&m, target, class, call) != want_timed {
-                problems += &format!("{target} {class} {call}: {} timed syncs, want {want_timed}\n", timed_syncs(&m, target, class, call));
+                problems += &format!(
+                    "{target} {class} {call}: {} timed syncs, want {want_timed}\n",
+                    timed_syncs(&m, target, class, call)
+                );
             }
         }
         let all_writes = metric_sum(&m, "nodescope_file_writes_total", &[("nodescope_target", target)]) - mapped_calls;
@@ -783,7 +823,8 @@ fn writers_are_counted_exactly(exe: &Path, base: &Path, fs: &str, method: Method
         if all_syncs != made as f64 {
             problems += &format!("{target}: {all_syncs} sync calls in all, made {made}\n");
         }
-        let covered = [("nodescope_target", target), ("nodescope_filesystem_type", fs), ("nodescope_disk_method", method.name())];
+        let covered =
+            [("nodescope_target", target), ("nodescope_filesystem_type", fs), ("nodescope_disk_method", method.name())];
         if metric_sum(&m, "nodescope_disk_covered", &covered) != 1.0 {
             problems += &format!("{target}: not reported covered on {fs}\n");
         }
@@ -796,7 +837,11 @@ fn writers_are_counted_exactly(exe: &Path, base: &Path, fs: &str, method: Method
     let detailed = agent.json("/health/detailed");
     for t in detailed["targets"].as_array().unwrap() {
         let d = &t["disk"];
-        assert_eq!((d["method"].as_str(), d["filesystem"].as_str(), d["covered"].as_bool()), (Some(method.name()), Some(fs), Some(true)), "{t:#}");
+        assert_eq!(
+            (d["method"].as_str(), d["filesystem"].as_str(), d["covered"].as_bool()),
+            (Some(method.name()), Some(fs), Some(true)),
+            "{t:#}"
+        );
         assert_eq!(d["sync_latency"].as_bool(), Some(timed), "{t:#}");
     }
 
@@ -809,13 +854,22 @@ fn writers_are_counted_exactly(exe: &Path, base: &Path, fs: &str, method: Method
             e.1 += c.ret as u64;
         }
         for (class, call, n, bytes) in EXPECTED_WRITES {
-            assert_eq!(traced.get(&(*class, call.to_string())), Some(&(2 * n, 2 * bytes)), "strace for {class} {call}: {traced:?}");
+            assert_eq!(
+                traced.get(&(*class, call.to_string())),
+                Some(&(2 * n, 2 * bytes)),
+                "strace for {class} {call}: {traced:?}"
+            );
         }
         for (class, call, n) in EXPECTED_SYNCS {
-            assert_eq!(traced.get(&(*class, call.to_string())).map(|e| e.0), Some(2 * n), "strace for {class} {call}: {traced:?}");
+            assert_eq!(
+                traced.get(&(*class, call.to_string())).map(|e| e.0),
+                Some(2 * n),
+                "strace for {class} {call}: {traced:?}"
+            );
         }
         let traced_calls: u64 = traced.values().map(|e| e.0).sum();
-        let expected_calls: u64 = 2 * (EXPECTED_WRITES.iter().map(|e| e.2).sum::<u64>() + EXPECTED_SYNCS.iter().map(|e| e.2).sum::<u64>());
+        let expected_calls: u64 =
+            2 * (EXPECTED_WRITES.iter().map(|e| e.2).sum::<u64>() + EXPECTED_SYNCS.iter().map(|e| e.2).sum::<u64>());
         assert_eq!(traced_calls, expected_calls, "strace saw calls the test does not expect: {traced:?}");
     }
 
@@ -828,7 +882,9 @@ fn writers_are_counted_exactly(exe: &Path, base: &Path, fs: &str, method: Method
     for target in ["ltc", "solo"] {
         assert_eq!(total_written(&after, target), total_written(&m, target), "{after}");
     }
-    wait_for("the kernel's files map to empty itself", Duration::from_secs(10), || (kernel_records(&agent) == 0).then_some(()));
+    wait_for("the kernel's files map to empty itself", Duration::from_secs(10), || {
+        (kernel_records(&agent) == 0).then_some(())
+    });
     drop(agent);
     drop(cgroup);
 }
@@ -851,11 +907,22 @@ fn controlled_writer_counts_are_exact_on_ext4_and_xfs() {
 
     let out = Command::new(env!("CARGO_BIN_EXE_nodescope")).args(["probes", "--json"]).output().unwrap();
     let hooks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let of = |signal: &str| hooks.as_array().unwrap().iter().filter(|h| h["signal"] == signal && h["program"] != "-").cloned().collect::<Vec<_>>();
+    let of = |signal: &str| {
+        hooks
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["signal"] == signal && h["program"] != "-")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
     let (fs_hooks, syscall_hooks) = (of("disk"), of("disk-syscalls"));
     assert!(fs_hooks.len() == 10 && fs_hooks.iter().all(|h| h["supported"] == true), "{hooks:#}");
     assert!(syscall_hooks.len() == 18 && syscall_hooks.iter().all(|h| h["supported"] == true), "{hooks:#}");
-    assert!(fs_hooks.iter().all(|h| h["hook"].as_str().unwrap().starts_with("tp_btf/")), "no syscall tracepoint in the default method: {hooks:#}");
+    assert!(
+        fs_hooks.iter().all(|h| h["hook"].as_str().unwrap().starts_with("tp_btf/")),
+        "no syscall tracepoint in the default method: {hooks:#}"
+    );
 }
 
 /// A data dir on btrfs, which the filesystem hooks do not see: reported as
@@ -874,14 +941,22 @@ fn btrfs_data_dir_is_reported_and_the_syscall_method_counts_it() {
     let cgroup = Cgroup::new();
     // something in the group, so the target resolves
     let mut sleeper = spawn_in(Some(&cgroup), "sleep", &["600".to_string()], &work.path().join("sleep.log"));
-    let config = format!("[agent]\ninterval = \"500ms\"\n{}", target_toml("node", &format!("cgroup = \"{}\"", cgroup.path.display()), &dir));
+    let config = format!(
+        "[agent]\ninterval = \"500ms\"\n{}",
+        target_toml("node", &format!("cgroup = \"{}\"", cgroup.path.display()), &dir)
+    );
     let agent = Agent::start(&config);
     let m = wait_for("the coverage metric", Duration::from_secs(20), || {
         let m = agent.metrics();
         m.contains("nodescope_disk_covered{").then_some(m)
     });
-    let labels = [("nodescope_target", "node"), ("nodescope_filesystem_type", "btrfs"), ("nodescope_disk_method", "filesystem")];
-    assert!(m.lines().any(|l| l.starts_with("nodescope_disk_covered{") && l.contains("nodescope_filesystem_type=\"btrfs\"")), "{m}");
+    let labels =
+        [("nodescope_target", "node"), ("nodescope_filesystem_type", "btrfs"), ("nodescope_disk_method", "filesystem")];
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("nodescope_disk_covered{") && l.contains("nodescope_filesystem_type=\"btrfs\"")),
+        "{m}"
+    );
     assert_eq!(metric_sum(&m, "nodescope_disk_covered", &labels), 0.0, "{m}");
     let detailed = agent.json("/health/detailed");
     let disk = &detailed["targets"][0]["disk"];
@@ -894,9 +969,11 @@ fn btrfs_data_dir_is_reported_and_the_syscall_method_counts_it() {
     // which the host chose (exit 0: every hook is supported)
     let config_file = work.path().join("probes.toml");
     std::fs::write(&config_file, &config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_nodescope")).arg("probes").arg("--config").arg(&config_file).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_nodescope")).arg("probes").arg("--config").arg(&config_file).output().unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    let line = table.lines().find(|l| l.contains("data dir of node")).unwrap_or_else(|| panic!("no data dir line:\n{table}"));
+    let line =
+        table.lines().find(|l| l.contains("data dir of node")).unwrap_or_else(|| panic!("no data dir line:\n{table}"));
     assert!(line.contains(" NO ") && line.contains("btrfs"), "{line}");
     assert!(out.status.success(), "{table}");
     stop_child(&mut sleeper, Duration::from_secs(5));
@@ -958,9 +1035,19 @@ fn litecoind_mining_on_xfs_matches_strace() {
     assert_eq!(ours, theirs as f64, "bytes: nodescope vs strace\n{m1}");
     assert_eq!(our_calls, n as f64, "write calls: nodescope vs strace\n{m1}");
     assert_eq!(delta(&m1, &class("blocks")), theirs_blocks as f64);
-    let sync_calls = |m: &str| ["fsync", "fdatasync"].iter().map(|c| metric_sum(m, "nodescope_file_syncs_total", &[("nodescope_target", "ltc"), ("nodescope_sync_call", c)])).sum::<f64>();
+    let sync_calls = |m: &str| {
+        ["fsync", "fdatasync"]
+            .iter()
+            .map(|c| {
+                metric_sum(m, "nodescope_file_syncs_total", &[("nodescope_target", "ltc"), ("nodescope_sync_call", c)])
+            })
+            .sum::<f64>()
+    };
     let syncs_ours = delta(&m1, &sync_calls);
-    let syncs_theirs = calls.iter().filter(|c| c.ret == 0 && ["fsync", "fdatasync"].contains(&c.name.as_str()) && is_file(&c.path)).count();
+    let syncs_theirs = calls
+        .iter()
+        .filter(|c| c.ret == 0 && ["fsync", "fdatasync"].contains(&c.name.as_str()) && is_file(&c.path))
+        .count();
     eprintln!("sync calls: nodescope {syncs_ours}, strace {syncs_theirs}");
     assert_eq!(syncs_ours, syncs_theirs as f64);
 
@@ -975,8 +1062,15 @@ fn litecoind_mining_on_xfs_matches_strace() {
     // SAFETY: sync(2) takes no arguments.
     unsafe { libc::sync() };
     let after = settled_metrics(&agent);
-    assert_eq!(written(&after, "ltc", "blocks"), written(&before, "ltc", "blocks"), "the cp counted as the node's blocks:\n{after}");
-    assert!(total_written(&after, "ltc") - total_written(&before, "ltc") < (32 << 20) as f64, "the cp counted as the node's:\n{after}");
+    assert_eq!(
+        written(&after, "ltc", "blocks"),
+        written(&before, "ltc", "blocks"),
+        "the cp counted as the node's blocks:\n{after}"
+    );
+    assert!(
+        total_written(&after, "ltc") - total_written(&before, "ltc") < (32 << 20) as f64,
+        "the cp counted as the node's:\n{after}"
+    );
     drop(agent);
     drop(node);
     drop(cgroup);
@@ -994,7 +1088,8 @@ fn monerod_lmdb_writes_through_calls_and_the_map_on_ext4() {
     let loopfs = LoopFs::new("ext4");
     let (cg_default, cg_mapped) = (Cgroup::new(), Cgroup::new());
     let writes_node = Monerod::start(&cg_default, TempDir(loopfs.subdir("xmr")), &[]);
-    let mapped_node = Monerod::start(&cg_mapped, TempDir(loopfs.subdir("xmr-map")), &["--db-sync-mode", "fastest:sync:1blocks"]);
+    let mapped_node =
+        Monerod::start(&cg_mapped, TempDir(loopfs.subdir("xmr-map")), &["--db-sync-mode", "fastest:sync:1blocks"]);
     let agent = Agent::start(&format!(
         "[agent]\ninterval = \"500ms\"\n{}{}{CLASSES}",
         target_toml("xmr", &format!("cgroup = \"{}\"", cg_default.path.display()), writes_node.dir.path()),
@@ -1024,12 +1119,23 @@ fn monerod_lmdb_writes_through_calls_and_the_map_on_ext4() {
     // strace does not see)
     let lmdb_bytes = d(&|m| written(m, "xmr", "lmdb") - written_by(m, "xmr", "lmdb", "mmap"));
     let lmdb_calls = d(&|m| {
-        metric_sum(m, "nodescope_file_writes_total", &[("nodescope_target", "xmr"), ("nodescope_file_class", "lmdb")]) - writes(m, "xmr", "lmdb", "mmap")
+        metric_sum(m, "nodescope_file_writes_total", &[("nodescope_target", "xmr"), ("nodescope_file_class", "lmdb")])
+            - writes(m, "xmr", "lmdb", "mmap")
     });
     let lmdb_fdatasync = d(&|m| syncs(m, "xmr", "lmdb", "fdatasync"));
     let in_dir = |c: &Call, dir: &Path| c.path.as_deref().is_some_and(|p| p.starts_with(&dir.display().to_string()));
-    let (strace_calls, strace_lmdb) = strace_file_bytes(&calls, |p| p.starts_with(&writes_node.dir.path().display().to_string()) && p.contains("/lmdb/"));
-    let strace_fdatasync = calls.iter().filter(|c| c.name == "fdatasync" && c.ret == 0 && in_dir(c, writes_node.dir.path()) && c.path.as_deref().unwrap().contains("/lmdb/")).count();
+    let (strace_calls, strace_lmdb) = strace_file_bytes(&calls, |p| {
+        p.starts_with(&writes_node.dir.path().display().to_string()) && p.contains("/lmdb/")
+    });
+    let strace_fdatasync = calls
+        .iter()
+        .filter(|c| {
+            c.name == "fdatasync"
+                && c.ret == 0
+                && in_dir(c, writes_node.dir.path())
+                && c.path.as_deref().unwrap().contains("/lmdb/")
+        })
+        .count();
     eprintln!("monerod lmdb: nodescope {lmdb_bytes} bytes in {lmdb_calls} calls, {lmdb_fdatasync} fdatasync; strace {strace_lmdb} bytes in {strace_calls} calls, {strace_fdatasync} fdatasync");
     assert!(strace_lmdb > 0 && strace_fdatasync > 0, "strace saw no LMDB writes: {}", writes_node.log());
     assert_eq!(lmdb_bytes, strace_lmdb as f64, "lmdb bytes\n{m2}");
@@ -1058,13 +1164,17 @@ fn monerod_lmdb_writes_through_calls_and_the_map_on_ext4() {
     let mapped = d(&|m| written_by(m, "xmr-map", "lmdb", "mmap"));
     let lmdb_all = d(&|m| written(m, "xmr-map", "lmdb"));
     let other_bytes = d(&|m| total_written(m, "xmr-map")) - mapped;
-    let other_calls = d(&|m| metric_sum(m, "nodescope_file_writes_total", &[("nodescope_target", "xmr-map")])) - d(&|m| writes(m, "xmr-map", "lmdb", "mmap"));
+    let other_calls = d(&|m| metric_sum(m, "nodescope_file_writes_total", &[("nodescope_target", "xmr-map")]))
+        - d(&|m| writes(m, "xmr-map", "lmdb", "mmap"));
     let (grew, charged) = ((blocks2 - blocks0) as f64, (wb2 - wb0) as f64);
     eprintln!("mapped monerod: {mapped} bytes dirtied through the map by nodescope; data.mdb grew {grew}; write_bytes grew {charged}; other writes {other_bytes} bytes in {other_calls} calls");
     assert!(mapped > 0.0 && mapped % 4096.0 == 0.0, "stores through the map counted in whole pages: {mapped}\n{m2}");
     assert!(grew > 0.0 && grew <= lmdb_all, "data.mdb grew {grew}, LMDB bytes counted {lmdb_all}");
     assert!(mapped <= charged, "dirtied through the map {mapped} > write_bytes growth {charged}");
-    assert!(charged - mapped <= other_bytes + 8192.0 * other_calls, "write_bytes growth {charged} beyond the map's {mapped} and what the write calls could dirty");
+    assert!(
+        charged - mapped <= other_bytes + 8192.0 * other_calls,
+        "write_bytes growth {charged} beyond the map's {mapped} and what the write calls could dirty"
+    );
     drop(agent);
     drop((writes_node, mapped_node));
     drop((cg_default, cg_mapped));
@@ -1141,7 +1251,9 @@ fn short_lived_writer_in_watched_subtree_is_counted() {
         target_toml("ltc", &format!("cgroup = \"{}\"", cgroup.path.display()), &datadir)
     ));
     // one collection done: the empty group is in the kernel's maps
-    wait_for("the first collection", Duration::from_secs(30), || agent.metrics().contains("nodescope_health_status{").then_some(()));
+    wait_for("the first collection", Duration::from_secs(30), || {
+        agent.metrics().contains("nodescope_health_status{").then_some(())
+    });
     let child = cgroup.path.join("writer");
     std::fs::create_dir(&child).unwrap();
     let started = Instant::now();
@@ -1165,7 +1277,12 @@ fn short_lived_writer_in_watched_subtree_is_counted() {
         let m = agent.metrics();
         (total_written(&m, "ltc") > 0.0).then_some(m)
     });
-    assert_eq!(written(&m, "ltc", "blocks"), 6_553_600.0, "the file holds 6,553,600 bytes written by 100 calls:\n{}", m.lines().filter(|l| l.starts_with("nodescope_file_")).collect::<Vec<_>>().join("\n"));
+    assert_eq!(
+        written(&m, "ltc", "blocks"),
+        6_553_600.0,
+        "the file holds 6,553,600 bytes written by 100 calls:\n{}",
+        m.lines().filter(|l| l.starts_with("nodescope_file_")).collect::<Vec<_>>().join("\n")
+    );
     assert_eq!(writes(&m, "ltc", "blocks", "write"), 100.0);
     assert_eq!(syncs(&m, "ltc", "blocks", "fsync"), 1.0);
 }
@@ -1178,7 +1295,8 @@ struct Monerod {
 
 /// A valid mainnet address (the Monero project's donation address);
 /// monerod --regtest accepts it for generateblocks.
-const MONERO_ADDRESS: &str = "44AFFq5kSiGBoZ4NMDwYtN18obc8AemS33DBLWs3H7otXft3XjrpDtQGv7SqSsaBYBb98uNbr2VBBEt7f2wfn3RVGQBEP3A";
+const MONERO_ADDRESS: &str =
+    "44AFFq5kSiGBoZ4NMDwYtN18obc8AemS33DBLWs3H7otXft3XjrpDtQGv7SqSsaBYBb98uNbr2VBBEt7f2wfn3RVGQBEP3A";
 
 impl Monerod {
     /// Its data dir is `dir` (removed when dropped).
@@ -1186,8 +1304,20 @@ impl Monerod {
         require_tool("monerod", "monero");
         let rpc_port = free_port();
         let mut args: Vec<String> = [
-            "--regtest", "--offline", "--fixed-difficulty", "1", "--no-igd", "--disable-dns-checkpoints",
-            "--check-updates", "disabled", "--non-interactive", "--no-zmq", "--p2p-bind-ip", "127.0.0.1", "--rpc-bind-ip", "127.0.0.1",
+            "--regtest",
+            "--offline",
+            "--fixed-difficulty",
+            "1",
+            "--no-igd",
+            "--disable-dns-checkpoints",
+            "--check-updates",
+            "disabled",
+            "--non-interactive",
+            "--no-zmq",
+            "--p2p-bind-ip",
+            "127.0.0.1",
+            "--rpc-bind-ip",
+            "127.0.0.1",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -1233,7 +1363,10 @@ impl Monerod {
 
     fn mine(&self, blocks: u32) {
         let v = self
-            .rpc("generateblocks", &format!("{{\"amount_of_blocks\":{blocks},\"wallet_address\":\"{MONERO_ADDRESS}\"}}"))
+            .rpc(
+                "generateblocks",
+                &format!("{{\"amount_of_blocks\":{blocks},\"wallet_address\":\"{MONERO_ADDRESS}\"}}"),
+            )
             .unwrap_or_else(|e| panic!("generateblocks: {e}"));
         assert_eq!(v["result"]["status"], "OK", "generateblocks: {v}");
     }
@@ -1244,4 +1377,3 @@ impl Drop for Monerod {
         stop_child(&mut self.child, Duration::from_secs(30));
     }
 }
-

@@ -228,7 +228,8 @@ fn no_peers_fires_after_its_duration_and_clears_after_its_clear_duration() {
     require_root();
     let cgroup = Cgroup::new();
     let node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string()]);
-    let peers: Vec<Litecoind> = (0..2).map(|_| Litecoind::start(None, &[format!("-connect={}", node.addr())])).collect();
+    let peers: Vec<Litecoind> =
+        (0..2).map(|_| Litecoind::start(None, &[format!("-connect={}", node.addr())])).collect();
     node.wait_peers(2);
     let agent = Agent::start(&agent_config(
         &node,
@@ -244,7 +245,9 @@ fn no_peers_fires_after_its_duration_and_clears_after_its_clear_duration() {
     for p in &peers {
         p.cli(&["setnetworkactive", "false"]);
     }
-    wait_for("the node to have no peers (getpeerinfo)", Duration::from_secs(10), || node.peers().is_empty().then_some(()));
+    wait_for("the node to have no peers (getpeerinfo)", Duration::from_secs(10), || {
+        node.peers().is_empty().then_some(())
+    });
     // just before `for` has passed: still 200, no_peers pending
     let pending = wait_rule(&agent, "no_peers", "pending", Duration::from_secs(3));
     assert_eq!(pending["evidence"]["p2p_peers"], 0);
@@ -290,7 +293,10 @@ fn no_peers_fires_after_its_duration_and_clears_after_its_clear_duration() {
         }
         (r["state"] == "ok").then(|| (on.elapsed(), r))
     });
-    assert!(cleared_after >= Duration::from_secs(3), "cleared {cleared_after:?} after the peers came back, before clear_after = 3s");
+    assert!(
+        cleared_after >= Duration::from_secs(3),
+        "cleared {cleared_after:?} after the peers came back, before clear_after = 3s"
+    );
     eprintln!("no_peers cleared {cleared_after:?} after the peers came back (clear_after = 3s)");
     assert!(r["evidence"]["p2p_peers"].as_u64().unwrap() >= 1);
     assert_eq!(agent.get("/health").0, 200);
@@ -329,14 +335,16 @@ fn mass_disconnect_is_a_partition_and_slow_rotation_is_not() {
     require_root();
     let cgroup = Cgroup::new();
     let node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string()]);
-    let _peers: Vec<Litecoind> = (0..5).map(|_| Litecoind::start(None, &[format!("-connect={}", node.addr())])).collect();
+    let _peers: Vec<Litecoind> =
+        (0..5).map(|_| Litecoind::start(None, &[format!("-connect={}", node.addr())])).collect();
     node.wait_peers(5);
     let agent = Agent::start(&agent_config(
         &node,
         &cgroup,
         "[targets.rules.partition_suspected]\nwindow = \"6s\"\nclear_after = \"2s\"\n",
     ));
-    let addrs = |n: &Litecoind| -> Vec<String> { n.peers().iter().map(|p| p["addr"].as_str().unwrap().to_string()).collect() };
+    let addrs =
+        |n: &Litecoind| -> Vec<String> { n.peers().iter().map(|p| p["addr"].as_str().unwrap().to_string()).collect() };
     wait_for("5 peers in /peers", Duration::from_secs(20), || {
         let v = agent.json("/peers");
         (v["targets"][0]["peers"].as_array().map(|a| a.len()) == Some(5)).then_some(())
@@ -347,7 +355,8 @@ fn mass_disconnect_is_a_partition_and_slow_rotation_is_not() {
     });
     let never_fires = |code: u16, d: &Value| {
         let r = rule_in(d, "partition_suspected");
-        (code == 503 || r["state"] == "firing").then(|| format!("partition_suspected fired on a slow rotation (HTTP {code})"))
+        (code == 503 || r["state"] == "firing")
+            .then(|| format!("partition_suspected fired on a slow rotation (HTTP {code})"))
     };
     watch(&agent, Duration::from_secs(7), never_fires);
 
@@ -409,7 +418,8 @@ fn node_killed_is_node_down_and_recovers_after_restart() {
     let mut node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string()]);
     let _peer = Litecoind::start(None, &[format!("-connect={}", node.addr())]);
     node.wait_peers(1);
-    let agent = Agent::start(&agent_config(&node, &cgroup, "[targets.rules.node_down]\nfor = \"3s\"\nclear_after = \"2s\"\n"));
+    let agent =
+        Agent::start(&agent_config(&node, &cgroup, "[targets.rules.node_down]\nfor = \"3s\"\nclear_after = \"2s\"\n"));
     wait_rule(&agent, "node_down", "ok", Duration::from_secs(20));
     wait_for("ready", Duration::from_secs(20), || (agent.get("/health/ready").0 == 200).then_some(()));
 
@@ -423,7 +433,8 @@ fn node_killed_is_node_down_and_recovers_after_restart() {
         if live != 200 {
             return Some(format!("/health/live {live} while the agent runs"));
         }
-        (code == 503 || rule_in(d, "node_down")["state"] == "firing").then(|| "node_down fired before for = 3s".to_string())
+        (code == 503 || rule_in(d, "node_down")["state"] == "firing")
+            .then(|| "node_down fired before for = 3s".to_string())
     };
     let r = wait_rule(&agent, "node_down", "pending", Duration::from_secs(3));
     assert_eq!(r["evidence"]["pid"], Value::Null);
@@ -445,8 +456,12 @@ fn node_killed_is_node_down_and_recovers_after_restart() {
     eprintln!("node_down cleared {:?} after the restart began (clear_after = 2s)", restarted.elapsed());
     assert!(restarted.elapsed() >= Duration::from_secs(2));
     assert_eq!(r["evidence"]["pid"], node.pid());
-    wait_for("/health 200 after the restart", Duration::from_secs(10), || (agent.get("/health").0 == 200).then_some(()));
-    wait_for("/health/ready 200 after the restart", Duration::from_secs(20), || (agent.get("/health/ready").0 == 200).then_some(()));
+    wait_for("/health 200 after the restart", Duration::from_secs(10), || {
+        (agent.get("/health").0 == 200).then_some(())
+    });
+    wait_for("/health/ready 200 after the restart", Duration::from_secs(20), || {
+        (agent.get("/health/ready").0 == 200).then_some(())
+    });
     // its peer came back; the peers it lost by dying are no partition
     node.wait_peers(1);
     watch(&agent, Duration::from_secs(3), |code, d| {
@@ -463,7 +478,11 @@ impl Tmpfs {
     fn mount(size: &str) -> Tmpfs {
         let dir = std::env::temp_dir().join(format!("nodescope-tmpfs-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let st = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&dir).status().unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
         assert!(st.success(), "mount -t tmpfs on {}", dir.display());
         Tmpfs { dir }
     }
@@ -539,7 +558,9 @@ fn full_filesystem_is_disk_critical_and_not_ready() {
     std::fs::remove_file(&fill).unwrap();
     wait_rule(&agent, "disk_critical", "ok", Duration::from_secs(10));
     assert!(emptied.elapsed() >= Duration::from_secs(2), "cleared before clear_after");
-    wait_for("/health/ready 200 again", Duration::from_secs(10), || (agent.get("/health/ready").0 == 200).then_some(()));
+    wait_for("/health/ready 200 again", Duration::from_secs(10), || {
+        (agent.get("/health/ready").0 == 200).then_some(())
+    });
     assert_eq!(agent.get("/health").0, 200);
 }
 
@@ -574,7 +595,8 @@ fn no_blocks_while_connected_is_chain_stalled() {
     });
     assert_eq!(r["state"], "ok");
     watch(&agent, Duration::from_millis(5500).saturating_sub(mined.elapsed()), |_, d| {
-        (rule_in(d, "chain_stalled")["state"] == "firing").then(|| "chain_stalled fired before its threshold".to_string())
+        (rule_in(d, "chain_stalled")["state"] == "firing")
+            .then(|| "chain_stalled fired before its threshold".to_string())
     });
     let r = wait_rule(&agent, "chain_stalled", "firing", Duration::from_secs(6));
     eprintln!("chain_stalled fired {:?} after the last block (threshold 6s): {}", mined.elapsed(), r["evidence"]);

@@ -34,7 +34,11 @@ const RSS_BOUND_KIB: u64 = 64 * 1024;
 /// The agent's resident memory, from /proc/PID/status.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap()
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
 }
 
 /// utime + stime of `pid` in seconds, from /proc/PID/stat.
@@ -159,7 +163,9 @@ impl Prometheus {
             http_get(port, "/-/ready").ok().filter(|r| r.0 == 200)
         });
         // its first scrapes
-        wait_for("prometheus scraping", Duration::from_secs(30), || p.value("count_over_time(up[1m])", None).filter(|v| *v >= 2.0));
+        wait_for("prometheus scraping", Duration::from_secs(30), || {
+            p.value("count_over_time(up[1m])", None).filter(|v| *v >= 2.0)
+        });
         p
     }
 
@@ -167,7 +173,13 @@ impl Prometheus {
     fn value(&self, query: &str, at: Option<f64>) -> Option<f64> {
         let enc: String = query
             .bytes()
-            .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"_.-".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
             .collect();
         let time = at.map(|t| format!("&time={t:.3}")).unwrap_or_default();
         let (status, body) = http_get(self.port, &format!("/api/v1/query?query={enc}{time}")).ok()?;
@@ -184,8 +196,13 @@ impl Prometheus {
         let secs = (to - from).floor() as u64;
         let count = self.value(&format!("count_over_time(up{{job=\"nodescope\"}}[{secs}s])"), Some(to)).unwrap_or(0.0);
         let min = self.value(&format!("min_over_time(up{{job=\"nodescope\"}}[{secs}s])"), Some(to)).unwrap_or(0.0);
-        let slowest = self.value(&format!("max_over_time(scrape_duration_seconds{{job=\"nodescope\"}}[{secs}s])"), Some(to)).unwrap_or(f64::NAN);
-        eprintln!("{what}: Prometheus scraped {count} times in {secs} s, up min {min}, slowest scrape {:.1} ms", slowest * 1e3);
+        let slowest = self
+            .value(&format!("max_over_time(scrape_duration_seconds{{job=\"nodescope\"}}[{secs}s])"), Some(to))
+            .unwrap_or(f64::NAN);
+        eprintln!(
+            "{what}: Prometheus scraped {count} times in {secs} s, up min {min}, slowest scrape {:.1} ms",
+            slowest * 1e3
+        );
         assert!(count >= secs as f64 - 1.0, "{what}: {count} scrapes in {secs} s");
         assert_eq!(min, 1.0, "{what}: a scrape failed");
     }
@@ -206,8 +223,12 @@ fn assert_responsive(agent: &Agent) {
     std::thread::sleep(Duration::from_millis(500));
     let (s, t) = probe(agent.port, "/health/live");
     assert!(s == 200 && t <= PROBE_DEADLINE, "after the flood: {s} in {t:?}");
-    wait_for("/metrics after the flood", Duration::from_secs(10), || http_get(agent.port, "/metrics").ok().filter(|r| r.0 == 200));
-    wait_for("/peers after the flood", Duration::from_secs(10), || http_get(agent.port, "/peers").ok().filter(|r| r.0 == 200));
+    wait_for("/metrics after the flood", Duration::from_secs(10), || {
+        http_get(agent.port, "/metrics").ok().filter(|r| r.0 == 200)
+    });
+    wait_for("/peers after the flood", Duration::from_secs(10), || {
+        http_get(agent.port, "/peers").ok().filter(|r| r.0 == 200)
+    });
 }
 
 /// 130 connections that send nothing, more than http.max_connections (128),
@@ -241,7 +262,8 @@ fn idle_connection_flood() {
                     match s.read(&mut b) {
                         Ok(0) => break,
                         Ok(_) => {}
-                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                        }
                         Err(_) => break,
                     }
                 }
@@ -290,7 +312,8 @@ fn pipelining_client_that_never_reads() {
                     match s.write(reqs.as_bytes()) {
                         Ok(0) => break,
                         Ok(_) => {}
-                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                        }
                         Err(_) => break,
                     }
                 }
@@ -471,8 +494,15 @@ fn one_client_at_1000_requests_per_second() {
     let answered: u64 = statuses.values().sum();
     let limited = statuses.get(&429).copied().unwrap_or(0);
     eprintln!("1000 requests/s: {answered} answered in about {elapsed:?} plus 1 s ({statuses:?}), {connects} connections, scrapes from 127.0.0.2 {scrapes:?}");
-    assert!(answered as f64 >= 700.0 * (elapsed.as_secs_f64() + 1.0), "the client was not served at 1,000/s: {answered}");
-    assert!(limited > 0 && retry_after.load(Ordering::Relaxed) == limited, "429s {limited}, with Retry-After {}", retry_after.load(Ordering::Relaxed));
+    assert!(
+        answered as f64 >= 700.0 * (elapsed.as_secs_f64() + 1.0),
+        "the client was not served at 1,000/s: {answered}"
+    );
+    assert!(
+        limited > 0 && retry_after.load(Ordering::Relaxed) == limited,
+        "429s {limited}, with Retry-After {}",
+        retry_after.load(Ordering::Relaxed)
+    );
     assert!(scrapes.iter().all(|s| *s == 200), "another client's scrapes: {scrapes:?}");
     assert!(max_rss < RSS_BOUND_KIB, "RSS {max_rss} KiB");
     assert_responsive(&agent);
@@ -489,7 +519,11 @@ fn low_open_file_limit_with_100_connections() {
     let dir = TempDir::new("http-nofile");
     let port = free_port();
     let config = dir.path().join("c.toml");
-    std::fs::write(&config, format!("[http]\nlisten = \"127.0.0.1:{port}\"\n[agent]\ninterval = \"500ms\"\ndiscover = false\n")).unwrap();
+    std::fs::write(
+        &config,
+        format!("[http]\nlisten = \"127.0.0.1:{port}\"\n[agent]\ninterval = \"500ms\"\ndiscover = false\n"),
+    )
+    .unwrap();
     let err_path = dir.path().join("err");
     // prlimit execs the agent: the child's pid is the agent's
     let mut child = std::process::Command::new("prlimit")
@@ -502,9 +536,14 @@ fn low_open_file_limit_with_100_connections() {
         .unwrap();
     let pid = child.id();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_for("the agent under prlimit", Duration::from_secs(30), || http_get(port, "/health/live").ok().filter(|r| r.0 == 200));
+        wait_for("the agent under prlimit", Duration::from_secs(30), || {
+            http_get(port, "/health/live").ok().filter(|r| r.0 == 200)
+        });
         let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-        assert!(limits.lines().any(|l| l.starts_with("Max open files") && l.split_whitespace().nth(3) == Some("64")), "{limits}");
+        assert!(
+            limits.lines().any(|l| l.starts_with("Max open files") && l.split_whitespace().nth(3) == Some("64")),
+            "{limits}"
+        );
         let mut held = Vec::new();
         for _ in 0..100 {
             if let Ok(s) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)) {
@@ -519,7 +558,11 @@ fn low_open_file_limit_with_100_connections() {
         let cpu = (cpu_seconds(pid) - cpu_before) / t0.elapsed().as_secs_f64();
         let log = std::fs::read_to_string(&err_path).unwrap();
         let lines = log.lines().count() - log_before;
-        eprintln!("nofile 64, {} connections held: agent CPU {:.1} % of a core over 5 s, {lines} log lines", held.len(), cpu * 100.0);
+        eprintln!(
+            "nofile 64, {} connections held: agent CPU {:.1} % of a core over 5 s, {lines} log lines",
+            held.len(),
+            cpu * 100.0
+        );
         assert!(cpu < 0.10, "agent CPU {:.1} % of a core", cpu * 100.0);
         assert!(lines <= 15, "{lines} log lines in 5 s: {log}");
         drop(held);

@@ -62,7 +62,9 @@ impl RenamedLitecoind {
     fn restart(&self, node: &mut Litecoind) {
         node.kill();
         node.child = spawn_in(None, self.program(), &node.args, &node.dir.path().join("stdout.log"));
-        wait_for(&format!("{} RPC after restart", self.name), Duration::from_secs(60), || node.try_cli(&["getblockcount"]).ok());
+        wait_for(&format!("{} RPC after restart", self.name), Duration::from_secs(60), || {
+            node.try_cli(&["getblockcount"]).ok()
+        });
     }
 }
 
@@ -107,16 +109,27 @@ fn relevant(m: &str) -> String {
     m.lines()
         .filter(|l| l.contains(&format!("nodescope_target=\"{TARGET}\"")))
         .filter(|l| {
-            ["nodescope_connection_opened", "nodescope_connection_closed", "nodescope_connection_failed", "nodescope_connection_open{", "nodescope_peer_io", "nodescope_process_restarts"]
-                .iter()
-                .any(|p| l.starts_with(p))
+            [
+                "nodescope_connection_opened",
+                "nodescope_connection_closed",
+                "nodescope_connection_failed",
+                "nodescope_connection_open{",
+                "nodescope_peer_io",
+                "nodescope_process_restarts",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
         })
         .collect::<Vec<_>>()
         .join("\n")
 }
 
 fn churn(m: &str, metric: &str, direction: &str) -> f64 {
-    metric_sum(m, metric, &[("nodescope_target", TARGET), ("nodescope_connection_direction", direction), ("nodescope_service", "p2p")])
+    metric_sum(
+        m,
+        metric,
+        &[("nodescope_target", TARGET), ("nodescope_connection_direction", direction), ("nodescope_service", "p2p")],
+    )
 }
 
 fn opened(m: &str) -> f64 {
@@ -262,9 +275,12 @@ fn first_connection_of_a_node_started_later_is_counted() {
     n.cli(&["disconnectnode", &p.addr()]);
     wait_for("N to reconnect to P", Duration::from_secs(30), || {
         let peers = n.peers();
-        (peers.len() == 1 && peers[0]["id"].as_u64() != Some(first) && peers[0]["version"].as_u64().unwrap_or(0) > 0).then_some(())
+        (peers.len() == 1 && peers[0]["id"].as_u64() != Some(first) && peers[0]["version"].as_u64().unwrap_or(0) > 0)
+            .then_some(())
     });
-    expect_exact(&agent, "opened, closed after disconnect and reconnect", &[2.0, 1.0], Duration::from_secs(6), |m| vec![opened(m), closed(m)]);
+    expect_exact(&agent, "opened, closed after disconnect and reconnect", &[2.0, 1.0], Duration::from_secs(6), |m| {
+        vec![opened(m), closed(m)]
+    });
     assert_peers_exact(&n, &agent, Duration::from_secs(30));
     drop((agent, n, p));
     eprintln!("runtime {:?}", started.elapsed());
@@ -293,7 +309,9 @@ fn restarted_node_is_reattached_each_time() {
     n.wait_peers(1);
     expect_exact(&agent, "first start: opened, closed", &[1.0, 0.0], Duration::ZERO, |m| vec![opened(m), closed(m)]);
     assert_peers_exact(&n, &agent, Duration::from_secs(30));
-    let up = wait_for("node_down ok while N runs", Duration::from_secs(20), || node_down_state(&agent).filter(|s| s == "ok"));
+    let up = wait_for("node_down ok while N runs", Duration::from_secs(20), || {
+        node_down_state(&agent).filter(|s| s == "ok")
+    });
     assert_eq!(up, "ok");
 
     const RESTARTS: u32 = 5;
@@ -305,21 +323,37 @@ fn restarted_node_is_reattached_each_time() {
         });
         assert!(down == "firing" || down == "pending", "restart {i}: node_down is {down} while N is down");
         // the kill closed N's one connection
-        expect_exact(&agent, &format!("restart {i}: while down, opened, closed"), &[i as f64, i as f64], Duration::ZERO, |m| vec![opened(m), closed(m)]);
+        expect_exact(
+            &agent,
+            &format!("restart {i}: while down, opened, closed"),
+            &[i as f64, i as f64],
+            Duration::ZERO,
+            |m| vec![opened(m), closed(m)],
+        );
 
         bin.restart(&mut n);
         n.wait_peers(1);
         assert_peers_exact(&n, &agent, Duration::from_secs(30));
-        expect_exact(&agent, &format!("restart {i}: opened, closed"), &[(i + 1) as f64, i as f64], Duration::ZERO, |m| vec![opened(m), closed(m)]);
+        expect_exact(
+            &agent,
+            &format!("restart {i}: opened, closed"),
+            &[(i + 1) as f64, i as f64],
+            Duration::ZERO,
+            |m| vec![opened(m), closed(m)],
+        );
         let after = wait_for("node_down to clear after the restart", Duration::from_secs(20), || {
             node_down_state(&agent).filter(|s| s != "firing" && s != "pending")
         });
         assert_eq!(after, "ok", "restart {i}: node_down after N is back");
         eprintln!("restart {i}: node_down {down} while down, {after} after; cycle {:?}", cycle.elapsed());
     }
-    expect_exact(&agent, "restarts, opened, closed at the end", &[RESTARTS as f64, (RESTARTS + 1) as f64, RESTARTS as f64], Duration::from_secs(6), |m| {
-        vec![restarts(m), opened(m), closed(m)]
-    });
+    expect_exact(
+        &agent,
+        "restarts, opened, closed at the end",
+        &[RESTARTS as f64, (RESTARTS + 1) as f64, RESTARTS as f64],
+        Duration::from_secs(6),
+        |m| vec![restarts(m), opened(m), closed(m)],
+    );
     drop((agent, n, p));
     eprintln!("runtime {:?}", started.elapsed());
 }
@@ -377,10 +411,16 @@ fn one_connection(case: &str, agent: &Agent, n: &Litecoind, p: &Litecoind, miner
     eprintln!("{case}: height {height}, N's getpeerinfo just before the close: sent {sent}, received {recv}");
     close();
     n.wait_peers(0);
-    expect_exact(agent, &format!("{case}: peer bytes (transmit, receive) over the connection"), &[sent, recv], Duration::from_secs(3), |m| {
-        let (tx, rx) = peer_io(m);
-        vec![tx - before.0, rx - before.1]
-    });
+    expect_exact(
+        agent,
+        &format!("{case}: peer bytes (transmit, receive) over the connection"),
+        &[sent, recv],
+        Duration::from_secs(3),
+        |m| {
+            let (tx, rx) = peer_io(m);
+            vec![tx - before.0, rx - before.1]
+        },
+    );
 }
 
 /// N closes (disconnectnode on N: N's FIN goes first), then P closes
@@ -422,7 +462,12 @@ struct DropNamespace {
 
 fn run(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl DropNamespace {
@@ -488,7 +533,8 @@ fn abandoned_connect_is_a_timeout() {
     let (port, rpcport) = (free_port(), free_port());
     let agent = Agent::start(&config(&bin, port, rpcport, "1s", ""));
     wait_first_collection(&agent);
-    let n = bin.start(port, rpcport, &["-connect=0".to_string(), "-timeout=1000".to_string(), "-debug=net".to_string()]);
+    let n =
+        bin.start(port, rpcport, &["-connect=0".to_string(), "-timeout=1000".to_string(), "-debug=net".to_string()]);
     wait_for("the agent to see N running", Duration::from_secs(20), || node_down_state(&agent).filter(|s| s == "ok"));
     let m0 = agent.metrics();
     let failed = |m: &str, e: &str| {
@@ -508,12 +554,27 @@ fn abandoned_connect_is_a_timeout() {
     assert_eq!(attempts, TRIES, "N's debug.log shows {attempts} attempts for {TRIES} addnode onetry");
     assert_eq!(timeouts, attempts, "N's debug.log: every attempt timed out");
 
-    expect_exact(&agent, "failed connects: timeout, other, all kinds", &[attempts as f64, 0.0, attempts as f64], Duration::from_secs(3), |m| {
-        vec![failed(m, "timeout") - failed(&m0, "timeout"), failed(m, "other") - failed(&m0, "other"), all_failed(m) - all_failed(&m0)]
-    });
+    expect_exact(
+        &agent,
+        "failed connects: timeout, other, all kinds",
+        &[attempts as f64, 0.0, attempts as f64],
+        Duration::from_secs(3),
+        |m| {
+            vec![
+                failed(m, "timeout") - failed(&m0, "timeout"),
+                failed(m, "other") - failed(&m0, "other"),
+                all_failed(m) - all_failed(&m0),
+            ]
+        },
+    );
     let m = agent.metrics();
     let p2p = |m: &str| {
-        let labels = [("nodescope_target", TARGET), ("error_type", "timeout"), ("nodescope_connection_direction", "outbound"), ("nodescope_service", "p2p")];
+        let labels = [
+            ("nodescope_target", TARGET),
+            ("error_type", "timeout"),
+            ("nodescope_connection_direction", "outbound"),
+            ("nodescope_service", "p2p"),
+        ];
         metric_sum(m, "nodescope_connection_failed_total", &labels)
     };
     assert_eq!(p2p(&m) - p2p(&m0), attempts as f64, "timeouts as outbound p2p: {}", relevant(&m));

@@ -35,7 +35,8 @@ fn assert_peers_match(node: &Litecoind, agent: &Agent) {
         std::thread::sleep(Duration::from_millis(1500));
         let theirs = node.peers();
         let ours = peers_of(agent);
-        let sig: String = theirs.iter().map(|p| format!("{}:{}:{};", p["addr"], p["bytessent"], p["bytesrecv"])).collect();
+        let sig: String =
+            theirs.iter().map(|p| format!("{}:{}:{};", p["addr"], p["bytessent"], p["bytesrecv"])).collect();
         stable = if sig == last { stable + 1 } else { 0 };
         last = sig;
         mismatch = compare(&theirs, &ours);
@@ -114,25 +115,42 @@ fn peers_match_the_nodes_own_counters() {
 
     // RPC connections (litecoin-cli above) are not peers, but are counted.
     let m = agent.metrics();
-    assert!(metric_sum(&m, "nodescope_connection_opened_total", &[("nodescope_target", "ltc"), ("nodescope_service", "rpc")]) >= 10.0, "{m}");
+    assert!(
+        metric_sum(
+            &m,
+            "nodescope_connection_opened_total",
+            &[("nodescope_target", "ltc"), ("nodescope_service", "rpc")]
+        ) >= 10.0,
+        "{m}"
+    );
 
     // Isolation: bulk traffic from processes outside the node's cgroup.
     require_tool("iperf3", "iperf3");
-    let before: u64 = peers_of(&agent).iter().map(|p| p["bytes_sent"].as_u64().unwrap() + p["bytes_received"].as_u64().unwrap()).sum();
+    let before: u64 = peers_of(&agent)
+        .iter()
+        .map(|p| p["bytes_sent"].as_u64().unwrap() + p["bytes_received"].as_u64().unwrap())
+        .sum();
     let port = free_port();
     let dir = TempDir::new("iperf");
-    let mut server = spawn_in(None, "iperf3", &["-s".into(), "-1".into(), "-B".into(), "127.0.0.1".into(), "-p".into(), port.to_string()], &dir.path().join("s.log"));
+    let mut server = spawn_in(
+        None,
+        "iperf3",
+        &["-s".into(), "-1".into(), "-B".into(), "127.0.0.1".into(), "-p".into(), port.to_string()],
+        &dir.path().join("s.log"),
+    );
     std::thread::sleep(Duration::from_millis(500));
-    let client = Command::new("iperf3")
-        .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-n", "512M"])
-        .output()
-        .unwrap();
+    let client =
+        Command::new("iperf3").args(["-c", "127.0.0.1", "-p", &port.to_string(), "-n", "512M"]).output().unwrap();
     assert!(client.status.success(), "iperf3: {}", String::from_utf8_lossy(&client.stderr));
     stop_child(&mut server, Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(2));
     let ours = peers_of(&agent);
-    assert!(ours.iter().all(|p| p["port"] != port && p["local_port"] != port), "iperf3 connection attributed to the node: {ours:?}");
-    let after: u64 = ours.iter().map(|p| p["bytes_sent"].as_u64().unwrap() + p["bytes_received"].as_u64().unwrap()).sum();
+    assert!(
+        ours.iter().all(|p| p["port"] != port && p["local_port"] != port),
+        "iperf3 connection attributed to the node: {ours:?}"
+    );
+    let after: u64 =
+        ours.iter().map(|p| p["bytes_sent"].as_u64().unwrap() + p["bytes_received"].as_u64().unwrap()).sum();
     assert!(after - before < 1 << 20, "512 MiB of someone else's traffic moved the node's bytes by {}", after - before);
     assert_peers_match(&node, &agent);
     let m = agent.metrics();
@@ -146,7 +164,11 @@ fn peers_match_the_nodes_own_counters() {
 }
 
 fn churn(m: &str, metric: &str, dir: &str) -> f64 {
-    metric_sum(m, metric, &[("nodescope_target", "ltc"), ("nodescope_connection_direction", dir), ("nodescope_service", "p2p")])
+    metric_sum(
+        m,
+        metric,
+        &[("nodescope_target", "ltc"), ("nodescope_connection_direction", dir), ("nodescope_service", "p2p")],
+    )
 }
 
 /// Waits for two scrapes in a row to agree, so every event made is counted.
@@ -155,7 +177,12 @@ fn settled_metrics(agent: &Agent) -> String {
     loop {
         std::thread::sleep(Duration::from_millis(1200));
         let m = agent.metrics();
-        let keep = |t: &str| t.lines().filter(|l| l.starts_with("nodescope_connection_") && l.contains("p2p")).collect::<Vec<_>>().join("\n");
+        let keep = |t: &str| {
+            t.lines()
+                .filter(|l| l.starts_with("nodescope_connection_") && l.contains("p2p"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
         if keep(&m) == keep(&last) {
             return m;
         }
@@ -192,7 +219,13 @@ fn churn_counts_are_exact() {
 
     let m1 = settled_metrics(&agent);
     let delta = |metric: &str, dir: &str| churn(&m1, metric, dir) - churn(&m0, metric, dir);
-    let failed = |m: &str| metric_sum(m, "nodescope_connection_failed_total", &[("nodescope_target", "ltc"), ("nodescope_service", "p2p"), ("error_type", "refused")]);
+    let failed = |m: &str| {
+        metric_sum(
+            m,
+            "nodescope_connection_failed_total",
+            &[("nodescope_target", "ltc"), ("nodescope_service", "p2p"), ("error_type", "refused")],
+        )
+    };
     let report = format!("before:\n{m0}\nafter:\n{m1}");
     assert_eq!(delta("nodescope_connection_opened_total", "outbound"), CYCLES as f64, "{report}");
     assert_eq!(delta("nodescope_connection_closed_total", "outbound"), CYCLES as f64, "{report}");
@@ -200,7 +233,11 @@ fn churn_counts_are_exact() {
     assert_eq!(failed(&m1) - failed(&m0), FAILURES as f64, "{report}");
     assert_eq!(delta("nodescope_connection_opened_total", "inbound"), 1.0, "{report}");
     assert_eq!(delta("nodescope_connection_closed_total", "inbound"), 1.0, "{report}");
-    assert_eq!(churn(&m1, "nodescope_connection_open", "outbound") + churn(&m1, "nodescope_connection_open", "inbound"), 0.0, "{report}");
+    assert_eq!(
+        churn(&m1, "nodescope_connection_open", "outbound") + churn(&m1, "nodescope_connection_open", "inbound"),
+        0.0,
+        "{report}"
+    );
     drop((agent, other, node));
     drop(cgroup);
 }
@@ -221,7 +258,11 @@ fn discovers_nodes_without_config() {
         let targets = v["targets"].as_array().cloned().unwrap_or_default();
         let inbound = targets.iter().any(|t| {
             t["name"].as_str().unwrap_or("").starts_with("litecoin-regtest")
-                && t["peers"].as_array().unwrap().iter().any(|p| p["local_port"] == node.port && p["direction"] == "inbound")
+                && t["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["local_port"] == node.port && p["direction"] == "inbound")
         });
         let outbound = targets.iter().any(|t| {
             t["peers"].as_array().unwrap().iter().any(|p| p["port"] == node.port && p["direction"] == "outbound")
@@ -282,7 +323,9 @@ while True:\n    c,_=s.accept(); threading.Thread(target=serve, args=(c,), daemo
         "[agent]\ninterval = \"300ms\"\n[limits]\ntop_peers = 1\npeer_ttl = \"3s\"\n\n[[targets]]\nname = \"topn\"\ncgroup = \"{}\"\np2p_ports = [{port}]\n",
         cgroup.path.display()
     ));
-    wait_for("server listening", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop));
+    wait_for("server listening", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop)
+    });
 
     let sent: [(&str, usize); 3] = [("127.0.0.2", 30_000), ("127.0.0.3", 20_000), ("127.0.0.4", 10_000)];
     let mut clients = Vec::new();
@@ -292,16 +335,26 @@ while True:\n    c,_=s.accept(); threading.Thread(target=serve, args=(c,), daemo
         clients.push(c);
     }
     let series = |m: &str, addr: &str| {
-        metric_sum(m, "nodescope_peer_io_bytes_total", &[("nodescope_target", "topn"), ("network_peer_address", addr), ("network_io_direction", "receive")])
+        metric_sum(
+            m,
+            "nodescope_peer_io_bytes_total",
+            &[("nodescope_target", "topn"), ("network_peer_address", addr), ("network_io_direction", "receive")],
+        )
     };
     let m = wait_for("the top peer and other", Duration::from_secs(20), || {
         let m = agent.metrics();
         (series(&m, "127.0.0.2") == 30_000.0 && series(&m, "other") == 30_000.0).then_some(m)
     });
-    assert!(!m.contains("network_peer_address=\"127.0.0.3\"") && !m.contains("network_peer_address=\"127.0.0.4\""), "{m}");
+    assert!(
+        !m.contains("network_peer_address=\"127.0.0.3\"") && !m.contains("network_peer_address=\"127.0.0.4\""),
+        "{m}"
+    );
     let listed: Vec<Value> = peers_of_target(&agent, "topn");
     for (ip, n) in sent {
-        assert!(listed.iter().any(|p| p["address"] == ip && p["bytes_received"] == n as u64), "{ip} with {n} bytes in /peers: {listed:?}");
+        assert!(
+            listed.iter().any(|p| p["address"] == ip && p["bytes_received"] == n as u64),
+            "{ip} with {n} bytes in /peers: {listed:?}"
+        );
     }
 
     // closed: the peer's series stays for peer_ttl, then goes; "other" stays
@@ -322,7 +375,13 @@ while True:\n    c,_=s.accept(); threading.Thread(target=serve, args=(c,), daemo
 
 fn peers_of_target(agent: &Agent, name: &str) -> Vec<Value> {
     let v = agent.json("/peers");
-    v["targets"].as_array().unwrap().iter().find(|t| t["name"] == name).map(|t| t["peers"].as_array().unwrap().clone()).unwrap_or_default()
+    v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .map(|t| t["peers"].as_array().unwrap().clone())
+        .unwrap_or_default()
 }
 
 /// A TCP client whose source address is `ip` (any 127/8 address works on loopback).
@@ -335,12 +394,26 @@ fn client_from(ip: &str, port: u16) -> std::net::TcpStream {
         let mut local: libc::sockaddr_in = std::mem::zeroed();
         local.sin_family = libc::AF_INET as u16;
         local.sin_addr.s_addr = u32::from_ne_bytes(ip.parse::<std::net::Ipv4Addr>().unwrap().octets());
-        assert_eq!(libc::bind(fd, &local as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as u32), 0);
+        assert_eq!(
+            libc::bind(
+                fd,
+                &local as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as u32
+            ),
+            0
+        );
         let mut remote: libc::sockaddr_in = std::mem::zeroed();
         remote.sin_family = libc::AF_INET as u16;
         remote.sin_port = port.to_be();
         remote.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
-        assert_eq!(libc::connect(fd, &remote as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as u32), 0);
+        assert_eq!(
+            libc::connect(
+                fd,
+                &remote as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as u32
+            ),
+            0
+        );
         std::net::TcpStream::from_raw_fd(fd)
     }
 }

@@ -65,7 +65,9 @@ fn metrics_reach_an_otlp_collector() {
         "[agent]\ninterval = \"500ms\"\n[otlp]\nendpoint = \"http://127.0.0.1:{http_port}/v1/metrics\"\ninterval = \"1s\"\ntimeout = \"1s\"\n\n[[targets]]\nname = \"otlp-test\"\ncgroup = \"{}\"\n",
         cgroup.path.display()
     ));
-    wait_for("server listening", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop));
+    wait_for("server listening", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop)
+    });
     // the readiness connect above was the first of these
     const MADE: usize = 7;
     for _ in 0..MADE - 1 {
@@ -83,7 +85,14 @@ fn metrics_reach_an_otlp_collector() {
     assert_eq!(got, MADE as f64);
     // and /metrics, the other reader of the same pipeline, says the same
     let m = agent.metrics();
-    assert_eq!(metric_sum(&m, "nodescope_connection_closed_total", &[("nodescope_target", "otlp-test"), ("nodescope_connection_direction", "inbound")]), MADE as f64);
+    assert_eq!(
+        metric_sum(
+            &m,
+            "nodescope_connection_closed_total",
+            &[("nodescope_target", "otlp-test"), ("nodescope_connection_direction", "inbound")]
+        ),
+        MADE as f64
+    );
 
     drop(agent);
     stop_child(&mut server, Duration::from_secs(5));

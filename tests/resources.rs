@@ -186,7 +186,13 @@ impl Drop for Writer {
 fn disk_usage_matches_df_and_du_and_forecast_follows_a_writer() {
     let _serial = serial();
     require_root();
-    for (tool, package) in [("mkfs.ext4", "e2fsprogs"), ("mount", "mount"), ("df", "coreutils"), ("du", "coreutils"), ("sleep", "coreutils")] {
+    for (tool, package) in [
+        ("mkfs.ext4", "e2fsprogs"),
+        ("mount", "mount"),
+        ("df", "coreutils"),
+        ("du", "coreutils"),
+        ("sleep", "coreutils"),
+    ] {
         require_tool(tool, package);
     }
     let fs = LoopFs::new(128);
@@ -252,18 +258,33 @@ fn disk_usage_matches_df_and_du_and_forecast_follows_a_writer() {
         if df(&fs.mnt) != before {
             return Err("df moved during the scrape".into());
         }
-        let get = |n: &str| series(&text, n, &[("nodescope_target", "disk")]).ok_or(format!("{n} absent")).map(|v| v as u64);
-        let (size, free, avail) = (get("nodescope_filesystem_size_bytes")?, get("nodescope_filesystem_free_bytes")?, get("nodescope_filesystem_available_bytes")?);
-        eprintln!("size {size} (df {}), free {free} (df size-used {}, stat -f {}), available {avail} (df {})", before.size, before.size - before.used, free_blocks * bsize, before.avail);
-        for (what, ours, theirs) in [("size", size, before.size), ("free", free, before.size - before.used), ("available", avail, before.avail)] {
+        let get =
+            |n: &str| series(&text, n, &[("nodescope_target", "disk")]).ok_or(format!("{n} absent")).map(|v| v as u64);
+        let (size, free, avail) = (
+            get("nodescope_filesystem_size_bytes")?,
+            get("nodescope_filesystem_free_bytes")?,
+            get("nodescope_filesystem_available_bytes")?,
+        );
+        eprintln!(
+            "size {size} (df {}), free {free} (df size-used {}, stat -f {}), available {avail} (df {})",
+            before.size,
+            before.size - before.used,
+            free_blocks * bsize,
+            before.avail
+        );
+        for (what, ours, theirs) in
+            [("size", size, before.size), ("free", free, before.size - before.used), ("available", avail, before.avail)]
+        {
             if ours.abs_diff(theirs) > bsize {
                 return Err(format!("{what}: nodescope {ours}, df {theirs}, block {bsize}"));
             }
         }
-        let favail: u64 = run(Command::new("python3").args(["-c", "import os,sys; print(os.statvfs(sys.argv[1]).f_favail)"]).arg(&fs.mnt))
-            .trim()
-            .parse()
-            .unwrap();
+        let favail: u64 = run(Command::new("python3")
+            .args(["-c", "import os,sys; print(os.statvfs(sys.argv[1]).f_favail)"])
+            .arg(&fs.mnt))
+        .trim()
+        .parse()
+        .unwrap();
         for (what, ours, theirs) in [
             ("inodes", get("nodescope_filesystem_inodes")?, inodes),
             ("free inodes", get("nodescope_filesystem_inodes_free")?, free_inodes),
@@ -296,9 +317,11 @@ fn disk_usage_matches_df_and_du_and_forecast_follows_a_writer() {
 
     // Nothing writes: after a whole forecast window the filesystem is not
     // filling and there is no forecast.
-    eventually("no forecast while nothing writes", Duration::from_secs(15), || match of(&agent, "nodescope_datadir_days_until_full", "disk") {
-        None => Ok(()),
-        Some(v) => Err(format!("days_until_full {v} with no writer")),
+    eventually("no forecast while nothing writes", Duration::from_secs(15), || {
+        match of(&agent, "nodescope_datadir_days_until_full", "disk") {
+            None => Ok(()),
+            Some(v) => Err(format!("days_until_full {v} with no writer")),
+        }
     });
 
     // A writer of known rate: 32 KiB every 250 ms = 128 KiB/s, 16 s.
@@ -310,10 +333,15 @@ fn disk_usage_matches_df_and_du_and_forecast_follows_a_writer() {
         let days = series(&text, "nodescope_datadir_days_until_full", &[("nodescope_target", "disk")])
             .unwrap_or_else(|| panic!("{label}: no forecast while a writer fills the disk\n{}", agent.log()));
         let expected = avail / rate / 86400.0;
-        let growth = series(&text, "nodescope_datadir_growth_bytes_per_second", &[("nodescope_target", "disk")]).unwrap_or(0.0);
-        let fs_growth = series(&text, "nodescope_filesystem_growth_bytes_per_second", &[("nodescope_target", "disk")]).unwrap_or(0.0);
+        let growth =
+            series(&text, "nodescope_datadir_growth_bytes_per_second", &[("nodescope_target", "disk")]).unwrap_or(0.0);
+        let fs_growth = series(&text, "nodescope_filesystem_growth_bytes_per_second", &[("nodescope_target", "disk")])
+            .unwrap_or(0.0);
         eprintln!("{label}: days_until_full {days:.6} (df available / writer rate = {expected:.6}), data dir growth {growth:.0} B/s, filesystem growth {fs_growth:.0} B/s (writer {rate} B/s)");
-        assert!(days > expected * 0.5 && days < expected * 2.0, "{label}: forecast {days} days, df and the writer say {expected}");
+        assert!(
+            days > expected * 0.5 && days < expected * 2.0,
+            "{label}: forecast {days} days, df and the writer say {expected}"
+        );
         assert!(growth > rate * 0.5 && growth < rate * 1.5, "{label}: data dir growth {growth} B/s, writer {rate} B/s");
         days
     };
@@ -480,7 +508,10 @@ fn read_u64(path: &Path) -> u64 {
 }
 
 fn key_of(path: &Path, key: &str) -> Option<u64> {
-    std::fs::read_to_string(path).unwrap().lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Waits until the file figures hold still across a scrape and then
@@ -513,7 +544,11 @@ fn disk_of(path: &Path) -> String {
     let dev = std::fs::metadata(path).unwrap().dev();
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
-    assert!(sys.exists(), "{} is not on a block device ({major}:{minor}): the blkio test needs one for direct I/O", path.display());
+    assert!(
+        sys.exists(),
+        "{} is not on a block device ({major}:{minor}): the blkio test needs one for direct I/O",
+        path.display()
+    );
     if sys.join("partition").exists() {
         std::fs::read_to_string(sys.join("../dev")).unwrap().trim().to_string()
     } else {
@@ -559,9 +594,21 @@ fn cgroup_v1_figures_equal_the_cgroup_files_and_follow_a_memory_hog() {
 
     let memory_files = || {
         vec![
-            ("nodescope_cgroup_memory_usage_bytes".to_string(), vec![], read_u64(&memory.join("memory.usage_in_bytes")) as f64),
-            ("nodescope_cgroup_memory_limit_bytes".to_string(), vec![], read_u64(&memory.join("memory.limit_in_bytes")) as f64),
-            ("nodescope_cgroup_memory_peak_bytes".to_string(), vec![], read_u64(&memory.join("memory.max_usage_in_bytes")) as f64),
+            (
+                "nodescope_cgroup_memory_usage_bytes".to_string(),
+                vec![],
+                read_u64(&memory.join("memory.usage_in_bytes")) as f64,
+            ),
+            (
+                "nodescope_cgroup_memory_limit_bytes".to_string(),
+                vec![],
+                read_u64(&memory.join("memory.limit_in_bytes")) as f64,
+            ),
+            (
+                "nodescope_cgroup_memory_peak_bytes".to_string(),
+                vec![],
+                read_u64(&memory.join("memory.max_usage_in_bytes")) as f64,
+            ),
             ("nodescope_cgroup_pids".to_string(), vec![], read_u64(&pids.join("pids.current")) as f64),
         ]
     };
@@ -582,9 +629,21 @@ fn cgroup_v1_figures_equal_the_cgroup_files_and_follow_a_memory_hog() {
     let cpu_files = || {
         let stat = cpu.join("cpu.stat");
         vec![
-            ("nodescope_cgroup_cpu_time_seconds_total".to_string(), vec![], read_u64(&cpuacct.join("cpuacct.usage")) as f64 / 1e9),
-            ("nodescope_cgroup_cpu_throttled_seconds_total".to_string(), vec![], key_of(&stat, "throttled_time").unwrap() as f64 / 1e9),
-            ("nodescope_cgroup_cpu_throttled_periods_total".to_string(), vec![], key_of(&stat, "nr_throttled").unwrap() as f64),
+            (
+                "nodescope_cgroup_cpu_time_seconds_total".to_string(),
+                vec![],
+                read_u64(&cpuacct.join("cpuacct.usage")) as f64 / 1e9,
+            ),
+            (
+                "nodescope_cgroup_cpu_throttled_seconds_total".to_string(),
+                vec![],
+                key_of(&stat, "throttled_time").unwrap() as f64 / 1e9,
+            ),
+            (
+                "nodescope_cgroup_cpu_throttled_periods_total".to_string(),
+                vec![],
+                key_of(&stat, "nr_throttled").unwrap() as f64,
+            ),
         ]
     };
     settled(&agent, "hog", "CPU time and throttling after spinning 1.5 s at a 20% quota", cpu_files);
@@ -600,12 +659,17 @@ fn cgroup_v1_figures_equal_the_cgroup_files_and_follow_a_memory_hog() {
         let bytes = std::fs::read_to_string(blkio.join("blkio.throttle.io_service_bytes_recursive")).unwrap();
         let ops = std::fs::read_to_string(blkio.join("blkio.throttle.io_serviced_recursive")).unwrap();
         let mut out = Vec::new();
-        for (text, name) in [(bytes, "nodescope_cgroup_io_bytes_total"), (ops, "nodescope_cgroup_io_operations_total")] {
+        for (text, name) in [(bytes, "nodescope_cgroup_io_bytes_total"), (ops, "nodescope_cgroup_io_operations_total")]
+        {
             for line in text.lines() {
                 let f: Vec<&str> = line.split_whitespace().collect();
                 if let [dev, op @ ("Read" | "Write"), v] = f[..] {
                     let dir = if op == "Read" { "read" } else { "write" };
-                    out.push((name.to_string(), vec![("system_device".into(), dev.into()), ("disk_io_direction".into(), dir.into())], v.parse::<f64>().unwrap()));
+                    out.push((
+                        name.to_string(),
+                        vec![("system_device".into(), dev.into()), ("disk_io_direction".into(), dir.into())],
+                        v.parse::<f64>().unwrap(),
+                    ));
                 }
             }
         }
@@ -641,7 +705,11 @@ fn cgroup_v2_figures_from_a_real_cgroup2_directory() {
     hog.cmd("spin 0.5");
     let stat = v2.path.join("cpu.stat");
     settled(&agent, "hog2", "cgroup2 CPU time", || {
-        vec![("nodescope_cgroup_cpu_time_seconds_total".to_string(), vec![], key_of(&stat, "usage_usec").unwrap() as f64 / 1e6)]
+        vec![(
+            "nodescope_cgroup_cpu_time_seconds_total".to_string(),
+            vec![],
+            key_of(&stat, "usage_usec").unwrap() as f64 / 1e6,
+        )]
     });
     let used = key_of(&stat, "usage_usec").unwrap() as f64 / 1e6;
     assert!(used >= 0.25, "cpu.stat says the group used {used} s spinning 0.5 s");
@@ -660,11 +728,17 @@ fn cgroup_v2_figures_from_a_real_cgroup2_directory() {
     }
     if !present.is_empty() {
         settled(&agent, "hog2", "cgroup2 files this group has", || {
-            present.iter().map(|(file, metric)| (metric.to_string(), vec![], read_u64(&v2.path.join(file)) as f64)).collect()
+            present
+                .iter()
+                .map(|(file, metric)| (metric.to_string(), vec![], read_u64(&v2.path.join(file)) as f64))
+                .collect()
         });
     }
     if key_of(&stat, "throttled_usec").is_none() {
-        assert_eq!(series(&text, "nodescope_cgroup_cpu_throttled_seconds_total", &[("nodescope_target", "hog2")]), None);
+        assert_eq!(
+            series(&text, "nodescope_cgroup_cpu_throttled_seconds_total", &[("nodescope_target", "hog2")]),
+            None
+        );
     }
     // the process's figures are unaffected by the cgroup figures that are off
     assert!(series(&text, "nodescope_process_rss_bytes", &[("nodescope_target", "hog2")]).is_some());
@@ -697,7 +771,17 @@ fn start_node(datadir: &Path) -> (Proc, u32) {
     // prlimit sets the limit on itself and execs: changing another user's
     // limits needs CAP_SYS_RESOURCE, which this host does not grant
     let mut child = Command::new("prlimit")
-        .args(["--nofile=1234:4096", "--", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", FDS])
+        .args([
+            "--nofile=1234:4096",
+            "--",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            FDS,
+        ])
         .arg(datadir.join("written.bin"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -732,7 +816,10 @@ fn process_figures_equal_procs_own() {
     std::os::unix::fs::chown(datadir.path(), Some(65534), Some(65534)).unwrap();
     let (node, pid) = start_node(datadir.path());
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    assert!(limits.lines().any(|l| l.starts_with("Max open files") && l.split_whitespace().nth(3) == Some("1234")), "{limits}");
+    assert!(
+        limits.lines().any(|l| l.starts_with("Max open files") && l.split_whitespace().nth(3) == Some("1234")),
+        "{limits}"
+    );
     let dir = TempDir::new("proc-agent");
     let pid_file = dir.path().join("node.pid");
     write_pid_file(&pid_file, pid);
@@ -746,12 +833,14 @@ fn process_figures_equal_procs_own() {
         let text = agent.metrics();
         let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as f64;
         let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
-        let io_of = |k: &str| io.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix(": ")?.parse::<f64>().ok()).unwrap();
+        let io_of =
+            |k: &str| io.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix(": ")?.parse::<f64>().ok()).unwrap();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         let start_ticks: f64 = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(19).unwrap().parse().unwrap();
         // SAFETY: no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let since_boot: f64 = std::fs::read_to_string("/proc/uptime").unwrap().split_whitespace().next().unwrap().parse().unwrap();
+        let since_boot: f64 =
+            std::fs::read_to_string("/proc/uptime").unwrap().split_whitespace().next().unwrap().parse().unwrap();
         let uptime = since_boot - start_ticks / hz;
         let t = [("nodescope_target", "proc")];
         let get = |n: &str, extra: &[(&str, &str)]| {
@@ -764,8 +853,16 @@ fn process_figures_equal_procs_own() {
             ("fd limit", get("nodescope_process_fd_limit", &[])?, 1234.0),
             ("rss", get("nodescope_process_rss_bytes", &[])?, proc_status(pid, "VmRSS") as f64 * 1024.0),
             ("threads", get("nodescope_process_threads", &[])?, proc_status(pid, "Threads") as f64),
-            ("read bytes", get("nodescope_process_io_bytes_total", &[("disk_io_direction", "read")])?, io_of("read_bytes")),
-            ("write bytes", get("nodescope_process_io_bytes_total", &[("disk_io_direction", "write")])?, io_of("write_bytes")),
+            (
+                "read bytes",
+                get("nodescope_process_io_bytes_total", &[("disk_io_direction", "read")])?,
+                io_of("read_bytes"),
+            ),
+            (
+                "write bytes",
+                get("nodescope_process_io_bytes_total", &[("disk_io_direction", "write")])?,
+                io_of("write_bytes"),
+            ),
             ("restarts", get("nodescope_process_restarts_total", &[])?, 0.0),
         ];
         for (what, ours, theirs) in exact {
@@ -777,13 +874,21 @@ fn process_figures_equal_procs_own() {
         if (ours - uptime).abs() > 1.5 {
             return Err(format!("uptime: nodescope {ours}, /proc {uptime}"));
         }
-        eprintln!("open fds {fds}, threads {}, write_bytes {}, uptime {ours:.2} (/proc {uptime:.2})", proc_status(pid, "Threads"), io_of("write_bytes"));
+        eprintln!(
+            "open fds {fds}, threads {}, write_bytes {}, uptime {ours:.2} (/proc {uptime:.2})",
+            proc_status(pid, "Threads"),
+            io_of("write_bytes")
+        );
         Ok(())
     });
     // what the test made the process do shows through
     assert!(of(&agent, "nodescope_process_open_fds", "proc").unwrap() >= 40.0);
     assert!(of(&agent, "nodescope_process_threads", "proc").unwrap() >= 4.0);
-    let written = series(&agent.metrics(), "nodescope_process_io_bytes_total", &[("nodescope_target", "proc"), ("disk_io_direction", "write")]);
+    let written = series(
+        &agent.metrics(),
+        "nodescope_process_io_bytes_total",
+        &[("nodescope_target", "proc"), ("disk_io_direction", "write")],
+    );
     assert!(written.unwrap() >= (1 << 20) as f64, "the process wrote and fsynced 1 MiB; nodescope says {written:?}");
 
     // Writable as the node's user, not as root: read-only to nobody, the
@@ -812,9 +917,11 @@ fn process_figures_equal_procs_own() {
     drop(node);
     let (_node, new_pid) = start_node(datadir.path());
     write_pid_file(&pid_file, new_pid);
-    eventually("one restart counted", Duration::from_secs(10), || match of(&agent, "nodescope_process_restarts_total", "proc") {
-        Some(1.0) => Ok(()),
-        other => Err(format!("restarts {other:?} after one restart")),
+    eventually("one restart counted", Duration::from_secs(10), || {
+        match of(&agent, "nodescope_process_restarts_total", "proc") {
+            Some(1.0) => Ok(()),
+            other => Err(format!("restarts {other:?} after one restart")),
+        }
     });
 }
 
@@ -841,12 +948,20 @@ fn resources_metrics_pass_promtool() {
         .lines()
         .filter(|l| {
             let name = l.trim_start_matches("# HELP ").trim_start_matches("# TYPE ");
-            ["nodescope_filesystem", "nodescope_datadir", "nodescope_cgroup", "nodescope_process"].iter().any(|p| name.starts_with(p))
+            ["nodescope_filesystem", "nodescope_datadir", "nodescope_cgroup", "nodescope_process"]
+                .iter()
+                .any(|p| name.starts_with(p))
         })
         .map(|l| format!("{l}\n"))
         .collect();
     assert!(ours.contains("nodescope_process_rss_bytes"), "{text}");
-    let mut child = Command::new("promtool").args(["check", "metrics"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     child.stdin.take().unwrap().write_all(ours.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(

@@ -16,8 +16,8 @@ use crate::health::{self, HealthEngine, HealthSnapshot};
 use crate::http::{self, AppState};
 use crate::net::metrics::NetMetrics;
 use crate::net::{NetSignal, NetSnapshot};
-use crate::snapshot::Shared;
 use crate::scope::{ScopeMemory, ScopePlan};
+use crate::snapshot::Shared;
 use crate::target::Targets;
 use crate::telemetry::Telemetry;
 
@@ -128,21 +128,28 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let mut scope_memory = ScopeMemory::default();
     let proc_root = std::path::Path::new("/proc");
     // Resolves the targets and points the kernel's scope maps at them.
-    let mut rescope = |targets: &mut Targets, net: &mut Option<NetSignal>, disk: &mut Option<crate::disk::DiskSignal>| {
-        targets.refresh();
-        let plan = ScopePlan::build(proc_root, targets.current(), &targets.exec_names(), cgroup2.as_deref(), &mut scope_memory);
-        if let Some(n) = net.as_mut() {
-            if let Err(e) = n.set_scope(&plan, targets.current()) {
-                tracing::error!("network signal: writing the watched set to the kernel: {e}");
+    let mut rescope =
+        |targets: &mut Targets, net: &mut Option<NetSignal>, disk: &mut Option<crate::disk::DiskSignal>| {
+            targets.refresh();
+            let plan = ScopePlan::build(
+                proc_root,
+                targets.current(),
+                &targets.exec_names(),
+                cgroup2.as_deref(),
+                &mut scope_memory,
+            );
+            if let Some(n) = net.as_mut() {
+                if let Err(e) = n.set_scope(&plan, targets.current()) {
+                    tracing::error!("network signal: writing the watched set to the kernel: {e}");
+                }
             }
-        }
-        if let Some(d) = disk.as_mut() {
-            if let Err(e) = d.set_scope(&plan) {
-                tracing::error!("disk signal: writing the watched set to the kernel: {e}");
+            if let Some(d) = disk.as_mut() {
+                if let Err(e) = d.set_scope(&plan) {
+                    tracing::error!("disk signal: writing the watched set to the kernel: {e}");
+                }
             }
-        }
-        plan
-    };
+            plan
+        };
     'collect: loop {
         let started = Instant::now();
         let plan = rescope(&mut targets, &mut net, &mut disk);

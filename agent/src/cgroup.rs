@@ -8,8 +8,20 @@ use std::path::{Path, PathBuf};
 
 /// v1 superoptions mix controllers with flags (xattr, name=systemd, ...).
 const V1_CONTROLLERS: &[&str] = &[
-    "cpu", "cpuacct", "cpuset", "memory", "blkio", "pids", "devices", "freezer", "net_cls", "net_prio",
-    "perf_event", "hugetlb", "rdma", "misc",
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "memory",
+    "blkio",
+    "pids",
+    "devices",
+    "freezer",
+    "net_cls",
+    "net_prio",
+    "perf_event",
+    "hugetlb",
+    "rdma",
+    "misc",
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -116,10 +128,7 @@ pub fn cgroup2_id(dir: &Path) -> std::io::Result<u64> {
 
 /// The processes in a group (not its descendants).
 pub fn procs(dir: &Path) -> std::io::Result<Vec<u32>> {
-    Ok(std::fs::read_to_string(dir.join("cgroup.procs"))?
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect())
+    Ok(std::fs::read_to_string(dir.join("cgroup.procs"))?.lines().filter_map(|l| l.trim().parse().ok()).collect())
 }
 
 #[cfg(test)]
@@ -147,7 +156,9 @@ mod tests {
 
     #[test]
     fn pure_v2_and_escapes() {
-        let m = Mounts::parse("40 1 0:33 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n41 1 0:34 / /mnt/a\\040b rw - cgroup2 none rw\n");
+        let m = Mounts::parse(
+            "40 1 0:33 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n41 1 0:34 / /mnt/a\\040b rw - cgroup2 none rw\n",
+        );
         assert_eq!(m.v2.as_deref(), Some(Path::new("/sys/fs/cgroup")));
         assert!(m.v1.is_empty());
         assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");

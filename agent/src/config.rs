@@ -119,12 +119,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_connections: 16384,
-            top_peers: 128,
-            max_peers: 4096,
-            peer_ttl: Duration::from_secs(300),
-        }
+        Limits { max_connections: 16384, top_peers: 128, max_peers: 4096, peer_ttl: Duration::from_secs(300) }
     }
 }
 
@@ -343,7 +338,10 @@ impl DiskConfig {
         for (i, rule) in self.classes.iter().enumerate() {
             let key = |k: &str| format!("disk.classes[{i}].{k}");
             let c = &rule.class;
-            if c.is_empty() || c.len() > 32 || !c.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_') {
+            if c.is_empty()
+                || c.len() > 32
+                || !c.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
+            {
                 return Err(ConfigError::invalid(key("class"), "must be 1 to 32 characters of a-z, 0-9 and '_'"));
             }
             names.insert(c.as_str());
@@ -500,7 +498,8 @@ impl Config {
         if self.http.probe_connections == 0 || self.http.probe_connections > 1024 {
             return Err(ConfigError::invalid("http.probe_connections", "must be between 1 and 1024"));
         }
-        for (key, d) in [("http.idle_timeout", self.http.idle_timeout), ("http.write_timeout", self.http.write_timeout)] {
+        for (key, d) in [("http.idle_timeout", self.http.idle_timeout), ("http.write_timeout", self.http.write_timeout)]
+        {
             if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
                 return Err(ConfigError::invalid(key, "must be between 1s and 1h"));
             }
@@ -510,7 +509,10 @@ impl Config {
         }
         if let Some(endpoint) = &self.otlp.endpoint {
             if !(endpoint.starts_with("http://") && endpoint.len() > "http://".len()) {
-                return Err(ConfigError::invalid("otlp.endpoint", "must be an http:// URL (OTLP/HTTP; TLS is left to a local collector)"));
+                return Err(ConfigError::invalid(
+                    "otlp.endpoint",
+                    "must be an http:// URL (OTLP/HTTP; TLS is left to a local collector)",
+                ));
             }
         }
         if self.otlp.interval < Duration::from_secs(1) {
@@ -525,10 +527,11 @@ impl Config {
         let mut names = HashSet::new();
         for (i, t) in self.targets.iter().enumerate() {
             let key = |k: &str| format!("targets[{i}].{k}");
-            if t.name.is_empty()
-                || !t.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                return Err(ConfigError::invalid(key("name"), "must be non-empty and use only letters, digits, '-', '_', '.'"));
+            if t.name.is_empty() || !t.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    "must be non-empty and use only letters, digits, '-', '_', '.'",
+                ));
             }
             if !names.insert(&t.name) {
                 return Err(ConfigError::invalid(key("name"), format!("duplicate target name {:?}", t.name)));
@@ -559,7 +562,10 @@ impl Config {
             }
             if let Some(p) = &t.process {
                 if p.is_empty() || p.len() > 15 {
-                    return Err(ConfigError::invalid(key("process"), "must be a process name of 1 to 15 characters, as /proc/PID/comm shows it"));
+                    return Err(ConfigError::invalid(
+                        key("process"),
+                        "must be a process name of 1 to 15 characters, as /proc/PID/comm shows it",
+                    ));
                 }
             }
             if let Some(c) = &t.cgroup {
@@ -733,10 +739,7 @@ fn toml_error(text: &str, e: toml::de::Error) -> ConfigError {
 
 /// `NODESCOPE_HTTP_LISTEN=0.0.0.0:9464` sets `http.listen`. Values are read
 /// as TOML when they parse as such (numbers, booleans), else as strings.
-fn apply_env(
-    doc: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+fn apply_env(doc: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
     for (name, value) in env {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
         let Some((section, key)) = rest.split_once('_') else {
@@ -753,9 +756,7 @@ fn apply_env(
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or(toml::Value::String(value));
-        let table = doc
-            .entry(section.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let table = doc.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
         match table {
             toml::Value::Table(t) => {
                 t.insert(key.to_ascii_lowercase(), parsed);
@@ -819,7 +820,10 @@ mod tests {
         assert_eq!(err_key("[[targets]]\nname = \"a\"\nprocess = \"x\"\nchain = \"dogecoin\""), "targets[0].chain");
         assert_eq!(err_key("[agent]\ninterval = \"1ms\""), "agent.interval");
         assert_eq!(err_key("[otlp]\nendpoint = \"grpc://x:4317\""), "otlp.endpoint");
-        assert_eq!(err_key("[[targets]]\nname = \"a\"\nprocess = \"x\"\n[[targets]]\nname = \"a\"\nprocess = \"y\""), "targets[1].name");
+        assert_eq!(
+            err_key("[[targets]]\nname = \"a\"\nprocess = \"x\"\n[[targets]]\nname = \"a\"\nprocess = \"y\""),
+            "targets[1].name"
+        );
         assert!(err_key("[http\n").starts_with("config (line 1)"));
     }
 
@@ -831,7 +835,9 @@ mod tests {
         assert_eq!(err_key("[log]\nlevel = \"info\\u0000\""), "log.level");
         assert_eq!(err_key(&format!("{target}process = \"x\"\np2p_ports = [1]\ndatadir = \"/d\"\n[targets.rules.\"a\\u0000\"]\nenabled = true")), "targets[0].rules.a\\0");
         let env = vec![("NODESCOPE_HTTP_LISTEN".to_string(), "127.0.0.1:1\0".to_string())];
-        assert!(matches!(Config::from_toml_with_env("", env), Err(ConfigError::Invalid { key, .. }) if key == "http.listen"));
+        assert!(
+            matches!(Config::from_toml_with_env("", env), Err(ConfigError::Invalid { key, .. }) if key == "http.listen")
+        );
         assert_eq!(err_key(&format!("{target}pid_file = \"rel.pid\"")), "targets[0].pid_file");
         assert_eq!(err_key(&format!("{target}process = \"x\"\ndatadir = \"data\"")), "targets[0].datadir");
         assert!(load(&format!("{target}pid_file = \"/run/a.pid\"\ndatadir = \"/data\"")).is_ok());
@@ -878,7 +884,8 @@ mod tests {
 
     #[test]
     fn resources_section() {
-        let c = load("[resources]\ncgroup_version = \"v1\"\ndatadir_ops_per_interval = 50\nforecast_window = \"10m\"").unwrap();
+        let c = load("[resources]\ncgroup_version = \"v1\"\ndatadir_ops_per_interval = 50\nforecast_window = \"10m\"")
+            .unwrap();
         assert_eq!(c.resources.cgroup_version, crate::resources::cgroup_stats::CgroupVersion::V1);
         assert_eq!(c.resources.datadir_ops_per_interval, 50);
         assert_eq!(c.resources.forecast_window, Duration::from_secs(600));
@@ -1008,35 +1015,90 @@ mod tests {
 
     #[test]
     fn disk_errors_name_the_key() {
-        assert_eq!(err_key("[disk]
-max_files = 1"), "disk.max_files");
-        assert_eq!(err_key("[disk]
-bogus = 1"), "disk.bogus");
-        assert_eq!(err_key("[disk]
-method = \"kprobes\""), "disk.method");
-        assert_eq!(err_key("[disk]
-max_closed = 8192"), "disk.max_closed");
-        assert_eq!(err_key("[[disk.classes]]
+        assert_eq!(
+            err_key(
+                "[disk]
+max_files = 1"
+            ),
+            "disk.max_files"
+        );
+        assert_eq!(
+            err_key(
+                "[disk]
+bogus = 1"
+            ),
+            "disk.bogus"
+        );
+        assert_eq!(
+            err_key(
+                "[disk]
+method = \"kprobes\""
+            ),
+            "disk.method"
+        );
+        assert_eq!(
+            err_key(
+                "[disk]
+max_closed = 8192"
+            ),
+            "disk.max_closed"
+        );
+        assert_eq!(
+            err_key(
+                "[[disk.classes]]
 class = \"Blocks\"
-paths = [\"x\"]"), "disk.classes[0].class");
-        assert_eq!(err_key("[[disk.classes]]
+paths = [\"x\"]"
+            ),
+            "disk.classes[0].class"
+        );
+        assert_eq!(
+            err_key(
+                "[[disk.classes]]
 class = \"b\"
-paths = []"), "disk.classes[0].paths");
-        assert_eq!(err_key("[[disk.classes]]
+paths = []"
+            ),
+            "disk.classes[0].paths"
+        );
+        assert_eq!(
+            err_key(
+                "[[disk.classes]]
 class = \"b\"
-paths = [\"ok\", \"/abs\"]"), "disk.classes[0].paths[1]");
-        assert_eq!(err_key("[[disk.classes]]
+paths = [\"ok\", \"/abs\"]"
+            ),
+            "disk.classes[0].paths[1]"
+        );
+        assert_eq!(
+            err_key(
+                "[[disk.classes]]
 class = \"b\"
-paths = [\"a/**b\"]"), "disk.classes[0].paths[0]");
-        assert_eq!(err_key("[[disk.classes]]
+paths = [\"a/**b\"]"
+            ),
+            "disk.classes[0].paths[0]"
+        );
+        assert_eq!(
+            err_key(
+                "[[disk.classes]]
 class = \"b\"
 paths = [\"x\"]
-chain = \"doge\""), "disk.classes[0].chain");
-        assert_eq!(err_key("[[disk.classes]]
+chain = \"doge\""
+            ),
+            "disk.classes[0].chain"
+        );
+        assert_eq!(
+            err_key(
+                "[[disk.classes]]
 class = \"b\"
 paths = [\"x\"]
-glob = 1"), "disk.classes[0].glob");
-        assert_eq!(err_key("[[disk.classes]]
-paths = [\"x\"]"), "disk.classes[0]");
+glob = 1"
+            ),
+            "disk.classes[0].glob"
+        );
+        assert_eq!(
+            err_key(
+                "[[disk.classes]]
+paths = [\"x\"]"
+            ),
+            "disk.classes[0]"
+        );
     }
 }

@@ -218,8 +218,7 @@ pub fn socket_inodes(proc_root: &Path, pid: u32) -> Result<HashSet<u64>, Discove
 }
 
 fn socket_inodes_in(fd_dir: &Path) -> Result<HashSet<u64>, DiscoveryError> {
-    let entries =
-        fs::read_dir(fd_dir).map_err(|source| DiscoveryError::Io { path: fd_dir.to_path_buf(), source })?;
+    let entries = fs::read_dir(fd_dir).map_err(|source| DiscoveryError::Io { path: fd_dir.to_path_buf(), source })?;
     // An fd closed between listing and readlink just drops out.
     Ok(entries
         .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
@@ -529,13 +528,10 @@ impl CoreArgs {
     /// level. In the config the first value wins, which Core keeps for
     /// backwards compatibility.
     fn get(&self, key: &str, net: &str) -> Option<&CoreSetting> {
-        let in_config = |section: Option<&str>| {
-            self.config.iter().find(|s| s.key == key && s.section.as_deref() == section)
-        };
+        let in_config =
+            |section: Option<&str>| self.config.iter().find(|s| s.key == key && s.section.as_deref() == section);
         let top_level_applies = net == "main" || !CORE_NETWORK_ONLY.contains(&key);
-        self.on_cmdline(key)
-            .or_else(|| in_config(Some(net)))
-            .or_else(|| in_config(None).filter(|_| top_level_applies))
+        self.on_cmdline(key).or_else(|| in_config(Some(net))).or_else(|| in_config(None).filter(|_| top_level_applies))
     }
 
     /// The chain name Core selects. Only the command line and the config's
@@ -549,12 +545,8 @@ impl CoreArgs {
         if let Some(chain) = get("chain").filter(|chain| !chain.is_empty()) {
             return chain;
         }
-        let flags =
-            [("regtest", "regtest"), ("signet", "signet"), ("testnet", "test"), ("testnet4", "testnet4")];
-        flags
-            .into_iter()
-            .find(|(flag, _)| get(flag).is_some_and(core_bool))
-            .map_or("main", |(_, chain)| chain)
+        let flags = [("regtest", "regtest"), ("signet", "signet"), ("testnet", "test"), ("testnet4", "testnet4")];
+        flags.into_iter().find(|(flag, _)| get(flag).is_some_and(core_bool)).map_or("main", |(_, chain)| chain)
     }
 
     /// Adds the files named by `includeconf` in the chosen network's section
@@ -715,9 +707,8 @@ impl MoneroArgs {
 
     fn flag(&self, key: &str) -> bool {
         // boost's bool spellings; a bare switch is stored as true.
-        self.get(key).is_some_and(|value| {
-            matches!(value.to_ascii_lowercase().as_str(), "" | "1" | "true" | "yes" | "on")
-        })
+        self.get(key)
+            .is_some_and(|value| matches!(value.to_ascii_lowercase().as_str(), "" | "1" | "true" | "yes" | "on"))
     }
 
     /// monerod refuses more than one of these, so their order doesn't matter.
@@ -799,11 +790,8 @@ mod tests {
     impl Sandbox {
         fn new(name: &str) -> Self {
             static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let unique = format!(
-                "nodescope-discovery-{}-{}-{name}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            );
+            let unique =
+                format!("nodescope-discovery-{}-{}-{name}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
             let root = std::env::temp_dir().join(unique);
             let _ = fs::remove_dir_all(&root);
             fs::create_dir_all(root.join("proc")).unwrap();
@@ -949,12 +937,7 @@ mod tests {
     #[test]
     fn litecoind_regtest_section_port() {
         let sb = Sandbox::new("litecoind");
-        sb.process(
-            200,
-            "litecoind",
-            &["/opt/litecoin/bin/litecoind", "-printtoconsole"],
-            &[&home_env(&sb, "ltc")],
-        );
+        sb.process(200, "litecoind", &["/opt/litecoin/bin/litecoind", "-printtoconsole"], &[&home_env(&sb, "ltc")]);
         sb.write(
             "home/ltc/.litecoin/litecoin.conf",
             "regtest=1\nport=1234\nrpcport=1235\n[main]\nport=9999\n[regtest]\nport=19555\n",
@@ -1208,22 +1191,12 @@ mod tests {
         assert_eq!((s.section.as_deref(), s.key.as_str(), s.value.as_str()), (Some("test"), "port", "5"));
 
         let conf = parse_core_config("a=1 # c\n#x=2\n\nregtest.port = 7\n[signet]\nport=8\nbad line\n");
-        let flat: Vec<_> =
-            conf.iter().map(|s| (s.section.as_deref(), s.key.as_str(), s.value.as_str())).collect();
-        assert_eq!(
-            flat,
-            vec![(None, "a", "1"), (Some("regtest"), "port", "7"), (Some("signet"), "port", "8")]
-        );
+        let flat: Vec<_> = conf.iter().map(|s| (s.section.as_deref(), s.key.as_str(), s.value.as_str())).collect();
+        assert_eq!(flat, vec![(None, "a", "1"), (Some("regtest"), "port", "7"), (Some("signet"), "port", "8")]);
 
-        let mut args =
-            CoreArgs::from_cmdline(&["-port=1".into(), "-port=2".into(), "stop".into(), "-port=3".into()]);
-        let value =
-            |args: &CoreArgs, key| args.get(key, "main").and_then(CoreSetting::text).map(str::to_owned);
-        assert_eq!(
-            value(&args, "port").as_deref(),
-            Some("2"),
-            "last on the command line, up to the first non-option"
-        );
+        let mut args = CoreArgs::from_cmdline(&["-port=1".into(), "-port=2".into(), "stop".into(), "-port=3".into()]);
+        let value = |args: &CoreArgs, key| args.get(key, "main").and_then(CoreSetting::text).map(str::to_owned);
+        assert_eq!(value(&args, "port").as_deref(), Some("2"), "last on the command line, up to the first non-option");
         args.config = parse_core_config("rpcport=10\nrpcport=11\nchain=signet\nchain=regtest\ndatadir=/x\n");
         assert_eq!(value(&args, "rpcport").as_deref(), Some("10"), "first in the config");
         assert_eq!(value(&args, "datadir").as_deref(), Some("/x"));
@@ -1234,11 +1207,10 @@ mod tests {
 
     #[test]
     fn monero_cmdline_syntax() {
-        let argv: Vec<String> =
-            ["--detach", "--log-level", "1", "--data-dir=/d", "--stagenet", "--rpc-bind-port", "1"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+        let argv: Vec<String> = ["--detach", "--log-level", "1", "--data-dir=/d", "--stagenet", "--rpc-bind-port", "1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let args = MoneroArgs::from_cmdline(&argv);
         assert!(args.flag("detach"));
         assert_eq!(args.get("log-level"), Some("1"));

@@ -73,8 +73,13 @@ pub fn route(state: &AppState, method: &Method, path: &str) -> Resp {
     }
     if let Some(endpoint) = health {
         let now_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let (status, body) =
-            health_endpoints::respond(endpoint, &state.health.get(), &state.loop_status.get(), std::time::Instant::now(), now_unix);
+        let (status, body) = health_endpoints::respond(
+            endpoint,
+            &state.health.get(),
+            &state.loop_status.get(),
+            std::time::Instant::now(),
+            now_unix,
+        );
         return json_response(status, body);
     }
     match path {
@@ -89,11 +94,8 @@ pub fn route(state: &AppState, method: &Method, path: &str) -> Resp {
 
 /// Every open P2P connection of every target, not cut to the top N.
 pub fn peers(net: &NetSnapshot) -> serde_json::Value {
-    let targets: Vec<_> = net
-        .targets
-        .iter()
-        .map(|t| json!({ "name": t.name, "peers": t.p2p_peers().collect::<Vec<_>>() }))
-        .collect();
+    let targets: Vec<_> =
+        net.targets.iter().map(|t| json!({ "name": t.name, "peers": t.p2p_peers().collect::<Vec<_>>() })).collect();
     json!({ "targets": targets })
 }
 
@@ -188,7 +190,10 @@ fn expired(act: &Activity, room: Room, now_ms: u64, idle: Duration, write: Durat
     if blocked > 0 && now_ms.saturating_sub(blocked - 1) >= write.as_millis() as u64 {
         return Some(Expiry::Write);
     }
-    if room == Room::Probe && !act.requested.load(Ordering::Relaxed) && now_ms >= PROBE_ROOM_FIRST_REQUEST.as_millis() as u64 {
+    if room == Room::Probe
+        && !act.requested.load(Ordering::Relaxed)
+        && now_ms >= PROBE_ROOM_FIRST_REQUEST.as_millis() as u64
+    {
         return Some(Expiry::ProbeRoom);
     }
     if blocked == 0 && now_ms.saturating_sub(act.last_io.load(Ordering::Relaxed)) >= idle.as_millis() as u64 {
@@ -236,7 +241,11 @@ impl AsyncWrite for Watched {
         self.note_write(&r);
         r
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         self.note_write(&r);
         r
@@ -404,7 +413,9 @@ impl HttpGuard {
         let c = guard.counters.clone();
         meter
             .u64_observable_counter("nodescope.http.accept_errors")
-            .with_description("accept() failures on the HTTP listener (EMFILE: the open-file limit), each followed by a back-off")
+            .with_description(
+                "accept() failures on the HTTP listener (EMFILE: the open-file limit), each followed by a back-off",
+            )
             .with_callback(move |o| o.observe(c.accept_errors.load(Ordering::Relaxed), &[]))
             .build();
         guard
@@ -478,7 +489,14 @@ impl HttpGuard {
     /// and refusals at once; /metrics and /peers encoded one at a time on
     /// the blocking pool, so the listener's workers stay free for probes
     /// whatever many clients ask for.
-    async fn answer(self: Arc<Self>, state: Arc<AppState>, room: Room, ip: IpAddr, method: Method, path: String) -> Resp {
+    async fn answer(
+        self: Arc<Self>,
+        state: Arc<AppState>,
+        room: Room,
+        ip: IpAddr,
+        method: Method,
+        path: String,
+    ) -> Resp {
         // one request per turn: a connection with many requests pipelined
         // waits behind the others (a probe among them) between any two
         tokio::task::yield_now().await;
@@ -638,7 +656,8 @@ async fn connection(stream: TcpStream, ip: IpAddr, act: Arc<Activity>, place: Pl
         let (guard, act) = (guard.clone(), act.clone());
         service_fn(move |req: Request<Incoming>| {
             act.requested.store(true, Ordering::Relaxed);
-            let answer = guard.clone().answer(state.clone(), room, ip, req.method().clone(), req.uri().path().to_string());
+            let answer =
+                guard.clone().answer(state.clone(), room, ip, req.method().clone(), req.uri().path().to_string());
             async move { Ok::<_, Infallible>(answer.await) }
         })
     };

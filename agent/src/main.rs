@@ -26,7 +26,11 @@ use clap::{Parser, Subcommand};
 use config::{Config, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "nodescope", version, about = "Watches a blockchain node from the outside: eBPF on its sockets and files, procfs and cgroups")]
+#[command(
+    name = "nodescope",
+    version,
+    about = "Watches a blockchain node from the outside: eBPF on its sockets and files, procfs and cgroups"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -63,7 +67,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { file } => match Config::load(Some(&file)) {
             Ok(c) => {
-                println!("{}: ok ({} targets{})", file.display(), c.targets.len(), if c.targets.is_empty() { ", discovery" } else { "" });
+                println!(
+                    "{}: ok ({} targets{})",
+                    file.display(),
+                    c.targets.len(),
+                    if c.targets.is_empty() { ", discovery" } else { "" }
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -107,7 +116,11 @@ fn main() -> ExitCode {
             hooks.extend(datadirs);
             // a closed pipe (`nodescope probes | head`) is not an error worth a panic
             let _ = print_hooks(&hooks, json);
-            if all_supported { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if all_supported {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -200,7 +200,12 @@ impl ScopePlan {
 }
 
 /// Writes `want` into a map and removes the entries `keep` rejects.
-fn reconcile<K>(ebpf: &mut Ebpf, name: &'static str, want: &[(K, u32)], keep: impl Fn(&K, u32) -> bool) -> Result<(), BpfError>
+fn reconcile<K>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    want: &[(K, u32)],
+    keep: impl Fn(&K, u32) -> bool,
+) -> Result<(), BpfError>
 where
     K: aya::Pod + Eq + std::hash::Hash,
 {
@@ -307,7 +312,10 @@ pub fn watch_events(mut rings: Vec<RingBuf<MapData>>, wake: std::sync::mpsc::Sen
         // SAFETY: fds is a valid array of pollfd for its length.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
         if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            tracing::error!("waiting for exec events: {}; new nodes are found at the next interval", std::io::Error::last_os_error());
+            tracing::error!(
+                "waiting for exec events: {}; new nodes are found at the next interval",
+                std::io::Error::last_os_error()
+            );
             return;
         }
         let mut any = false;

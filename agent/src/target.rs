@@ -499,16 +499,17 @@ impl Targets {
                 Ok(id) => Scope::Cgroup { id, path: dir },
                 Err(_) => Scope::Absent,
             },
-            (None, Some((path, dir))) if path != "/" && dedicated(&self.proc_root, &dir, pid) => match cgroup::cgroup2_id(&dir) {
-                Ok(id) => Scope::Cgroup { id, path: dir },
-                Err(_) => self.process_scope(pid, &t.listening),
-            },
+            (None, Some((path, dir))) if path != "/" && dedicated(&self.proc_root, &dir, pid) => {
+                match cgroup::cgroup2_id(&dir) {
+                    Ok(id) => Scope::Cgroup { id, path: dir },
+                    Err(_) => self.process_scope(pid, &t.listening),
+                }
+            }
             _ => self.process_scope(pid, &t.listening),
         };
         t
     }
 }
-
 
 /// `node_path` as the agent can open it under `root` (`/proc/PID/root`),
 /// with the symlinks along it resolved the way the node sees them: an
@@ -518,8 +519,15 @@ impl Targets {
 fn resolve_in_root(root: &Path, node_path: &Path) -> PathBuf {
     use std::path::Component;
     let mut resolved: Vec<std::ffi::OsString> = Vec::new();
-    let mut pending: Vec<std::ffi::OsString> =
-        node_path.components().rev().filter_map(|c| match c { Component::Normal(n) => Some(n.to_os_string()), Component::ParentDir => Some("..".into()), _ => None }).collect();
+    let mut pending: Vec<std::ffi::OsString> = node_path
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
     let mut links = 0;
     while let Some(name) = pending.pop() {
         if name == ".." {

@@ -85,4 +85,3 @@ impl Telemetry {
         let _ = self.provider.shutdown();
     }
 }
-

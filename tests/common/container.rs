@@ -137,7 +137,11 @@ fn build_image() -> String {
         place(l, l.to_str().unwrap());
     }
     std::fs::create_dir_all(root.join("etc")).unwrap();
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/nonexistent\nnobody:x:65534:65534:nobody:/nonexistent:/nonexistent\n").unwrap();
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/nonexistent\nnobody:x:65534:65534:nobody:/nonexistent:/nonexistent\n",
+    )
+    .unwrap();
     std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
     for (dir, mode) in [("tmp", 0o1777), ("data", 0o755), ("root", 0o700)] {
         let d = root.join(dir);
@@ -212,7 +216,10 @@ impl Container {
                 Some(v)
             }
             Storage::Tmpfs(mib) => {
-                args.extend(["--mount".into(), format!("type=tmpfs,destination=/data,tmpfs-size={mib}m,tmpfs-mode=755")]);
+                args.extend([
+                    "--mount".into(),
+                    format!("type=tmpfs,destination=/data,tmpfs-size={mib}m,tmpfs-mode=755"),
+                ]);
                 None
             }
         };
@@ -305,7 +312,9 @@ impl Container {
         let pid = self.pid();
         // SAFETY: signalling the pid podman reports for this container.
         assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0, "kill -9 {pid}");
-        wait_for(&format!("container {} to exit", self.name), Duration::from_secs(30), || (!self.is_running()).then_some(()));
+        wait_for(&format!("container {} to exit", self.name), Duration::from_secs(30), || {
+            (!self.is_running()).then_some(())
+        });
     }
 
     /// `podman start` of a stopped container (new pid, network namespace and
@@ -323,7 +332,10 @@ impl Container {
 impl Container {
     /// The last lines of the node's debug.log, read through its root from the host.
     fn debug_log_tail(&self) -> String {
-        let pid: u32 = run_podman(&["inspect", "--type", "container", "-f", "{{.State.Pid}}", &self.id]).ok().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let pid: u32 = run_podman(&["inspect", "--type", "container", "-f", "{{.State.Pid}}", &self.id])
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         if pid == 0 {
             return "(not running)".into();
         }
@@ -336,7 +348,13 @@ impl Container {
 impl Drop for Container {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- container {} ({}): output ---\n{}\n--- its debug.log ---\n{}", self.name, self.id, self.logs(), self.debug_log_tail());
+            eprintln!(
+                "--- container {} ({}): output ---\n{}\n--- its debug.log ---\n{}",
+                self.name,
+                self.id,
+                self.logs(),
+                self.debug_log_tail()
+            );
         }
         if let Err(e) = run_podman(&["rm", "-f", "-t", "0", "-v", &self.id]) {
             eprintln!("removing container {}: {e}", self.id);
@@ -358,7 +376,12 @@ pub fn container_regtest_args() -> Vec<String> {
         .into_iter()
         .filter(|a| !a.starts_with("-bind=") && !a.starts_with("-rpcbind=") && !a.starts_with("-rpcallowip="))
         .collect();
-    args.extend(["-bind=0.0.0.0".into(), "-rpcbind=0.0.0.0".into(), "-rpcallowip=0.0.0.0/0".into(), "-connect=0".into()]);
+    args.extend([
+        "-bind=0.0.0.0".into(),
+        "-rpcbind=0.0.0.0".into(),
+        "-rpcallowip=0.0.0.0/0".into(),
+        "-connect=0".into(),
+    ]);
     args
 }
 

@@ -21,7 +21,11 @@ fn unique(prefix: &str) -> String {
 
 pub fn require_root() {
     // SAFETY: no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "this test loads eBPF programs and makes cgroups: run it as root (cargo xtask test)");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test loads eBPF programs and makes cgroups: run it as root (cargo xtask test)"
+    );
 }
 
 /// Fails the test with the reason when a tool it needs is missing.
@@ -212,7 +216,13 @@ impl Litecoind {
 
     pub fn try_cli(&self, args: &[&str]) -> Result<String, String> {
         let out = Command::new("litecoin-cli")
-            .args(["-regtest", &format!("-rpcport={}", self.rpcport), "-rpcuser=u", "-rpcpassword=p", "-rpcclienttimeout=30"])
+            .args([
+                "-regtest",
+                &format!("-rpcport={}", self.rpcport),
+                "-rpcuser=u",
+                "-rpcpassword=p",
+                "-rpcclienttimeout=30",
+            ])
             .args(args)
             .output()
             .map_err(|e| e.to_string())?;
@@ -367,7 +377,11 @@ pub fn assert_promtool_ok(m: &str, dir: &Path) {
     require_tool("promtool", "prometheus");
     let file = dir.join("metrics.txt");
     std::fs::write(&file, m).unwrap();
-    let out = std::process::Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", file.display())).output().unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("promtool check metrics < {}", file.display()))
+        .output()
+        .unwrap();
     assert!(
         out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
         "promtool check metrics: {}{}",

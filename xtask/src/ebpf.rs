@@ -14,19 +14,13 @@ pub const HEADERS: &[(&str, &str)] = &[("/usr/include/bpf/bpf_helpers.h", "libbp
 
 /// What is missing to build, as Debian package names.
 pub fn missing_packages() -> Vec<&'static str> {
-    let mut missing: Vec<&str> = TOOLS
-        .iter()
-        .filter(|(tool, _)| !on_path(tool))
-        .map(|(_, pkg)| *pkg)
-        .collect();
+    let mut missing: Vec<&str> = TOOLS.iter().filter(|(tool, _)| !on_path(tool)).map(|(_, pkg)| *pkg).collect();
     missing.extend(HEADERS.iter().filter(|(h, _)| !Path::new(h).exists()).map(|(_, p)| *p));
     missing
 }
 
 fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
+    std::env::var_os("PATH").map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file())).unwrap_or(false)
 }
 
 /// The `*.bpf.c` sources of `ebpf_dir`, sorted.
@@ -104,12 +98,7 @@ pub fn build(ebpf_dir: &Path, out_dir: &Path) -> Result<Vec<PathBuf>, String> {
     }
 
     let probe = out_dir.join("layout-probe");
-    run(Command::new("cc")
-        .arg("-I")
-        .arg(&include)
-        .arg(ebpf_dir.join("layout/layout.c"))
-        .arg("-o")
-        .arg(&probe))?;
+    run(Command::new("cc").arg("-I").arg(&include).arg(ebpf_dir.join("layout/layout.c")).arg("-o").arg(&probe))?;
     let out = Command::new(&probe).output().map_err(|e| format!("{}: {e}", probe.display()))?;
     if !out.status.success() {
         return Err(format!("{} failed", probe.display()));

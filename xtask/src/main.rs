@@ -40,22 +40,43 @@ enum Task {
 /// Debian packages per task.
 const BUILD_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc"];
 const TEST_PACKAGES: &[&str] = &[
-    "clang", "llvm", "libbpf-dev", "gcc", "bpftool", "litecoind", "prometheus", "iperf3", "strace", "fio", "curl",
-    "iproute2", "procps",
+    "clang",
+    "llvm",
+    "libbpf-dev",
+    "gcc",
+    "bpftool",
+    "litecoind",
+    "prometheus",
+    "iperf3",
+    "strace",
+    "fio",
+    "curl",
+    "iproute2",
+    "procps",
     // resources tests: loop-mounted ext4, df/du, setpriv/prlimit, a python3 memory hog
-    "e2fsprogs", "mount", "coreutils", "util-linux", "python3",
+    "e2fsprogs",
+    "mount",
+    "coreutils",
+    "util-linux",
+    "python3",
     // deploy tests: systemd-analyze verify/security/syscall-filter
     "systemd",
     // disk tests: monerod regtest (LMDB writes and msync); loop-mounted xfs and btrfs
-    "monero", "xfsprogs", "btrfs-progs",
+    "monero",
+    "xfsprogs",
+    "btrfs-progs",
     // container tests: podman with runc (crun refuses hybrid cgroups), its CNI bridge and NAT rules
-    "podman", "runc", "containernetworking-plugins", "iptables",
+    "podman",
+    "runc",
+    "containernetworking-plugins",
+    "iptables",
 ];
 /// PyPI packages the tests use (module, package): rotel ships a real OTLP
 /// collector binary; kubernetes-validate checks manifests against the API schemas.
 const TEST_PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "rotel"), ("kubernetes_validate", "kubernetes-validate")];
 const RUN_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc", "litecoind"];
-const BENCH_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc", "iperf3", "bpftool", "fio", "procps", "bpftrace"];
+const BENCH_PACKAGES: &[&str] =
+    &["clang", "llvm", "libbpf-dev", "gcc", "iperf3", "bpftool", "fio", "procps", "bpftrace"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
@@ -163,13 +184,7 @@ fn test(args: &[String]) -> Result<(), String> {
     let root = root();
     // Integration tests start nodes and servers; one at a time keeps their
     // timing and the machine's two cores predictable.
-    status(
-        cargo()
-            .current_dir(&root)
-            .args(["test", "--workspace", "--"])
-            .args(args)
-            .arg("--test-threads=1"),
-    )
+    status(cargo().current_dir(&root).args(["test", "--workspace", "--"]).args(args).arg("--test-threads=1"))
 }
 
 fn run(config: Option<PathBuf>) -> Result<(), String> {

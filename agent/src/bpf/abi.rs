@@ -316,13 +316,21 @@ const _: () = {
     assert!(DISK_WRITE as u32 == layout::NS_DISK_WRITE && DISK_PWRITE64 as u32 == layout::NS_DISK_PWRITE64);
     assert!(DISK_WRITEV as u32 == layout::NS_DISK_WRITEV && DISK_PWRITEV as u32 == layout::NS_DISK_PWRITEV);
     assert!(DISK_PWRITEV2 as u32 == layout::NS_DISK_PWRITEV2);
-    assert!(DISK_COPY_FILE_RANGE as u32 == layout::NS_DISK_COPY_FILE_RANGE && DISK_SENDFILE as u32 == layout::NS_DISK_SENDFILE);
+    assert!(
+        DISK_COPY_FILE_RANGE as u32 == layout::NS_DISK_COPY_FILE_RANGE
+            && DISK_SENDFILE as u32 == layout::NS_DISK_SENDFILE
+    );
     assert!(DISK_SPLICE as u32 == layout::NS_DISK_SPLICE && DISK_IO_URING as u32 == layout::NS_DISK_IO_URING);
     assert!(DISK_MMAP as u32 == layout::NS_DISK_MMAP && DISK_WRITE_OTHER as u32 == layout::NS_DISK_WRITE_OTHER);
     assert!(DISK_WRITE_CALLS as u32 == layout::NS_DISK_WRITE_CALLS);
     assert!(DISK_FSYNC as u32 == layout::NS_DISK_FSYNC && DISK_FDATASYNC as u32 == layout::NS_DISK_FDATASYNC);
-    assert!(DISK_MSYNC as u32 == layout::NS_DISK_MSYNC && DISK_SYNC_FILE_RANGE as u32 == layout::NS_DISK_SYNC_FILE_RANGE);
-    assert!(DISK_SYNC_IO_URING as u32 == layout::NS_DISK_SYNC_IO_URING && DISK_SYNC_OTHER as u32 == layout::NS_DISK_SYNC_OTHER);
+    assert!(
+        DISK_MSYNC as u32 == layout::NS_DISK_MSYNC && DISK_SYNC_FILE_RANGE as u32 == layout::NS_DISK_SYNC_FILE_RANGE
+    );
+    assert!(
+        DISK_SYNC_IO_URING as u32 == layout::NS_DISK_SYNC_IO_URING
+            && DISK_SYNC_OTHER as u32 == layout::NS_DISK_SYNC_OTHER
+    );
     assert!(DISK_SYNC_CALLS as u32 == layout::NS_DISK_SYNC_CALLS);
     assert!(DISK_PATH_DEPTH as u32 == layout::NS_DISK_PATH_DEPTH && DISK_NAME_LEN as u32 == layout::NS_DISK_NAME_LEN);
     assert!(DISK_F_DEEP as u32 == layout::NS_DISK_F_DEEP && DISK_F_NO_NAME as u32 == layout::NS_DISK_F_NO_NAME);

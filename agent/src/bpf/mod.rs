@@ -126,13 +126,24 @@ fn sys_bpf<A>(cmd: libc::c_long, attr: &A) -> std::io::Result<libc::c_long> {
     // SAFETY: attr is a prefix of union bpf_attr valid for cmd, and lives
     // across the call; the kernel reads only size_of::<A>() bytes.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const A, size_of::<A>()) };
-    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) }
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 impl RcuBarrier {
     pub fn new() -> std::io::Result<RcuBarrier> {
         use std::os::fd::FromRawFd;
-        let array = |map_type, inner_map_fd| MapCreateAttr { map_type, key_size: 4, value_size: 4, max_entries: 1, map_flags: 0, inner_map_fd };
+        let array = |map_type, inner_map_fd| MapCreateAttr {
+            map_type,
+            key_size: 4,
+            value_size: 4,
+            max_entries: 1,
+            map_flags: 0,
+            inner_map_fd,
+        };
         let inner = sys_bpf(BPF_MAP_CREATE, &array(BPF_MAP_TYPE_ARRAY, 0))?;
         // SAFETY: a fresh fd the kernel just returned, owned here alone.
         let inner = unsafe { std::os::fd::OwnedFd::from_raw_fd(inner as i32) };
@@ -200,9 +211,7 @@ pub fn ensure_tracefs() -> Result<(), BpfError> {
     }
     let target = c"/sys/kernel/tracing";
     // SAFETY: plain mount(2) with NUL-terminated literals.
-    let rc = unsafe {
-        libc::mount(c"tracefs".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null())
-    };
+    let rc = unsafe { libc::mount(c"tracefs".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(BpfError::Mount(format!(
             "tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {}",

@@ -219,8 +219,18 @@ mod tests {
     fn configured_rules_come_first_and_filter() {
         let rules = vec![
             ClassRule { class: "snapshots".into(), paths: vec!["**/snap/*.dat".into()], chain: None, target: None },
-            ClassRule { class: "mylog".into(), paths: vec!["debug.log".into()], chain: Some(Chain::Bitcoin), target: None },
-            ClassRule { class: "special".into(), paths: vec!["blocks/**".into()], chain: None, target: Some("other-node".into()) },
+            ClassRule {
+                class: "mylog".into(),
+                paths: vec!["debug.log".into()],
+                chain: Some(Chain::Bitcoin),
+                target: None,
+            },
+            ClassRule {
+                class: "special".into(),
+                paths: vec!["blocks/**".into()],
+                chain: None,
+                target: Some("other-node".into()),
+            },
         ];
         let c = Classifier::new(&rules);
         assert_eq!(class(&c, Chain::Litecoin, "/x/snap/a.dat"), "snapshots");

@@ -163,13 +163,23 @@ impl CoverageTracker {
     pub fn check(&mut self, t: &Target) -> Coverage {
         let Some(datadir) = t.host_datadir() else {
             self.entries.remove(&t.name);
-            return Coverage { detail: "data dir not known".into(), sync_latency: self.method == DiskMethod::Syscalls, ..Coverage::default() };
+            return Coverage {
+                detail: "data dir not known".into(),
+                sync_latency: self.method == DiskMethod::Syscalls,
+                ..Coverage::default()
+            };
         };
         let entry = self.entries.get_mut(&t.name);
-        let fresh = entry.as_ref().is_some_and(|e| e.datadir == datadir && (e.at.elapsed() < RECHECK || e.pending.is_some()));
+        let fresh =
+            entry.as_ref().is_some_and(|e| e.datadir == datadir && (e.at.elapsed() < RECHECK || e.pending.is_some()));
         if !fresh {
             let rx = statfs_type(datadir.clone());
-            let e = Entry { datadir: datadir.clone(), at: Instant::now(), coverage: Coverage::default(), pending: Some(rx) };
+            let e = Entry {
+                datadir: datadir.clone(),
+                at: Instant::now(),
+                coverage: Coverage::default(),
+                pending: Some(rx),
+            };
             self.entries.insert(t.name.clone(), e);
         }
         let (method, hooked) = (self.method, self.hooked);
@@ -201,13 +211,20 @@ fn judge(method: DiskMethod, hooked: Hooked, statfs: std::io::Result<i64>, t: &T
     let datadir = t.host_datadir().unwrap_or_default();
     let magic = match statfs {
         Ok(m) => m,
-        Err(e) => return Coverage { detail: format!("statfs {}: {e}", datadir.display()), sync_latency: method == DiskMethod::Syscalls, ..Coverage::default() },
+        Err(e) => {
+            return Coverage {
+                detail: format!("statfs {}: {e}", datadir.display()),
+                sync_latency: method == DiskMethod::Syscalls,
+                ..Coverage::default()
+            }
+        }
     };
     let mut name = fs_name(magic);
     let mut effective = magic;
     if magic == OVERLAY {
         // the upper layer: where the node's writes land
-        let info = t.pid.and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()).unwrap_or_default();
+        let info =
+            t.pid.and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()).unwrap_or_default();
         let upper = t.datadir.as_deref().and_then(|d| overlay_upper(&info, d));
         match upper.map(|u| statfs_now(&u)) {
             Some(Ok(m)) => {
@@ -248,10 +265,9 @@ pub fn probe_datadirs(config: &crate::config::Config, hooks: &[crate::bpf::HookS
         return Vec::new();
     }
     let attached = |group: Group| {
-        FS_HOOKS
-            .iter()
-            .filter(|(_, _, g)| *g == group || *g == Group::All)
-            .all(|(_, hook, _)| hooks.iter().any(|h| h.signal == "disk" && h.hook == format!("tp_btf/{hook}") && h.supported))
+        FS_HOOKS.iter().filter(|(_, _, g)| *g == group || *g == Group::All).all(|(_, hook, _)| {
+            hooks.iter().any(|h| h.signal == "disk" && h.hook == format!("tp_btf/{hook}") && h.supported)
+        })
     };
     let hooked = match config.disk.method {
         DiskMethod::Filesystem => Hooked { ext4: attached(Group::Ext4), xfs: attached(Group::Xfs), any: false },
@@ -298,7 +314,10 @@ mod tests {
 2 1 0:5 / /proc rw - proc proc rw
 3 1 8:1 /vol /data\\040dir rw - ext4 /dev/vda rw
 ";
-        assert_eq!(overlay_upper(info, Path::new("/home/node/.litecoin")), Some(PathBuf::from("/var/lib/c/overlay/ab/diff")));
+        assert_eq!(
+            overlay_upper(info, Path::new("/home/node/.litecoin")),
+            Some(PathBuf::from("/var/lib/c/overlay/ab/diff"))
+        );
         // a volume mounted over it: not an overlay
         assert_eq!(overlay_upper(info, Path::new("/data dir/x")), None);
     }

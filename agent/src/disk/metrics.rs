@@ -69,15 +69,20 @@ impl DiskMetrics {
         let s = disk.clone();
         meter
             .u64_observable_counter("nodescope.file.syncs")
-            .with_description("Sync calls (fsync, fdatasync, msync...) on the node's files that reached the filesystem, timed or not")
+            .with_description(
+                "Sync calls (fsync, fdatasync, msync...) on the node's files that reached the filesystem, timed or not",
+            )
             .with_callback(move |o| {
                 for t in &s.get().targets {
                     for ((class, call), n) in &t.sync_counts {
-                        o.observe(*n, &[
-                            KeyValue::new(TARGET, t.name.clone()),
-                            KeyValue::new(CLASS, class.clone()),
-                            KeyValue::new(SYNC_CALL, *call),
-                        ]);
+                        o.observe(
+                            *n,
+                            &[
+                                KeyValue::new(TARGET, t.name.clone()),
+                                KeyValue::new(CLASS, class.clone()),
+                                KeyValue::new(SYNC_CALL, *call),
+                            ],
+                        );
                     }
                 }
             })
@@ -123,7 +128,9 @@ impl DiskMetrics {
         let s = disk;
         meter
             .u64_observable_counter("nodescope.disk.dropped")
-            .with_description("File writes and syncs the disk signal could not count, by reason (a full kernel map, a target gone)")
+            .with_description(
+                "File writes and syncs the disk signal could not count, by reason (a full kernel map, a target gone)",
+            )
             .with_callback(move |o| {
                 let snap = s.get();
                 if !snap.available {
@@ -145,7 +152,9 @@ impl DiskMetrics {
         let sync_duration = meter
             .f64_histogram("nodescope.file.sync.duration")
             .with_unit("s")
-            .with_description("Time the node's sync calls took in the filesystem (ext4; every sync call with the syscall method)")
+            .with_description(
+                "Time the node's sync calls took in the filesystem (ext4; every sync call with the syscall method)",
+            )
             .with_boundaries(bucket_bounds_seconds())
             .build();
         DiskMetrics { sync_duration }

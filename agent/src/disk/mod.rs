@@ -112,7 +112,8 @@ pub const WRITE_CALLS: [&str; abi::DISK_WRITE_CALLS] = [
     "other",
 ];
 /// Label values of `nodescope.sync.call`, by NS_DISK_* index.
-pub const SYNC_CALLS: [&str; abi::DISK_SYNC_CALLS] = ["fsync", "fdatasync", "msync", "sync_file_range", "io_uring", "other"];
+pub const SYNC_CALLS: [&str; abi::DISK_SYNC_CALLS] =
+    ["fsync", "fdatasync", "msync", "sync_file_range", "io_uring", "other"];
 
 /// Upper bounds of the latency buckets: kernel slot i holds calls of
 /// [2^i, 2^(i+1)) microseconds, so its bound is 2^(i+1) us; the last slot is
@@ -197,7 +198,9 @@ impl DiskSignal {
     pub fn load(config: &DiskConfig) -> Result<DiskSignal, DiskError> {
         let probe = DiskProbe::load(config)?;
         for (hook, reason) in probe.refused() {
-            tracing::warn!("disk signal: {hook} refused ({reason}): data dirs on that filesystem are reported not covered");
+            tracing::warn!(
+                "disk signal: {hook} refused ({reason}): data dirs on that filesystem are reported not covered"
+            );
         }
         tracing::info!("disk signal on: method {}", config.method.as_str());
         Ok(DiskSignal {
@@ -239,7 +242,11 @@ impl DiskSignal {
             targets: Vec::new(),
             available: true,
             method: self.method.as_str(),
-            dropped: Dropped { kernel: self.probe.kernel_stats()?, target_gone: self.target_gone, unattributed: self.unattributed },
+            dropped: Dropped {
+                kernel: self.probe.kernel_stats()?,
+                target_gone: self.target_gone,
+                unattributed: self.unattributed,
+            },
         };
         for t in targets {
             let coverage = self.coverage.check(t);
@@ -279,7 +286,11 @@ impl DiskSignal {
                 continue;
             };
             let named = key.ino != 0 && file.flags & abi::DISK_F_NO_NAME == 0;
-            let class = if named { self.classifier.classify(&target.name, target.chain, &file.components()).to_string() } else { OTHER.to_string() };
+            let class = if named {
+                self.classifier.classify(&target.name, target.chain, &file.components()).to_string()
+            } else {
+                OTHER.to_string()
+            };
             for (call, name) in WRITE_CALLS.iter().enumerate() {
                 let (bytes, calls) = (rec.bytes[call], rec.calls[call]);
                 if bytes == 0 && calls == 0 {
@@ -318,7 +329,8 @@ impl DiskSignal {
             let Some(call) = SYNC_CALLS.get(key.call as usize).copied() else { continue };
             // the record is taken in the same read; missing only when the
             // records map refused it (counted by the kernel as files_full)
-            let (class, named) = class_of.get(&file_id(&key.file)).cloned().unwrap_or_else(|| (OTHER.to_string(), false));
+            let (class, named) =
+                class_of.get(&file_id(&key.file)).cloned().unwrap_or_else(|| (OTHER.to_string(), false));
             let lat = per.syncs.entry((class.clone(), call)).or_insert_with(|| SyncLatency {
                 bounds_seconds: bucket_bounds_seconds(),
                 bucket_counts: vec![0; abi::DISK_SYNC_SLOTS],

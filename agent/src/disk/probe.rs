@@ -85,7 +85,8 @@ const SCOPE_GEN: &str = "ns_disk_scope_gen";
 /// Make a task's remembered scope verdict stale (disk_records.bpf.h): at
 /// exec, and when any task moves to another cgroup. Attached after the
 /// scope programs, so they run after the scope's own exec hook.
-const SCOPE_HOOKS: &[(&str, &str)] = &[("disk_scope_exec", "sched_process_exec"), ("disk_scope_attach", "cgroup_attach_task")];
+const SCOPE_HOOKS: &[(&str, &str)] =
+    &[("disk_scope_exec", "sched_process_exec"), ("disk_scope_attach", "cgroup_attach_task")];
 
 /// Without an RCU barrier (a kernel that refuses the array of maps), how
 /// long the agent waits after advancing the round before it reads the half
@@ -168,7 +169,11 @@ fn attach_btf(ebpf: &mut Ebpf, btf: &aya::Btf, program: &'static str, hook: &str
 /// Attaches every filesystem hook; `report` hears each outcome. A group
 /// with a refused hook is detached as a whole (unloading its programs), so
 /// no filesystem is half counted.
-fn attach_fs(ebpf: &mut Ebpf, btf: &aya::Btf, mut report: impl FnMut(&'static str, &'static str, Group, Result<(), String>)) -> Hooked {
+fn attach_fs(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    mut report: impl FnMut(&'static str, &'static str, Group, Result<(), String>),
+) -> Hooked {
     let mut failed: Vec<Group> = Vec::new();
     for &(program, hook, group) in FS_HOOKS {
         let r = attach_btf(ebpf, btf, program, hook);
@@ -215,7 +220,9 @@ fn attach_syscalls(
         };
         let result = load_result.and_then(|()| {
             tracepoint(ebpf, program)
-                .and_then(|p| p.attach(category, name).map(drop).map_err(|source| BpfError::Program { program, source }))
+                .and_then(|p| {
+                    p.attach(category, name).map(drop).map_err(|source| BpfError::Program { program, source })
+                })
                 .map_err(|e| e.to_string())
         });
         report(program, category, name, result.clone());
@@ -251,7 +258,10 @@ impl DiskProbe {
                 }
                 if !hooked.ext4 && !hooked.xfs {
                     let (hook, reason) = refused.first().cloned().unwrap_or_default();
-                    return Err(DiskError::Hook { hook, reason: format!("{reason} (neither ext4's nor xfs's hooks attach)") });
+                    return Err(DiskError::Hook {
+                        hook,
+                        reason: format!("{reason} (neither ext4's nor xfs's hooks attach)"),
+                    });
                 }
                 hooked
             }
@@ -263,12 +273,14 @@ impl DiskProbe {
         };
         crate::scope::attach(&mut ebpf, &btf)?;
         for &(program, hook) in SCOPE_HOOKS {
-            attach_btf(&mut ebpf, &btf, program, hook).map_err(|reason| DiskError::Hook { hook: format!("tp_btf/{hook}"), reason })?;
+            attach_btf(&mut ebpf, &btf, program, hook)
+                .map_err(|reason| DiskError::Hook { hook: format!("tp_btf/{hook}"), reason })?;
         }
         let barrier = bpf::RcuBarrier::new()
             .inspect_err(|e| tracing::warn!("disk signal: no RCU barrier ({e}); waiting {QUIESCE:?} per read instead"))
             .ok();
-        let mut probe = DiskProbe { ebpf, round: 0, barrier, per_half: config.max_files, hooked, refused, scope_gen: 0 };
+        let mut probe =
+            DiskProbe { ebpf, round: 0, barrier, per_half: config.max_files, hooked, refused, scope_gen: 0 };
         probe.set_alloc(abi::DISK_ALLOC_PER_HALF, u64::from(config.max_files))?;
         probe.set_round(1)?;
         Ok(probe)
@@ -333,7 +345,8 @@ impl DiskProbe {
             }
             None => std::thread::sleep(QUIESCE),
         }
-        let files: Vec<(abi::DiskKey, abi::DiskFile)> = take_half(&self.ebpf, FILES, |k: &abi::DiskKey| k.epoch == old)?;
+        let files: Vec<(abi::DiskKey, abi::DiskFile)> =
+            take_half(&self.ebpf, FILES, |k: &abi::DiskKey| k.epoch == old)?;
         let counts_map = self.ebpf.map(COUNTS).ok_or(BpfError::MissingMap(COUNTS))?;
         let counts: aya::maps::Array<&aya::maps::MapData, abi::DiskCounts> =
             aya::maps::Array::try_from(counts_map).map_err(|source| BpfError::Map { map: COUNTS, source })?;
@@ -363,17 +376,24 @@ impl DiskProbe {
 
 /// Takes every entry of hash map `name` whose key is in the half the
 /// programs left, each with one atomic lookup-and-delete.
-fn take_half<K: aya::Pod, V: aya::Pod>(ebpf: &Ebpf, name: &'static str, in_half: impl Fn(&K) -> bool) -> Result<Vec<(K, V)>, DiskError> {
+fn take_half<K: aya::Pod, V: aya::Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+    in_half: impl Fn(&K) -> bool,
+) -> Result<Vec<(K, V)>, DiskError> {
     let data = match ebpf.map(name).ok_or(BpfError::MissingMap(name))? {
         aya::maps::Map::HashMap(d) => d,
         _ => return Err(BpfError::MissingMap(name).into()),
     };
     let map: aya::maps::HashMap<&aya::maps::MapData, K, V> =
-        aya::maps::HashMap::try_from(ebpf.map(name).ok_or(BpfError::MissingMap(name))?).map_err(|source| BpfError::Map { map: name, source })?;
+        aya::maps::HashMap::try_from(ebpf.map(name).ok_or(BpfError::MissingMap(name))?)
+            .map_err(|source| BpfError::Map { map: name, source })?;
     let keys: Vec<K> = map.keys().filter_map(Result::ok).filter(|k| in_half(k)).collect();
     let mut out = Vec::with_capacity(keys.len());
     for key in keys {
-        if let Some(value) = bpf::take_elem::<K, V>(data, &key).map_err(|source| DiskError::Read { map: name, source })? {
+        if let Some(value) =
+            bpf::take_elem::<K, V>(data, &key).map_err(|source| DiskError::Read { map: name, source })?
+        {
             out.push((key, value));
         }
     }
@@ -391,7 +411,13 @@ pub fn probe_hooks() -> Vec<HookStatus> {
     match fs {
         Err(e) => {
             for &(program, hook, _) in FS_HOOKS {
-                out.push(HookStatus { signal: "disk", hook: format!("tp_btf/{hook}"), program, supported: false, detail: e.to_string() });
+                out.push(HookStatus {
+                    signal: "disk",
+                    hook: format!("tp_btf/{hook}"),
+                    program,
+                    supported: false,
+                    detail: e.to_string(),
+                });
             }
         }
         Ok((btf, mut ebpf)) => {

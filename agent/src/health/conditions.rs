@@ -72,7 +72,8 @@ impl SyncTotals {
     /// down was reset (agent or node restart) and counts from zero.
     pub fn since(&self, earlier: &SyncTotals) -> SyncTotals {
         let reset = self.count < earlier.count;
-        let mut d = SyncTotals { buckets: BTreeMap::new(), count: if reset { self.count } else { self.count - earlier.count } };
+        let mut d =
+            SyncTotals { buckets: BTreeMap::new(), count: if reset { self.count } else { self.count - earlier.count } };
         for (b, n) in &self.buckets {
             let before = if reset { 0 } else { earlier.buckets.get(b).copied().unwrap_or(0) };
             d.buckets.insert(*b, n.saturating_sub(before));
@@ -125,7 +126,13 @@ impl History {
             let failed = n.failed.iter().filter(|((s, _), _)| *s == Service::P2p).map(|(_, n)| n).sum();
             (opened, failed)
         });
-        self.samples.push_back(Sample { at: now, pid: v.target.pid, peers, outbound, syncs: v.disk.map(SyncTotals::from_disk) });
+        self.samples.push_back(Sample {
+            at: now,
+            pid: v.target.pid,
+            peers,
+            outbound,
+            syncs: v.disk.map(SyncTotals::from_disk),
+        });
 
         let keep_from = now.saturating_sub(longest_lookback);
         while self.samples.len() > 1 && self.samples[1].at <= keep_from {
@@ -151,7 +158,13 @@ impl History {
     /// The newest sample at or before `now - window` from the same process
     /// of the node as now, or (`partial`) the oldest such sample when the
     /// history does not reach that far back yet.
-    fn baseline(&self, now: Duration, window: Duration, partial: bool, has: impl Fn(&Sample) -> bool) -> Option<&Sample> {
+    fn baseline(
+        &self,
+        now: Duration,
+        window: Duration,
+        partial: bool,
+        has: impl Fn(&Sample) -> bool,
+    ) -> Option<&Sample> {
         let pid = self.latest()?.pid;
         let start = now.checked_sub(window);
         let same = |s: &&Sample| s.pid == pid && has(s);
@@ -175,18 +188,31 @@ pub fn check(id: &str, p: &RuleParams, v: &View, h: &History, now: Duration) -> 
     match id {
         "node_down" => {
             let ev = json!({ "pid": v.target.pid });
-            if v.target.pid.is_none() { Outcome::Holds(ev) } else { Outcome::Clear(ev) }
+            if v.target.pid.is_none() {
+                Outcome::Holds(ev)
+            } else {
+                Outcome::Clear(ev)
+            }
         }
         "no_peers" => peers(v, |n, _| n == 0, |n, _| json!({ "p2p_peers": n })),
-        "low_peers" => peers(v, |n, _| (n as f64) < threshold, |n, _| json!({ "p2p_peers": n, "threshold": threshold })),
-        "no_outbound" => peers(v, |_, out| out == 0, |n, out| json!({ "outbound_peers": out, "inbound_peers": n - out })),
+        "low_peers" => {
+            peers(v, |n, _| (n as f64) < threshold, |n, _| json!({ "p2p_peers": n, "threshold": threshold }))
+        }
+        "no_outbound" => {
+            peers(v, |_, out| out == 0, |n, out| json!({ "outbound_peers": out, "inbound_peers": n - out }))
+        }
         "low_netgroup_diversity" => {
             let Some(net) = v.net else { return unknown(NO_NET) };
             let outbound: Vec<_> = net.p2p_peers().filter(|c| c.direction == Direction::Outbound).collect();
             let groups = outbound.iter().map(|c| c.netgroup.as_str()).collect::<HashSet<_>>().len();
             let outbound = outbound.len();
-            let ev = json!({ "outbound_peers": outbound, "outbound_netgroups": groups, "threshold_percent": threshold });
-            if outbound > 0 && (groups as f64) < outbound as f64 * threshold / 100.0 { Outcome::Holds(ev) } else { Outcome::Clear(ev) }
+            let ev =
+                json!({ "outbound_peers": outbound, "outbound_netgroups": groups, "threshold_percent": threshold });
+            if outbound > 0 && (groups as f64) < outbound as f64 * threshold / 100.0 {
+                Outcome::Holds(ev)
+            } else {
+                Outcome::Clear(ev)
+            }
         }
         "partition_suspected" => partition(v, h, now, p.window, threshold),
         "chain_stalled" => chain_stalled(v, threshold),
@@ -200,14 +226,20 @@ pub fn check(id: &str, p: &RuleParams, v: &View, h: &History, now: Duration) -> 
                 "threshold_percent": threshold,
                 "datadir": v.target.datadir,
             });
-            if pct < threshold { Outcome::Holds(ev) } else { Outcome::Clear(ev) }
+            if pct < threshold {
+                Outcome::Holds(ev)
+            } else {
+                Outcome::Clear(ev)
+            }
         }
         "disk_full_soon" => {
             let Some(r) = v.resources else { return unknown(NO_FS) };
             let Some(fs) = r.filesystem else { return unknown(NO_FS) };
             // days_until_full divides by the filesystem's fill rate, so that
             // rate, not the data dir's, says whether the forecast is measured
-            let Some(fill) = r.filesystem_growth_bytes_per_second else { return unknown("filesystem growth not measured yet") };
+            let Some(fill) = r.filesystem_growth_bytes_per_second else {
+                return unknown("filesystem growth not measured yet");
+            };
             let ev = json!({
                 "days_until_full": r.days_until_full.map(round2),
                 "filesystem_growth_bytes_per_second": round2(fill),
@@ -230,7 +262,9 @@ pub fn check(id: &str, p: &RuleParams, v: &View, h: &History, now: Duration) -> 
             ratio(usage, limit, threshold, "memory_usage_bytes", "memory_limit_bytes")
         }
         "fds_high" => {
-            let Some(proc_) = v.resources.and_then(|r| r.process.as_ref()) else { return unknown("process not measured") };
+            let Some(proc_) = v.resources.and_then(|r| r.process.as_ref()) else {
+                return unknown("process not measured");
+            };
             let Some(limit) = proc_.fd_limit.filter(|l| *l > 0) else { return unknown("open file limit not known") };
             ratio(proc_.open_fds, limit, threshold, "open_fds", "fd_limit")
         }
@@ -241,13 +275,18 @@ pub fn check(id: &str, p: &RuleParams, v: &View, h: &History, now: Duration) -> 
                 return unknown(&disk.coverage.detail);
             }
             let Some(latest) = h.latest().and_then(|s| s.syncs.as_ref()) else { return unknown(NO_DISK) };
-            let Some(base) = h.baseline(now, p.window, true, |s| s.syncs.is_some()).and_then(|s| s.syncs.as_ref()) else {
+            let Some(base) = h.baseline(now, p.window, true, |s| s.syncs.is_some()).and_then(|s| s.syncs.as_ref())
+            else {
                 return unknown(NO_DISK);
             };
             let d = latest.since(base);
             let p99 = d.quantile(0.99);
             let ev = json!({ "p99_seconds": p99.map(round6), "syncs": d.count, "window_seconds": p.window.as_secs_f64(), "threshold_seconds": threshold });
-            if p99.is_some_and(|q| q > threshold) { Outcome::Holds(ev) } else { Outcome::Clear(ev) }
+            if p99.is_some_and(|q| q > threshold) {
+                Outcome::Holds(ev)
+            } else {
+                Outcome::Clear(ev)
+            }
         }
         other => unknown(&format!("no condition for rule {other}")),
     }
@@ -258,7 +297,11 @@ fn peers(v: &View, holds: impl Fn(usize, usize) -> bool, evidence: impl Fn(usize
     let all = net.p2p_peers().count();
     let outbound = net.p2p_peers().filter(|c| c.direction == Direction::Outbound).count();
     let ev = evidence(all, outbound);
-    if holds(all, outbound) { Outcome::Holds(ev) } else { Outcome::Clear(ev) }
+    if holds(all, outbound) {
+        Outcome::Holds(ev)
+    } else {
+        Outcome::Clear(ev)
+    }
 }
 
 fn ratio(used: u64, limit: u64, threshold: f64, used_key: &str, limit_key: &str) -> Outcome {
@@ -268,7 +311,11 @@ fn ratio(used: u64, limit: u64, threshold: f64, used_key: &str, limit_key: &str)
     ev.insert(limit_key.into(), json!(limit));
     ev.insert("used_percent".into(), json!(round2(pct)));
     ev.insert("threshold_percent".into(), json!(threshold));
-    if pct > threshold { Outcome::Holds(Value::Object(ev)) } else { Outcome::Clear(Value::Object(ev)) }
+    if pct > threshold {
+        Outcome::Holds(Value::Object(ev))
+    } else {
+        Outcome::Clear(Value::Object(ev))
+    }
 }
 
 /// Either arm suspects a partition: most of the peers connected one window
@@ -287,8 +334,7 @@ fn partition(v: &View, h: &History, now: Duration, window: Duration, threshold: 
     let mut ev = serde_json::Map::new();
     let mut holds = false;
 
-    if let (Some(now_peers), Some(base)) =
-        (latest.peers.as_ref(), h.baseline(now, window, true, |s| s.peers.is_some()))
+    if let (Some(now_peers), Some(base)) = (latest.peers.as_ref(), h.baseline(now, window, true, |s| s.peers.is_some()))
     {
         let then = base.peers.as_ref().expect("filtered on peers");
         let closed = then.difference(now_peers).count();
@@ -316,7 +362,11 @@ fn partition(v: &View, h: &History, now: Duration, window: Duration, threshold: 
         ev.insert("outbound_failed".into(), json!(failed));
         ev.insert("connect_window_seconds".into(), json!(connect_window.as_secs_f64()));
     }
-    if holds { Outcome::Holds(Value::Object(ev)) } else { Outcome::Clear(Value::Object(ev)) }
+    if holds {
+        Outcome::Holds(Value::Object(ev))
+    } else {
+        Outcome::Clear(Value::Object(ev))
+    }
 }
 
 /// No writes to the blocks class for longer than the threshold while peers
@@ -344,7 +394,11 @@ fn chain_stalled(v: &View, threshold: f64) -> Outcome {
         "p2p_peers": peers,
         "threshold_seconds": threshold,
     });
-    if peers > 0 && stalled > threshold { Outcome::Holds(ev) } else { Outcome::Clear(ev) }
+    if peers > 0 && stalled > threshold {
+        Outcome::Holds(ev)
+    } else {
+        Outcome::Clear(ev)
+    }
 }
 
 fn round2(x: f64) -> f64 {
@@ -409,7 +463,14 @@ mod tests {
             .enumerate()
             .map(|(i, ports)| {
                 let n = net(&ports.iter().map(|p| (*p, Direction::Inbound)).collect::<Vec<_>>());
-                let v = View { target: &t, net: Some(&n), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+                let v = View {
+                    target: &t,
+                    net: Some(&n),
+                    disk: None,
+                    resources: None,
+                    now_unix: 0.0,
+                    alive_since_unix: None,
+                };
                 h.record(s(i as u64), &v, p.window, p.window * PARTITION_CONNECT_WINDOWS);
                 matches!(check("partition_suspected", &p, &v, &h, s(i as u64)), Outcome::Holds(_))
             })
@@ -452,11 +513,19 @@ mod tests {
         let mut h = History::default();
         let before = net(&[(1, Direction::Inbound), (2, Direction::Inbound), (3, Direction::Outbound)]);
         for i in 0..20 {
-            let v = View { target: &t1, net: Some(&before), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+            let v = View {
+                target: &t1,
+                net: Some(&before),
+                disk: None,
+                resources: None,
+                now_unix: 0.0,
+                alive_since_unix: None,
+            };
             h.record(s(i), &v, p.window, p.window * 5);
         }
         let after = net(&[(7, Direction::Inbound), (8, Direction::Inbound), (3, Direction::Outbound)]);
-        let v = View { target: &t2, net: Some(&after), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+        let v =
+            View { target: &t2, net: Some(&after), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
         h.record(s(20), &v, p.window, p.window * 5);
         assert!(matches!(check("partition_suspected", &p, &v, &h, s(20)), Outcome::Clear(_)));
     }
@@ -470,9 +539,11 @@ mod tests {
         for i in 0..120u64 {
             let mut n = net(&[(1, Direction::Inbound), (2, Direction::Inbound)]);
             // connects succeed until t=30, then only fail
-            n.churn.insert((Direction::Outbound, Service::P2p), Churn { opened: i.min(30), closed: i.min(30), open: 0 });
+            n.churn
+                .insert((Direction::Outbound, Service::P2p), Churn { opened: i.min(30), closed: i.min(30), open: 0 });
             n.failed.insert((Service::P2p, "refused"), i.saturating_sub(30));
-            let v = View { target: &t, net: Some(&n), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+            let v =
+                View { target: &t, net: Some(&n), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
             h.record(s(i), &v, p.window, p.window * PARTITION_CONNECT_WINDOWS);
             fired.push(matches!(check("partition_suspected", &p, &v, &h, s(i)), Outcome::Holds(_)));
         }
@@ -501,7 +572,10 @@ mod tests {
         let mut three = net(&[(1, Direction::Outbound), (2, Direction::Outbound), (3, Direction::Outbound)]);
         assert!(matches!(eval("low_netgroup_diversity", Some(&three)), Outcome::Holds(_)));
         three.connections[1].netgroup = "10.1.0.0/16".into();
-        assert!(matches!(eval("low_netgroup_diversity", Some(&three)), Outcome::Clear(_)), "2 groups for 3 peers is enough");
+        assert!(
+            matches!(eval("low_netgroup_diversity", Some(&three)), Outcome::Clear(_)),
+            "2 groups for 3 peers is enough"
+        );
     }
 
     #[test]
@@ -509,7 +583,9 @@ mod tests {
         let t = target(Some(1));
         let h = History::default();
         let v = View { target: &t, net: None, disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
-        for id in ["disk_critical", "disk_low", "disk_full_soon", "memory_high", "fds_high", "fsync_slow", "chain_stalled"] {
+        for id in
+            ["disk_critical", "disk_low", "disk_full_soon", "memory_high", "fds_high", "fsync_slow", "chain_stalled"]
+        {
             assert!(matches!(check(id, &params(id, 300), &v, &h, s(0)), Outcome::Unknown(_)), "{id}");
         }
         let empty = TargetResources { name: "t".into(), ..Default::default() };
@@ -531,7 +607,14 @@ mod tests {
         };
         let eval = |id: &str, avail: u64| {
             let res = r(avail);
-            let v = View { target: &t, net: None, disk: None, resources: Some(&res), now_unix: 0.0, alive_since_unix: None };
+            let v = View {
+                target: &t,
+                net: None,
+                disk: None,
+                resources: Some(&res),
+                now_unix: 0.0,
+                alive_since_unix: None,
+            };
             matches!(check(id, &params(id, 0), &v, &h, s(0)), Outcome::Holds(_))
         };
         assert!(eval("disk_critical", 49));
@@ -546,9 +629,21 @@ mod tests {
         let t = target(Some(1));
         let h = History::default();
         let eval = |limit: Option<u64>, unlimited: bool| {
-            let cgroup = CgroupStats { memory_usage_bytes: Some(900), memory_limit_bytes: limit, memory_unlimited: unlimited, ..Default::default() };
+            let cgroup = CgroupStats {
+                memory_usage_bytes: Some(900),
+                memory_limit_bytes: limit,
+                memory_unlimited: unlimited,
+                ..Default::default()
+            };
             let res = TargetResources { name: "t".into(), cgroup: Some(cgroup), ..Default::default() };
-            let v = View { target: &t, net: None, disk: None, resources: Some(&res), now_unix: 0.0, alive_since_unix: None };
+            let v = View {
+                target: &t,
+                net: None,
+                disk: None,
+                resources: Some(&res),
+                now_unix: 0.0,
+                alive_since_unix: None,
+            };
             check("memory_high", &params("memory_high", 0), &v, &h, s(0))
         };
         assert!(matches!(eval(None, false), Outcome::Unknown(_)));
@@ -572,7 +667,14 @@ mod tests {
                 days_until_full: days,
                 ..Default::default()
             };
-            let v = View { target: &t, net: None, disk: None, resources: Some(&res), now_unix: 0.0, alive_since_unix: None };
+            let v = View {
+                target: &t,
+                net: None,
+                disk: None,
+                resources: Some(&res),
+                now_unix: 0.0,
+                alive_since_unix: None,
+            };
             check("disk_full_soon", &params("disk_full_soon", 0), &v, &h, s(0))
         };
         assert!(matches!(eval(None, None), Outcome::Unknown(_)));
@@ -590,7 +692,14 @@ mod tests {
         let peers = net(&[(1, Direction::Inbound)]);
         let lonely = net(&[]);
         let eval = |n: &TargetNet, now: f64| {
-            let v = View { target: &t, net: Some(n), disk: Some(&disk), resources: None, now_unix: now, alive_since_unix: Some(900.0) };
+            let v = View {
+                target: &t,
+                net: Some(n),
+                disk: Some(&disk),
+                resources: None,
+                now_unix: now,
+                alive_since_unix: Some(900.0),
+            };
             let mut p = params("chain_stalled", 0);
             p.threshold = Some(10.0);
             matches!(check("chain_stalled", &p, &v, &h, s(0)), Outcome::Holds(_))
@@ -606,7 +715,12 @@ mod tests {
         let bounds = vec![0.001, 0.01, 0.1, 1.0, 2.0];
         d.syncs.insert(
             ("blocks".into(), "fsync"),
-            SyncLatency { bounds_seconds: bounds, bucket_counts: counts.to_vec(), sum_seconds: 0.0, count: counts.iter().sum() },
+            SyncLatency {
+                bounds_seconds: bounds,
+                bucket_counts: counts.to_vec(),
+                sum_seconds: 0.0,
+                count: counts.iter().sum(),
+            },
         );
         d
     }
@@ -621,7 +735,8 @@ mod tests {
             // 10 fast syncs a second; from t=20 to t=25, 3 slow ones (1-2 s) a second
             let slow = i.clamp(20, 25) - 20;
             let d = hist(&[10 * i, 0, 0, 0, 3 * slow, 0]);
-            let v = View { target: &t, net: None, disk: Some(&d), resources: None, now_unix: 0.0, alive_since_unix: None };
+            let v =
+                View { target: &t, net: None, disk: Some(&d), resources: None, now_unix: 0.0, alive_since_unix: None };
             h.record(s(i), &v, Duration::ZERO, p.window);
             fired.push(matches!(check("fsync_slow", &p, &v, &h, s(i)), Outcome::Holds(_)));
         }
@@ -651,7 +766,8 @@ mod tests {
         let n = net(&[(1, Direction::Inbound)]);
         let mut h = History::default();
         for i in 0..(MAX_SAMPLES as u64 + 100) {
-            let v = View { target: &t, net: Some(&n), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+            let v =
+                View { target: &t, net: Some(&n), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
             h.record(Duration::from_millis(i), &v, Duration::from_secs(1), Duration::from_secs(3600));
         }
         assert_eq!(h.samples.len(), MAX_SAMPLES);

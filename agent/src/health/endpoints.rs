@@ -31,7 +31,9 @@ pub fn is_health_path(path: &str) -> bool {
 
 /// Which endpoint `path` names; Err: the status and message to answer.
 pub fn parse(path: &str) -> Result<Endpoint<'_>, (StatusCode, String)> {
-    let not_found = || (StatusCode::NOT_FOUND, format!("no such endpoint {path:?}; see /health, /health/live, /health/ready, /health/detailed, /health/targets/NAME[/ready|/detailed]"));
+    let not_found = || {
+        (StatusCode::NOT_FOUND, format!("no such endpoint {path:?}; see /health, /health/live, /health/ready, /health/detailed, /health/targets/NAME[/ready|/detailed]"))
+    };
     match path {
         "/health" => return Ok(Endpoint::Health),
         "/health/live" => return Ok(Endpoint::Live),
@@ -49,7 +51,10 @@ pub fn parse(path: &str) -> Result<Endpoint<'_>, (StatusCode, String)> {
     }
     // the same alphabet config allows for target names
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        return Err((StatusCode::BAD_REQUEST, format!("malformed target name {name:?}: letters, digits, '-', '_', '.' only")));
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("malformed target name {name:?}: letters, digits, '-', '_', '.' only"),
+        ));
     }
     match tail {
         None => Ok(Endpoint::Target(name)),
@@ -60,11 +65,19 @@ pub fn parse(path: &str) -> Result<Endpoint<'_>, (StatusCode, String)> {
 }
 
 /// The status code and body for `endpoint`.
-pub fn respond(endpoint: Endpoint, health: &HealthSnapshot, loop_status: &LoopStatus, now: Instant, now_unix: u64) -> (StatusCode, Value) {
+pub fn respond(
+    endpoint: Endpoint,
+    health: &HealthSnapshot,
+    loop_status: &LoopStatus,
+    now: Instant,
+    now_unix: u64,
+) -> (StatusCode, Value) {
     let verdict = |s: Status| if s == Status::Unhealthy { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     let ready_code = |r: bool| if r { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let target = |name: &str| {
-        health.target(name).ok_or_else(|| (StatusCode::NOT_FOUND, json!({ "error": format!("no target named {name:?}") })))
+        health
+            .target(name)
+            .ok_or_else(|| (StatusCode::NOT_FOUND, json!({ "error": format!("no target named {name:?}") })))
     };
     let answer = match endpoint {
         Endpoint::Health => {
@@ -82,7 +95,9 @@ pub fn respond(endpoint: Endpoint, health: &HealthSnapshot, loop_status: &LoopSt
             Ok((ready_code(ready), ready_body(ready, all(|t| t.chain_initialized), all(|t| t.storage_available))))
         }
         Endpoint::Detailed => Ok((verdict(health.status()), detailed(health))),
-        Endpoint::Target(name) => target(name).map(|t| (verdict(t.status), json!({ "status": t.status.as_str(), "timestamp": now_unix }))),
+        Endpoint::Target(name) => {
+            target(name).map(|t| (verdict(t.status), json!({ "status": t.status.as_str(), "timestamp": now_unix })))
+        }
         Endpoint::TargetReady(name) => target(name).map(|t| {
             let ready = health.evaluated && health.probes_attached && t.ready();
             (ready_code(ready), ready_body(ready, t.chain_initialized, t.storage_available))
@@ -129,15 +144,27 @@ fn rule_json(target: Option<&str>, r: &RuleStatus) -> Value {
 fn sections(status: Status, ts: &[&TargetHealth]) -> serde_json::Map<String, Value> {
     let some = !ts.is_empty();
     // null when any target has no figure (or there is no target)
-    let sum = |f: fn(&TargetHealth) -> Option<u64>| -> Option<u64> { if some { ts.iter().map(|t| f(t)).sum() } else { None } };
+    let sum = |f: fn(&TargetHealth) -> Option<u64>| -> Option<u64> {
+        if some {
+            ts.iter().map(|t| f(t)).sum()
+        } else {
+            None
+        }
+    };
     let mut m = serde_json::Map::new();
     m.insert("status".into(), json!(status.as_str()));
     // height and tip hash live inside the node; nodescope does not ask it
-    m.insert("chain".into(), json!({ "initialized": some && ts.iter().all(|t| t.chain_initialized), "height": null, "tip_hash": null }));
+    m.insert(
+        "chain".into(),
+        json!({ "initialized": some && ts.iter().all(|t| t.chain_initialized), "height": null, "tip_hash": null }),
+    );
     m.insert("storage".into(), json!({ "available": some && ts.iter().all(|t| t.storage_available), "size_bytes": sum(|t| t.storage_size_bytes) }));
     // the node's connection limit is its own setting, unseen from outside
     m.insert("network".into(), json!({ "peers_connected": sum(|t| t.peers_connected), "peers_max": null }));
-    m.insert("rpc".into(), json!({ "enabled": ts.iter().any(|t| t.rpc_enabled), "requests_processed": sum(|t| t.rpc_requests) }));
+    m.insert(
+        "rpc".into(),
+        json!({ "enabled": ts.iter().any(|t| t.rpc_enabled), "requests_processed": sum(|t| t.rpc_requests) }),
+    );
     m
 }
 
@@ -196,7 +223,13 @@ mod tests {
                 rpc_enabled: true,
                 rpc_requests: Some(17),
                 disk: None,
-                rules: vec![RuleStatus { id: "no_peers", severity, state, since: 1, evidence: json!({"p2p_peers": 0}) }],
+                rules: vec![RuleStatus {
+                    id: "no_peers",
+                    severity,
+                    state,
+                    since: 1,
+                    evidence: json!({"p2p_peers": 0}),
+                }],
             }],
         }
     }
@@ -223,10 +256,16 @@ mod tests {
         assert_eq!(get(&crit, "/health"), (503, json!({"status": "unhealthy", "timestamp": 1_700_000_000})));
         assert_eq!(get(&crit, "/health/targets/ltc").0, 503);
         assert_eq!(get(&crit, "/health/live"), (200, json!({"status": "alive"})));
-        assert_eq!(get(&ok, "/health/ready"), (200, json!({"status": "ready", "chain_initialized": true, "storage_available": true})));
+        assert_eq!(
+            get(&ok, "/health/ready"),
+            (200, json!({"status": "ready", "chain_initialized": true, "storage_available": true}))
+        );
         let mut not_yet = ok.clone();
         not_yet.targets[0].storage_available = false;
-        assert_eq!(get(&not_yet, "/health/ready"), (503, json!({"status": "not_ready", "chain_initialized": true, "storage_available": false})));
+        assert_eq!(
+            get(&not_yet, "/health/ready"),
+            (503, json!({"status": "not_ready", "chain_initialized": true, "storage_available": false}))
+        );
         assert_eq!(get(&not_yet, "/health/targets/ltc/ready").0, 503);
         let empty = HealthSnapshot { evaluated: true, probes_attached: true, ..Default::default() };
         assert_eq!(get(&empty, "/health/ready").1["status"], "not_ready");
@@ -243,7 +282,11 @@ mod tests {
         assert_eq!(v["rules"][0]["target"], "ltc");
         assert_eq!(v["targets"][0]["name"], "ltc");
         assert_eq!(v["targets"][0]["rules"][0]["evidence"]["p2p_peers"], 0);
-        assert_eq!(get(&snapshot(State::Ok, Severity::Critical), "/health/targets/ltc/detailed").1["network"]["peers_connected"], 3);
+        assert_eq!(
+            get(&snapshot(State::Ok, Severity::Critical), "/health/targets/ltc/detailed").1["network"]
+                ["peers_connected"],
+            3
+        );
     }
 
     #[test]
@@ -262,7 +305,11 @@ mod tests {
     fn live_judges_the_loop() {
         let h = snapshot(State::Ok, Severity::Critical);
         let now = Instant::now();
-        let ran = |ago: u64| LoopStatus { last_run: Some(now - Duration::from_secs(ago)), runs: 5, interval: Duration::from_secs(1) };
+        let ran = |ago: u64| LoopStatus {
+            last_run: Some(now - Duration::from_secs(ago)),
+            runs: 5,
+            interval: Duration::from_secs(1),
+        };
         assert!(live(&h, &ran(2), now));
         assert!(live(&h, &ran(3), now));
         assert!(!live(&h, &ran(4), now));

@@ -100,7 +100,13 @@ impl HealthEngine {
                 state.chain = target.chain;
                 state.params = RULES
                     .iter()
-                    .map(|def| RuleParams::resolve(def, target.chain, &[self.rules.get(def.id), target_rules.and_then(|r| r.get(def.id))]))
+                    .map(|def| {
+                        RuleParams::resolve(
+                            def,
+                            target.chain,
+                            &[self.rules.get(def.id), target_rules.and_then(|r| r.get(def.id))],
+                        )
+                    })
                     .collect();
             }
             state.alive = match (target.pid, state.alive) {
@@ -117,7 +123,8 @@ impl HealthEngine {
                 alive_since_unix: state.alive.map(|(_, since)| since),
             };
             let params = &state.params;
-            let window_of = |id: &str| RULES.iter().position(|d| d.id == id).map_or(Duration::ZERO, |i| params[i].window);
+            let window_of =
+                |id: &str| RULES.iter().position(|d| d.id == id).map_or(Duration::ZERO, |i| params[i].window);
             let partition_window = window_of("partition_suspected");
             let longest = (partition_window * PARTITION_CONNECT_WINDOWS).max(window_of("fsync_slow"));
             state.history.record(now, &view, partition_window, longest);
@@ -150,8 +157,10 @@ impl HealthEngine {
                 state.chain_state_seen = target.pid.filter(|_| chain_state_on_disk(target));
             }
             let storage_available = view.resources.is_some_and(|r| {
-                let threshold = RULES.iter().position(|d| d.id == "disk_critical").and_then(|i| params[i].threshold).unwrap_or(0.0);
-                r.datadir_writable == Some(true) && r.filesystem.and_then(|fs| fs.available_percent()).is_some_and(|pct| pct >= threshold)
+                let threshold =
+                    RULES.iter().position(|d| d.id == "disk_critical").and_then(|i| params[i].threshold).unwrap_or(0.0);
+                r.datadir_writable == Some(true)
+                    && r.filesystem.and_then(|fs| fs.available_percent()).is_some_and(|pct| pct >= threshold)
             });
             let listening_p2p = target.p2p_ports.iter().any(|p| target.listening.contains(p));
             let status = Status::of(&rules);
@@ -164,7 +173,9 @@ impl HealthEngine {
                 storage_size_bytes: view.resources.and_then(|r| r.datadir_size_bytes),
                 peers_connected: view.net.map(|n| n.p2p_peers().count() as u64),
                 rpc_enabled: target.rpc_ports.iter().any(|p| target.listening.contains(p)),
-                rpc_requests: view.net.map(|n| n.churn.get(&(Direction::Inbound, Service::Rpc)).map_or(0, |c| c.opened)),
+                rpc_requests: view
+                    .net
+                    .map(|n| n.churn.get(&(Direction::Inbound, Service::Rpc)).map_or(0, |c| c.opened)),
                 disk: view.disk.map(|d| (inputs.disk.method, d.coverage.clone())),
                 rules,
             });
@@ -197,10 +208,18 @@ fn log_transition(target: &str, rule: &str, severity: Severity, t: Transition, e
     let (from, to) = (t.from.as_str(), t.to.as_str());
     let severity = severity.as_str();
     match (t.from, t.to) {
-        (_, State::Firing) => tracing::warn!(target_name = target, rule, severity, from, evidence = %evidence, "health rule {rule} firing on {target}"),
-        (State::Firing, State::Ok) => tracing::info!(target_name = target, rule, severity, evidence = %evidence, "health rule {rule} cleared on {target}"),
-        (State::Unknown, State::Unknown) => tracing::debug!(target_name = target, rule, evidence = %evidence, "health rule {rule} on {target}: unknown"),
-        _ => tracing::info!(target_name = target, rule, severity, from, to, evidence = %evidence, "health rule {rule} on {target}: {from} -> {to}"),
+        (_, State::Firing) => {
+            tracing::warn!(target_name = target, rule, severity, from, evidence = %evidence, "health rule {rule} firing on {target}")
+        }
+        (State::Firing, State::Ok) => {
+            tracing::info!(target_name = target, rule, severity, evidence = %evidence, "health rule {rule} cleared on {target}")
+        }
+        (State::Unknown, State::Unknown) => {
+            tracing::debug!(target_name = target, rule, evidence = %evidence, "health rule {rule} on {target}: unknown")
+        }
+        _ => {
+            tracing::info!(target_name = target, rule, severity, from, to, evidence = %evidence, "health rule {rule} on {target}: {from} -> {to}")
+        }
     }
 }
 
@@ -232,7 +251,10 @@ mod tests {
                 netgroup: "127.0.0.0/16".into(),
             })
             .collect();
-        NetSnapshot { targets: vec![TargetNet { name: "ltc".into(), connections, ..Default::default() }], ..Default::default() }
+        NetSnapshot {
+            targets: vec![TargetNet { name: "ltc".into(), connections, ..Default::default() }],
+            ..Default::default()
+        }
     }
 
     fn rule<'a>(snap: &'a HealthSnapshot, id: &str) -> &'a RuleStatus {
@@ -243,9 +265,17 @@ mod tests {
     fn signals_not_wired_are_unknown_never_ok() {
         let mut e = HealthEngine::new(&config(""));
         let targets = [target(Some(1))];
-        let inputs = Inputs { targets: &targets, net: &net(3), disk: &DiskSnapshot::default(), resources: &ResourceSnapshot::default(), probes_attached: true };
+        let inputs = Inputs {
+            targets: &targets,
+            net: &net(3),
+            disk: &DiskSnapshot::default(),
+            resources: &ResourceSnapshot::default(),
+            probes_attached: true,
+        };
         let snap = e.evaluate_at(&inputs, Duration::ZERO, 1000.0);
-        for id in ["disk_critical", "disk_low", "disk_full_soon", "memory_high", "fds_high", "fsync_slow", "chain_stalled"] {
+        for id in
+            ["disk_critical", "disk_low", "disk_full_soon", "memory_high", "fds_high", "fsync_slow", "chain_stalled"]
+        {
             assert_eq!(rule(&snap, id).state, State::Unknown, "{id}");
         }
         assert_eq!(rule(&snap, "no_peers").state, State::Ok);
@@ -263,7 +293,9 @@ mod tests {
     /// it fires at 10s with its evidence and /health's status follows.
     #[test]
     fn no_peers_through_the_engine_with_a_fake_clock() {
-        let mut e = HealthEngine::new(&config("[rules.no_peers]\nfor = \"10s\"\nclear_after = \"5s\"\n[rules.partition_suspected]\nenabled = false\n"));
+        let mut e = HealthEngine::new(&config(
+            "[rules.no_peers]\nfor = \"10s\"\nclear_after = \"5s\"\n[rules.partition_suspected]\nenabled = false\n",
+        ));
         let targets = [target(Some(1))];
         let (disk, res) = (DiskSnapshot::default(), ResourceSnapshot::default());
         let at = |e: &mut HealthEngine, s: u64, peers: usize| {
@@ -310,12 +342,18 @@ mod tests {
         }
         assert_eq!(snap.history_dropped, extra as u64);
         let gone = Inputs { targets: &[], ..inputs };
-        assert_eq!(e.evaluate_at(&gone, Duration::from_secs(10), 1010.0).history_dropped, extra as u64, "a counter never goes down");
+        assert_eq!(
+            e.evaluate_at(&gone, Duration::from_secs(10), 1010.0).history_dropped,
+            extra as u64,
+            "a counter never goes down"
+        );
     }
 
     #[test]
     fn disabled_rules_are_left_out_and_targets_that_leave_are_forgotten() {
-        let mut e = HealthEngine::new(&config("[[targets]]\nname = \"ltc\"\nprocess = \"litecoind\"\n[targets.rules.low_peers]\nenabled = false\n"));
+        let mut e = HealthEngine::new(&config(
+            "[[targets]]\nname = \"ltc\"\nprocess = \"litecoind\"\n[targets.rules.low_peers]\nenabled = false\n",
+        ));
         let targets = [target(None)];
         let (n, disk, res) = (net(0), DiskSnapshot::default(), ResourceSnapshot::default());
         let inputs = Inputs { targets: &targets, net: &n, disk: &disk, resources: &res, probes_attached: true };

@@ -29,15 +29,20 @@ pub fn register(meter: &Meter, health: Shared<HealthSnapshot>) {
     let s = health.clone();
     meter
         .i64_observable_gauge("nodescope.rule.state")
-        .with_description("Health rule state per rule and target: 0 ok, 1 pending, 2 firing, -1 unknown (its signal is unavailable)")
+        .with_description(
+            "Health rule state per rule and target: 0 ok, 1 pending, 2 firing, -1 unknown (its signal is unavailable)",
+        )
         .with_callback(move |o| {
             for t in &s.get().targets {
                 for r in &t.rules {
-                    o.observe(r.state.gauge(), &[
-                        KeyValue::new(TARGET, t.name.clone()),
-                        KeyValue::new(RULE, r.id),
-                        KeyValue::new(SEVERITY, r.severity.as_str()),
-                    ]);
+                    o.observe(
+                        r.state.gauge(),
+                        &[
+                            KeyValue::new(TARGET, t.name.clone()),
+                            KeyValue::new(RULE, r.id),
+                            KeyValue::new(SEVERITY, r.severity.as_str()),
+                        ],
+                    );
                 }
             }
         })

@@ -54,7 +54,9 @@ impl ThresholdKind {
         match self {
             ThresholdKind::None => Some("this rule takes no threshold"),
             ThresholdKind::Count if value < 0.0 => Some("a count of peers: must be 0 or more"),
-            ThresholdKind::Percent if !(0.0..=100.0).contains(&value) => Some("a percentage: must be between 0 and 100"),
+            ThresholdKind::Percent if !(0.0..=100.0).contains(&value) => {
+                Some("a percentage: must be between 0 and 100")
+            }
             ThresholdKind::Seconds if value <= 0.0 => Some("seconds: must be greater than 0"),
             ThresholdKind::Days if value <= 0.0 => Some("days: must be greater than 0"),
             _ => None,
@@ -274,7 +276,13 @@ impl RuleMachine {
     /// condition toggling faster than `for_` never fires), firing -> ok once
     /// it has been false for `clear_after` without a break (a condition
     /// toggling faster than that keeps it firing).
-    pub fn step(&mut self, now: Duration, for_: Duration, clear_after: Duration, outcome: Outcome) -> Option<Transition> {
+    pub fn step(
+        &mut self,
+        now: Duration,
+        for_: Duration,
+        clear_after: Duration,
+        outcome: Outcome,
+    ) -> Option<Transition> {
         let from = self.state;
         let fresh = std::mem::replace(&mut self.fresh, false);
         let to = match outcome {
@@ -405,7 +413,10 @@ mod tests {
         assert_eq!(m.since, fired_at, "no transitions while flapping");
         // then false for good: clears exactly clear_after later
         let states = drive(&mut m, 303, 2, 5, &vec![clear(); 7]);
-        assert_eq!(states, vec![State::Firing, State::Firing, State::Firing, State::Firing, State::Firing, State::Ok, State::Ok]);
+        assert_eq!(
+            states,
+            vec![State::Firing, State::Firing, State::Firing, State::Firing, State::Firing, State::Ok, State::Ok]
+        );
     }
 
     #[test]

@@ -32,7 +32,9 @@ impl NetMetrics {
         meter
             .u64_observable_counter("nodescope.peer.io")
             .with_unit("By")
-            .with_description("TCP payload bytes the node exchanged with each P2P peer (top N peers by bytes, the rest as \"other\")")
+            .with_description(
+                "TCP payload bytes the node exchanged with each P2P peer (top N peers by bytes, the rest as \"other\")",
+            )
             .with_callback(move |o| {
                 for t in &s.get().targets {
                     for (key, bytes) in &t.peer_io {
@@ -41,12 +43,15 @@ impl NetMetrics {
                             None => ("other".to_string(), "all"),
                         };
                         for (io, v) in [("transmit", bytes.sent), ("receive", bytes.received)] {
-                            o.observe(v, &[
-                                KeyValue::new(TARGET, t.name.clone()),
-                                KeyValue::new(PEER_ADDRESS, addr.clone()),
-                                KeyValue::new(CONN_DIRECTION, dir),
-                                KeyValue::new(IO_DIRECTION, io),
-                            ]);
+                            o.observe(
+                                v,
+                                &[
+                                    KeyValue::new(TARGET, t.name.clone()),
+                                    KeyValue::new(PEER_ADDRESS, addr.clone()),
+                                    KeyValue::new(CONN_DIRECTION, dir),
+                                    KeyValue::new(IO_DIRECTION, io),
+                                ],
+                            );
                         }
                     }
                 }
@@ -63,11 +68,14 @@ impl NetMetrics {
                     for (group, bytes) in &t.netgroup_io {
                         let group = group.clone().unwrap_or_else(|| "other".into());
                         for (io, v) in [("transmit", bytes.sent), ("receive", bytes.received)] {
-                            o.observe(v, &[
-                                KeyValue::new(TARGET, t.name.clone()),
-                                KeyValue::new(NETGROUP, group.clone()),
-                                KeyValue::new(IO_DIRECTION, io),
-                            ]);
+                            o.observe(
+                                v,
+                                &[
+                                    KeyValue::new(TARGET, t.name.clone()),
+                                    KeyValue::new(NETGROUP, group.clone()),
+                                    KeyValue::new(IO_DIRECTION, io),
+                                ],
+                            );
                         }
                     }
                 }
@@ -86,11 +94,14 @@ impl NetMetrics {
                     for t in &s.get().targets {
                         for ((dir, svc), c) in &t.churn {
                             let v = if pick == 0 { c.opened } else { c.closed };
-                            o.observe(v, &[
-                                KeyValue::new(TARGET, t.name.clone()),
-                                KeyValue::new(CONN_DIRECTION, dir.as_str()),
-                                KeyValue::new(SERVICE, svc.as_str()),
-                            ]);
+                            o.observe(
+                                v,
+                                &[
+                                    KeyValue::new(TARGET, t.name.clone()),
+                                    KeyValue::new(CONN_DIRECTION, dir.as_str()),
+                                    KeyValue::new(SERVICE, svc.as_str()),
+                                ],
+                            );
                         }
                     }
                 })
@@ -104,11 +115,14 @@ impl NetMetrics {
             .with_callback(move |o| {
                 for t in &s.get().targets {
                     for ((dir, svc), c) in &t.churn {
-                        o.observe(c.open, &[
-                            KeyValue::new(TARGET, t.name.clone()),
-                            KeyValue::new(CONN_DIRECTION, dir.as_str()),
-                            KeyValue::new(SERVICE, svc.as_str()),
-                        ]);
+                        o.observe(
+                            c.open,
+                            &[
+                                KeyValue::new(TARGET, t.name.clone()),
+                                KeyValue::new(CONN_DIRECTION, dir.as_str()),
+                                KeyValue::new(SERVICE, svc.as_str()),
+                            ],
+                        );
                     }
                 }
             })
@@ -121,12 +135,15 @@ impl NetMetrics {
             .with_callback(move |o| {
                 for t in &s.get().targets {
                     for ((svc, reason), n) in &t.failed {
-                        o.observe(*n, &[
-                            KeyValue::new(TARGET, t.name.clone()),
-                            KeyValue::new(CONN_DIRECTION, "outbound"),
-                            KeyValue::new(SERVICE, svc.as_str()),
-                            KeyValue::new(ERROR_TYPE, *reason),
-                        ]);
+                        o.observe(
+                            *n,
+                            &[
+                                KeyValue::new(TARGET, t.name.clone()),
+                                KeyValue::new(CONN_DIRECTION, "outbound"),
+                                KeyValue::new(SERVICE, svc.as_str()),
+                                KeyValue::new(ERROR_TYPE, *reason),
+                            ],
+                        );
                     }
                 }
             })
@@ -139,7 +156,10 @@ impl NetMetrics {
             .with_callback(move |o| {
                 for t in &s.get().targets {
                     for (dir, n) in &t.netgroups {
-                        o.observe(*n, &[KeyValue::new(TARGET, t.name.clone()), KeyValue::new(CONN_DIRECTION, dir.as_str())]);
+                        o.observe(
+                            *n,
+                            &[KeyValue::new(TARGET, t.name.clone()), KeyValue::new(CONN_DIRECTION, dir.as_str())],
+                        );
                     }
                 }
             })
@@ -159,7 +179,9 @@ impl NetMetrics {
         let s = net.clone();
         meter
             .u64_observable_counter("nodescope.net.connections.dropped")
-            .with_description("Connections the kernel could not track because limits.max_connections records were in use")
+            .with_description(
+                "Connections the kernel could not track because limits.max_connections records were in use",
+            )
             .with_callback(move |o| o.observe(s.get().kernel.conn_dropped, &[]))
             .build();
 
@@ -197,11 +219,14 @@ impl NetMetrics {
     pub fn record(&self, snap: &NetSnapshot) {
         for t in &snap.targets {
             for (dir, svc, secs) in &t.closed_lifetimes {
-                self.lifetime.record(*secs, &[
-                    KeyValue::new(TARGET, t.name.clone()),
-                    KeyValue::new(CONN_DIRECTION, dir.as_str()),
-                    KeyValue::new(SERVICE, svc.as_str()),
-                ]);
+                self.lifetime.record(
+                    *secs,
+                    &[
+                        KeyValue::new(TARGET, t.name.clone()),
+                        KeyValue::new(CONN_DIRECTION, dir.as_str()),
+                        KeyValue::new(SERVICE, svc.as_str()),
+                    ],
+                );
             }
         }
     }

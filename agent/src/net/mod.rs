@@ -144,13 +144,16 @@ impl NetSignal {
         for t in targets {
             // a slot freed by a forgotten target and taken by a new one starts afresh
             if self.targets.get(&t.index).is_none_or(|p| p.name != t.name) {
-                self.targets.insert(t.index, PerTarget {
-                    name: t.name.clone(),
-                    churn: BTreeMap::new(),
-                    failed: BTreeMap::new(),
-                    peers: ByteBook::new(self.limits.max_peers),
-                    netgroups: ByteBook::new(self.limits.max_peers),
-                });
+                self.targets.insert(
+                    t.index,
+                    PerTarget {
+                        name: t.name.clone(),
+                        churn: BTreeMap::new(),
+                        failed: BTreeMap::new(),
+                        peers: ByteBook::new(self.limits.max_peers),
+                        netgroups: ByteBook::new(self.limits.max_peers),
+                    },
+                );
             }
         }
 
@@ -214,7 +217,14 @@ impl NetSignal {
 
     /// Folds one kernel record (from the map, or a close event) into the
     /// totals of its target.
-    fn fold(&mut self, cookie: u64, rec: abi::Conn, by_index: &HashMap<u32, &Target>, plan: &ScopePlan, fold: &mut Fold) {
+    fn fold(
+        &mut self,
+        cookie: u64,
+        rec: abi::Conn,
+        by_index: &HashMap<u32, &Target>,
+        plan: &ScopePlan,
+        fold: &mut Fold,
+    ) {
         let now = fold.now;
         // A process the kernel saw exec under a node's name, before the agent
         // knew which node: its target is the one that process turned out to be.
@@ -282,7 +292,8 @@ impl NetSignal {
             sent: bytes.sent.saturating_sub(tracked.last.sent),
             received: bytes.received.saturating_sub(tracked.last.received),
         };
-        tracked.last = Bytes { sent: tracked.last.sent.max(bytes.sent), received: tracked.last.received.max(bytes.received) };
+        tracked.last =
+            Bytes { sent: tracked.last.sent.max(bytes.sent), received: tracked.last.received.max(bytes.received) };
         if service == Service::P2p {
             per.peers.add(&tracked.key, delta, now);
             per.netgroups.add(&tracked.netgroup, delta, now);
@@ -391,7 +402,10 @@ mod tests {
         raw[11] = 0xff;
         raw[12..].copy_from_slice(&[10, 1, 2, 3]);
         assert_eq!(ip(libc::AF_INET6 as u16, &raw), "10.1.2.3".parse::<IpAddr>().unwrap());
-        assert_eq!(ip(libc::AF_INET as u16, &[192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).to_string(), "192.0.2.1");
+        assert_eq!(
+            ip(libc::AF_INET as u16, &[192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).to_string(),
+            "192.0.2.1"
+        );
     }
 
     #[test]

@@ -193,7 +193,8 @@ impl NetProbe {
 /// What `nodescope probes` reports for this signal: each hook loaded (and
 /// attached) for real in a fresh object, then released.
 pub fn probe_hooks() -> Vec<HookStatus> {
-    let attempt = |program: &'static str, load: &dyn Fn(&mut Ebpf, &aya::Btf) -> Result<(), aya::programs::ProgramError>| {
+    let attempt = |program: &'static str,
+                   load: &dyn Fn(&mut Ebpf, &aya::Btf) -> Result<(), aya::programs::ProgramError>| {
         let btf = bpf::kernel_btf()?;
         let mut ebpf = bpf::load("net.bpf.o", bpf::NET_OBJ, &[])?;
         load(&mut ebpf, &btf).map_err(|source| BpfError::Program { program, source })
@@ -208,7 +209,8 @@ pub fn probe_hooks() -> Vec<HookStatus> {
         p.load("tcp", btf)?;
         p.attach().map(drop)
     });
-    let mut hooks = vec![(format!("tp_btf/{STATE_HOOK}"), STATE_PROG, state), ("iter/tcp".to_string(), ITER_PROG, iter)];
+    let mut hooks =
+        vec![(format!("tp_btf/{STATE_HOOK}"), STATE_PROG, state), ("iter/tcp".to_string(), ITER_PROG, iter)];
     for &(program, hook) in scope::HOOKS {
         let r = attempt(program, &|ebpf, btf| {
             let p: &mut BtfTracePoint = ebpf.program_mut(program).unwrap().try_into()?;

@@ -20,7 +20,8 @@ use crate::cgroup::{self, Mounts, ProcessCgroups};
 const V1_UNLIMITED: u64 = 1 << 62;
 
 /// The v1 controllers read, and the cgroup2 controller each corresponds to.
-pub const CONTROLLERS: &[(&str, &str)] = &[("cpu", "cpu"), ("cpuacct", "cpu"), ("memory", "memory"), ("blkio", "io"), ("pids", "pids")];
+pub const CONTROLLERS: &[(&str, &str)] =
+    &[("cpu", "cpu"), ("cpuacct", "cpu"), ("memory", "memory"), ("blkio", "io"), ("pids", "pids")];
 
 /// Which hierarchy to read; hybrid hosts have both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -126,7 +127,8 @@ impl Reader {
     fn v1_dir<'a>(&mut self, dirs: &'a BTreeMap<String, PathBuf>, ctrl: &str) -> Option<&'a Path> {
         let d = dirs.get(ctrl).map(PathBuf::as_path);
         if d.is_none() {
-            self.failures.push((format!("cgroup v1 {ctrl}"), "controller not mounted, or the node is in no group of it".into()));
+            self.failures
+                .push((format!("cgroup v1 {ctrl}"), "controller not mounted, or the node is in no group of it".into()));
         }
         d
     }
@@ -195,7 +197,11 @@ fn read_v1(r: &mut Reader, dirs: &BTreeMap<String, PathBuf>) -> CgroupStats {
         // The recursive files include child groups, as cgroup2's io.stat does.
         let pick = |name: &str| {
             let recursive = d.join(format!("{name}_recursive"));
-            if recursive.exists() { recursive } else { d.join(name) }
+            if recursive.exists() {
+                recursive
+            } else {
+                d.join(name)
+            }
         };
         let bytes = r.read(&pick("blkio.throttle.io_service_bytes"));
         let ops = r.read(&pick("blkio.throttle.io_serviced"));
@@ -320,7 +326,16 @@ mod tests {
         assert_eq!(s.memory_peak_bytes, Some(230686720));
         assert_eq!(s.pids, Some(17));
         assert_eq!(s.io.len(), 2);
-        assert_eq!(s.io[0], IoDevice { device: "254:0".into(), read_bytes: 1459200, write_bytes: 314773504, read_ops: 192, write_ops: 353 });
+        assert_eq!(
+            s.io[0],
+            IoDevice {
+                device: "254:0".into(),
+                read_bytes: 1459200,
+                write_bytes: 314773504,
+                read_ops: 192,
+                write_ops: 353
+            }
+        );
 
         assert!(!s.memory_unlimited);
 
@@ -345,10 +360,17 @@ mod tests {
     #[test]
     fn v1_blkio_format() {
         let bytes = "254:0 Read 10485760\n254:0 Write 20971520\n254:0 Sync 31457280\n254:0 Async 0\n254:0 Discard 0\n254:0 Total 31457280\nTotal 31457280\n";
-        let ops = "254:0 Read 20\n254:0 Write 40\n254:0 Sync 60\n254:0 Async 0\n254:0 Discard 0\n254:0 Total 60\nTotal 60\n";
+        let ops =
+            "254:0 Read 20\n254:0 Write 40\n254:0 Sync 60\n254:0 Async 0\n254:0 Discard 0\n254:0 Total 60\nTotal 60\n";
         assert_eq!(
             parse_blkio(bytes, ops),
-            vec![IoDevice { device: "254:0".into(), read_bytes: 10485760, write_bytes: 20971520, read_ops: 20, write_ops: 40 }]
+            vec![IoDevice {
+                device: "254:0".into(),
+                read_bytes: 10485760,
+                write_bytes: 20971520,
+                read_ops: 20,
+                write_ops: 40
+            }]
         );
         assert!(parse_blkio("Total 0\n", "Total 0\n").is_empty());
     }

@@ -518,7 +518,11 @@ impl DirTracker {
     /// Counts one more remembered entry; false (and the tree dropped) at the bound.
     fn add_entry(&mut self) -> bool {
         if self.entries >= self.limits.max_entries {
-            tracing::debug!("{}: more than {} entries; size tracking paused", self.root.display(), self.limits.max_entries);
+            tracing::debug!(
+                "{}: more than {} entries; size tracking paused",
+                self.root.display(),
+                self.limits.max_entries
+            );
             self.reset();
             self.over_limit_since = Some(Instant::now());
             // what was reached, for the entries gauge; nothing is held
@@ -728,15 +732,18 @@ fn watch(
             }
             let t = &w.tracker;
             let writable = w.writable.as_ref().map(|(_, r)| r.clone());
-            out.insert(key, DirReport {
-                size_bytes: t.size_bytes(),
-                entries: t.entries(),
-                operations: t.operations(),
-                over_limit: t.over_limit(),
-                error: t.error().map(str::to_owned),
-                writable: writable.as_ref().map(|r| r.is_ok()),
-                writable_error: writable.and_then(|r| r.err()),
-            });
+            out.insert(
+                key,
+                DirReport {
+                    size_bytes: t.size_bytes(),
+                    entries: t.entries(),
+                    operations: t.operations(),
+                    over_limit: t.over_limit(),
+                    error: t.error().map(str::to_owned),
+                    writable: writable.as_ref().map(|r| r.is_ok()),
+                    writable_error: writable.and_then(|r| r.err()),
+                },
+            );
         }
         *reports.lock().unwrap_or_else(|e| e.into_inner()) = out;
     }

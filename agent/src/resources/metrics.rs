@@ -19,35 +19,81 @@ type Series<T> = fn(&TargetResources) -> Vec<(T, Vec<KeyValue>)>;
 
 pub fn register(meter: &Meter, snapshot: Shared<ResourceSnapshot>) {
     let u64_gauges: &[(&'static str, &'static str, &'static str, Pick<u64>)] = &[
-        ("nodescope.filesystem.size", "By", "Size of the filesystem holding the data dir", |t| t.filesystem.map(|f| f.size_bytes)),
-        ("nodescope.filesystem.free", "By", "Free bytes on the data dir's filesystem, including blocks reserved for root", |t| {
-            t.filesystem.map(|f| f.free_bytes)
+        ("nodescope.filesystem.size", "By", "Size of the filesystem holding the data dir", |t| {
+            t.filesystem.map(|f| f.size_bytes)
         }),
-        ("nodescope.filesystem.available", "By", "Bytes an unprivileged process (the node) can still use on the data dir's filesystem", |t| {
-            t.filesystem.map(|f| f.available_bytes)
+        (
+            "nodescope.filesystem.free",
+            "By",
+            "Free bytes on the data dir's filesystem, including blocks reserved for root",
+            |t| t.filesystem.map(|f| f.free_bytes),
+        ),
+        (
+            "nodescope.filesystem.available",
+            "By",
+            "Bytes an unprivileged process (the node) can still use on the data dir's filesystem",
+            |t| t.filesystem.map(|f| f.available_bytes),
+        ),
+        ("nodescope.filesystem.inodes", "{inode}", "Inodes of the data dir's filesystem", |t| {
+            t.filesystem.map(|f| f.inodes_total)
         }),
-        ("nodescope.filesystem.inodes", "{inode}", "Inodes of the data dir's filesystem", |t| t.filesystem.map(|f| f.inodes_total)),
-        ("nodescope.filesystem.inodes.free", "{inode}", "Free inodes of the data dir's filesystem", |t| t.filesystem.map(|f| f.inodes_free)),
+        ("nodescope.filesystem.inodes.free", "{inode}", "Free inodes of the data dir's filesystem", |t| {
+            t.filesystem.map(|f| f.inodes_free)
+        }),
         ("nodescope.filesystem.inodes.available", "{inode}", "Inodes an unprivileged process can still use", |t| {
             t.filesystem.map(|f| f.inodes_available)
         }),
-        ("nodescope.datadir.size", "By", "Apparent size of the data dir, as du -sb counts it", |t| t.datadir_size_bytes),
-        ("nodescope.datadir.entries", "{entry}", "Files and directories of the data dir the size tracker remembers", |t| t.datadir_entries),
-        ("nodescope.datadir.writable", "", "1 when a file could be created and written in the data dir as the node's user, else 0", |t| {
-            t.datadir_writable.map(u64::from)
+        ("nodescope.datadir.size", "By", "Apparent size of the data dir, as du -sb counts it", |t| {
+            t.datadir_size_bytes
         }),
-        ("nodescope.cgroup.memory.usage", "By", "Memory charged to the node's cgroup (memory.current, v1 memory.usage_in_bytes)", |t| {
-            t.cgroup.as_ref()?.memory_usage_bytes
+        (
+            "nodescope.datadir.entries",
+            "{entry}",
+            "Files and directories of the data dir the size tracker remembers",
+            |t| t.datadir_entries,
+        ),
+        (
+            "nodescope.datadir.writable",
+            "",
+            "1 when a file could be created and written in the data dir as the node's user, else 0",
+            |t| t.datadir_writable.map(u64::from),
+        ),
+        (
+            "nodescope.cgroup.memory.usage",
+            "By",
+            "Memory charged to the node's cgroup (memory.current, v1 memory.usage_in_bytes)",
+            |t| t.cgroup.as_ref()?.memory_usage_bytes,
+        ),
+        ("nodescope.cgroup.memory.limit", "By", "Memory limit of the node's cgroup; absent when unlimited", |t| {
+            t.cgroup.as_ref()?.memory_limit_bytes
         }),
-        ("nodescope.cgroup.memory.limit", "By", "Memory limit of the node's cgroup; absent when unlimited", |t| t.cgroup.as_ref()?.memory_limit_bytes),
-        ("nodescope.cgroup.memory.peak", "By", "Highest memory usage of the node's cgroup (memory.peak, v1 memory.max_usage_in_bytes)", |t| {
-            t.cgroup.as_ref()?.memory_peak_bytes
+        (
+            "nodescope.cgroup.memory.peak",
+            "By",
+            "Highest memory usage of the node's cgroup (memory.peak, v1 memory.max_usage_in_bytes)",
+            |t| t.cgroup.as_ref()?.memory_peak_bytes,
+        ),
+        (
+            "nodescope.cgroup.pids",
+            "{task}",
+            "Tasks (threads) in the node's cgroup and its children (pids.current)",
+            |t| t.cgroup.as_ref()?.pids,
+        ),
+        ("nodescope.process.open_fds", "{fd}", "File descriptors the node process has open", |t| {
+            t.process.as_ref().map(|p| p.open_fds)
         }),
-        ("nodescope.cgroup.pids", "{task}", "Tasks (threads) in the node's cgroup and its children (pids.current)", |t| t.cgroup.as_ref()?.pids),
-        ("nodescope.process.open_fds", "{fd}", "File descriptors the node process has open", |t| t.process.as_ref().map(|p| p.open_fds)),
-        ("nodescope.process.fd_limit", "{fd}", "The node process's soft limit on open files; absent when unlimited", |t| t.process.as_ref()?.fd_limit),
-        ("nodescope.process.rss", "By", "Resident memory of the node process", |t| t.process.as_ref().map(|p| p.rss_bytes)),
-        ("nodescope.process.threads", "{thread}", "Threads of the node process", |t| t.process.as_ref().map(|p| p.threads)),
+        (
+            "nodescope.process.fd_limit",
+            "{fd}",
+            "The node process's soft limit on open files; absent when unlimited",
+            |t| t.process.as_ref()?.fd_limit,
+        ),
+        ("nodescope.process.rss", "By", "Resident memory of the node process", |t| {
+            t.process.as_ref().map(|p| p.rss_bytes)
+        }),
+        ("nodescope.process.threads", "{thread}", "Threads of the node process", |t| {
+            t.process.as_ref().map(|p| p.threads)
+        }),
     ];
     for &(name, unit, description, pick) in u64_gauges {
         let s = snapshot.clone();
@@ -91,12 +137,16 @@ pub fn register(meter: &Meter, snapshot: Shared<ResourceSnapshot>) {
     }
 
     let f64_counters: &[(&'static str, &'static str, Pick<f64>)] = &[
-        ("nodescope.cgroup.cpu.time", "CPU time used by the node's cgroup (cpu.stat usage_usec, v1 cpuacct.usage)", |t| {
-            t.cgroup.as_ref()?.cpu_usage_seconds
-        }),
-        ("nodescope.cgroup.cpu.throttled", "Time the node's cgroup was held back by its CPU quota (throttled_usec, v1 throttled_time)", |t| {
-            t.cgroup.as_ref()?.cpu_throttled_seconds
-        }),
+        (
+            "nodescope.cgroup.cpu.time",
+            "CPU time used by the node's cgroup (cpu.stat usage_usec, v1 cpuacct.usage)",
+            |t| t.cgroup.as_ref()?.cpu_usage_seconds,
+        ),
+        (
+            "nodescope.cgroup.cpu.throttled",
+            "Time the node's cgroup was held back by its CPU quota (throttled_usec, v1 throttled_time)",
+            |t| t.cgroup.as_ref()?.cpu_throttled_seconds,
+        ),
     ];
     for &(name, description, pick) in f64_counters {
         let s = snapshot.clone();
@@ -155,7 +205,9 @@ pub fn register(meter: &Meter, snapshot: Shared<ResourceSnapshot>) {
     let s = snapshot;
     meter
         .u64_observable_counter("nodescope.datadir.passes_skipped")
-        .with_description("Data dir passes not run because the previous one had not finished (a slow or hung filesystem)")
+        .with_description(
+            "Data dir passes not run because the previous one had not finished (a slow or hung filesystem)",
+        )
         .with_callback(move |o| o.observe(s.get().datadir_passes_skipped, &[]))
         .build();
 }

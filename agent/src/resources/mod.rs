@@ -209,7 +209,11 @@ impl ResourceSignal {
                     self.datadir(&mut r, &key, at.as_deref(), now);
                     requests.push(WatchRequest { key, dir: at, owner });
                 }
-                None => self.off.report(&t.name, "data dir", vec![("datadir".into(), "not known: set targets.datadir".into())]),
+                None => self.off.report(
+                    &t.name,
+                    "data dir",
+                    vec![("datadir".into(), "not known: set targets.datadir".into())],
+                ),
             }
             out.push(r);
         }
@@ -232,12 +236,16 @@ impl ResourceSignal {
             _ => t.cgroup_v2.as_deref(),
         };
         let groups = ProcessCgroups::read(&self.proc_root, pid).unwrap_or_default();
-        let Some(source) = cgroup_stats::locate(self.cgroup_version, &self.mounts, v2_controllers, v2_dir, &groups) else {
-            let reason = format!("no cgroup {} hierarchy holds process {pid}", match self.cgroup_version {
-                CgroupVersion::Auto => "v1 or v2",
-                CgroupVersion::V2 => "v2",
-                CgroupVersion::V1 => "v1",
-            });
+        let Some(source) = cgroup_stats::locate(self.cgroup_version, &self.mounts, v2_controllers, v2_dir, &groups)
+        else {
+            let reason = format!(
+                "no cgroup {} hierarchy holds process {pid}",
+                match self.cgroup_version {
+                    CgroupVersion::Auto => "v1 or v2",
+                    CgroupVersion::V2 => "v2",
+                    CgroupVersion::V1 => "v1",
+                }
+            );
             self.off.report(&t.name, "cgroup", vec![("cgroup".into(), reason)]);
             return None;
         };

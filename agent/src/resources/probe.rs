@@ -29,7 +29,11 @@ pub fn probe_sources() -> Vec<HookStatus> {
         Some(m) => row(
             "cgroup2 mount".into(),
             true,
-            format!("{} (controllers: {})", m.display(), if v2_controllers.is_empty() { "none".into() } else { v2_controllers.join(" ") }),
+            format!(
+                "{} (controllers: {})",
+                m.display(),
+                if v2_controllers.is_empty() { "none".into() } else { v2_controllers.join(" ") }
+            ),
         ),
         None => row("cgroup2 mount".into(), false, "not mounted: figures come from cgroup v1 only".into()),
     });
@@ -42,7 +46,9 @@ pub fn probe_sources() -> Vec<HookStatus> {
             (true, _, Some(m)) => row(hook, true, format!("cgroup2 at {}", m.display())),
             (false, Some(p), _) => row(hook, true, format!("cgroup v1 at {}", p.display())),
             // CPU time is in every cgroup2 group's cpu.stat, controller or not.
-            (false, None, Some(m)) if *v1 == "cpuacct" => row(hook, true, format!("cgroup2 cpu.stat usage_usec at {}", m.display())),
+            (false, None, Some(m)) if *v1 == "cpuacct" => {
+                row(hook, true, format!("cgroup2 cpu.stat usage_usec at {}", m.display()))
+            }
             _ => row(hook, false, format!("on neither hierarchy: the {} figures are off", figures(v1))),
         };
         rows.push(r);

@@ -39,7 +39,12 @@ pub struct ProcessReader {
 
 impl ProcessReader {
     pub fn new(proc_root: &Path) -> ProcessReader {
-        ProcessReader { proc_root: proc_root.to_path_buf(), last_seen: HashMap::new(), restarts: HashMap::new(), boot_time: None }
+        ProcessReader {
+            proc_root: proc_root.to_path_buf(),
+            last_seen: HashMap::new(),
+            restarts: HashMap::new(),
+            boot_time: None,
+        }
     }
 
     /// Notes which process the target is now: a different pid, or the same
@@ -87,7 +92,8 @@ impl ProcessReader {
         let owner = FsOwner { uid: fs_id("Uid")?, gid: fs_id("Gid")? };
 
         let fd_dir = dir.join("fd");
-        let open_fds = fs::read_dir(&fd_dir).map_err(|source| ProcessError::Read { path: fd_dir, source })?.count() as u64;
+        let open_fds =
+            fs::read_dir(&fd_dir).map_err(|source| ProcessError::Read { path: fd_dir, source })?.count() as u64;
         let limits_path = dir.join("limits");
         let fd_limit = nofile_soft_limit(&read(&limits_path)?)
             .ok_or(ProcessError::Field { path: limits_path, field: "Max open files" })?;
@@ -155,7 +161,10 @@ mod tests {
                     Max processes             95837                95837                processes \n\
                     Max open files            1024                 524288               files     \n";
         assert_eq!(nofile_soft_limit(text), Some(Some(1024)));
-        assert_eq!(nofile_soft_limit("Max open files            unlimited            unlimited            files\n"), Some(None));
+        assert_eq!(
+            nofile_soft_limit("Max open files            unlimited            unlimited            files\n"),
+            Some(None)
+        );
         assert_eq!(nofile_soft_limit("nothing"), None);
     }
 
