@@ -422,23 +422,7 @@ impl ContainerNode {
 
     /// RPC with the host's litecoin-cli over the bridge.
     pub fn try_cli(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("litecoin-cli")
-            .args([
-                "-regtest",
-                &format!("-rpcconnect={}", self.ip()),
-                &format!("-rpcport={RPC_PORT}"),
-                "-rpcuser=u",
-                "-rpcpassword=p",
-                "-rpcclienttimeout=30",
-            ])
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).to_string())
-        }
+        super::regtest_cli(&self.ip(), RPC_PORT, args)
     }
 
     pub fn cli(&self, args: &[&str]) -> String {

@@ -164,6 +164,28 @@ pub fn regtest_args(datadir: &Path, port: u16, rpcport: u16) -> Vec<String> {
 }
 
 /// A litecoind regtest node on loopback.
+/// litecoin-cli against a regtest node's RPC at `host:port` (the test
+/// nodes' credentials): its trimmed output, or its error text.
+pub fn regtest_cli(host: &str, port: u16, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("litecoin-cli")
+        .args([
+            "-regtest",
+            &format!("-rpcconnect={host}"),
+            &format!("-rpcport={port}"),
+            "-rpcuser=u",
+            "-rpcpassword=p",
+            "-rpcclienttimeout=30",
+        ])
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
 pub struct Litecoind {
     pub child: Child,
     pub dir: TempDir,
@@ -215,22 +237,7 @@ impl Litecoind {
     }
 
     pub fn try_cli(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("litecoin-cli")
-            .args([
-                "-regtest",
-                &format!("-rpcport={}", self.rpcport),
-                "-rpcuser=u",
-                "-rpcpassword=p",
-                "-rpcclienttimeout=30",
-            ])
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).to_string())
-        }
+        regtest_cli("127.0.0.1", self.rpcport, args)
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
