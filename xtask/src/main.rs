@@ -3,6 +3,7 @@
 //! README's commands work on a fresh machine.
 
 mod ebpf;
+mod image;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -35,6 +36,13 @@ enum Task {
     },
     /// Measure what the probes cost: `net` or `disk`.
     Bench { which: String },
+    /// Build the OCI image (deploy/Containerfile's runtime stage) from the
+    /// locally built agent, offline, with podman or buildah.
+    Image {
+        /// Extra arguments (see xtask/src/image.rs).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Debian packages per task.
@@ -89,6 +97,7 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::Run { config } => run(config),
         Task::Bench { which } => bench(&which),
+        Task::Image { args } => image::image(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
