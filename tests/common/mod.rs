@@ -34,6 +34,33 @@ pub fn require_tool(tool: &str, package: &str) {
     assert!(found, "{tool} is not installed (Debian package {package}); `cargo xtask test` installs it");
 }
 
+/// The workspace root (tests live in `<repo>/tests`, built by the agent crate).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The project's own Python virtual environment for PyPI tools (rotel,
+/// kubernetes-validate): `cargo xtask test` creates it and installs into it,
+/// never into the system Python (Debian's refuses, PEP 668).
+pub fn pytools_dir() -> PathBuf {
+    repo_root().join("target/pytools")
+}
+
+/// A program of that environment: `<repo>/target/pytools/bin/<name>`, e.g.
+/// `pytool("kubernetes-validate")`, or `pytool("python3")` for `-m module` and
+/// `-c "import ..."`. Fails the test with what to run when it is missing.
+pub fn pytool(name: &str) -> PathBuf {
+    let path = pytools_dir().join("bin").join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: the PyPI tools live in the virtual environment {}, which `cargo xtask test` creates \
+         and fills (run it once, e.g. `cargo xtask test -- --list`)",
+        path.display(),
+        pytools_dir().display()
+    );
+    path
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
