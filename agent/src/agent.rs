@@ -178,6 +178,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             probes_attached: net.is_some(),
         }));
         loop_status.publish(LoopStatus { last_run: Some(Instant::now()), runs: loop_status.get().runs + 1, interval });
+        // /metrics serves this collection's figures until the next one
+        telemetry.refresh();
         if !ready_sent {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
             ready_sent = true;

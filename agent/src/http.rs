@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{
+    HeaderMap, HeaderValue, ACCEPT, ACCEPT_ENCODING, ALLOW, CONNECTION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER,
+    VARY,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -26,7 +29,7 @@ use crate::config::HttpConfig;
 use crate::health::{endpoints as health_endpoints, HealthSnapshot};
 use crate::net::NetSnapshot;
 use crate::snapshot::Shared;
-use crate::telemetry::Telemetry;
+use crate::telemetry::{Format, Telemetry, Variant};
 
 pub struct AppState {
     pub telemetry: Arc<Telemetry>,
@@ -53,7 +56,65 @@ fn error(status: StatusCode, message: &str) -> Resp {
     json_response(status, json!({ "error": message }))
 }
 
-pub fn route(state: &AppState, method: &Method, path: &str) -> Resp {
+/// The /metrics variant a scraper asks for: OpenMetrics when its Accept
+/// names `application/openmetrics-text` at least as high as the text format
+/// (a wildcard alone gets the text format), gzip when Accept-Encoding takes it.
+pub fn negotiate(accept: Option<&str>, accept_encoding: Option<&str>) -> Variant {
+    // the highest q among the list's entries that `matches` (None: none does)
+    fn quality(list: &str, matches: impl Fn(&str) -> bool) -> Option<f32> {
+        list.split(',')
+            .filter_map(|entry| {
+                let mut parts = entry.split(';');
+                let name = parts.next()?.trim().to_ascii_lowercase();
+                if !matches(&name) {
+                    return None;
+                }
+                let q = parts
+                    .filter_map(|p| p.trim().strip_prefix("q=").or_else(|| p.trim().strip_prefix("Q=")))
+                    .find_map(|q| q.trim().parse::<f32>().ok())
+                    .unwrap_or(1.0);
+                Some(q)
+            })
+            .reduce(f32::max)
+    }
+    let format = match accept {
+        Some(accept) => {
+            let om = quality(accept, |t| t == "application/openmetrics-text").unwrap_or(0.0);
+            let text = quality(accept, |t| matches!(t, "text/plain" | "text/*" | "*/*")).unwrap_or(0.0);
+            if om > 0.0 && om >= text {
+                Format::OpenMetrics
+            } else {
+                Format::Text
+            }
+        }
+        None => Format::Text,
+    };
+    let gzip = accept_encoding.and_then(|e| quality(e, |c| c == "gzip" || c == "*")).is_some_and(|q| q > 0.0);
+    Variant { format, gzip }
+}
+
+/// /metrics from the last collection's exposition, in `variant`.
+fn metrics(state: &AppState, variant: Variant) -> Resp {
+    match state.telemetry.exposition(variant) {
+        Ok(body) => {
+            let mut r = respond(StatusCode::OK, variant.format.content_type(), body);
+            if variant.gzip {
+                r.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            }
+            r.headers_mut().insert(VARY, HeaderValue::from_static("Accept, Accept-Encoding"));
+            r
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+/// The variant `headers` ask for.
+fn variant_of(headers: &HeaderMap) -> Variant {
+    let get = |h| headers.get(h).and_then(|v: &HeaderValue| v.to_str().ok());
+    negotiate(get(ACCEPT), get(ACCEPT_ENCODING))
+}
+
+pub fn route(state: &AppState, method: &Method, path: &str, variant: Variant) -> Resp {
     let health = if health_endpoints::is_health_path(path) {
         match health_endpoints::parse(path) {
             Ok(endpoint) => Some(endpoint),
@@ -83,10 +144,7 @@ pub fn route(state: &AppState, method: &Method, path: &str) -> Resp {
         return json_response(status, body);
     }
     match path {
-        "/metrics" => match state.telemetry.encode() {
-            Ok(body) => respond(StatusCode::OK, prometheus::TEXT_FORMAT, body),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-        },
+        "/metrics" => metrics(state, variant),
         "/peers" => json_response(StatusCode::OK, peers(&state.net.get())),
         _ => unreachable!("checked above"),
     }
@@ -496,12 +554,13 @@ impl HttpGuard {
         ip: IpAddr,
         method: Method,
         path: String,
+        variant: Variant,
     ) -> Resp {
         // one request per turn: a connection with many requests pipelined
         // waits behind the others (a probe among them) between any two
         tokio::task::yield_now().await;
         if is_probe(&path) {
-            let mut r = route(&state, &method, &path);
+            let mut r = route(&state, &method, &path, variant);
             if room == Room::Probe {
                 r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
             }
@@ -520,7 +579,7 @@ impl HttpGuard {
                 let Ok(_turn) = self.encoding.acquire().await else {
                     return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
                 };
-                tokio::task::spawn_blocking(move || route(&state, &method, &path))
+                tokio::task::spawn_blocking(move || route(&state, &method, &path, variant))
                     .await
                     .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "handler failed"))
             }
@@ -656,8 +715,15 @@ async fn connection(stream: TcpStream, ip: IpAddr, act: Arc<Activity>, place: Pl
         let (guard, act) = (guard.clone(), act.clone());
         service_fn(move |req: Request<Incoming>| {
             act.requested.store(true, Ordering::Relaxed);
-            let answer =
-                guard.clone().answer(state.clone(), room, ip, req.method().clone(), req.uri().path().to_string());
+            let variant = variant_of(req.headers());
+            let answer = guard.clone().answer(
+                state.clone(),
+                room,
+                ip,
+                req.method().clone(),
+                req.uri().path().to_string(),
+                variant,
+            );
             async move { Ok::<_, Infallible>(answer.await) }
         })
     };
@@ -703,6 +769,23 @@ async fn connection(stream: TcpStream, ip: IpAddr, act: Arc<Activity>, place: Pl
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_negotiation() {
+        let v = |a: Option<&str>, e: Option<&str>| {
+            let v = negotiate(a, e);
+            (v.format, v.gzip)
+        };
+        // what Prometheus 2.42 sends by default
+        let prom = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(v(Some(prom), Some("gzip")), (Format::OpenMetrics, true));
+        assert_eq!(v(None, None), (Format::Text, false));
+        assert_eq!(v(Some("*/*"), Some("deflate, br")), (Format::Text, false));
+        assert_eq!(v(Some("text/plain;version=0.0.4"), Some("gzip;q=0")), (Format::Text, false));
+        assert_eq!(v(Some("text/plain;q=0.9, application/openmetrics-text;q=0.5"), None), (Format::Text, false));
+        assert_eq!(v(Some("application/openmetrics-text; version=1.0.0"), Some("br, *")), (Format::OpenMetrics, true));
+        assert_eq!(v(Some("application/openmetrics-text;q=0"), Some("GZIP")), (Format::Text, true));
+    }
 
     #[test]
     fn backoff_doubles_to_a_second_and_resets() {

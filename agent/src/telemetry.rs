@@ -2,9 +2,15 @@
 //! Prometheus registry behind /metrics (and, when configured, OTLP).
 //! Signals register their own instruments on the meter it hands out.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Instant;
+
+use hyper::body::Bytes;
 use opentelemetry::metrics::{Meter, MeterProvider};
 use opentelemetry_sdk::metrics::{Instrument, SdkMeterProvider, Stream};
 use opentelemetry_sdk::Resource;
+use prometheus::proto::{MetricFamily, MetricType};
 use prometheus::{Encoder, TextEncoder};
 
 use crate::config::Config;
@@ -16,12 +22,103 @@ pub enum TelemetryError {
     #[error("otlp.endpoint: {0}")]
     Otlp(String),
     #[error("encoding /metrics: {0}")]
-    Encode(#[from] prometheus::Error),
+    Exposition(String),
 }
 
 pub struct Telemetry {
     provider: SdkMeterProvider,
     registry: prometheus::Registry,
+    /// The exposition of the last collection, served to every scrape until
+    /// the next one.
+    exposition: RwLock<Option<Arc<Exposition>>>,
+    /// When each variant was last asked for (ms since `epoch` + 1; 0: never):
+    /// the variants asked for within `PREPARE_ASKED_WITHIN` are encoded at
+    /// collection time, so a scrape only copies a buffer.
+    asked: [AtomicU64; Variant::COUNT],
+    epoch: Instant,
+}
+
+/// The /metrics formats: the Prometheus text format (0.0.4) and OpenMetrics
+/// 1.0, each plain or gzip-compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    pub format: Format,
+    pub gzip: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    OpenMetrics,
+}
+
+impl Format {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => prometheus::TEXT_FORMAT,
+            Format::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Text => "text",
+            Format::OpenMetrics => "openmetrics",
+        }
+    }
+}
+
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+impl Variant {
+    const COUNT: usize = 4;
+    const ALL: [Variant; Variant::COUNT] = [
+        Variant { format: Format::Text, gzip: false },
+        Variant { format: Format::Text, gzip: true },
+        Variant { format: Format::OpenMetrics, gzip: false },
+        Variant { format: Format::OpenMetrics, gzip: true },
+    ];
+    fn index(self) -> usize {
+        (self.format == Format::OpenMetrics) as usize * 2 + self.gzip as usize
+    }
+}
+
+/// A variant asked for within this long is encoded at each collection.
+const PREPARE_ASKED_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// What one collection gathered, and its encodings, each made at most once.
+pub struct Exposition {
+    families: Vec<MetricFamily>,
+    bodies: [OnceLock<Result<Bytes, String>>; Variant::COUNT],
+}
+
+impl Exposition {
+    fn new(families: Vec<MetricFamily>) -> Exposition {
+        Exposition { families, bodies: Default::default() }
+    }
+
+    /// The body of `variant`, encoded on first use.
+    pub fn body(&self, variant: Variant) -> Result<Bytes, String> {
+        self.bodies[variant.index()]
+            .get_or_init(|| {
+                let plain = match variant.format {
+                    Format::Text => {
+                        let mut out = Vec::new();
+                        TextEncoder::new().encode(&self.families, &mut out).map_err(|e| e.to_string())?;
+                        out
+                    }
+                    Format::OpenMetrics => encode_openmetrics(&self.families),
+                };
+                if !variant.gzip {
+                    return Ok(Bytes::from(plain));
+                }
+                use std::io::Write;
+                let mut gz =
+                    flate2::write::GzEncoder::new(Vec::with_capacity(plain.len() / 8), flate2::Compression::fast());
+                gz.write_all(&plain).map_err(|e| e.to_string())?;
+                gz.finish().map(Bytes::from).map_err(|e| e.to_string())
+            })
+            .clone()
+    }
 }
 
 impl Telemetry {
@@ -67,21 +164,212 @@ impl Telemetry {
                 }
             })
             .build();
-        Ok(Telemetry { provider, registry })
+        Ok(Telemetry {
+            provider,
+            registry,
+            exposition: RwLock::new(None),
+            asked: Default::default(),
+            epoch: Instant::now(),
+        })
     }
 
     pub fn meter(&self) -> Meter {
         self.provider.meter("nodescope")
     }
 
-    /// The Prometheus text exposition of everything registered.
-    pub fn encode(&self) -> Result<Vec<u8>, TelemetryError> {
-        let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
-        Ok(out)
+    /// Gathers every instrument once (their callbacks read the snapshots
+    /// this collection published) and encodes the variants scrapers asked
+    /// for lately; scrapes until the next collection are served from it.
+    pub fn refresh(&self) {
+        let exposition = Arc::new(Exposition::new(self.registry.gather()));
+        let now = self.epoch.elapsed().as_millis() as u64;
+        for v in Variant::ALL {
+            let asked = self.asked[v.index()].load(Ordering::Relaxed);
+            if asked > 0 && now.saturating_sub(asked - 1) <= PREPARE_ASKED_WITHIN.as_millis() as u64 {
+                if let Err(e) = exposition.body(v) {
+                    tracing::warn!("encoding /metrics ({} gzip {}): {e}", v.format.as_str(), v.gzip);
+                }
+            }
+        }
+        *self.exposition.write().unwrap_or_else(|e| e.into_inner()) = Some(exposition);
+    }
+
+    /// The body of `variant` from the last collection's exposition (gathered
+    /// now when there was none yet).
+    pub fn exposition(&self, variant: Variant) -> Result<Bytes, TelemetryError> {
+        self.asked[variant.index()].store(self.epoch.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+        let current = self.exposition.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let exposition = match current {
+            Some(e) => e,
+            None => Arc::new(Exposition::new(self.registry.gather())),
+        };
+        exposition.body(variant).map_err(TelemetryError::Exposition)
     }
 
     pub fn shutdown(&self) {
         let _ = self.provider.shutdown();
+    }
+}
+
+/// OpenMetrics 1.0 text of `families` as the Prometheus exporter made them:
+/// a counter's family is named without its `_total` (which its samples
+/// carry), histogram bounds are canonical floats, and `# EOF` ends it.
+pub fn encode_openmetrics(families: &[MetricFamily]) -> Vec<u8> {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(64 * 1024);
+    for mf in families {
+        let name = mf.name();
+        let (family, kind) = match mf.get_field_type() {
+            MetricType::COUNTER => (name.strip_suffix("_total").unwrap_or(name), "counter"),
+            MetricType::GAUGE => (name, "gauge"),
+            MetricType::HISTOGRAM => (name, "histogram"),
+            MetricType::SUMMARY => (name, "summary"),
+            MetricType::UNTYPED => (name, "unknown"),
+        };
+        if !mf.help().is_empty() {
+            let _ = writeln!(out, "# HELP {family} {}", escape(mf.help()));
+        }
+        let _ = writeln!(out, "# TYPE {family} {kind}");
+        for m in mf.get_metric() {
+            let labels = m.get_label();
+            match mf.get_field_type() {
+                MetricType::COUNTER => {
+                    sample(&mut out, family, "_total", labels, None, m.get_counter().value());
+                }
+                MetricType::GAUGE => sample(&mut out, family, "", labels, None, m.get_gauge().value()),
+                MetricType::UNTYPED => sample(&mut out, family, "", labels, None, m.untyped.value()),
+                MetricType::HISTOGRAM => {
+                    let h = m.get_histogram();
+                    let mut inf_seen = false;
+                    for b in h.get_bucket() {
+                        let le = b.upper_bound();
+                        inf_seen |= le == f64::INFINITY;
+                        let count = b.cumulative_count() as f64;
+                        sample(&mut out, family, "_bucket", labels, Some(("le", &canonical(le))), count);
+                    }
+                    if !inf_seen {
+                        let count = h.get_sample_count() as f64;
+                        sample(&mut out, family, "_bucket", labels, Some(("le", "+Inf")), count);
+                    }
+                    sample(&mut out, family, "_sum", labels, None, h.get_sample_sum());
+                    sample(&mut out, family, "_count", labels, None, h.get_sample_count() as f64);
+                }
+                MetricType::SUMMARY => {
+                    let s = m.get_summary();
+                    for q in s.get_quantile() {
+                        sample(&mut out, family, "", labels, Some(("quantile", &canonical(q.quantile()))), q.value());
+                    }
+                    sample(&mut out, family, "_sum", labels, None, s.sample_sum());
+                    sample(&mut out, family, "_count", labels, None, s.sample_count() as f64);
+                }
+            }
+        }
+    }
+    out.push_str("# EOF\n");
+    out.into_bytes()
+}
+
+/// A float as OpenMetrics writes it: `1.0`, `0.005`, `+Inf`, `NaN`.
+fn canonical(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        format!("{v:?}")
+    }
+}
+
+fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains(['\\', '"', '\n']) {
+        return s.into();
+    }
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n").into()
+}
+
+fn sample(
+    out: &mut String,
+    family: &str,
+    suffix: &str,
+    labels: &[prometheus::proto::LabelPair],
+    extra: Option<(&str, &str)>,
+    value: f64,
+) {
+    use std::fmt::Write;
+    out.push_str(family);
+    out.push_str(suffix);
+    if !labels.is_empty() || extra.is_some() {
+        out.push('{');
+        let mut first = true;
+        for (k, v) in labels.iter().map(|l| (l.name(), l.value())).chain(extra) {
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            let _ = write!(out, "{k}=\"{}\"", escape(v));
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {}", canonical(value));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::KeyValue;
+
+    #[test]
+    fn openmetrics_of_the_exporters_families() {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .scope_info_enabled(false)
+            .without_target_info()
+            .build()
+            .unwrap();
+        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let meter = provider.meter("t");
+        let c = meter.u64_counter("x.sent").with_unit("By").with_description("bytes \"sent\"\nper peer").build();
+        c.add(3, &[KeyValue::new("peer", "a\\b")]);
+        let h = meter.f64_histogram("x.wait").with_unit("s").with_boundaries(vec![0.5, 1.0]).build();
+        h.record(0.7, &[]);
+        let g = meter.i64_gauge("x.open").build();
+        g.record(2, &[]);
+        let text = String::from_utf8(encode_openmetrics(&registry.gather())).unwrap();
+        for line in [
+            "# HELP x_sent_bytes bytes \\\"sent\\\"\\nper peer",
+            "# TYPE x_sent_bytes counter",
+            "x_sent_bytes_total{peer=\"a\\\\b\"} 3.0",
+            "# TYPE x_wait_seconds histogram",
+            "x_wait_seconds_bucket{le=\"0.5\"} 0.0",
+            "x_wait_seconds_bucket{le=\"1.0\"} 1.0",
+            "x_wait_seconds_bucket{le=\"+Inf\"} 1.0",
+            "x_wait_seconds_sum 0.7",
+            "x_wait_seconds_count 1.0",
+            "# TYPE x_open gauge",
+            "x_open 2.0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
+        }
+        assert!(text.ends_with("\n# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn each_variant_is_encoded_once() {
+        let registry = prometheus::Registry::new();
+        let g = prometheus::IntGauge::new("g", "a gauge").unwrap();
+        registry.register(Box::new(g.clone())).unwrap();
+        g.set(5);
+        let e = Exposition::new(registry.gather());
+        g.set(6);
+        let plain = e.body(Variant { format: Format::Text, gzip: false }).unwrap();
+        assert_eq!(std::str::from_utf8(&plain).unwrap(), "# HELP g a gauge\n# TYPE g gauge\ng 5\n");
+        let gz = e.body(Variant { format: Format::Text, gzip: true }).unwrap();
+        let mut unzipped = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut unzipped).unwrap();
+        assert_eq!(unzipped.as_bytes(), &plain[..]);
+        // the same buffer again, not a new encoding
+        let again = e.body(Variant { format: Format::Text, gzip: true }).unwrap();
+        assert_eq!(again.as_ptr(), gz.as_ptr());
     }
 }
