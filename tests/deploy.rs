@@ -393,25 +393,10 @@ fn example_configs_pass_check_config() {
 
 // ---------------------------------------------------------------- kubernetes
 
-/// kubernetes-validate from PyPI, installed when missing (it brings PyYAML,
-/// which the tests also use to read YAML).
-fn ensure_kubernetes_validate() {
-    require_tool("python3", "python3");
-    let present = || run(Command::new("python3").args(["-c", "import kubernetes_validate, yaml"])).ok;
-    if present() {
-        return;
-    }
-    let out = run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubernetes-validate"]));
-    assert!(
-        out.ok && present(),
-        "kubernetes-validate is not installed and `python3 -m pip install kubernetes-validate` failed: {}",
-        out.text()
-    );
-}
-
+/// YAML goes through the PyYAML that kubernetes-validate brings, in the
+/// project's PyPI venv (`common::pytool`; `cargo xtask test` fills it).
 fn yaml_docs(path: &Path) -> Vec<Value> {
-    ensure_kubernetes_validate();
-    let out = run(Command::new("python3")
+    let out = run(Command::new(pytool("python3"))
         .args([
             "-c",
             "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None], sys.stdout)",
@@ -465,13 +450,13 @@ impl Manifest {
 
 #[test]
 fn kubernetes_manifests_validate() {
-    ensure_kubernetes_validate();
+    let validate = pytool("kubernetes-validate");
     let file = deploy("kubernetes/daemonset.yaml");
     // The newest API the validator knows, and 1.28, the oldest release
     // still common in managed clusters.
     for version in [None, Some("1.28.0")] {
-        let mut cmd = Command::new("python3");
-        cmd.args(["-m", "kubernetes_validate", "--strict"]);
+        let mut cmd = Command::new(&validate);
+        cmd.arg("--strict");
         if let Some(v) = version {
             cmd.args(["-k", v]);
         }

@@ -4,20 +4,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-fn rotel_agent() -> PathBuf {
-    let out = Command::new("python3")
-        .args(["-c", "import rotel, os; print(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent'))"])
-        .output()
-        .expect("python3");
-    assert!(out.status.success(), "PyPI package rotel is not installed; `cargo xtask test` installs it");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
 
 /// Values of `metric` data points whose attributes include every `attrs`
 /// pair, in rotel's detailed debug log.
@@ -40,7 +30,8 @@ fn rotel_values(log: &str, metric: &str, attrs: &[(&str, &str)]) -> Vec<f64> {
 #[test]
 fn metrics_reach_an_otlp_collector() {
     require_root();
-    let rotel = rotel_agent();
+    // rotel-agent, linked into the project's PyPI venv by `cargo xtask test`
+    let rotel = pytool("rotel-agent");
     let dir = TempDir::new("otlp");
     let (http_port, grpc_port) = (free_port(), free_port());
     let log_path = dir.path().join("rotel.log");

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask build-ebpf | test | run | bench <net|disk>`.
+//! Project tasks: `cargo xtask build-ebpf | lint | test | run | bench <net|disk> | image`.
 //! Each installs the Debian packages it needs when they are missing, so the
 //! README's commands work on a fresh machine.
 
@@ -21,6 +21,9 @@ struct Cli {
 enum Task {
     /// Compile ebpf/*.bpf.c into target/ebpf/ (and the layout constants).
     BuildEbpf,
+    /// What CI checks before the tests: `cargo fmt --all --check`, then
+    /// `cargo clippy --workspace --all-targets -- -D warnings`.
+    Lint,
     /// Install what the tests need, then run every test (as root).
     Test {
         /// Extra arguments for `cargo test` (a test name filter, say).
@@ -67,6 +70,8 @@ const TEST_PACKAGES: &[&str] = &[
     "coreutils",
     "util-linux",
     "python3",
+    // the PyPI tools' virtual environment (target/pytools); it brings pip's wheel for ensurepip
+    "python3-venv",
     // deploy tests: systemd-analyze verify/security/syscall-filter
     "systemd",
     // disk tests: monerod regtest (LMDB writes and msync); loop-mounted xfs and btrfs
@@ -79,9 +84,17 @@ const TEST_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "iptables",
 ];
-/// PyPI packages the tests use (module, package): rotel ships a real OTLP
-/// collector binary; kubernetes-validate checks manifests against the API schemas.
-const TEST_PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "rotel"), ("kubernetes_validate", "kubernetes-validate")];
+/// PyPI packages the tests use (package, version), installed into the
+/// project's own virtual environment `target/pytools`, never into the system
+/// Python (Debian's refuses: PEP 668). rotel ships a real OTLP collector
+/// binary; kubernetes-validate checks manifests against the API schemas.
+/// Versions are pinned to the ones the suite was checked with.
+const TEST_PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "0.0.1a15"), ("kubernetes-validate", "1.37.0")];
+/// Programs shipped inside a package rather than as a console script
+/// (module, file): linked into `target/pytools/bin` so tests find them there.
+const TEST_PIP_PROGRAMS: &[(&str, &str)] = &[("rotel", "rotel-agent")];
+/// The rustup components `cargo xtask lint` runs.
+const LINT_COMPONENTS: &[(&str, &str)] = &[("fmt", "rustfmt"), ("clippy", "clippy")];
 const RUN_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc", "litecoind"];
 const BENCH_PACKAGES: &[&str] =
     &["clang", "llvm", "libbpf-dev", "gcc", "iperf3", "bpftool", "fio", "procps", "bpftrace"];
@@ -94,6 +107,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::BuildEbpf => build_ebpf(),
+        Task::Lint => lint(),
         Task::Test { args } => test(&args),
         Task::Run { config } => run(config),
         Task::Bench { which } => bench(&which),
@@ -132,18 +146,60 @@ fn ensure_packages(pkgs: &[&str]) -> Result<(), String> {
     )
 }
 
-/// (module, package): pip installs the package when python3 cannot import the module.
-fn ensure_pip(pkgs: &[(&str, &str)]) -> Result<(), String> {
-    for (module, package) in pkgs {
-        let present = Command::new("python3")
-            .args(["-c", &format!("import {module}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !present {
-            eprintln!("xtask: pip installing {package}");
-            status(Command::new("python3").args(["-m", "pip", "install", "-q", package]))?;
+/// The project's virtual environment for PyPI tools; tests find them with
+/// `common::pytool` at the same place.
+fn pytools_dir(root: &Path) -> PathBuf {
+    root.join("target/pytools")
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Makes `target/pytools` (with `python3 -m venv`, whichever python3 is first
+/// on PATH; on Debian that is /usr/bin/python3 and needs python3-venv) and
+/// pip-installs each package whose pinned version is not there. A venv whose
+/// interpreter no longer runs (its base Python went away) is made again.
+fn ensure_pytools(root: &Path, pkgs: &[(&str, &str)], programs: &[(&str, &str)]) -> Result<(), String> {
+    let venv = pytools_dir(root);
+    let python = venv.join("bin/python3");
+    if output(Command::new(&python).args(["-c", "import sys"])).is_none() {
+        if venv.exists() {
+            eprintln!("xtask: {} does not run; making the virtual environment again", python.display());
+            std::fs::remove_dir_all(&venv).map_err(|e| format!("removing {}: {e}", venv.display()))?;
         }
+        eprintln!("xtask: making the virtual environment {}", venv.display());
+        status(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+            .map_err(|e| format!("{e} (Debian needs python3-venv for `python3 -m venv`)"))?;
+    }
+    for (package, version) in pkgs {
+        let installed = output(
+            Command::new(&python)
+                .args(["-c", &format!("import importlib.metadata as m; print(m.version({package:?}))")]),
+        );
+        if installed.as_deref() != Some(*version) {
+            eprintln!("xtask: pip installing {package}=={version} into {}", venv.display());
+            status(
+                Command::new(&python)
+                    .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+                    .arg(format!("{package}=={version}")),
+            )?;
+        }
+    }
+    for (module, file) in programs {
+        let link = venv.join("bin").join(file);
+        if link.is_file() {
+            continue;
+        }
+        let code = format!("import {module}, os; print(os.path.join(os.path.dirname({module}.__file__), {file:?}))");
+        let target = output(Command::new(&python).args(["-c", &code]))
+            .map(PathBuf::from)
+            .filter(|p| p.is_file())
+            .ok_or_else(|| format!("{module} is installed in {} but has no {file}", venv.display()))?;
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link)
+            .map_err(|e| format!("linking {} to {}: {e}", link.display(), target.display()))?;
     }
     Ok(())
 }
@@ -172,6 +228,29 @@ fn build_ebpf() -> Result<(), String> {
     Ok(())
 }
 
+/// rustup adds a component `cargo <sub>` lacks; without rustup, say what is missing.
+fn ensure_components(components: &[(&str, &str)]) -> Result<(), String> {
+    for (sub, component) in components {
+        if output(cargo().args([sub, "--version"])).is_some() {
+            continue;
+        }
+        eprintln!("xtask: adding the rustup component {component}");
+        status(Command::new("rustup").args(["component", "add", component]))
+            .map_err(|e| format!("`cargo {sub}` is missing and adding the {component} component failed: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Formatting first (it needs no build), then clippy on every target; the
+/// agent's build script compiles the eBPF programs, so clippy needs clang.
+fn lint() -> Result<(), String> {
+    ensure_components(LINT_COMPONENTS)?;
+    let root = root();
+    status(cargo().current_dir(&root).args(["fmt", "--all", "--check"]))?;
+    ensure_packages(BUILD_PACKAGES)?;
+    status(cargo().current_dir(&root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+}
+
 fn require_root(what: &str) -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } != 0 {
@@ -188,9 +267,9 @@ extern "C" {
 fn test(args: &[String]) -> Result<(), String> {
     require_root("the test suite")?;
     ensure_packages(TEST_PACKAGES)?;
-    ensure_pip(TEST_PIP_PACKAGES)?;
-    build_ebpf()?;
     let root = root();
+    ensure_pytools(&root, TEST_PIP_PACKAGES, TEST_PIP_PROGRAMS)?;
+    build_ebpf()?;
     // Integration tests start nodes and servers; one at a time keeps their
     // timing and the machine's two cores predictable.
     status(cargo().current_dir(&root).args(["test", "--workspace", "--"]).args(args).arg("--test-threads=1"))
