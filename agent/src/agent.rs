@@ -43,6 +43,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let net_metrics = NetMetrics::register(&meter, net_snapshot.clone());
 
     let loop_status = Shared::<LoopStatus>::default();
+    // the agent's own figures: its eBPF programs and maps, collection and scrape times
+    let bpf_self = Shared::<crate::selfmetrics::BpfSelfSnapshot>::default();
+    let self_metrics = crate::selfmetrics::SelfMetrics::register(&meter, bpf_self.clone());
 
     // Each signal registers its own instruments on the one meter.
     // network
@@ -92,6 +95,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         net: net_snapshot.clone(),
         loop_status: loop_status.clone(),
         health: health_snapshot.clone(),
+        self_metrics: self_metrics.clone(),
     });
     let (stop_http, stop_rx) = tokio::sync::watch::channel(false);
     let guard = Arc::new(http::HttpGuard::new(&config.http, &meter));
@@ -178,6 +182,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             probes_attached: net.is_some(),
         }));
         loop_status.publish(LoopStatus { last_run: Some(Instant::now()), runs: loop_status.get().runs + 1, interval });
+        bpf_self.publish(crate::selfmetrics::read_bpf());
+        self_metrics.collected(started.elapsed());
         // /metrics serves this collection's figures until the next one
         telemetry.refresh();
         if !ready_sent {

@@ -36,6 +36,7 @@ pub struct AppState {
     pub net: Shared<NetSnapshot>,
     pub loop_status: Shared<LoopStatus>,
     pub health: Shared<HealthSnapshot>,
+    pub self_metrics: crate::selfmetrics::SelfMetrics,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -559,6 +560,7 @@ impl HttpGuard {
         // one request per turn: a connection with many requests pipelined
         // waits behind the others (a probe among them) between any two
         tokio::task::yield_now().await;
+        let started = Instant::now();
         if is_probe(&path) {
             let mut r = route(&state, &method, &path, variant);
             if room == Room::Probe {
@@ -579,9 +581,16 @@ impl HttpGuard {
                 let Ok(_turn) = self.encoding.acquire().await else {
                     return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
                 };
-                tokio::task::spawn_blocking(move || route(&state, &method, &path, variant))
+                let scrape = path == "/metrics" && method == Method::GET;
+                let st = state.clone();
+                let r = tokio::task::spawn_blocking(move || route(&st, &method, &path, variant))
                     .await
-                    .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "handler failed"))
+                    .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "handler failed"));
+                if scrape && r.status() == StatusCode::OK {
+                    let size = hyper::body::Body::size_hint(r.body()).exact().unwrap_or(0);
+                    state.self_metrics.scraped(variant.format.as_str(), variant.gzip, started.elapsed(), size as usize);
+                }
+                r
             }
         };
         if room == Room::Probe {
