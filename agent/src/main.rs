@@ -16,6 +16,7 @@ mod net;
 mod resources;
 mod scope;
 mod selfmetrics;
+mod selfmetrics;
 mod snapshot;
 mod target;
 mod telemetry;
