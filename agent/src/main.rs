@@ -3,7 +3,6 @@
 
 mod agent;
 mod bpf;
-mod caps;
 mod cgroup;
 mod chain;
 mod config;
@@ -15,7 +14,6 @@ mod http;
 mod net;
 mod resources;
 mod scope;
-mod selfmetrics;
 mod selfmetrics;
 mod snapshot;
 mod target;
@@ -46,10 +44,6 @@ enum Command {
         /// TOML config; without it nodescope finds nodes on the host itself.
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Enter this cgroup namespace first (`/proc/1/ns/cgroup` in a pod
-        /// with hostPID), so nodes' cgroup paths are the host's.
-        #[arg(long, value_name = "NS_FILE")]
-        cgroupns: Option<PathBuf>,
     },
     /// Validate a config file: exit 0, or 2 naming the bad key.
     CheckConfig { file: PathBuf },
@@ -87,7 +81,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config, cgroupns } => {
+        Command::Run { config } => {
             let config = match Config::load(config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
@@ -96,8 +90,6 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&config);
-            // before any thread starts: a namespace switch is per thread
-            caps::check_at_start(cgroupns.as_deref());
             match agent::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
