@@ -119,16 +119,28 @@ static __always_inline void fill_endpoints(struct ns_conn *c, struct sock *sk)
 	}
 }
 
+/* The states a socket can only be in once the node closed its side: its FIN
+ * was queued on the way into FIN_WAIT1 or LAST_ACK (tcp_close_state, then
+ * tcp_send_fin), and every later state comes from those two. */
+#define FIN_QUEUED_STATES                                                                  \
+	(1u << TCP_FIN_WAIT1 | 1u << TCP_FIN_WAIT2 | 1u << TCP_CLOSING | 1u << TCP_LAST_ACK | \
+	 1u << TCP_TIME_WAIT)
+
 /* What the node wrote is what the peer acknowledged plus what is still
  * queued (unacknowledged or unsent): the node's own "bytes sent" counts a
- * write when the kernel takes it, not when it is acknowledged. */
-static __always_inline void read_counters(struct ns_conn *c, struct tcp_sock *tp, struct sock *sk)
+ * write when the kernel takes it, not when it is acknowledged.
+ * tcp_state: the socket's state when it was read (before a state change,
+ * the state it leaves). The FIN is read from the state rather than caught
+ * on its own transition, which would cost a run of the program per close. */
+static __always_inline void read_counters(struct ns_conn *c, struct tcp_sock *tp, struct sock *sk, int tcp_state)
 {
 	__u32 queued = tp->write_seq - tp->snd_una;
 	c->bytes_sent = tp->bytes_acked + queued;
 	c->bytes_received = tp->bytes_received;
 	if (sk->__sk_common.skc_flags & (1UL << SOCK_DONE))
 		c->flags |= NS_CONN_F_FIN_RECEIVED;
+	if (tcp_state <= TCP_CLOSING && ((1u << tcp_state) & FIN_QUEUED_STATES))
+		c->flags |= NS_CONN_F_FIN_SENT;
 }
 
 static __always_inline void track(struct sock *sk, __u64 cookie, __u32 target,
@@ -169,8 +181,7 @@ int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 {
 	/* Runs for every TCP socket on the host: leave early and cheaply for the
 	 * transitions and sockets that are not ours. */
-	const __u32 wanted = 1u << TCP_SYN_SENT | 1u << TCP_ESTABLISHED | 1u << TCP_CLOSE |
-			     1u << TCP_FIN_WAIT1 | 1u << TCP_LAST_ACK;
+	const __u32 wanted = 1u << TCP_SYN_SENT | 1u << TCP_ESTABLISHED | 1u << TCP_CLOSE;
 	if (newstate > TCP_CLOSING || !((1u << newstate) & wanted))
 		return 0;
 	__u32 target;
@@ -202,17 +213,13 @@ int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 		c->start_ns = bpf_ktime_get_boot_ns();
 		/* the local address is only final once the route is chosen */
 		fill_endpoints(c, sk);
-	} else if (newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK) {
-		/* the node closed its side: its FIN is queued next, one sequence
-		 * byte in write_seq that it never wrote */
-		c->flags |= NS_CONN_F_FIN_SENT;
 	} else if (newstate == TCP_CLOSE) {
 		/* only a full socket has byte counters (the cast is a helper
 		 * call, so it is made here, once per connection) */
 		struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
 		if (!tp)
 			return 0;
-		read_counters(c, tp, sk);
+		read_counters(c, tp, sk, oldstate);
 		c->end_ns = bpf_ktime_get_boot_ns();
 		if (c->state == NS_CONN_CONNECTING) {
 			c->state = NS_CONN_FAILED;
@@ -243,7 +250,7 @@ int tcp_iter(struct bpf_iter__tcp *ctx)
 	struct ns_conn *c = bpf_map_lookup_elem(&ns_conns, &cookie);
 	if (c) {
 		if (c->state == NS_CONN_ESTABLISHED)
-			read_counters(c, tp, sk);
+			read_counters(c, tp, sk, st);
 		return 0;
 	}
 	/* Open before nodescope attached: adopt it, with its totals so far. */
@@ -264,7 +271,7 @@ int tcp_iter(struct bpf_iter__tcp *ctx)
 	n.state = NS_CONN_ESTABLISHED;
 	n.netns = sock_netns(sk);
 	fill_endpoints(&n, sk);
-	read_counters(&n, tp, sk);
+	read_counters(&n, tp, sk, st);
 	/* NOEXIST: the state tracepoint may have just made the record */
 	if (bpf_map_update_elem(&ns_conns, &cookie, &n, BPF_NOEXIST) == -E2BIG)
 		stat_inc(NS_NET_STAT_CONN_DROPPED);
