@@ -576,3 +576,286 @@ fn low_open_file_limit_with_100_connections() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// GET `path` on a new connection with `headers`: (status, headers in lower
+/// case, body bytes as sent).
+fn fetch(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let hs = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, hs, raw[split + 4..].to_vec())
+}
+
+fn header<'a>(hs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    hs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// `gzip -dc` of `data` (the system's gzip, not the agent's library).
+fn gunzip(data: &[u8]) -> Vec<u8> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("gzip").arg("-dc").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("gzip");
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(out.status.success(), "gzip -dc failed");
+    out.stdout
+}
+
+/// The samples of an exposition (either format): series -> value, with a
+/// bucket bound written as one float form (`le="1"` and `le="1.0"` alike).
+fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("sample line {l:?}"));
+            let series = match series.split_once("le=\"") {
+                Some((head, rest)) => {
+                    let (le, tail) = rest.split_once('"').unwrap();
+                    let le = le.parse::<f64>().map(|v| format!("{v:?}")).unwrap_or(le.to_string());
+                    format!("{head}le=\"{le}\"{tail}")
+                }
+                None => series.to_string(),
+            };
+            (series, value.parse::<f64>().unwrap_or_else(|_| panic!("value in {l:?}")))
+        })
+        .collect()
+}
+
+/// What Prometheus 2.42 sends by default when it scrapes.
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// /metrics in the four variants within one collection: the same samples in
+/// the text format and OpenMetrics, gzip bodies that the system's gzip turns
+/// back into the plain ones, and the same bytes for every scrape until the
+/// next collection (the scrapes themselves are counted in it, so a body
+/// encoded per scrape would differ).
+#[test]
+fn metrics_in_both_formats_gzip_and_one_encoding_per_collection() {
+    require_root();
+    let _serial = serial();
+    require_tool("gzip", "gzip");
+    let agent = Agent::start("[agent]\ninterval = \"3s\"\ndiscover = false\n");
+    let port = agent.port;
+    let om_gzip = [("Accept", PROMETHEUS_ACCEPT), ("Accept-Encoding", "gzip")];
+    let mut checked = false;
+    for _ in 0..5 {
+        let t = fetch(port, "/metrics", &[]);
+        let tg = fetch(port, "/metrics", &[("Accept-Encoding", "gzip, deflate")]);
+        let o = fetch(port, "/metrics", &[("Accept", PROMETHEUS_ACCEPT)]);
+        let og = fetch(port, "/metrics", &om_gzip);
+        let t2 = fetch(port, "/metrics", &[("Accept", "*/*")]);
+        if t.2 != t2.2 {
+            // a collection came in between: again
+            continue;
+        }
+        for r in [&t, &tg, &o, &og] {
+            assert_eq!(r.0, 200);
+        }
+        assert_eq!(header(&t.1, "content-type"), Some("text/plain; version=0.0.4"));
+        assert_eq!(header(&t.1, "content-encoding"), None);
+        assert_eq!(header(&tg.1, "content-type"), Some("text/plain; version=0.0.4"));
+        assert_eq!(header(&tg.1, "content-encoding"), Some("gzip"));
+        assert_eq!(header(&o.1, "content-type"), Some("application/openmetrics-text; version=1.0.0; charset=utf-8"));
+        assert_eq!(header(&og.1, "content-encoding"), Some("gzip"));
+        assert!(tg.2.len() * 3 < t.2.len(), "gzip {} bytes of {}", tg.2.len(), t.2.len());
+        assert_eq!(gunzip(&tg.2), t.2, "gzip text body");
+        assert_eq!(gunzip(&og.2), o.2, "gzip OpenMetrics body");
+        let text = String::from_utf8(t.2.clone()).unwrap();
+        let om = String::from_utf8(o.2.clone()).unwrap();
+        assert!(om.ends_with("\n# EOF\n"));
+        assert!(!text.contains("# EOF"));
+        // the same samples, series by series
+        let (ts, os) = (samples(&text), samples(&om));
+        assert_eq!(ts.len(), os.len(), "samples: text {} OpenMetrics {}", ts.len(), os.len());
+        for (series, v) in &ts {
+            assert_eq!(os.get(series), Some(v), "{series} in OpenMetrics");
+        }
+        for family in
+            ["nodescope_build_info", "nodescope_collection_duration_seconds_count", "nodescope_bpf_map_capacity"]
+        {
+            assert!(ts.keys().any(|s| s.starts_with(family)), "no {family} in /metrics");
+        }
+        // a counter's family is named without _total in OpenMetrics
+        assert!(om.contains("# TYPE nodescope_http_rejected counter\n"), "{om}");
+        assert!(text.contains("# TYPE nodescope_http_rejected_total counter\n"));
+        assert_promtool_ok(&text, agent.dir.path());
+        checked = true;
+        break;
+    }
+    assert!(checked, "no five scrapes within one 3 s collection");
+    // the scrapes above are counted in the next collection's figures
+    let before = samples(&String::from_utf8(fetch(port, "/metrics", &[]).2).unwrap());
+    let count = |s: &std::collections::BTreeMap<String, f64>, format: &str, compression: &str| {
+        s.get(&format!("nodescope_scrape_duration_seconds_count{{compression=\"{compression}\",format=\"{format}\"}}"))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let after = wait_for("the next collection", Duration::from_secs(10), || {
+        let s = samples(&String::from_utf8(fetch(port, "/metrics", &[]).2).unwrap());
+        (s != before).then_some(s)
+    });
+    assert!(count(&after, "text", "none") > count(&before, "text", "none"));
+    assert!(count(&after, "openmetrics", "gzip") >= 1.0, "{after:?}");
+    // and a bad Accept is no error: the text format
+    let (s, hs, _) = fetch(port, "/metrics", &[("Accept", "application/json;q=x, ,;")]);
+    assert_eq!((s, header(&hs, "content-type")), (200, Some("text/plain; version=0.0.4")));
+}
+
+/// Debian's Prometheus server, scraping with its own Accept and
+/// Accept-Encoding, gets OpenMetrics gzip'd, parses it (its OpenMetrics
+/// parser rejects a body without `# EOF` or with a counter misnamed), and
+/// holds every series /metrics shows with the same value.
+#[test]
+fn prometheus_scrapes_openmetrics_gzip_and_holds_every_series() {
+    require_root();
+    let _serial = serial();
+    let agent = Agent::start("[agent]\ninterval = \"500ms\"\ndiscover = false\n");
+    let prometheus = Prometheus::start(agent.port);
+    wait_for("Prometheus' OpenMetrics gzip scrapes counted", Duration::from_secs(20), || {
+        prometheus
+            .value(
+                "max(nodescope_scrape_duration_seconds_count{job=\"nodescope\",format=\"openmetrics\",compression=\"gzip\"})",
+                None,
+            )
+            .filter(|v| *v >= 3.0)
+    });
+    assert_eq!(prometheus.value("min_over_time(up{job=\"nodescope\"}[1m])", None), Some(1.0));
+    // every series of a text scrape, except those that change with every
+    // collection or scrape, with its value
+    let text = agent.metrics();
+    let changing = ["_duration_seconds", "_size_bytes", "bpf_program", "bpf_map_entries", "target_info"];
+    let mut checked = 0;
+    for (series, value) in samples(&text) {
+        if changing.iter().any(|c| series.contains(c)) {
+            continue;
+        }
+        let selector = match series.split_once('{') {
+            Some((name, labels)) => format!("{name}{{job=\"nodescope\",{labels}"),
+            None => format!("{series}{{job=\"nodescope\"}}"),
+        };
+        let got = wait_for(&format!("{series} in Prometheus"), Duration::from_secs(5), || {
+            prometheus.value(&format!("last_over_time({selector}[5s])"), None)
+        });
+        assert_eq!(got, value, "{series}");
+        checked += 1;
+    }
+    eprintln!("Prometheus holds all {checked} stable series of /metrics with their values");
+    assert!(checked >= 20, "{checked} series checked");
+    // the histograms arrive whole: buckets, sum and count
+    let buckets = prometheus
+        .value("count(nodescope_scrape_duration_seconds_bucket{job=\"nodescope\",format=\"openmetrics\",compression=\"gzip\"})", None)
+        .unwrap_or(0.0);
+    assert_eq!(buckets, 17.0, "16 bounds and +Inf");
+}
+
+/// `bpftool prog show id N` for the ids the agent holds (its
+/// /proc/PID/fdinfo): name -> summed run_cnt.
+fn bpftool_run_counts(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut ids = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
+        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+        ids.extend(info.lines().filter_map(|l| l.strip_prefix("prog_id:")?.trim().parse::<u32>().ok()));
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for id in ids {
+        let out =
+            std::process::Command::new("bpftool").args(["prog", "show", "id", &id.to_string(), "-j"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        *counts.entry(v["name"].as_str().unwrap().to_string()).or_default() += v["run_cnt"].as_u64().unwrap_or(0);
+    }
+    counts
+}
+
+/// The agent's own eBPF programs and maps against bpftool's reading of the
+/// same kernel objects: run counts between two bpftool reads taken around a
+/// collection, a hash map's entries as bpftool dumps them, capacities.
+#[test]
+fn bpf_self_telemetry_matches_bpftool() {
+    require_root();
+    let _serial = serial();
+    require_tool("bpftool", "bpftool");
+    let dir = TempDir::new("http-selfbpf");
+    let cgroup = Cgroup::new();
+    let port = free_port();
+    let server_py = format!(
+        "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1',{port})); s.listen(64)\nwhile True:\n    c,_=s.accept(); c.recv(8); c.close()\n"
+    );
+    let mut server = spawn_in(Some(&cgroup), "python3", &["-c".into(), server_py], &dir.path().join("server.log"));
+    let agent = Agent::start(&format!(
+        "[agent]\ninterval = \"500ms\"\ndiscover = false\n\n[[targets]]\nname = \"selfbpf\"\ncgroup = \"{}\"\n",
+        cgroup.path.display()
+    ));
+    let pid = agent.child.id();
+    wait_for("server listening", Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).ok().map(drop));
+    let enabled = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap().trim() == "1";
+    let m = agent.metrics();
+    assert_eq!(metric_sum(&m, "nodescope_bpf_stats_enabled", &[]), if enabled { 1.0 } else { 0.0 });
+    assert_eq!(metric_sum(&m, "nodescope_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+    let runs = |m: &str| metric_sum(m, "nodescope_bpf_program_runs_total", &[("program", "on_tcp_state")]);
+    if enabled {
+        // connections make the state tracepoint run
+        for _ in 0..20 {
+            let _ = TcpStream::connect(("127.0.0.1", port)).map(|mut c| c.write_all(b"x"));
+        }
+        let b1 = bpftool_run_counts(pid)["on_tcp_state"];
+        std::thread::sleep(Duration::from_millis(1200));
+        let v = runs(&agent.metrics());
+        for _ in 0..20 {
+            let _ = TcpStream::connect(("127.0.0.1", port)).map(|mut c| c.write_all(b"x"));
+        }
+        let b2 = bpftool_run_counts(pid)["on_tcp_state"];
+        eprintln!("on_tcp_state runs: bpftool {b1}, agent {v}, bpftool {b2}");
+        assert!(b1 as f64 <= v && v <= b2 as f64 && b1 < b2, "bpftool {b1} <= agent {v} <= bpftool {b2}");
+        assert!(metric_sum(&m, "nodescope_bpf_program_run_time_seconds_total", &[("program", "on_tcp_state")]) > 0.0);
+    } else {
+        assert!(!m.contains("nodescope_bpf_program_runs_total{"), "program series with bpf_stats off");
+    }
+    // the cgroup map holds the target's cgroup: entries as bpftool dumps them
+    let maps: serde_json::Value = serde_json::from_slice(
+        &std::process::Command::new("bpftool").args(["map", "show", "-j"]).output().unwrap().stdout,
+    )
+    .unwrap();
+    let mut own = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
+        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+        own.extend(info.lines().filter_map(|l| l.strip_prefix("map_id:")?.trim().parse::<u64>().ok()));
+    }
+    let map = maps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "ns_scope_cgroup" && own.contains(&m["id"].as_u64().unwrap()))
+        .expect("the agent's ns_scope_cgroup map");
+    let id = map["id"].as_u64().unwrap().to_string();
+    let dumped: serde_json::Value = serde_json::from_slice(
+        &std::process::Command::new("bpftool").args(["map", "dump", "id", &id, "-j"]).output().unwrap().stdout,
+    )
+    .unwrap();
+    let entries = dumped.as_array().unwrap().len() as f64;
+    let attrs = [("map", "ns_scope_cgroup"), ("type", "hash"), ("id", id.as_str())];
+    let m = agent.metrics();
+    eprintln!(
+        "ns_scope_cgroup: agent {} entries, bpftool {entries}",
+        metric_sum(&m, "nodescope_bpf_map_entries", &attrs)
+    );
+    assert!(entries >= 1.0);
+    assert_eq!(metric_sum(&m, "nodescope_bpf_map_entries", &attrs), entries);
+    assert_eq!(metric_sum(&m, "nodescope_bpf_map_capacity", &attrs), map["max_entries"].as_f64().unwrap());
+    drop(agent);
+    stop_child(&mut server, Duration::from_secs(5));
+    drop(cgroup);
+}

@@ -17,6 +17,7 @@ use crate::snapshot::Shared;
 /// One of the agent's eBPF programs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProgramStats {
+    pub id: u32,
     pub name: String,
     pub kind: String,
     pub run_time: Duration,
@@ -27,6 +28,7 @@ pub struct ProgramStats {
 /// (an array always holds its capacity; a ring buffer holds bytes).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MapFill {
+    pub id: u32,
     pub name: String,
     pub kind: String,
     pub entries: Option<u64>,
@@ -37,10 +39,10 @@ pub struct MapFill {
 pub struct BpfSelfSnapshot {
     /// kernel.bpf_stats_enabled; None when unreadable
     pub stats_enabled: Option<bool>,
-    /// keyed by (name, type): programs or maps of one name (a map's halves
-    /// in an array of maps) are summed
-    pub programs: BTreeMap<(String, String), ProgramStats>,
-    pub maps: BTreeMap<(String, String), MapFill>,
+    /// keyed by the kernel's id: two objects may hold maps of one name
+    /// (each signal its own scope maps), or a program of one name
+    pub programs: BTreeMap<u32, ProgramStats>,
+    pub maps: BTreeMap<u32, MapFill>,
 }
 
 /// Program and map ids the process holds descriptors of, from /proc/self/fdinfo.
@@ -119,16 +121,16 @@ pub fn read_bpf() -> BpfSelfSnapshot {
             if !prog_ids.contains(&info.id()) {
                 continue;
             }
-            let name = info.name_as_str().unwrap_or("").to_string();
-            let kind = format!("{:?}", info.program_type()).trim_start_matches("BPF_PROG_TYPE_").to_lowercase();
-            let p = snap.programs.entry((name.clone(), kind.clone())).or_insert(ProgramStats {
-                name,
-                kind,
-                run_time: Duration::ZERO,
-                run_count: 0,
-            });
-            p.run_time += info.run_time();
-            p.run_count += info.run_count();
+            snap.programs.insert(
+                info.id(),
+                ProgramStats {
+                    id: info.id(),
+                    name: info.name_as_str().unwrap_or("").to_string(),
+                    kind: format!("{:?}", info.program_type()).trim_start_matches("BPF_PROG_TYPE_").to_lowercase(),
+                    run_time: info.run_time(),
+                    run_count: info.run_count(),
+                },
+            );
         }
     }
     for id in map_ids {
@@ -143,15 +145,16 @@ pub fn read_bpf() -> BpfSelfSnapshot {
         } else {
             None
         };
-        let (name, kind) = (info.name_as_str().unwrap_or("").to_string(), snake(&kind));
-        let m = snap.maps.entry((name.clone(), kind.clone())).or_insert(MapFill {
-            name,
-            kind,
-            entries: entries.map(|_| 0),
-            capacity: 0,
-        });
-        m.entries = m.entries.zip(entries).map(|(a, b)| a + b);
-        m.capacity += u64::from(info.max_entries());
+        snap.maps.insert(
+            id,
+            MapFill {
+                id,
+                name: info.name_as_str().unwrap_or("").to_string(),
+                kind: snake(&kind),
+                entries,
+                capacity: u64::from(info.max_entries()),
+            },
+        );
     }
     snap
 }
@@ -292,12 +295,16 @@ impl SelfMetrics {
     }
 }
 
-fn program_attrs(p: &ProgramStats) -> [KeyValue; 2] {
-    [KeyValue::new("program", p.name.clone()), KeyValue::new("type", p.kind.clone())]
+fn program_attrs(p: &ProgramStats) -> [KeyValue; 3] {
+    [
+        KeyValue::new("program", p.name.clone()),
+        KeyValue::new("type", p.kind.clone()),
+        KeyValue::new("id", i64::from(p.id)),
+    ]
 }
 
-fn map_attrs(m: &MapFill) -> [KeyValue; 2] {
-    [KeyValue::new("map", m.name.clone()), KeyValue::new("type", m.kind.clone())]
+fn map_attrs(m: &MapFill) -> [KeyValue; 3] {
+    [KeyValue::new("map", m.name.clone()), KeyValue::new("type", m.kind.clone()), KeyValue::new("id", i64::from(m.id))]
 }
 
 #[cfg(test)]
