@@ -406,13 +406,30 @@ fn yaml_docs(path: &Path) -> Vec<Value> {
     serde_json::from_str(&out.stdout).unwrap()
 }
 
+/// `kubectl kustomize DIR` (kustomize is built into kubectl), written to a
+/// file in `out`.
+fn kustomize(dir: &str, out: &TempDir) -> PathBuf {
+    require_tool("kubectl", "kubectl");
+    let rendered = run(Command::new("kubectl").arg("kustomize").arg(deploy(dir)));
+    assert!(rendered.ok, "kubectl kustomize {dir}: {}", rendered.text());
+    let file = out.path().join(format!("{}.yaml", dir.replace('/', "-")));
+    std::fs::write(&file, &rendered.stdout).unwrap();
+    file
+}
+
 struct Manifest {
     docs: Vec<Value>,
 }
 
 impl Manifest {
+    /// The rendered kustomize base.
     fn load() -> Manifest {
-        Manifest { docs: yaml_docs(&deploy("kubernetes/daemonset.yaml")) }
+        Self::render("kubernetes/base")
+    }
+
+    fn render(dir: &str) -> Manifest {
+        let tmp = TempDir::new("kustomize");
+        Manifest { docs: yaml_docs(&kustomize(dir, &tmp)) }
     }
 
     fn kind(&self, kind: &str) -> &Value {
@@ -443,26 +460,51 @@ impl Manifest {
             .collect()
     }
 
+    /// The container's command and args, as the kubelet runs them.
     fn command(&self) -> Vec<String> {
-        self.container()["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+        let c = self.container();
+        let list = |k: &str| -> Vec<String> {
+            c[k].as_array().into_iter().flatten().map(|v| v.as_str().unwrap().to_string()).collect()
+        };
+        [list("command"), list("args")].concat()
+    }
+
+    /// The capabilities the container adds, as `CAP_` names.
+    fn capabilities(&self) -> Vec<String> {
+        let caps = &self.container()["securityContext"]["capabilities"];
+        assert_eq!(caps["drop"], serde_json::json!(["ALL"]), "the container drops every capability first");
+        caps["add"].as_array().unwrap().iter().map(|c| format!("CAP_{}", c.as_str().unwrap())).collect()
     }
 }
 
 #[test]
 fn kubernetes_manifests_validate() {
     let validate = pytool("kubernetes-validate");
-    let file = deploy("kubernetes/daemonset.yaml");
-    // The newest API the validator knows, and 1.28, the oldest release
-    // still common in managed clusters.
-    for version in [None, Some("1.28.0")] {
-        let mut cmd = Command::new(&validate);
-        cmd.arg("--strict");
-        if let Some(v) = version {
-            cmd.args(["-k", v]);
+    let tmp = TempDir::new("kustomize");
+    for dir in ["kubernetes/base", "kubernetes/overlays/example"] {
+        let file = kustomize(dir, &tmp);
+        // The newest API the validator knows, and 1.28, the oldest release
+        // still common in managed clusters. The PodMonitor and
+        // PrometheusRule are checked against their CRDs' schemas below
+        // (kubernetes_crd_objects_validate).
+        for version in [None, Some("1.28.0")] {
+            let mut cmd = Command::new(&validate);
+            cmd.arg("--strict");
+            if let Some(v) = version {
+                cmd.args(["-k", v]);
+            }
+            let out = run(cmd.arg(&file));
+            assert!(out.ok && !out.text().contains("ERROR"), "kubernetes-validate {dir} {version:?}: {}", out.text());
+            let passed = out.text().lines().filter(|l| l.starts_with("INFO") && l.contains("passed")).count();
+            assert!(passed >= 5, "kubernetes-validate {dir} passed only {passed} resources: {}", out.text());
+            eprintln!("{}", out.text().trim());
         }
-        let out = run(cmd.arg(&file));
-        assert!(out.ok && !out.text().contains("ERROR"), "kubernetes-validate {version:?}: {}", out.text());
-        eprintln!("{}", out.text().trim());
+    }
+    let overlay = Manifest::render("kubernetes/overlays/example");
+    assert!(overlay.container()["image"].as_str().unwrap().starts_with("registry.example.com/nodescope:"));
+    assert_eq!(overlay.pod()["spec"]["nodeSelector"]["nodescope.io/watch"], "true");
+    for kind in ["PodMonitor", "PrometheusRule", "DaemonSet", "ConfigMap", "Service", "ServiceAccount"] {
+        assert_eq!(overlay.kind(kind)["metadata"]["namespace"], "nodescope", "{kind}'s namespace");
     }
 
     // What the schema cannot know: the parts agree with each other and with the agent.
@@ -486,14 +528,43 @@ fn kubernetes_manifests_validate() {
     for k in ["requests", "limits"] {
         assert!(c["resources"][k]["cpu"].is_string() && c["resources"][k]["memory"].is_string(), "resources.{k}");
     }
-    assert_eq!(c["securityContext"]["privileged"], true);
+    // Not privileged, no host network (the agent enters each node's network
+    // namespace itself), a read-only root and the runtime's seccomp profile;
+    // the capabilities are the ones tests/image.rs runs the image with.
+    let sc = &c["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    assert!(spec["hostNetwork"].is_null() || spec["hostNetwork"] == false, "hostNetwork");
+    assert!(spec["securityContext"]["privileged"].is_null());
+    assert_eq!(
+        m.capabilities(),
+        [
+            "CAP_BPF",
+            "CAP_PERFMON",
+            "CAP_SYS_ADMIN",
+            "CAP_SYS_PTRACE",
+            "CAP_DAC_READ_SEARCH",
+            "CAP_SETUID",
+            "CAP_SETGID"
+        ]
+    );
+    // downward API: the pod's IP, node and pod names
+    let fields: BTreeMap<&str, &str> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?, e["valueFrom"]["fieldRef"]["fieldPath"].as_str()?)))
+        .collect();
+    assert_eq!(fields.get("NODE_NAME"), Some(&"spec.nodeName"));
+    assert_eq!(fields.get("POD_NAME"), Some(&"metadata.name"));
+    assert_eq!(fields.get("POD_IP"), Some(&"status.podIP"));
     let mounts: BTreeMap<&str, &Value> =
         c["volumeMounts"].as_array().unwrap().iter().map(|v| (v["mountPath"].as_str().unwrap(), v)).collect();
     let volumes: BTreeMap<&str, &Value> =
         spec["volumes"].as_array().unwrap().iter().map(|v| (v["name"].as_str().unwrap(), v)).collect();
-    for (path, read_only) in
-        [("/sys/kernel/btf", true), ("/sys/fs/cgroup", true), ("/sys/kernel/tracing", false), ("/etc/nodescope", true)]
-    {
+    for (path, read_only) in [("/sys/fs/cgroup", true), ("/etc/nodescope", true)] {
         let mount = mounts.get(path).unwrap_or_else(|| panic!("no volume mounted at {path}"));
         assert_eq!(mount["readOnly"].as_bool().unwrap_or(false), read_only, "{path} readOnly");
         let volume = volumes[mount["name"].as_str().unwrap()];
@@ -511,11 +582,8 @@ fn kubernetes_manifests_validate() {
         "hostPID: /proc/PID/root of the node's pod"
     );
     assert!(!m.config_toml().lines().any(|l| l.trim().starts_with("datadir")), "no host data dir in the config");
-    let node_volumes: Vec<&str> = mounts
-        .keys()
-        .copied()
-        .filter(|p| !["/sys/kernel/btf", "/sys/fs/cgroup", "/sys/kernel/tracing", "/etc/nodescope"].contains(p))
-        .collect();
+    let node_volumes: Vec<&str> =
+        mounts.keys().copied().filter(|p| !["/sys/fs/cgroup", "/etc/nodescope"].contains(p)).collect();
     assert!(node_volumes.is_empty(), "node volumes mounted into the agent: {node_volumes:?}");
     // The command reads the ConfigMap's key where it is mounted.
     let cm_volume =
@@ -541,14 +609,13 @@ fn kubernetes_manifests_validate() {
 
 /// The DaemonSet's command line, run as the container would run it: from a
 /// cgroup namespace of its own (as container runtimes give on cgroup2
-/// hosts), with the ConfigMap's config and the pod's environment. nsenter
-/// must put the agent in the host's cgroup namespace, and it must serve its
-/// probe endpoints.
+/// hosts), with the ConfigMap's config and the pod's environment. Its
+/// `--cgroupns` must put the agent in the host's cgroup namespace, and it
+/// must serve its probe endpoints.
 #[test]
 fn daemonset_command_runs_in_the_hosts_cgroup_namespace() {
     require_root();
     require_tool("unshare", "util-linux");
-    require_tool("nsenter", "util-linux");
     let m = Manifest::load();
     let dir = TempDir::new("daemonset");
     let config = dir.path().join("nodescope.toml");
@@ -579,7 +646,7 @@ fn daemonset_command_runs_in_the_hosts_cgroup_namespace() {
         "the command does not enter pid 1's cgroup namespace: {cmd:?}"
     );
     let cgroup = Cgroup::new();
-    // Without nsenter, a private cgroup namespace hides the host's paths.
+    // Without --cgroupns, a private cgroup namespace hides the host's paths.
     let private = run(Command::new("sh").arg("-c").arg(format!(
         "echo $$ > '{}/cgroup.procs' && exec unshare --cgroup cat /proc/self/cgroup",
         cgroup.path.display()

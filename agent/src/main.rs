@@ -3,6 +3,7 @@
 
 mod agent;
 mod bpf;
+mod caps;
 mod cgroup;
 mod chain;
 mod config;
@@ -44,6 +45,10 @@ enum Command {
         /// TOML config; without it nodescope finds nodes on the host itself.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Enter this cgroup namespace first (`/proc/1/ns/cgroup` in a pod
+        /// with hostPID), so nodes' cgroup paths are the host's.
+        #[arg(long, value_name = "NS_FILE")]
+        cgroupns: Option<PathBuf>,
     },
     /// Validate a config file: exit 0, or 2 naming the bad key.
     CheckConfig { file: PathBuf },
@@ -81,7 +86,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => {
+        Command::Run { config, cgroupns } => {
             let config = match Config::load(config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
@@ -90,6 +95,8 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&config);
+            // before any thread starts: a namespace switch is per thread
+            caps::check_at_start(cgroupns.as_deref());
             match agent::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
