@@ -37,7 +37,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
 
-    let telemetry = Arc::new(Telemetry::new(&config)?);
+    let telemetry = Arc::new(Telemetry::new(&config, runtime.handle())?);
     let meter = telemetry.meter();
     let net_snapshot = Shared::<NetSnapshot>::default();
     let net_metrics = NetMetrics::register(&meter, net_snapshot.clone());

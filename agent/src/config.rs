@@ -137,22 +137,43 @@ impl Default for LogConfig {
     }
 }
 
-/// OTLP/HTTP (protobuf) export of the same instruments /metrics serves.
-/// Off while `endpoint` is unset.
-#[derive(Debug, Clone, Deserialize)]
+/// OTLP export (HTTP/protobuf or gRPC) of the same instruments /metrics
+/// serves. Off while no endpoint is set (here or by OTEL_EXPORTER_OTLP_*,
+/// which take precedence: see otlp::resolve).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OtlpConfig {
-    /// Full URL of the collector's metrics endpoint, e.g. http://127.0.0.1:4318/v1/metrics
+    /// For http/protobuf the full URL of the collector's metrics endpoint,
+    /// e.g. http://127.0.0.1:4318/v1/metrics; for grpc its address,
+    /// e.g. http://127.0.0.1:4317
     pub endpoint: Option<String>,
+    pub protocol: OtlpProtocol,
+    /// Sent with every export (an API key, a tenant)
+    pub headers: BTreeMap<String, String>,
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
 }
 
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+pub enum OtlpProtocol {
+    #[default]
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "grpc")]
+    Grpc,
+}
+
 impl Default for OtlpConfig {
     fn default() -> Self {
-        OtlpConfig { endpoint: None, interval: Duration::from_secs(15), timeout: Duration::from_secs(10) }
+        OtlpConfig {
+            endpoint: None,
+            protocol: OtlpProtocol::default(),
+            headers: BTreeMap::new(),
+            interval: Duration::from_secs(15),
+            timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -511,7 +532,7 @@ impl Config {
             if !(endpoint.starts_with("http://") && endpoint.len() > "http://".len()) {
                 return Err(ConfigError::invalid(
                     "otlp.endpoint",
-                    "must be an http:// URL (OTLP/HTTP; TLS is left to a local collector)",
+                    "must be an http:// URL (TLS is left to a local collector)",
                 ));
             }
         }

@@ -13,6 +13,7 @@ mod disk;
 mod health;
 mod http;
 mod net;
+mod otlp;
 mod resources;
 mod scope;
 mod selfmetrics;

@@ -15,11 +15,55 @@ use prometheus::{Encoder, TextEncoder};
 
 use crate::config::Config;
 
+/// The OTLP reader for `otlp`: HTTP/protobuf through the blocking client, or
+/// gRPC over a channel that `runtime` drives.
+fn otlp_reader(
+    otlp: &crate::otlp::OtlpSettings,
+    counts: Arc<crate::otlp::ExportCounts>,
+    runtime: &tokio::runtime::Handle,
+) -> Result<
+    opentelemetry_sdk::metrics::PeriodicReader<impl opentelemetry_sdk::metrics::exporter::PushMetricExporter>,
+    TelemetryError,
+> {
+    use crate::config::OtlpProtocol;
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+    let err = |e: opentelemetry_otlp::ExporterBuildError| TelemetryError::Otlp(format!("{}: {e}", otlp.endpoint));
+    let exporter = match otlp.protocol {
+        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .with_endpoint(otlp.endpoint.clone())
+            .with_timeout(otlp.timeout)
+            .with_headers(otlp.headers.clone().into_iter().collect())
+            .build()
+            .map_err(err)?,
+        OtlpProtocol::Grpc => {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            for (k, v) in &otlp.headers {
+                let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+                    .map_err(|e| TelemetryError::Otlp(format!("header {k:?}: {e}")))?;
+                let value = v.parse().map_err(|e| TelemetryError::Otlp(format!("header {k:?}: {e}")))?;
+                metadata.insert(key, value);
+            }
+            // the channel's connection task lives on the runtime
+            let _entered = runtime.enter();
+            opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(otlp.endpoint.clone())
+                .with_timeout(otlp.timeout)
+                .with_metadata(metadata)
+                .build()
+                .map_err(err)?
+        }
+    };
+    let exporter = crate::otlp::CountedExporter::new(exporter, otlp.endpoint.clone(), counts);
+    Ok(opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).with_interval(otlp.interval).build())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error("prometheus exporter: {0}")]
     Prometheus(String),
-    #[error("otlp.endpoint: {0}")]
+    #[error("otlp: {0}")]
     Otlp(String),
     #[error("encoding /metrics: {0}")]
     Exposition(String),
@@ -122,7 +166,9 @@ impl Exposition {
 }
 
 impl Telemetry {
-    pub fn new(config: &Config) -> Result<Telemetry, TelemetryError> {
+    /// `runtime` drives the gRPC exporter's connection (the periodic reader
+    /// runs exports on a thread of its own).
+    pub fn new(config: &Config, runtime: &tokio::runtime::Handle) -> Result<Telemetry, TelemetryError> {
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
@@ -134,25 +180,24 @@ impl Telemetry {
         // real peers into its overflow series.
         let per_peer_limit = (config.limits.top_peers + 1) * 4 * crate::bpf::abi::MAX_TARGETS;
         let mut builder = SdkMeterProvider::builder();
-        if let Some(endpoint) = &config.otlp.endpoint {
-            use opentelemetry_otlp::WithExportConfig;
-            let exporter = opentelemetry_otlp::MetricExporter::builder()
-                .with_http()
-                .with_endpoint(endpoint.clone())
-                .with_timeout(config.otlp.timeout)
-                .build()
-                .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
-            let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
-                .with_interval(config.otlp.interval)
-                .build();
-            builder = builder.with_reader(reader);
-            tracing::info!("exporting metrics over OTLP/HTTP to {endpoint} every {:?}", config.otlp.interval);
+        let env = crate::otlp::process_env;
+        let otlp = crate::otlp::resolve(&config.otlp, &env).map_err(TelemetryError::Otlp)?;
+        let export_counts = Arc::new(crate::otlp::ExportCounts::default());
+        if let Some(otlp) = &otlp {
+            builder = builder.with_reader(otlp_reader(otlp, export_counts.clone(), runtime)?);
+            tracing::info!(
+                "exporting metrics over OTLP ({}) to {} every {:?}",
+                otlp.protocol.as_str(),
+                otlp.endpoint,
+                otlp.interval
+            );
         }
+        let attributes = crate::otlp::resource_attributes(&env).map_err(TelemetryError::Otlp)?;
         let provider = builder
             .with_resource(
-                Resource::builder()
-                    .with_service_name("nodescope")
-                    .with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+                Resource::builder_empty()
+                    .with_detector(Box::new(opentelemetry_sdk::resource::TelemetryResourceDetector))
+                    .with_attributes(attributes)
                     .build(),
             )
             .with_reader(exporter)
@@ -164,6 +209,18 @@ impl Telemetry {
                 }
             })
             .build();
+        if otlp.is_some() {
+            let c = export_counts;
+            provider
+                .meter("nodescope")
+                .u64_observable_counter("nodescope.otlp.exports")
+                .with_description("OTLP exports by outcome (ok, failed): a failed one is logged at most every 30 s and the next goes out at its time")
+                .with_callback(move |o| {
+                    o.observe(c.ok.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("result", "ok")]);
+                    o.observe(c.failed.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("result", "failed")]);
+                })
+                .build();
+        }
         Ok(Telemetry {
             provider,
             registry,
