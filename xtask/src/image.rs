@@ -149,9 +149,8 @@ pub fn check_embedded_objects(binary: &Path) -> Result<(), String> {
 
 /// The container tool: podman, else buildah.
 fn tool() -> Result<&'static str, String> {
-    let on_path = |t: &str| {
-        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).any(|d| d.join(t).is_file())
-    };
+    let on_path =
+        |t: &str| std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).any(|d| d.join(t).is_file());
     ["podman", "buildah"]
         .into_iter()
         .find(|t| on_path(t))
@@ -161,8 +160,8 @@ fn tool() -> Result<&'static str, String> {
 /// Builds the image and returns its id.
 pub fn build(spec: &Spec) -> Result<String, String> {
     check_embedded_objects(spec.binary)?;
-    let containerfile = std::fs::read_to_string(spec.containerfile)
-        .map_err(|e| format!("{}: {e}", spec.containerfile.display()))?;
+    let containerfile =
+        std::fs::read_to_string(spec.containerfile).map_err(|e| format!("{}: {e}", spec.containerfile.display()))?;
     let run_lines = runtime_lines(&containerfile)?;
 
     let ctx = std::env::temp_dir().join(format!("nodescope-image-{}", std::process::id()));
