@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use procfs::process::MountInfo;
+use procfs::{FromRead, ProcessCGroups};
+
 /// v1 superoptions mix controllers with flags (xattr, name=systemd, ...).
 const V1_CONTROLLERS: &[&str] = &[
     "cpu",
@@ -37,24 +40,20 @@ impl Mounts {
         Ok(Mounts::parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
     }
 
-    /// Parses mountinfo (proc(5)): `id parent major:minor root mountpoint
-    /// options [optional...] - fstype source superoptions`.
+    /// Finds the cgroup mounts in a mountinfo text (proc(5)), parsed by the
+    /// procfs crate; lines it cannot parse are skipped.
     pub fn parse(mountinfo: &str) -> Mounts {
         let mut m = Mounts::default();
-        for line in mountinfo.lines() {
-            let Some((pre, post)) = line.split_once(" - ") else { continue };
-            let pre: Vec<&str> = pre.split(' ').collect();
-            let post: Vec<&str> = post.split(' ').collect();
-            let (Some(mountpoint), Some(fstype)) = (pre.get(4), post.first()) else { continue };
-            let mountpoint = PathBuf::from(unescape(mountpoint));
-            match *fstype {
+        for info in mountinfo.lines().filter_map(|line| MountInfo::from_line(line).ok()) {
+            // procfs keeps the kernel's octal escapes in mount points
+            let mountpoint = PathBuf::from(unescape(&info.mount_point.to_string_lossy()));
+            match info.fs_type.as_str() {
                 "cgroup2" => {
                     m.v2.get_or_insert(mountpoint);
                 }
                 "cgroup" => {
-                    let opts = post.get(2).copied().unwrap_or("");
-                    for opt in opts.split(',').filter(|o| V1_CONTROLLERS.contains(o)) {
-                        m.v1.entry(opt.to_string()).or_insert_with(|| mountpoint.clone());
+                    for opt in info.super_options.keys().filter(|o| V1_CONTROLLERS.contains(&o.as_str())) {
+                        m.v1.entry(opt.clone()).or_insert_with(|| mountpoint.clone());
                     }
                 }
                 _ => {}
@@ -96,18 +95,16 @@ impl ProcessCgroups {
         Ok(Self::parse(&std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))?))
     }
 
+    /// From a /proc/PID/cgroup text, parsed by the procfs crate.
     pub fn parse(text: &str) -> ProcessCgroups {
         let mut pc = ProcessCgroups::default();
-        for line in text.lines() {
-            let mut parts = line.splitn(3, ':');
-            let (Some(id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
-                continue;
-            };
-            if id == "0" && ctrls.is_empty() {
-                pc.v2 = Some(path.to_string());
+        let Ok(groups) = ProcessCGroups::from_read(text.as_bytes()) else { return pc };
+        for g in groups {
+            if g.hierarchy == 0 && g.controllers.is_empty() {
+                pc.v2 = Some(g.pathname);
             } else {
-                for c in ctrls.split(',') {
-                    pc.v1.insert(c.trim_start_matches("name=").to_string(), path.to_string());
+                for c in &g.controllers {
+                    pc.v1.insert(c.trim_start_matches("name=").to_string(), g.pathname.clone());
                 }
             }
         }

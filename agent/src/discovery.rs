@@ -20,6 +20,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use procfs::net::TcpState;
+use procfs::process::FDTarget;
+
 use crate::chain::{Chain, Network, Ports};
 
 /// Where a process's home dir is looked up when its environment is unreadable.
@@ -27,10 +30,6 @@ const PASSWD: &str = "/etc/passwd";
 /// Config and passwd files are far smaller; a bigger one is not one, and the
 /// bound keeps a file the node controls from making the agent read forever.
 const NODE_FILE_MAX_BYTES: u64 = 1 << 20;
-
-/// proc(5) numbering of the /proc/PID/stat fields we read.
-const STAT_STATE: usize = 3;
-const STAT_STARTTIME: usize = 22;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -51,6 +50,8 @@ pub struct NodeInfo {
 pub enum DiscoveryError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {source}")]
+    Proc { path: PathBuf, source: procfs::ProcError },
     #[error("pid file {path}: {reason}")]
     PidFile { path: PathBuf, reason: String },
 }
@@ -93,15 +94,11 @@ pub fn read_pid_file(proc_root: &Path, path: &Path) -> Result<u32, DiscoveryErro
 
 /// Whether the pid is alive: its /proc dir exists and it is not a zombie.
 pub fn is_alive(proc_root: &Path, pid: u32) -> bool {
-    let dir = pid_dir(proc_root, pid);
-    match fs::read(dir.join("stat")) {
-        Ok(stat) => {
-            let stat = String::from_utf8_lossy(&stat);
-            // X (dead) is only visible for an instant, but is no more alive than Z.
-            !matches!(stat_field(&stat, STAT_STATE), Some("Z" | "X" | "x"))
-        }
+    match stat(proc_root, pid) {
+        // X (dead) is only visible for an instant, but is no more alive than Z.
+        Some(stat) => !matches!(stat.state, 'Z' | 'X' | 'x'),
         // Existence is all there is to go on when stat can't be read.
-        Err(_) => dir.is_dir(),
+        None => pid_dir(proc_root, pid).is_dir(),
     }
 }
 
@@ -131,19 +128,22 @@ pub fn inspect(proc_root: &Path, pid: u32, chain: Chain) -> Result<NodeInfo, Dis
 /// per network namespace, so reading them through the pid sees the node's
 /// namespace rather than ours. Sorted, deduplicated.
 pub fn listening_ports(proc_root: &Path, pid: u32) -> Result<Vec<u16>, DiscoveryError> {
-    let dir = pid_dir(proc_root, pid);
-    let inodes = socket_inodes_in(&dir.join("fd"))?;
+    let process = proc_process(proc_root, pid)?;
+    let inodes = socket_inodes_of(&process, &pid_dir(proc_root, pid))?;
     let mut ports = Vec::new();
     if inodes.is_empty() {
         return Ok(ports);
     }
-    for table in ["net/tcp", "net/tcp6"] {
-        let path = dir.join(table);
-        match fs::read_to_string(&path) {
-            Ok(text) => ports.extend(listening_in_table(&text, &inodes)),
+    for (table, rows) in [("net/tcp", process.tcp()), ("net/tcp6", process.tcp6())] {
+        match rows {
+            Ok(rows) => ports.extend(
+                rows.iter()
+                    .filter(|row| row.state == TcpState::Listen && inodes.contains(&row.inode))
+                    .map(|row| row.local_address.port()),
+            ),
             // tcp6 is absent when the kernel has IPv6 disabled.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(DiscoveryError::Io { path, source }),
+            Err(procfs::ProcError::NotFound(_)) => {}
+            Err(source) => return Err(DiscoveryError::Proc { path: pid_dir(proc_root, pid).join(table), source }),
         }
     }
     ports.sort_unstable();
@@ -154,18 +154,27 @@ pub fn listening_ports(proc_root: &Path, pid: u32) -> Result<Vec<u16>, Discovery
 /// Process start time in whole seconds since boot (stat field 22, starttime,
 /// divided by the clock tick rate). Despite the name, not ticks.
 pub fn start_time_ticks(proc_root: &Path, pid: u32) -> Option<u64> {
-    let stat = read_stat(proc_root, pid)?;
-    let ticks: u64 = stat_field(&stat, STAT_STARTTIME)?.parse().ok()?;
-    Some(ticks / clock_ticks_per_second())
+    Some(stat(proc_root, pid)?.starttime / procfs::ticks_per_second())
 }
 
 /// The parent's pid (stat field 4).
 pub fn parent_pid(proc_root: &Path, pid: u32) -> Option<u32> {
-    stat_field(&read_stat(proc_root, pid)?, 4)?.parse().ok()
+    u32::try_from(stat(proc_root, pid)?.ppid).ok()
 }
 
 fn pid_dir(proc_root: &Path, pid: u32) -> PathBuf {
     proc_root.join(pid.to_string())
+}
+
+/// A process under the procfs root, through the procfs crate's readers.
+fn proc_process(proc_root: &Path, pid: u32) -> Result<procfs::process::Process, DiscoveryError> {
+    let dir = pid_dir(proc_root, pid);
+    procfs::process::Process::new_with_root(dir.clone()).map_err(|source| DiscoveryError::Proc { path: dir, source })
+}
+
+/// /proc/PID/stat, parsed; None when the process is gone or unreadable.
+fn stat(proc_root: &Path, pid: u32) -> Option<procfs::process::Stat> {
+    proc_process(proc_root, pid).ok()?.stat().ok()
 }
 
 /// Numeric entries of the procfs root, sorted. Listing /proc yields only
@@ -192,58 +201,20 @@ fn read_comm(proc_root: &Path, pid: u32) -> Option<String> {
     Some(comm.strip_suffix('\n').unwrap_or(&comm).to_owned())
 }
 
-/// Lossy, because comm inside stat may be any bytes the process chose.
-fn read_stat(proc_root: &Path, pid: u32) -> Option<String> {
-    let raw = fs::read(pid_dir(proc_root, pid).join("stat")).ok()?;
-    Some(String::from_utf8_lossy(&raw).into_owned())
-}
-
-/// Field `n` of a stat line, numbered as in proc(5). comm (field 2) may
-/// contain spaces and parens, so counting restarts after the last ')'.
-fn stat_field(stat: &str, n: usize) -> Option<&str> {
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(n.checked_sub(3)?)
-}
-
-fn clock_ticks_per_second() -> u64 {
-    // SAFETY: sysconf only reads a system constant and has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    // USER_HZ is 100 on every Linux architecture, should sysconf ever fail.
-    u64::try_from(hz).ok().filter(|&hz| hz > 0).unwrap_or(100)
-}
-
 /// Inodes of the sockets a process holds open.
 pub fn socket_inodes(proc_root: &Path, pid: u32) -> Result<HashSet<u64>, DiscoveryError> {
-    socket_inodes_in(&pid_dir(proc_root, pid).join("fd"))
+    socket_inodes_of(&proc_process(proc_root, pid)?, &pid_dir(proc_root, pid))
 }
 
-fn socket_inodes_in(fd_dir: &Path) -> Result<HashSet<u64>, DiscoveryError> {
-    let entries = fs::read_dir(fd_dir).map_err(|source| DiscoveryError::Io { path: fd_dir.to_path_buf(), source })?;
+fn socket_inodes_of(process: &procfs::process::Process, dir: &Path) -> Result<HashSet<u64>, DiscoveryError> {
+    let fds = process.fd().map_err(|source| DiscoveryError::Proc { path: dir.join("fd"), source })?;
     // An fd closed between listing and readlink just drops out.
-    Ok(entries
-        .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
-        .filter_map(|target| socket_inode(target.to_str()?))
+    Ok(fds
+        .filter_map(|fd| match fd.ok()?.target {
+            FDTarget::Socket(inode) => Some(inode),
+            _ => None,
+        })
         .collect())
-}
-
-fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
-}
-
-/// Local ports of the LISTEN rows of a /proc/net/tcp{,6} table owned by one
-/// of `inodes`. Columns: sl local_address rem_address st tx:rx tr:when
-/// retrnsmt uid timeout inode ...; addresses are hex ADDR:PORT.
-fn listening_in_table<'a>(table: &'a str, inodes: &'a HashSet<u64>) -> impl Iterator<Item = u16> + 'a {
-    const LISTEN: &str = "0A";
-    table.lines().skip(1).filter_map(move |row| {
-        let cols: Vec<&str> = row.split_whitespace().collect();
-        let (local, state, inode) = (cols.get(1)?, cols.get(3)?, cols.get(9)?);
-        if *state != LISTEN || !inodes.contains(&inode.parse().ok()?) {
-            return None;
-        }
-        let (_, port) = local.rsplit_once(':')?;
-        u16::from_str_radix(port, 16).ok()
-    })
 }
 
 /// One process's directory under the procfs root.
@@ -309,12 +280,9 @@ impl Process {
 
     /// Real uid from status, else the owner of the /proc dir (the euid).
     fn uid(&self) -> Option<u32> {
-        fs::read_to_string(self.dir.join("status"))
+        <procfs::process::Status as procfs::FromRead>::from_file(self.dir.join("status"))
             .ok()
-            .and_then(|status| {
-                let ids = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
-                ids.split_whitespace().next()?.parse().ok()
-            })
+            .map(|status| status.ruid)
             .or_else(|| fs::metadata(&self.dir).ok().map(|meta| meta.uid()))
     }
 
@@ -835,6 +803,21 @@ mod tests {
         items.iter().flat_map(|item| item.bytes().chain([0])).collect()
     }
 
+    /// A /proc/PID/status file as this kernel writes it (our own, every
+    /// line of it), with the node's name and ids.
+    fn status_text(name: &str, uid: u32) -> String {
+        let own = fs::read_to_string("/proc/self/status").unwrap();
+        own.lines()
+            .map(|line| match line.split_once(':').map(|(k, _)| k) {
+                Some("Name") => format!("Name:\t{name}"),
+                Some("Uid") => format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}"),
+                Some("Gid") => format!("Gid:\t{uid}\t{uid}\t{uid}\t{uid}"),
+                _ => line.to_owned(),
+            })
+            .map(|line| line + "\n")
+            .collect()
+    }
+
     /// A /proc/PID/stat line as the kernel writes it (52 fields).
     fn stat_line(pid: u32, comm: &str, state: char, ppid: u32, starttime: u64) -> String {
         format!(
@@ -927,7 +910,7 @@ mod tests {
         // A directory can't be read as a file, standing in for EACCES.
         fs::remove_file(dir.join("environ")).unwrap();
         fs::create_dir(dir.join("environ")).unwrap();
-        fs::write(dir.join("status"), "Name:\tbitcoind\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n").unwrap();
+        fs::write(dir.join("status"), status_text("bitcoind", 0)).unwrap();
         let info = inspect(&sb.proc_root(), 104, Chain::Bitcoin).unwrap();
         let root_home = home_from_passwd(&fs::read_to_string(PASSWD).unwrap_or_default(), 0)
             .unwrap_or_else(|| PathBuf::from("/root"));
@@ -1092,7 +1075,7 @@ mod tests {
         assert_eq!(listening_ports(&sb.proc_root(), 500).unwrap(), vec![8333]);
 
         let err = listening_ports(&sb.proc_root(), 501).unwrap_err();
-        assert!(matches!(&err, DiscoveryError::Io { path, .. } if path.ends_with("501/fd")), "{err}");
+        assert!(matches!(&err, DiscoveryError::Proc { path, .. } if path.ends_with("proc/501")), "{err}");
     }
 
     #[test]
@@ -1138,7 +1121,7 @@ mod tests {
         let sb = Sandbox::new("stat");
         let dir = sb.process(700, "x", &["x"], &[]);
         fs::write(dir.join("stat"), stat_line(700, "a) (b ) S 9 9", 'R', 77, 4242)).unwrap();
-        assert_eq!(start_time_ticks(&sb.proc_root(), 700), Some(4242 / clock_ticks_per_second()));
+        assert_eq!(start_time_ticks(&sb.proc_root(), 700), Some(4242 / procfs::ticks_per_second()));
         assert!(is_alive(&sb.proc_root(), 700));
         assert_eq!(start_time_ticks(&sb.proc_root(), 701), None);
         assert!(!is_alive(&sb.proc_root(), 701));
@@ -1251,7 +1234,7 @@ mod tests {
         // the uid the container's user namespace gives the node
         fs::remove_file(dir.join("environ")).unwrap();
         fs::create_dir(dir.join("environ")).unwrap();
-        fs::write(dir.join("status"), "Name:\tlitecoind\nUid:\t101000\t101000\t101000\t101000\n").unwrap();
+        fs::write(dir.join("status"), status_text("litecoind", 101000)).unwrap();
         fs::write(dir.join("uid_map"), "         0     100000      65536\n").unwrap();
         let root = containerize(&sb, 800);
         sb.write("proc/800/root/etc/passwd", "root:x:0:0::/root:/bin/sh\nltc:x:1000:1000::/home/ltc:/bin/sh\n");

@@ -2,9 +2,10 @@
 //! descriptors against their limit, storage I/O, age, and restarts seen.
 
 use std::collections::HashMap;
-use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
+
+use procfs::process::{LimitValue, Process};
+use procfs::{FromRead, FromReadSI, KernelStats, Uptime};
 
 use super::ProcessStats;
 use crate::discovery;
@@ -12,9 +13,7 @@ use crate::discovery;
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error("{path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    #[error("{path}: no {field} line")]
-    Field { path: PathBuf, field: &'static str },
+    Read { path: PathBuf, source: procfs::ProcError },
     #[error("process {0} is gone")]
     Gone(u32),
 }
@@ -74,99 +73,56 @@ impl ProcessReader {
     pub fn read(&mut self, target: &str, pid: u32) -> Result<(ProcessStats, FsOwner), ProcessError> {
         let started = self.observe(target, pid).ok_or(ProcessError::Gone(pid))?;
         let dir = self.proc_root.join(pid.to_string());
-        let status = read(&dir.join("status"))?;
-        let field = |name: &'static str| -> Result<&str, ProcessError> {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                .map(str::trim)
-                .ok_or(ProcessError::Field { path: dir.join("status"), field: name })
+        let at = |file: &str| {
+            let path = dir.join(file);
+            move |source| ProcessError::Read { path, source }
         };
-        // "VmRSS:	  123456 kB"; kernel threads have none
-        let rss_kib: u64 = field("VmRSS")?.trim_end_matches("kB").trim().parse().unwrap_or(0);
-        let threads: u64 = field("Threads")?.parse().unwrap_or(0);
-        // "Uid: real effective saved filesystem"
-        let fs_id = |name| -> Result<u32, ProcessError> {
-            Ok(field(name)?.split_whitespace().nth(3).and_then(|v| v.parse().ok()).unwrap_or(0))
+        let process =
+            Process::new_with_root(dir.clone()).map_err(|source| ProcessError::Read { path: dir.clone(), source })?;
+        let status = process.status().map_err(at("status"))?;
+        // "Uid: real effective saved filesystem": the node opens files as the last
+        let owner = FsOwner { uid: status.fuid, gid: status.fgid };
+        // Counted from the links rather than fd_count(), whose fast path (the
+        // directory's size) only /proc has: the same code reads test trees.
+        let open_fds = process.fd().map_err(at("fd"))?.count() as u64;
+        let fd_limit = match process.limits().map_err(at("limits"))?.max_open_files.soft_limit {
+            LimitValue::Unlimited => None,
+            LimitValue::Value(v) => Some(v),
         };
-        let owner = FsOwner { uid: fs_id("Uid")?, gid: fs_id("Gid")? };
-
-        let fd_dir = dir.join("fd");
-        let open_fds =
-            fs::read_dir(&fd_dir).map_err(|source| ProcessError::Read { path: fd_dir, source })?.count() as u64;
-        let limits_path = dir.join("limits");
-        let fd_limit = nofile_soft_limit(&read(&limits_path)?)
-            .ok_or(ProcessError::Field { path: limits_path, field: "Max open files" })?;
-        let io_path = dir.join("io");
-        let io = read(&io_path)?;
-        let io_field = |name: &'static str| {
-            io.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
-                .ok_or(ProcessError::Field { path: io_path.clone(), field: name })
-        };
-        let (read_bytes, write_bytes) = (io_field("read_bytes")?, io_field("write_bytes")?);
-
+        let io = process.io().map_err(at("io"))?;
         let uptime_path = self.proc_root.join("uptime");
-        let since_boot = read(&uptime_path)?
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-            .ok_or(ProcessError::Field { path: uptime_path, field: "uptime" })?;
+        let uptime: Uptime =
+            FromRead::from_file(&uptime_path).map_err(|source| ProcessError::Read { path: uptime_path, source })?;
         let boot_time = match self.boot_time {
             Some(t) => t,
             None => {
                 let stat_path = self.proc_root.join("stat");
-                let t = read(&stat_path)?
-                    .lines()
-                    .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())
-                    .ok_or(ProcessError::Field { path: stat_path, field: "btime" })?;
-                *self.boot_time.insert(t)
+                let stat: KernelStats = FromReadSI::from_file(&stat_path, procfs::current_system_info())
+                    .map_err(|source| ProcessError::Read { path: stat_path, source })?;
+                *self.boot_time.insert(stat.btime)
             }
         };
 
         let stats = ProcessStats {
             pid,
-            rss_bytes: rss_kib * 1024,
-            threads,
+            // kernel threads have no VmRSS
+            rss_bytes: status.vmrss.unwrap_or(0) * 1024,
+            threads: status.threads,
             open_fds,
             fd_limit,
-            read_bytes,
-            write_bytes,
+            read_bytes: io.read_bytes,
+            write_bytes: io.write_bytes,
             start_time_unix: boot_time + started,
             restarts: self.restarts(target),
-            uptime_seconds: (since_boot - started as f64).max(0.0),
+            uptime_seconds: (uptime.uptime - started as f64).max(0.0),
         };
         Ok((stats, owner))
     }
 }
 
-fn read(path: &Path) -> Result<String, ProcessError> {
-    fs::read_to_string(path).map_err(|source| ProcessError::Read { path: path.to_path_buf(), source })
-}
-
-/// The soft RLIMIT_NOFILE from /proc/PID/limits; Some(None) when unlimited.
-fn nofile_soft_limit(limits: &str) -> Option<Option<u64>> {
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    let soft = line.trim_start_matches("Max open files").split_whitespace().next()?;
-    Some(if soft == "unlimited" { None } else { Some(soft.parse().ok()?) })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn limits_line() {
-        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
-                    Max processes             95837                95837                processes \n\
-                    Max open files            1024                 524288               files     \n";
-        assert_eq!(nofile_soft_limit(text), Some(Some(1024)));
-        assert_eq!(
-            nofile_soft_limit("Max open files            unlimited            unlimited            files\n"),
-            Some(None)
-        );
-        assert_eq!(nofile_soft_limit("nothing"), None);
-    }
 
     #[test]
     fn own_process_and_restarts() {
