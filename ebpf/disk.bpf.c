@@ -7,7 +7,7 @@
  * These hooks fire only where a file is written or synced, never on a
  * syscall as such, so a process that writes no file (a dd to /dev/null, a
  * server on its sockets) pays nothing, and one that writes files pays the
- * scope filter (a cgroup and a pid lookup) per hook. The syscall tracepoints
+ * scope filter per hook (its verdict remembered in the task's storage). The syscall tracepoints
  * of disk_syscalls.bpf.c put every syscall of every task on the tracing slow
  * path; that method is an explicit opt-in.
  *
@@ -110,29 +110,28 @@ static __always_inline int new_write_call(struct task_struct *task, struct ns_di
 }
 
 /* `bytes` at `pos` of `inode` (named by `d` when the hook has the file),
- * written by the current task. */
+ * written by the current task. The hot path (a watched thread writing the
+ * file it wrote last): its task storage (scope verdict, last write, count
+ * slot), the syscall it is in, and plain adds to this CPU's pending counts. */
 static __always_inline int fs_write(struct inode *inode, struct dentry *d, __u64 pos, __u64 bytes)
 {
 	if (!bytes)
 		return 0;
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tgid = pid_tgid >> 32, target;
 	struct task_struct *task = bpf_get_current_task_btf();
-	struct ns_disk_task *slot;
-	if (!disk_match_task(task, tgid, &target, &slot))
+	__u32 tgid = task->tgid, target;
+	struct ns_disk_task *t;
+	if (!disk_match_task(task, tgid, &target, &t))
 		return 0;
 	__u32 call = write_call(task);
 	if (call >= NS_DISK_WRITE_CALLS)
 		return 0;
 	struct ns_disk_key key;
 	__u32 round = disk_key(&key, inode->i_ino, inode->i_sb->s_dev, target, tgid);
-	int fresh = new_write_call(task, slot, &key, pos, bytes);
-	struct ns_disk_counts *r = disk_counts(&key, round, inode, d, slot);
-	if (!r)
+	int fresh = new_write_call(task, t, &key, pos, bytes);
+	__u32 slot = disk_count_slot(&key, round, inode, d, t);
+	if (slot == NO_SLOT)
 		return 0;
-	__sync_fetch_and_add(&r->bytes[call], bytes);
-	if (fresh)
-		__sync_fetch_and_add(&r->calls[call], 1);
+	disk_add_write(key.epoch, slot, call, bytes, fresh);
 	return 0;
 }
 
@@ -182,13 +181,13 @@ int BPF_PROG(on_iomap_dio_rw_begin, struct kiocb *iocb, struct iov_iter *iter, u
 SEC("tp_btf/writeback_dirty_folio")
 int BPF_PROG(on_dirty_folio, struct folio *folio, struct address_space *mapping)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tgid = pid_tgid >> 32, target;
+	/* first the cheaper test: most folios are dirtied by buffered writes */
 	struct task_struct *task = bpf_get_current_task_btf();
+	if ((task->flags & PF_IO_WORKER) || syscall_nr(task) != ~0UL)
+		return 0;
+	__u32 tgid = task->tgid, target;
 	struct ns_disk_task *slot;
 	if (!disk_match_task(task, tgid, &target, &slot))
-		return 0;
-	if ((task->flags & PF_IO_WORKER) || syscall_nr(task) != ~0UL)
 		return 0;
 	if (!mapping)
 		return 0;
@@ -202,20 +201,18 @@ int BPF_PROG(on_dirty_folio, struct folio *folio, struct address_space *mapping)
 		pages = folio->_nr_pages;
 	struct ns_disk_key key;
 	__u32 round = disk_key(&key, inode->i_ino, inode->i_sb->s_dev, target, tgid);
-	struct ns_disk_counts *r = disk_counts(&key, round, inode, NULL, slot);
-	if (!r)
+	__u32 s = disk_count_slot(&key, round, inode, NULL, slot);
+	if (s == NO_SLOT)
 		return 0;
-	__sync_fetch_and_add(&r->bytes[NS_DISK_MMAP], pages * NS_PAGE_SIZE);
-	__sync_fetch_and_add(&r->calls[NS_DISK_MMAP], 1);
+	disk_add_write(key.epoch, s, NS_DISK_MMAP, pages * NS_PAGE_SIZE, 1);
 	return 0;
 }
 
 SEC("tp_btf/ext4_sync_file_enter")
 int BPF_PROG(on_ext4_sync_enter, struct file *file, int datasync)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tgid = pid_tgid >> 32, target;
 	struct task_struct *task = bpf_get_current_task_btf();
+	__u32 tgid = task->tgid, target;
 	struct ns_disk_task *t;
 	if (!disk_match_task(task, tgid, &target, &t) || !t)
 		return 0;
@@ -243,9 +240,8 @@ int BPF_PROG(on_ext4_sync_exit, struct inode *inode, int ret)
 
 static __always_inline int xfs_sync(struct xfs_inode *ip)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tgid = pid_tgid >> 32, target;
 	struct task_struct *task = bpf_get_current_task_btf();
+	__u32 tgid = task->tgid, target;
 	struct ns_disk_task *slot;
 	if (!disk_match_task(task, tgid, &target, &slot))
 		return 0;

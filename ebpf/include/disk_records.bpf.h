@@ -36,6 +36,14 @@ struct {
 	__type(value, __u32);
 } ns_disk_epoch SEC(".maps");
 
+/* [half], per CPU: the writes not yet moved into their slot (nodescope.h) */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct ns_disk_pending);
+} ns_disk_pending SEC(".maps");
+
 /* (file, half) -> its slot and names. max_entries set by the agent
  * (2 x disk.max_files). */
 struct {
@@ -334,27 +342,60 @@ static __always_inline __u32 disk_slot(struct ns_disk_key *key, struct inode *in
 	return slot;
 }
 
-/* The counts of `key` (made in round `round`): through the slot the task
+/* The count slot of `key` (made in round `round`): the one the task
  * remembers when it wrote this very file in this round last, else found or
- * made, and remembered. */
+ * made, and remembered. NO_SLOT when there is none. */
+static __always_inline __u32 disk_count_slot(struct ns_disk_key *key, __u32 round, struct inode *inode,
+					     struct dentry *d, struct ns_disk_task *t)
+{
+	if (t && t->c_round == round && t->c_key.ino == key->ino && t->c_key.dev == key->dev &&
+	    t->c_key.target == key->target && t->c_key.tgid == key->tgid)
+		return t->c_slot;
+	__u32 slot = disk_slot(key, inode, d);
+	if (slot != NO_SLOT && t) {
+		t->c_key = *key;
+		t->c_round = round;
+		t->c_slot = slot;
+	}
+	return slot;
+}
+
+/* The counts of `key`, as disk_count_slot finds them. */
 static __always_inline struct ns_disk_counts *disk_counts(struct ns_disk_key *key, __u32 round, struct inode *inode,
 							 struct dentry *d, struct ns_disk_task *t)
 {
-	__u32 slot;
-	if (t && t->c_round == round && t->c_key.ino == key->ino && t->c_key.dev == key->dev &&
-	    t->c_key.target == key->target && t->c_key.tgid == key->tgid) {
-		slot = t->c_slot;
-	} else {
-		slot = disk_slot(key, inode, d);
-		if (slot == NO_SLOT)
-			return NULL;
-		if (t) {
-			t->c_key = *key;
-			t->c_round = round;
-			t->c_slot = slot;
-		}
-	}
+	__u32 slot = disk_count_slot(key, round, inode, d, t);
+	if (slot == NO_SLOT)
+		return NULL;
 	return bpf_map_lookup_elem(&ns_disk_counts, &slot);
+}
+
+/* `bytes` written to slot `slot` of half `half` as call `call` (a new call
+ * when `fresh`): added to this CPU's pending counts of the half, which are
+ * first moved into their own slot when they are another slot's or call's.
+ * Preemption is off in a tracepoint's programs and none of the write hooks
+ * runs in an interrupt, so nothing else on the CPU touches them meanwhile. */
+static __always_inline void disk_add_write(__u32 half, __u32 slot, __u32 call, __u64 bytes, int fresh)
+{
+	struct ns_disk_pending *p = bpf_map_lookup_elem(&ns_disk_pending, &half);
+	if (!p)
+		return;
+	if (p->slot != slot + 1 || p->call != call) {
+		__u32 old = p->slot - 1, old_call = p->call;
+		if (p->slot && old_call < NS_DISK_WRITE_CALLS) {
+			struct ns_disk_counts *c = bpf_map_lookup_elem(&ns_disk_counts, &old);
+			if (c) {
+				__sync_fetch_and_add(&c->bytes[old_call], p->bytes);
+				__sync_fetch_and_add(&c->calls[old_call], p->calls);
+			}
+		}
+		p->slot = slot + 1;
+		p->call = call;
+		p->bytes = 0;
+		p->calls = 0;
+	}
+	p->bytes += bytes;
+	p->calls += fresh;
 }
 
 /* From libbpf-tools bits.bpf.h */

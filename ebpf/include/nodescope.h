@@ -189,6 +189,19 @@ struct ns_disk_counts {
 	__u64 sync_errors[NS_DISK_SYNC_CALLS];  /* of those, the ones known to have failed */
 };
 
+/* Per CPU and half (ns_disk_pending): what the CPU's writes added to one
+ * count slot's bytes[call] and calls[call] since it last moved them there.
+ * Writes add to it with plain adds (no atomic, no shared cache line); a
+ * write to another (slot, call) on the CPU moves it into its slot first
+ * (atomic adds), and the agent adds what is left to the slots when it reads
+ * the half, then zeroes it. */
+struct ns_disk_pending {
+	__u32 slot; /* the count slot + 1; 0: empty */
+	__u32 call; /* NS_DISK_WRITE... */
+	__u64 bytes;
+	__u64 calls;
+};
+
 /* ns_disk_alloc: the next free count slot of each half, and the slots per half. */
 #define NS_DISK_ALLOC_PER_HALF 2
 

@@ -81,6 +81,11 @@ int main(void)
 	FIELD(ns_disk_counts, calls);
 	FIELD(ns_disk_counts, syncs);
 	FIELD(ns_disk_counts, sync_errors);
+	SIZE(ns_disk_pending);
+	FIELD(ns_disk_pending, slot);
+	FIELD(ns_disk_pending, call);
+	FIELD(ns_disk_pending, bytes);
+	FIELD(ns_disk_pending, calls);
 	CONST(NS_DISK_ALLOC_PER_HALF);
 	SIZE(ns_disk_sync_key);
 	FIELD(ns_disk_sync_key, file);

@@ -258,6 +258,18 @@ pub struct DiskCounts {
     pub sync_errors: [u64; DISK_SYNC_CALLS],
 }
 
+/// `struct ns_disk_pending`: one CPU's writes of a half not yet moved into
+/// their count slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskPending {
+    /// The count slot + 1; 0: empty.
+    pub slot: u32,
+    pub call: u32,
+    pub bytes: u64,
+    pub calls: u64,
+}
+
 /// NS_DISK_ALLOC_PER_HALF: the ns_disk_alloc entry holding the slots per half.
 pub const DISK_ALLOC_PER_HALF: u32 = 2;
 
@@ -284,6 +296,7 @@ pub struct DiskSyncHist {
 unsafe impl aya::Pod for DiskKey {}
 unsafe impl aya::Pod for DiskFile {}
 unsafe impl aya::Pod for DiskCounts {}
+unsafe impl aya::Pod for DiskPending {}
 unsafe impl aya::Pod for DiskSyncKey {}
 unsafe impl aya::Pod for DiskSyncHist {}
 
@@ -305,6 +318,11 @@ const _: () = {
     assert!(offset_of!(DiskCounts, calls) == layout::ns_disk_counts_calls);
     assert!(offset_of!(DiskCounts, syncs) == layout::ns_disk_counts_syncs);
     assert!(offset_of!(DiskCounts, sync_errors) == layout::ns_disk_counts_sync_errors);
+    assert!(size_of::<DiskPending>() == layout::ns_disk_pending_SIZE);
+    assert!(offset_of!(DiskPending, slot) == layout::ns_disk_pending_slot);
+    assert!(offset_of!(DiskPending, call) == layout::ns_disk_pending_call);
+    assert!(offset_of!(DiskPending, bytes) == layout::ns_disk_pending_bytes);
+    assert!(offset_of!(DiskPending, calls) == layout::ns_disk_pending_calls);
     assert!(DISK_ALLOC_PER_HALF == layout::NS_DISK_ALLOC_PER_HALF);
     assert!(size_of::<DiskSyncKey>() == layout::ns_disk_sync_key_SIZE);
     assert!(offset_of!(DiskSyncKey, file) == layout::ns_disk_sync_key_file);

@@ -78,6 +78,7 @@ pub const SYSCALL_HOOKS: &[(&str, &str, &str)] = &[
 const FILES: &str = "ns_disk_files";
 const COUNTS: &str = "ns_disk_counts";
 const ALLOC: &str = "ns_disk_alloc";
+const PENDING: &str = "ns_disk_pending";
 const SYNCS: &str = "ns_disk_syncs";
 const EPOCH: &str = "ns_disk_epoch";
 const STATS: &str = "ns_disk_stats";
@@ -359,9 +360,43 @@ impl DiskProbe {
             let c = counts.get(&file.slot, 0).map_err(|source| BpfError::Map { map: COUNTS, source })?;
             records.push((key, file, c));
         }
+        self.take_pending(old, &mut records)?;
         let syncs = take_half(&self.ebpf, SYNCS, |k: &abi::DiskSyncKey| k.file.epoch == old)?;
         self.set_alloc(old, 0)?;
         Ok(Drained { records, syncs })
+    }
+
+    /// Adds what each CPU's pending counts of half `old` hold to the records
+    /// of their slots, then empties them for the half's next turn (no
+    /// program writes them until the round comes back to this half).
+    fn take_pending(
+        &mut self,
+        old: u32,
+        records: &mut [(abi::DiskKey, abi::DiskFile, abi::DiskCounts)],
+    ) -> Result<(), DiskError> {
+        let map = self.ebpf.map_mut(PENDING).ok_or(BpfError::MissingMap(PENDING))?;
+        let mut pending: aya::maps::PerCpuArray<&mut aya::maps::MapData, abi::DiskPending> =
+            aya::maps::PerCpuArray::try_from(map).map_err(|source| BpfError::Map { map: PENDING, source })?;
+        let per_cpu = pending.get(&old, 0).map_err(|source| BpfError::Map { map: PENDING, source })?;
+        if per_cpu.iter().all(|p| p.slot == 0) {
+            return Ok(());
+        }
+        let cpus = per_cpu.len();
+        for p in per_cpu.iter().filter(|p| p.slot != 0) {
+            let (slot, call) = (p.slot - 1, p.call as usize);
+            if call >= abi::DISK_WRITE_CALLS {
+                continue;
+            }
+            // a slot is made with its file, so its record is here (a kernel-side bug otherwise: left out)
+            if let Some((_, _, c)) = records.iter_mut().find(|(_, f, _)| f.slot == slot) {
+                c.bytes[call] += p.bytes;
+                c.calls[call] += p.calls;
+            }
+        }
+        let empty = aya::maps::PerCpuValues::try_from(vec![abi::DiskPending::default(); cpus])
+            .map_err(|source| DiskError::Read { map: PENDING, source })?;
+        pending.set(old, empty, 0).map_err(|source| BpfError::Map { map: PENDING, source })?;
+        Ok(())
     }
 
     pub fn kernel_stats(&self) -> Result<KernelStats, BpfError> {
