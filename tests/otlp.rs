@@ -90,3 +90,269 @@ fn metrics_reach_an_otlp_collector() {
     stop_child(&mut collector, Duration::from_secs(5));
     drop(cgroup);
 }
+
+/// rotel-agent listening on both OTLP ports, printing what it receives to `log`.
+fn start_rotel(dir: &std::path::Path, http_port: u16, grpc_port: u16, log: &std::path::Path) -> std::process::Child {
+    Command::new(pytool("rotel-agent"))
+        .args(["start", "--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
+        .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc_port}")])
+        .args(["--exporter", "blackhole", "--debug-log", "metrics", "--debug-log-verbosity", "detailed"])
+        .args(["--pid-file", dir.join(format!("rotel-{grpc_port}.pid")).to_str().unwrap()])
+        .stdout(std::fs::File::create(log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// The agent with `env` set (and the config's [http] listen), like
+/// `Agent::start`.
+fn start_agent_with_env(body: &str, env: &[(&str, String)]) -> Agent {
+    let dir = TempDir::new("agent");
+    let port = free_port();
+    let config = dir.path().join("nodescope.toml");
+    std::fs::write(&config, format!("[http]\nlisten = \"127.0.0.1:{port}\"\n{body}")).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodescope"));
+    cmd.args(["run", "--config"]).arg(&config).env("RUST_LOG", "info");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.path().join("agent.log")).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("agent.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut agent = Agent { child, port, dir };
+    wait_for("nodescope /metrics", Duration::from_secs(30), || {
+        if let Ok(Some(st)) = agent.child.try_wait() {
+            panic!("nodescope exited with {st}: {}", agent.log());
+        }
+        http_get(port, "/metrics").ok().filter(|(s, _)| *s == 200)
+    });
+    agent
+}
+
+/// The resource attributes of the last batch in rotel's log: key -> value.
+fn rotel_resource(log: &str) -> std::collections::BTreeMap<String, String> {
+    let Some(block) = log.rsplit("Resource attributes:\n").next().filter(|_| log.contains("Resource attributes:"))
+    else {
+        return Default::default();
+    };
+    block
+        .lines()
+        .map_while(|l| l.trim().strip_prefix("-> "))
+        .filter_map(|l| {
+            let (k, v) = l.split_once(": ")?;
+            Some((k.to_string(), v.strip_prefix("Str(")?.strip_suffix(')')?.to_string()))
+        })
+        .collect()
+}
+
+/// A server in a watched cgroup that accepts, reads a byte and closes; the
+/// connections the test makes to it are the figure both readers must agree on.
+struct Counted {
+    cgroup: Cgroup,
+    server: std::process::Child,
+    port: u16,
+}
+
+impl Counted {
+    fn start(dir: &std::path::Path) -> Counted {
+        let cgroup = Cgroup::new();
+        let port = free_port();
+        let server_py = format!(
+            "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1',{port})); s.listen(64)\nwhile True:\n    c,_=s.accept(); c.recv(8); c.close()\n"
+        );
+        let server = spawn_in(Some(&cgroup), "python3", &["-c".into(), server_py], &dir.join("server.log"));
+        Counted { cgroup, server, port }
+    }
+    fn connect(&self, n: usize) {
+        use std::io::Write;
+        for _ in 0..n {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+            c.write_all(b"x").unwrap();
+            let _ = std::io::Read::read(&mut c, &mut [0u8; 1]);
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        stop_child(&mut self.server, Duration::from_secs(5));
+    }
+}
+
+/// Over gRPC and over HTTP/protobuf, set only by the standard OTEL_*
+/// variables (the TOML has no endpoint): rotel receives the connection count
+/// /metrics shows, the build info and a map's capacity, with the resource
+/// attributes from OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES and the
+/// downward API's variables.
+#[test]
+fn grpc_and_http_exports_from_the_standard_environment() {
+    require_root();
+    for protocol in ["grpc", "http/protobuf"] {
+        let dir = TempDir::new("otlp-env");
+        let (http_port, grpc_port) = (free_port(), free_port());
+        let log_path = dir.path().join("rotel.log");
+        let mut collector = start_rotel(dir.path(), http_port, grpc_port, &log_path);
+        let counted = Counted::start(dir.path());
+        // the general endpoint: a base URL for http/protobuf, the agent adds /v1/metrics
+        let endpoint = match protocol {
+            "grpc" => format!("http://127.0.0.1:{grpc_port}"),
+            _ => format!("http://127.0.0.1:{http_port}"),
+        };
+        // listening (so inside its cgroup) before the agent resolves the target
+        wait_for("server listening", Duration::from_secs(10), || {
+            std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], counted.port).into(), Duration::from_secs(1))
+                .ok()
+                .map(drop)
+        });
+        let service = format!("nodescope-{}", protocol.replace('/', "-"));
+        let agent = start_agent_with_env(
+            &format!(
+                "[agent]\ninterval = \"500ms\"\ndiscover = false\n[otlp]\ninterval = \"1s\"\ntimeout = \"1s\"\n\n[[targets]]\nname = \"otlp-env\"\ncgroup = \"{}\"\n",
+                counted.cgroup.path.display()
+            ),
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.to_string()),
+                ("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=t1".to_string()),
+                ("OTEL_SERVICE_NAME", service.clone()),
+                ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=ci,k8s.cluster.name=c%201".to_string()),
+                ("NODE_NAME", "node-a".to_string()),
+                ("POD_NAME", "pod-a".to_string()),
+                ("POD_NAMESPACE", "ns-a".to_string()),
+            ],
+        );
+        let prom_attrs = [("nodescope_target", "otlp-env"), ("nodescope_connection_direction", "inbound")];
+        // once the agent counts the target's connections, MADE more
+        let first = wait_for("the target's connections counted", Duration::from_secs(20), || {
+            counted.connect(1);
+            std::thread::sleep(Duration::from_millis(600));
+            let n = metric_sum(&agent.metrics(), "nodescope_connection_closed_total", &prom_attrs);
+            (n > 0.0).then_some(n)
+        });
+        counted.connect(9);
+        let made = first + 9.0;
+        let attrs = [("nodescope.target", "otlp-env"), ("nodescope.connection.direction", "inbound")];
+        let started = std::time::Instant::now();
+        let mut seen = None;
+        while seen != Some(made) && started.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(200));
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            seen = rotel_values(&log, "nodescope.connection.closed", &attrs).last().copied();
+        }
+        assert_eq!(
+            seen,
+            Some(made),
+            "{protocol}: connections at the collector; /metrics: {}",
+            agent.metrics().lines().filter(|l| l.contains("connection_closed")).collect::<Vec<_>>().join("\n")
+        );
+        let m = agent.metrics();
+        assert_eq!(metric_sum(&m, "nodescope_connection_closed_total", &prom_attrs), made);
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        // the build info and a kernel map's capacity, as /metrics has them
+        let build = rotel_values(&log, "nodescope.build_info", &[("version", env!("CARGO_PKG_VERSION"))]);
+        assert_eq!(build.last(), Some(&1.0), "{protocol}: build_info");
+        let cap = rotel_values(&log, "nodescope.bpf.map.capacity", &[("map", "ns_conns")]);
+        assert_eq!(
+            cap.last().copied(),
+            Some(metric_sum(&m, "nodescope_bpf_map_capacity", &[("map", "ns_conns")])),
+            "{protocol}: ns_conns capacity"
+        );
+        let resource = rotel_resource(&log);
+        eprintln!("{protocol}: resource {resource:?}");
+        for (k, v) in [
+            ("service.name", service.as_str()),
+            ("service.version", env!("CARGO_PKG_VERSION")),
+            ("deployment.environment", "ci"),
+            ("k8s.cluster.name", "c 1"),
+            ("k8s.node.name", "node-a"),
+            ("k8s.pod.name", "pod-a"),
+            ("k8s.namespace.name", "ns-a"),
+        ] {
+            assert_eq!(resource.get(k).map(String::as_str), Some(v), "{protocol}: resource {k}");
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(resource.get("host.name").map(String::as_str), Some(host.trim()));
+        assert!(metric_sum(&m, "nodescope_otlp_exports_total", &[("result", "ok")]) >= 1.0);
+        drop(agent);
+        stop_child(&mut collector, Duration::from_secs(5));
+    }
+}
+
+/// Milliseconds of `n` serial /metrics scrapes on new connections.
+fn scrape_times(port: u16, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            let (status, _) = http_get(port, "/metrics").unwrap();
+            assert_eq!(status, 200);
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// The collector (gRPC) stopped for a minute: collection goes on at its
+/// interval, scrapes stay within twice their latency before, failures are
+/// counted and logged a few times, not per export; started again on the
+/// same port, it receives exports again by itself.
+#[test]
+fn collector_down_for_a_minute_then_back() {
+    require_root();
+    let dir = TempDir::new("otlp-down");
+    let (http_port, grpc_port) = (free_port(), free_port());
+    let log1 = dir.path().join("rotel-1.log");
+    let mut collector = start_rotel(dir.path(), http_port, grpc_port, &log1);
+    let agent = start_agent_with_env(
+        &format!("[agent]\ninterval = \"500ms\"\ndiscover = false\n[otlp]\nendpoint = \"http://127.0.0.1:{grpc_port}\"\nprotocol = \"grpc\"\ninterval = \"1s\"\ntimeout = \"1s\"\n"),
+        &[],
+    );
+    wait_for("exports at the collector", Duration::from_secs(30), || {
+        let log = std::fs::read_to_string(&log1).unwrap_or_default();
+        rotel_values(&log, "nodescope.build_info", &[]).last().copied()
+    });
+    let before = scrape_times(agent.port, 30);
+    stop_child(&mut collector, Duration::from_secs(5));
+    let collections = |m: &str| metric_sum(m, "nodescope_collection_duration_seconds_count", &[]);
+    let c0 = collections(&agent.metrics());
+    let t0 = std::time::Instant::now();
+    let mut during = Vec::new();
+    while t0.elapsed() < Duration::from_secs(60) {
+        during.extend(scrape_times(agent.port, 5));
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    let m = agent.metrics();
+    let ran = collections(&m) - c0;
+    let expected = t0.elapsed().as_secs_f64() / 0.5;
+    let failed = metric_sum(&m, "nodescope_otlp_exports_total", &[("result", "failed")]);
+    let warned = agent.log().lines().filter(|l| l.contains("OTLP export") && l.contains("failed")).count();
+    let (b, d) = (median(before.clone()), median(during.clone()));
+    eprintln!(
+        "collector down 60 s: {ran} collections of {expected:.0} due, {failed} failed exports, {warned} log lines; /metrics median {b:.2} ms before, {d:.2} ms during (max {:.2} ms)",
+        during.iter().cloned().fold(0.0, f64::max)
+    );
+    assert!(ran >= expected * 0.9, "collection stalled: {ran} of {expected:.0}");
+    assert!(d <= 2.0 * b.max(1.0), "scrape median {d:.2} ms during, {b:.2} ms before");
+    assert!(failed >= 30.0, "{failed} failed exports counted in a minute at 1 s");
+    assert!((1..=4).contains(&warned), "{warned} failure lines in a minute:\n{}", agent.log());
+    // back on the same port: exports arrive again with nothing done to the agent
+    let ok_before = metric_sum(&m, "nodescope_otlp_exports_total", &[("result", "ok")]);
+    let log2 = dir.path().join("rotel-2.log");
+    let mut collector = start_rotel(dir.path(), http_port, grpc_port, &log2);
+    wait_for("exports at the restarted collector", Duration::from_secs(60), || {
+        let log = std::fs::read_to_string(&log2).unwrap_or_default();
+        rotel_values(&log, "nodescope.build_info", &[]).last().copied()
+    });
+    wait_for("ok exports counted again", Duration::from_secs(10), || {
+        let m = agent.metrics();
+        (metric_sum(&m, "nodescope_otlp_exports_total", &[("result", "ok")]) > ok_before).then_some(())
+    });
+    drop(agent);
+    stop_child(&mut collector, Duration::from_secs(5));
+}
