@@ -61,58 +61,86 @@ for r in $(seq "$rounds"); do
     echo "round $r done" >&2
 done
 
-# per-run kernel cost, from the kernel's accounting
+# per-run kernel cost, from the kernel's accounting. The churn runs in
+# blocks and each block's cost is its own (the counters' deltas over it), so
+# a burst of other load on the host shows as one slow block instead of
+# skewing the whole figure; the target is judged on the median block.
 sysctl -qw kernel.bpf_stats_enabled=1
 start_agent 1
-python3 - "$churn_port" <<'PY'
-import socket, sys, time
-port = int(sys.argv[1])
-for _ in range(3000):  # bounded: 3000 short connections to loopback
+blocks=${BLOCKS:-6}
+per_block=${PER_BLOCK:-500}
+bpftool prog show --json >"$work/progs.0.json"
+for b in $(seq "$blocks"); do
+    python3 - "$churn_port" "$per_block" <<'PY'
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(n):  # bounded: short connections to loopback
     c = socket.create_connection(("127.0.0.1", port)); c.send(b"x"); c.close()
 PY
+    bpftool prog show --json >"$work/progs.$b.json"
+done
 # process and cgroup churn for the scope hooks: 1000 fork+exec+exit, 200
 # groups made and removed below the watched one
 for _ in $(seq 1000); do /bin/true; done
 for i in $(seq 200); do mkdir "$cg/churn-$i"; rmdir "$cg/churn-$i"; done
 sleep 3
-prog_stats=$(bpftool prog show --json)
+bpftool prog show --json >"$work/progs.end.json"
 prog_ids=$(agent_prog_ids)
 metrics=$(curl -sf "http://127.0.0.1:$http_port/metrics")
 stop_agent
 sysctl -qw kernel.bpf_stats_enabled="$stats_before"
 
-python3 - "$prog_stats" "$prog_ids" <<PY
-import json, sys
-ids = {int(i) for i in sys.argv[2].split(",") if i}
-progs = [p for p in json.loads(sys.argv[1]) if p["id"] in ids]
-def stat(name):
-    rows = [p for p in progs if p.get("name", "").startswith(name) and p.get("run_cnt")]
-    if not rows: return None
+counted=$(echo "$metrics" | awk '/^nodescope_connection_opened_total/ && /nodescope_target="bench"/ {s+=$NF} END {print s+0}')
+python3 - "$work" "$blocks" "$prog_ids" "$counted" "$((blocks * per_block))" <<PY
+import json, statistics, sys
+work, blocks = sys.argv[1], int(sys.argv[2])
+counted, made = int(float(sys.argv[4])), int(sys.argv[5])
+ids = {int(i) for i in sys.argv[3].split(",") if i}
+def load(tag):
+    return [p for p in json.load(open(f"{work}/progs.{tag}.json")) if p["id"] in ids]
+def stat(progs, name):
+    # kernel program names are cut to 15 characters
+    rows = [p for p in progs if p.get("name", "").startswith(name)]
+    if not rows: return (0, 0)
     p = max(rows, key=lambda p: p["id"])
-    return p["run_time_ns"], p["run_cnt"]
+    return p.get("run_time_ns", 0), p.get("run_cnt", 0)
+snaps = [load(i) for i in range(blocks + 1)]
+end = load("end")
 bulk_off = float("$(echo "${res[bulk-off]}" | median)"); bulk_on = float("$(echo "${res[bulk-on]}" | median)")
 small_off = float("$(echo "${res[small-off]}" | median)"); small_on = float("$(echo "${res[small-on]}" | median)")
+failed = []
 print(f"{'case':<34}{'without':>12}{'with':>12}{'ratio':>9}   target")
-print(f"{'iperf3 bulk (Gbit/s, median)':<34}{bulk_off:>12.2f}{bulk_on:>12.2f}{bulk_on/bulk_off:>9.3f}   >= 0.990")
-print(f"{'iperf3 1 KiB writes (Gbit/s)':<34}{small_off:>12.2f}{small_on:>12.2f}{small_on/small_off:>9.3f}   >= 0.970")
+for label, off, on, target in [("iperf3 bulk (Gbit/s, median)", bulk_off, bulk_on, 0.99),
+                               ("iperf3 1 KiB writes (Gbit/s)", small_off, small_on, 0.97)]:
+    print(f"{label:<34}{off:>12.2f}{on:>12.2f}{on/off:>9.3f}   >= {target:.3f}")
+    if on / off < target: failed.append(f"{label} ratio {on/off:.3f} < {target}")
 print("raw rounds: bulk off [$(echo ${res[bulk-off]})] on [$(echo ${res[bulk-on]})]")
 print("            1KiB off [$(echo ${res[small-off]})] on [$(echo ${res[small-on]})]")
-missing = []
-for name, what, target in [("on_tcp_state", "state tracepoint, per TCP state change", "target <= 150 ns"),
-                           ("tcp_iter", "tcp iterator, per socket visited", ""),
-                           # kernel program names are cut to 15 characters
-                           ("scope_fork", "fork of any process (scope)", ""),
-                           ("scope_exec", "exec of any process (scope)", ""),
-                           ("scope_exit", "exit of any process (scope)", ""),
-                           ("scope_cgroup_m", "cgroup mkdir (scope)", ""),
-                           ("scope_cgroup_r", "cgroup rmdir (scope)", "")]:
-    s = stat(name)
-    if s is None:
-        missing.append(name); print(f"{name}: no runs recorded"); continue
-    ns, cnt = s
-    print(f"{name:<15} {what:<40} {ns/cnt:8.0f} ns/run over {cnt} runs   {target}")
-if missing:
-    print("bench net: FAILED: no runs recorded for " + ", ".join(missing) + ": the probes were not attached")
+per_block = []
+for a, b in zip(snaps, snaps[1:]):
+    (t0, c0), (t1, c1) = stat(a, "on_tcp_state"), stat(b, "on_tcp_state")
+    if c1 > c0: per_block.append((t1 - t0) / (c1 - c0))
+if len(per_block) < blocks:
+    failed.append("on_tcp_state did not run in every churn block: the probes were not attached")
+else:
+    med = statistics.median(per_block)
+    print(f"on_tcp_state    state tracepoint, per TCP state change   {med:8.0f} ns/run, median of {blocks} blocks "
+          f"(min {min(per_block):.0f}, max {max(per_block):.0f})   target <= 150 ns")
+    if med > 150: failed.append(f"on_tcp_state {med:.0f} ns/run > 150")
+for name, what in [("tcp_iter", "tcp iterator, per socket visited"),
+                   ("scope_fork", "fork of any process (scope)"),
+                   ("scope_exec", "exec of any process (scope)"),
+                   ("scope_exit", "exit of any process (scope)"),
+                   ("scope_cgroup_m", "cgroup mkdir (scope)"),
+                   ("scope_cgroup_r", "cgroup rmdir (scope)")]:
+    ns, cnt = stat(end, name)
+    if not cnt:
+        failed.append(f"{name} never ran: the probes were not attached"); continue
+    print(f"{name:<15} {what:<40} {ns/cnt:8.0f} ns/run over {cnt} runs")
+print(f"connections the agent counted during churn: {counted} ({made} made)")
+if counted != made:
+    failed.append(f"the agent counted {counted} of the {made} connections made")
+if failed:
+    print("bench net: FAILED: " + "; ".join(failed))
     sys.exit(1)
 PY
-echo "connections the agent counted during churn: $(echo "$metrics" | awk '/^nodescope_connection_opened_total/ && /nodescope_target="bench"/ {s+=$NF} END {print s+0}') (3000 made)"
