@@ -607,6 +607,88 @@ fn kubernetes_manifests_validate() {
     assert!(read(&deploy("prometheus/prometheus.yml")).contains(&dns), "prometheus.yml does not scrape {dns}");
 }
 
+/// Validates JSON documents against a JSON Schema (draft 2020-12) with the
+/// jsonschema that kubernetes-validate brings and validates with: one line
+/// per error, empty when valid.
+fn schema_errors(schema: &Path, docs: &[Value]) -> String {
+    let dir = TempDir::new("schema");
+    let file = dir.path().join("docs.json");
+    std::fs::write(&file, serde_json::to_string(docs).unwrap()).unwrap();
+    let script = "import json, sys, jsonschema\n\
+                  schema = json.load(open(sys.argv[1]))\n\
+                  jsonschema.Draft202012Validator.check_schema(schema)\n\
+                  v = jsonschema.Draft202012Validator(schema)\n\
+                  for i, d in enumerate(json.load(open(sys.argv[2]))):\n\
+                  \x20   for e in v.iter_errors(d):\n\
+                  \x20       print(i, '/'.join(map(str, e.absolute_path)), e.message)\n";
+    let out = run(Command::new(pytool("python3")).args(["-c", script]).arg(schema).arg(&file));
+    assert!(out.ok, "jsonschema: {}", out.text());
+    out.stdout
+}
+
+/// prometheus-operator's objects: the PrometheusRule is what
+/// generate-prometheusrule.sh makes of alerts.yml today, both objects pass
+/// their CRDs' schemas (tests/schemas, written from the CRDs; a misspelt
+/// field or a bad duration fails them), and the rules inside pass
+/// `promtool check rules` and alerts_test.yml's unit tests.
+#[test]
+fn prometheus_operator_objects_validate() {
+    let script = deploy("kubernetes/components/prometheus-operator/generate-prometheusrule.sh");
+    let out = run(Command::new("sh").arg(&script).arg("--check"));
+    assert!(out.ok, "the PrometheusRule is not what the script makes of alerts.yml: {}", out.text());
+
+    let m = Manifest::render("kubernetes/overlays/example");
+    let schemas = repo().join("tests/schemas");
+    for (kind, schema) in
+        [("PodMonitor", "podmonitor-monitoring-v1.json"), ("PrometheusRule", "prometheusrule-monitoring-v1.json")]
+    {
+        let doc = m.kind(kind).clone();
+        let errors = schema_errors(&schemas.join(schema), &[doc.clone()]);
+        assert!(errors.is_empty(), "{kind} against its CRD's schema:\n{errors}");
+        // the check can fail: an unknown field and a duration the CRD refuses
+        let mut misspelt = doc.clone();
+        misspelt["spec"]["intervall"] = "15s".into();
+        let mut bad_duration = doc.clone();
+        if kind == "PodMonitor" {
+            bad_duration["spec"]["podMetricsEndpoints"][0]["interval"] = "15 seconds".into();
+        } else {
+            bad_duration["spec"]["groups"][0]["rules"][0]["for"] = "1 minute".into();
+        }
+        let errors = schema_errors(&schemas.join(schema), &[misspelt, bad_duration]);
+        assert!(errors.lines().any(|l| l.starts_with("0 ")) && errors.lines().any(|l| l.starts_with("1 ")), "{errors}");
+    }
+
+    // The PodMonitor scrapes the DaemonSet's pods on its metrics port, with
+    // a job label the NodescopeDown alert matches.
+    let pm = m.kind("PodMonitor");
+    for (k, v) in pm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&m.pod()["metadata"]["labels"][k], v, "PodMonitor selector {k}");
+    }
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["path"], "/metrics");
+    let job = format!("{}/{}", pm["metadata"]["namespace"].as_str().unwrap(), pm["metadata"]["name"].as_str().unwrap());
+    assert!(job.starts_with("nodescope"), "the PodMonitor's job {job} does not match up{{job=~\"nodescope.*\"}}");
+
+    // The rules inside, as Prometheus would load them.
+    require_tool("promtool", "prometheus");
+    let rule = m.kind("PrometheusRule");
+    let groups = rule["spec"]["groups"].as_array().unwrap();
+    let names: BTreeSet<&str> = groups.iter().map(|g| g["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), groups.len(), "group names must be unique (the CRD keys the list by name)");
+    let dir = TempDir::new("promrule");
+    let rules_file = dir.path().join("rules.json");
+    std::fs::write(&rules_file, serde_json::to_string(&rule["spec"]).unwrap()).unwrap();
+    let out = run(Command::new("promtool").args(["check", "rules"]).arg(&rules_file));
+    assert!(out.ok, "promtool check rules on the PrometheusRule's groups: {}", out.text());
+    assert!(out.stdout.contains(&format!("SUCCESS: {} rules found", alert_rules().len())), "{}", out.text());
+    let tests = read(&deploy("prometheus/alerts_test.yml"));
+    assert!(tests.contains("- alerts.yml"), "alerts_test.yml no longer loads alerts.yml by that name");
+    let tests_file = dir.path().join("alerts_test.yml");
+    std::fs::write(&tests_file, tests.replace("- alerts.yml", "- rules.json")).unwrap();
+    let out = run(Command::new("promtool").args(["test", "rules"]).arg(&tests_file));
+    assert!(out.ok && out.stdout.contains("SUCCESS"), "alerts_test.yml on the PrometheusRule's rules: {}", out.text());
+}
+
 /// The DaemonSet's command line, run as the container would run it: from a
 /// cgroup namespace of its own (as container runtimes give on cgroup2
 /// hosts), with the ConfigMap's config and the pod's environment. Its
