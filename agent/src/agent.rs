@@ -17,17 +17,9 @@ use crate::http::{self, AppState};
 use crate::net::metrics::NetMetrics;
 use crate::net::{NetSignal, NetSnapshot};
 use crate::scope::{ScopeMemory, ScopePlan};
-use crate::snapshot::Shared;
+use crate::snapshot::{LoopStatus, Shared};
 use crate::target::Targets;
 use crate::telemetry::Telemetry;
-
-/// What the collection loop itself did, for /health/live.
-#[derive(Debug, Clone, Default)]
-pub struct LoopStatus {
-    pub last_run: Option<Instant>,
-    pub runs: u64,
-    pub interval: std::time::Duration,
-}
 
 pub fn run(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()

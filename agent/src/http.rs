@@ -24,11 +24,10 @@ use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::agent::LoopStatus;
 use crate::config::HttpConfig;
 use crate::health::{endpoints as health_endpoints, HealthSnapshot};
 use crate::net::NetSnapshot;
-use crate::snapshot::Shared;
+use crate::snapshot::{LoopStatus, Shared};
 use crate::telemetry::{Format, Telemetry, Variant};
 
 pub struct AppState {

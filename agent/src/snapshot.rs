@@ -5,6 +5,7 @@
 //! one interval sees the same figures.
 
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 pub struct Shared<T>(Arc<RwLock<Arc<T>>>);
 
@@ -29,4 +30,14 @@ impl<T> Shared<T> {
     pub fn get(&self) -> Arc<T> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+}
+
+/// What the collection loop itself did: the loop publishes it after each
+/// collection, /health/live reads it. It lives here, beside the hand-off,
+/// so the loop and the HTTP side share it without importing each other.
+#[derive(Debug, Clone, Default)]
+pub struct LoopStatus {
+    pub last_run: Option<Instant>,
+    pub runs: u64,
+    pub interval: Duration,
 }

@@ -9,7 +9,7 @@ use hyper::StatusCode;
 use serde_json::{json, Value};
 
 use super::{HealthSnapshot, RuleStatus, Status, TargetHealth};
-use crate::agent::LoopStatus;
+use crate::snapshot::LoopStatus;
 
 /// The loop counts as alive while it ran within this many intervals.
 pub const LIVE_INTERVALS: u32 = 3;
