@@ -102,7 +102,29 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .into_iter()
         .chain(disk.as_mut().and_then(|d| d.take_scope_events()))
         .collect();
-    crate::scope::watch_events(rings, stop_tx.clone());
+    crate::scope::watch_events(rings, stop_tx.clone(), Wake::Scope);
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let stop_tx = stop_tx.clone();
+        // SIGHUP reloads the config; SIGUSR1 and SIGUSR2 (which would
+        // otherwise end the process) are taken and logged, nothing more
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+        let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+        runtime.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => {
+                        if stop_tx.send(Wake::Reload).is_err() {
+                            return;
+                        }
+                    }
+                    _ = usr1.recv() => tracing::info!("SIGUSR1: nothing to do (SIGHUP reloads the config)"),
+                    _ = usr2.recv() => tracing::info!("SIGUSR2: nothing to do (SIGHUP reloads the config)"),
+                }
+            }
+        });
+    }
     runtime.spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -112,7 +134,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let _ = stop_tx.send(Wake::Stop);
     });
 
-    let interval = config.agent.interval;
+    let mut config = config;
+    let mut interval = config.agent.interval;
     // Under systemd (Type=notify): READY once the first collection is done,
     // then watchdog pings, so a stuck loop gets the agent restarted.
     let mut watchdog_usec = 0;
@@ -186,6 +209,16 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             match wait_for_next(&stop, started + interval, watchdog_period) {
                 Wake::Stop => break 'collect,
                 Wake::Interval => break,
+                Wake::Reload => {
+                    if let Some(new) = reload(&config, &self_metrics) {
+                        targets.reconfigure(&new);
+                        health_engine.reconfigure(&new);
+                        interval = new.agent.interval;
+                        config = new;
+                        // the new targets watched and collected now
+                        break;
+                    }
+                }
                 // a node started: watch it now, not at the next interval
                 Wake::Scope => drop(rescope(&mut targets, &mut net, &mut disk)),
             }
@@ -200,6 +233,58 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The config file read again (with the environment's overrides) on
+/// SIGHUP. None when it is refused: logged with the same one-line reason as
+/// `check-config`, counted, and the running config kept. Targets, rules,
+/// thresholds and the interval apply at once; what is fixed at start
+/// (listener, kernel map sizes, OTLP pipeline, logging) is named in a
+/// warning when it changed, and applies at the next start.
+fn reload(running: &Config, self_metrics: &crate::selfmetrics::SelfMetrics) -> Option<Config> {
+    use std::sync::atomic::Ordering;
+    let source = running.source.as_deref();
+    let shown = source.map_or("(no file: environment only)".to_string(), |p| p.display().to_string());
+    let new = match Config::load(source) {
+        Ok(c) => c,
+        Err(e) => {
+            self_metrics.counters.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("SIGHUP: config error: {e}; still running the config loaded before from {shown}");
+            return None;
+        }
+    };
+    let mut fixed = Vec::new();
+    let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    if differs(&running.http, &new.http) {
+        fixed.push("[http]");
+    }
+    if differs(&running.limits, &new.limits) {
+        fixed.push("[limits]");
+    }
+    if differs(&running.otlp, &new.otlp) {
+        fixed.push("[otlp]");
+    }
+    if differs(&running.log, &new.log) {
+        fixed.push("[log]");
+    }
+    if differs(&running.disk, &new.disk) {
+        fixed.push("[disk]");
+    }
+    if differs(&running.resources, &new.resources) {
+        fixed.push("[resources]");
+    }
+    if !fixed.is_empty() {
+        tracing::warn!("SIGHUP: {} changed in {shown}: they apply at the next start", fixed.join(", "));
+    }
+    self_metrics.counters.reloads_applied.fetch_add(1, Ordering::Relaxed);
+    let names: Vec<&str> = new.targets.iter().map(|t| t.name.as_str()).collect();
+    tracing::info!(
+        "SIGHUP: config reloaded from {shown}: {} targets {names:?}, {} rule settings, interval {:?}",
+        new.targets.len(),
+        new.rules.len(),
+        new.agent.interval
+    );
+    Some(new)
+}
+
 /// What wakes the collection loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
@@ -209,6 +294,8 @@ pub enum Wake {
     Scope,
     /// SIGTERM or Ctrl-C.
     Stop,
+    /// SIGHUP: read the config again.
+    Reload,
 }
 
 /// Waits until `deadline`, pinging the systemd watchdog every `watchdog`

@@ -301,8 +301,13 @@ pub fn descendant_pids(proc_root: &Path, pid: u32) -> Vec<u32> {
 }
 
 /// Waits on the scope programs' exec events (a node process just started)
-/// on a thread of its own, and wakes the collection loop for each burst.
-pub fn watch_events(mut rings: Vec<RingBuf<MapData>>, wake: std::sync::mpsc::Sender<crate::agent::Wake>) {
+/// on a thread of its own, and sends `message` to the collection loop for
+/// each burst (the loop's own message type: this module knows nothing of it).
+pub fn watch_events<W: Clone + Send + 'static>(
+    mut rings: Vec<RingBuf<MapData>>,
+    wake: std::sync::mpsc::Sender<W>,
+    message: W,
+) {
     if rings.is_empty() {
         return;
     }
@@ -324,7 +329,7 @@ pub fn watch_events(mut rings: Vec<RingBuf<MapData>>, wake: std::sync::mpsc::Sen
                 any |= item.len() >= std::mem::size_of::<abi::ScopeEvent>();
             }
         }
-        if any && wake.send(crate::agent::Wake::Scope).is_err() {
+        if any && wake.send(message.clone()).is_err() {
             return; // the loop ended
         }
     });
