@@ -177,6 +177,19 @@ fn stat(proc_root: &Path, pid: u32) -> Option<procfs::process::Stat> {
     proc_process(proc_root, pid).ok()?.stat().ok()
 }
 
+/// The inode of one of a process's namespaces (`net`, `mnt`, ...).
+pub fn namespace_inode(proc_root: &Path, pid: u32, kind: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(proc_root.join(pid.to_string()).join("ns").join(kind)).ok().map(|m| m.ino())
+}
+
+/// `/proc/PID/root` when the process's mount namespace is not the agent's.
+pub fn foreign_root(proc_root: &Path, pid: u32) -> Option<PathBuf> {
+    let own = namespace_inode(proc_root, std::process::id(), "mnt")?;
+    let theirs = namespace_inode(proc_root, pid, "mnt")?;
+    (own != theirs).then(|| proc_root.join(pid.to_string()).join("root"))
+}
+
 /// Numeric entries of the procfs root, sorted. Listing /proc yields only
 /// thread-group leaders; other threads are reachable by tid but not listed.
 pub fn pids(proc_root: &Path) -> Vec<u32> {
@@ -227,7 +240,7 @@ struct Process {
 
 impl Process {
     fn new(proc_root: &Path, pid: u32) -> Self {
-        Process { dir: pid_dir(proc_root, pid), root: crate::target::foreign_root(proc_root, pid) }
+        Process { dir: pid_dir(proc_root, pid), root: foreign_root(proc_root, pid) }
     }
 
     /// argv without argv[0]. Lossy UTF-8: options are ASCII, and a path that

@@ -10,7 +10,7 @@ use crate::cgroup::{self, Mounts, ProcessCgroups};
 use crate::chain::{Chain, Network};
 use crate::config::{Config, TargetConfig};
 use crate::container::{self, Container};
-use crate::discovery;
+use crate::discovery::{self, foreign_root, namespace_inode};
 
 /// How a target is named in config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,6 +232,14 @@ impl Targets {
             absent_since: BTreeMap::new(),
             last_ports: BTreeMap::new(),
         }
+    }
+
+    /// A reloaded config's targets: resolved from the next refresh on. A
+    /// target that keeps its name keeps its slot, so its kernel counters go
+    /// on; slots of removed targets stay reserved for the name.
+    pub fn reconfigure(&mut self, config: &Config) {
+        self.specs = config.targets.iter().map(TargetSpec::from).collect();
+        self.discover = config.targets.is_empty() && config.agent.discover;
     }
 
     pub fn is_discovering(&self) -> bool {
@@ -561,19 +569,6 @@ fn resolve_in_root(root: &Path, node_path: &Path) -> PathBuf {
     let mut out = root.to_path_buf();
     out.extend(resolved);
     out
-}
-
-/// The inode of one of a process's namespaces (`net`, `mnt`, ...).
-pub fn namespace_inode(proc_root: &Path, pid: u32, kind: &str) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(proc_root.join(pid.to_string()).join("ns").join(kind)).ok().map(|m| m.ino())
-}
-
-/// `/proc/PID/root` when the process's mount namespace is not the agent's.
-pub fn foreign_root(proc_root: &Path, pid: u32) -> Option<PathBuf> {
-    let own = namespace_inode(proc_root, std::process::id(), "mnt")?;
-    let theirs = namespace_inode(proc_root, pid, "mnt")?;
-    (own != theirs).then(|| proc_root.join(pid.to_string()).join("root"))
 }
 
 /// A group is the node's own when every other process in it is one the node

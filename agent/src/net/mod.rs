@@ -129,7 +129,7 @@ impl NetSignal {
     /// One interval: read the kernel (in every watched network namespace)
     /// and fold its records and close events into totals.
     pub fn collect(&mut self, targets: &[Target], plan: &ScopePlan) -> Result<NetSnapshot, BpfError> {
-        let own_netns = crate::target::namespace_inode(std::path::Path::new("/proc"), std::process::id(), "net");
+        let own_netns = crate::discovery::namespace_inode(std::path::Path::new("/proc"), std::process::id(), "net");
         let mut netns_pids: BTreeMap<u64, u32> = BTreeMap::new();
         for t in targets {
             if let (Some(ns), Some(pid)) = (t.netns, t.pid) {
