@@ -42,6 +42,9 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     /// `[rules.<id>]`: health rule settings for every target.
     pub rules: BTreeMap<String, RuleConfig>,
+    /// The file it was read from, read again on SIGHUP.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -470,7 +473,9 @@ impl Config {
             Some(p) => read_config_file(p)?,
             None => String::new(),
         };
-        Self::from_toml_with_env(&text, nodescope_env()?)
+        let mut config = Self::from_toml_with_env(&text, nodescope_env()?)?;
+        config.source = path.map(Path::to_path_buf);
+        Ok(config)
     }
 
     pub fn from_toml_with_env(

@@ -7,6 +7,8 @@
 //! into a snapshot the instruments' callbacks read.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::metrics::{Histogram, Meter};
@@ -175,12 +177,21 @@ fn snake(s: &str) -> String {
     out
 }
 
+/// Counts the agent keeps about itself.
+#[derive(Default)]
+pub struct SelfCounters {
+    /// SIGHUP reloads applied, and rejected (the old config kept running)
+    pub reloads_applied: AtomicU64,
+    pub reloads_rejected: AtomicU64,
+}
+
 /// The instruments that are recorded where things happen.
 #[derive(Clone)]
 pub struct SelfMetrics {
     collection: Histogram<f64>,
     scrape: Histogram<f64>,
     scrape_size: Histogram<u64>,
+    pub counters: Arc<SelfCounters>,
 }
 
 /// Buckets for collection and scrape durations: 100 µs to 10 s.
@@ -262,7 +273,20 @@ impl SelfMetrics {
                 }
             })
             .build();
+        let counters = Arc::new(SelfCounters::default());
+        let c = counters.clone();
+        meter
+            .u64_observable_counter("nodescope.config.reloads")
+            .with_description(
+                "Config reloads on SIGHUP: applied, or rejected (the running config kept, the reason logged)",
+            )
+            .with_callback(move |o| {
+                o.observe(c.reloads_applied.load(Ordering::Relaxed), &[KeyValue::new("result", "applied")]);
+                o.observe(c.reloads_rejected.load(Ordering::Relaxed), &[KeyValue::new("result", "rejected")]);
+            })
+            .build();
         SelfMetrics {
+            counters,
             collection: meter
                 .f64_histogram("nodescope.collection.duration")
                 .with_unit("s")

@@ -64,6 +64,18 @@ impl HealthEngine {
         }
     }
 
+    /// A reloaded config's rules and thresholds: every target's rule
+    /// parameters are resolved again at the next evaluation, while each
+    /// rule's state (pending since, firing since) is kept.
+    pub fn reconfigure(&mut self, config: &Config) {
+        self.interval = config.agent.interval;
+        self.rules = config.rules.clone();
+        self.target_rules = config.targets.iter().map(|t| (t.name.clone(), t.rules.clone())).collect();
+        for state in self.targets.values_mut() {
+            state.params.clear();
+        }
+    }
+
     /// What the endpoints serve before the first evaluation.
     pub fn initial(&self) -> HealthSnapshot {
         HealthSnapshot { started: Some(self.started), interval: self.interval, ..Default::default() }
