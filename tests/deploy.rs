@@ -643,7 +643,7 @@ fn prometheus_operator_objects_validate() {
         [("PodMonitor", "podmonitor-monitoring-v1.json"), ("PrometheusRule", "prometheusrule-monitoring-v1.json")]
     {
         let doc = m.kind(kind).clone();
-        let errors = schema_errors(&schemas.join(schema), &[doc.clone()]);
+        let errors = schema_errors(&schemas.join(schema), std::slice::from_ref(&doc));
         assert!(errors.is_empty(), "{kind} against its CRD's schema:\n{errors}");
         // the check can fail: an unknown field and a duration the CRD refuses
         let mut misspelt = doc.clone();
