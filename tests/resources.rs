@@ -1,7 +1,8 @@
 //! The resource signal against outside truth: the data dir's filesystem
 //! against `df` and `stat -f`, its size against `du -sb`, the forecast
 //! against a writer of known rate; the cgroup figures against the cgroup's
-//! own files (v1 controllers on this host, and a real cgroup2 directory);
+//! own files, in whichever hierarchies the host has (v1 controllers on a
+//! hybrid host, cgroup2 with or without controllers), each test saying which;
 //! process figures against /proc and the limits the test sets.
 
 mod common;
@@ -357,6 +358,18 @@ fn disk_usage_matches_df_and_du_and_forecast_follows_a_writer() {
 }
 
 // ------------------------------------------------------------ cgroups (2)
+//
+// Each test exercises the hierarchies this host has (from mountinfo, never
+// assumed) and says which ones it checked: the v1 controllers of a hybrid
+// host, and cgroup2 with whichever of the cpu, memory, io and pids
+// controllers it carries (all of them on a pure cgroup2 host, none here).
+// A figure whose file exists must equal it; one whose file does not must be
+// absent, not zero.
+
+/// The v1 controllers the signal reads.
+const V1_CONTROLLERS: &[&str] = &["cpu", "cpuacct", "memory", "blkio", "pids"];
+/// The cgroup2 controllers the signal reads.
+const V2_CONTROLLERS: &[&str] = &["cpu", "memory", "io", "pids"];
 
 /// The v1 hierarchies the signal reads, from mountinfo.
 fn v1_mounts() -> Vec<(String, PathBuf)> {
@@ -370,7 +383,7 @@ fn v1_mounts() -> Vec<(String, PathBuf)> {
         }
         let mnt = PathBuf::from(pre.split(' ').nth(4).unwrap());
         for opt in post[2].split(',') {
-            if ["cpu", "cpuacct", "memory", "blkio", "pids"].contains(&opt) {
+            if V1_CONTROLLERS.contains(&opt) {
                 out.push((opt.to_string(), mnt.clone()));
             }
         }
@@ -378,8 +391,15 @@ fn v1_mounts() -> Vec<(String, PathBuf)> {
     out
 }
 
-/// A child of the test's own group in each v1 hierarchy (so whatever
-/// limits the test runs under still apply), removed when dropped.
+/// The controllers the cgroup2 hierarchy offers (its root's cgroup.controllers).
+fn v2_root_controllers() -> Vec<String> {
+    let root = cgroup2_mount();
+    let text = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    text.split_whitespace().map(str::to_owned).collect()
+}
+
+/// A child of the test's own group in each v1 hierarchy the host has (so
+/// whatever limits the test runs under still apply), removed when dropped.
 struct V1Groups {
     dirs: Vec<(String, PathBuf)>,
 }
@@ -408,8 +428,8 @@ impl V1Groups {
         V1Groups { dirs }
     }
 
-    fn dir(&self, ctrl: &str) -> &Path {
-        &self.dirs.iter().find(|(c, _)| c == ctrl).unwrap_or_else(|| panic!("no v1 {ctrl} hierarchy on this host")).1
+    fn dir(&self, ctrl: &str) -> Option<PathBuf> {
+        self.dirs.iter().find(|(c, _)| c == ctrl).map(|(_, d)| d.clone())
     }
 
     fn procs_files(&self) -> Vec<PathBuf> {
@@ -428,6 +448,342 @@ impl Drop for V1Groups {
             }
         }
     }
+}
+
+/// Turns on, in the cgroup2 root's cgroup.subtree_control, the controllers
+/// the signal reads that the root offers and has not yet handed to its
+/// children (a pure cgroup2 host under systemd already has). Returns what
+/// could not be turned on, with why; the test's group then lacks their files.
+fn enable_v2_controllers() -> Vec<String> {
+    let root = cgroup2_mount();
+    let offered = v2_root_controllers();
+    let mut failed = Vec::new();
+    for ctrl in V2_CONTROLLERS.iter().filter(|c| offered.iter().any(|o| o == *c)) {
+        let enabled = std::fs::read_to_string(root.join("cgroup.subtree_control")).unwrap_or_default();
+        if enabled.split_whitespace().any(|c| c == *ctrl) {
+            continue;
+        }
+        if let Err(e) = std::fs::write(root.join("cgroup.subtree_control"), format!("+{ctrl}")) {
+            failed.push(format!("{ctrl} ({}/cgroup.subtree_control: {e})", root.display()));
+        }
+    }
+    failed
+}
+
+/// (metric name, labels, the value its file gives), for `settled`.
+type Figures = Vec<(String, Vec<(String, String)>, f64)>;
+
+/// One test group's files, whichever hierarchy holds them: each figure's
+/// file is None when the group has no such file (controller not there).
+struct GroupFiles {
+    hierarchy: String,
+    memory_usage: Option<PathBuf>,
+    memory_limit: Option<PathBuf>,
+    memory_peak: Option<PathBuf>,
+    pids: Option<PathBuf>,
+    /// the CPU usage file and its unit in nanoseconds (1 for v1's
+    /// cpuacct.usage, 1000 for cgroup2's cpu.stat usage_usec)
+    cpu_usage: Option<(PathBuf, &'static str, u64)>,
+    /// the file that sets the quota, and cpu.stat with its throttled-time key and unit
+    cpu_quota: Option<PathBuf>,
+    cpu_throttle: Option<(PathBuf, &'static str, u64)>,
+    /// v1 blkio (per-device Read/Write lines) or cgroup2 io.stat (key=value)
+    io: Option<Io>,
+}
+
+enum Io {
+    Blkio(PathBuf),
+    Stat(PathBuf),
+}
+
+impl GroupFiles {
+    fn v1(g: &V1Groups) -> GroupFiles {
+        let file = |ctrl: &str, name: &str| g.dir(ctrl).map(|d| d.join(name)).filter(|p| p.exists());
+        GroupFiles {
+            hierarchy: format!(
+                "cgroup v1 {}",
+                g.dirs.iter().map(|(c, d)| format!("{c} at {}", d.display())).collect::<Vec<_>>().join(", ")
+            ),
+            memory_usage: file("memory", "memory.usage_in_bytes"),
+            memory_limit: file("memory", "memory.limit_in_bytes"),
+            memory_peak: file("memory", "memory.max_usage_in_bytes"),
+            pids: file("pids", "pids.current"),
+            cpu_usage: file("cpuacct", "cpuacct.usage").map(|p| (p, "", 1)),
+            cpu_quota: file("cpu", "cpu.cfs_quota_us"),
+            cpu_throttle: file("cpu", "cpu.stat").map(|p| (p, "throttled_time", 1)),
+            io: g.dir("blkio").map(Io::Blkio),
+        }
+    }
+
+    fn v2(dir: &Path) -> GroupFiles {
+        let file = |name: &str| Some(dir.join(name)).filter(|p| p.exists());
+        let stat = dir.join("cpu.stat");
+        let has_key = |key: &str| std::fs::read_to_string(&stat).is_ok_and(|s| s.lines().any(|l| l.starts_with(key)));
+        GroupFiles {
+            hierarchy: format!("cgroup2 at {}", dir.display()),
+            memory_usage: file("memory.current"),
+            memory_limit: file("memory.max"),
+            memory_peak: file("memory.peak"),
+            pids: file("pids.current"),
+            cpu_usage: has_key("usage_usec ").then(|| (stat.clone(), "usage_usec", 1000)),
+            cpu_quota: file("cpu.max"),
+            cpu_throttle: has_key("throttled_usec ").then(|| (stat.clone(), "throttled_usec", 1000)),
+            io: file("io.stat").map(Io::Stat),
+        }
+    }
+
+    /// What this group lets the test check, for the output.
+    fn describe(&self) -> String {
+        let mut has = Vec::new();
+        let mut lacks = Vec::new();
+        for (name, there) in [
+            ("memory", self.memory_usage.is_some()),
+            ("pids", self.pids.is_some()),
+            ("cpu usage", self.cpu_usage.is_some()),
+            ("cpu quota and throttling", self.cpu_quota.is_some() && self.cpu_throttle.is_some()),
+            ("block I/O", self.io.is_some()),
+        ] {
+            if there {
+                has.push(name)
+            } else {
+                lacks.push(name)
+            }
+        }
+        format!(
+            "{}: figures against the files for {}; absent as they must be for {}",
+            self.hierarchy,
+            if has.is_empty() { "none".into() } else { has.join(", ") },
+            if lacks.is_empty() { "none".into() } else { lacks.join(", ") }
+        )
+    }
+
+    fn cpu_usage_ns(&self) -> Option<u64> {
+        let (path, key, ns) = self.cpu_usage.as_ref()?;
+        let v = if key.is_empty() { read_u64(path) } else { key_of(path, key).unwrap() };
+        Some(v * ns)
+    }
+
+    fn throttled(&self) -> Option<(f64, f64)> {
+        let (path, key, ns) = self.cpu_throttle.as_ref()?;
+        Some(((key_of(path, key).unwrap() * ns) as f64 / 1e9, key_of(path, "nr_throttled").unwrap() as f64))
+    }
+
+    /// memory.* and pids.current, as (metric, labels, value) for `settled`.
+    fn memory_and_pids(&self) -> Figures {
+        let mut out = Vec::new();
+        let mut push = |name: &str, v: u64| out.push((name.to_string(), vec![], v as f64));
+        if let Some(p) = &self.memory_usage {
+            push("nodescope_cgroup_memory_usage_bytes", read_u64(p));
+        }
+        if let Some(p) = &self.memory_limit {
+            // v2 says "max", v1 a huge number when unlimited; the test sets one
+            if let Ok(v) = std::fs::read_to_string(p).unwrap().trim().parse::<u64>() {
+                push("nodescope_cgroup_memory_limit_bytes", v);
+            }
+        }
+        if let Some(p) = &self.memory_peak {
+            push("nodescope_cgroup_memory_peak_bytes", read_u64(p));
+        }
+        if let Some(p) = &self.pids {
+            push("nodescope_cgroup_pids", read_u64(p));
+        }
+        out
+    }
+
+    fn cpu(&self) -> Figures {
+        let mut out = Vec::new();
+        if let Some(ns) = self.cpu_usage_ns() {
+            out.push(("nodescope_cgroup_cpu_time_seconds_total".to_string(), vec![], ns as f64 / 1e9));
+        }
+        if let Some((seconds, periods)) = self.throttled() {
+            out.push(("nodescope_cgroup_cpu_throttled_seconds_total".to_string(), vec![], seconds));
+            out.push(("nodescope_cgroup_cpu_throttled_periods_total".to_string(), vec![], periods));
+        }
+        out
+    }
+
+    fn io(&self) -> Figures {
+        let labels = |dev: &str, dir: &str| {
+            vec![("system_device".to_string(), dev.to_string()), ("disk_io_direction".to_string(), dir.to_string())]
+        };
+        let mut out = Vec::new();
+        match &self.io {
+            None => {}
+            Some(Io::Blkio(dir)) => {
+                let bytes = std::fs::read_to_string(dir.join("blkio.throttle.io_service_bytes_recursive")).unwrap();
+                let ops = std::fs::read_to_string(dir.join("blkio.throttle.io_serviced_recursive")).unwrap();
+                for (text, name) in
+                    [(bytes, "nodescope_cgroup_io_bytes_total"), (ops, "nodescope_cgroup_io_operations_total")]
+                {
+                    for line in text.lines() {
+                        let f: Vec<&str> = line.split_whitespace().collect();
+                        if let [dev, op @ ("Read" | "Write"), v] = f[..] {
+                            let dir = if op == "Read" { "read" } else { "write" };
+                            out.push((name.to_string(), labels(dev, dir), v.parse::<f64>().unwrap()));
+                        }
+                    }
+                }
+            }
+            Some(Io::Stat(path)) => {
+                // MAJ:MIN rbytes=N wbytes=N rios=N wios=N dbytes=N dios=N
+                for line in std::fs::read_to_string(path).unwrap().lines() {
+                    let mut f = line.split_whitespace();
+                    let Some(dev) = f.next() else { continue };
+                    for kv in f {
+                        let Some((k, v)) = kv.split_once('=') else { continue };
+                        let (name, dir) = match k {
+                            "rbytes" => ("nodescope_cgroup_io_bytes_total", "read"),
+                            "wbytes" => ("nodescope_cgroup_io_bytes_total", "write"),
+                            "rios" => ("nodescope_cgroup_io_operations_total", "read"),
+                            "wios" => ("nodescope_cgroup_io_operations_total", "write"),
+                            _ => continue,
+                        };
+                        out.push((name.to_string(), labels(dev, dir), v.parse::<f64>().unwrap()));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Asserts no series of any of `metrics` exists for the target.
+fn absent(agent: &Agent, target: &str, metrics: &[&str], why: &str) {
+    let text = agent.metrics();
+    let label = format!("nodescope_target=\"{target}\"");
+    for metric in metrics {
+        let found = text.lines().find(|l| {
+            l.strip_prefix(metric).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                && l.contains(&label)
+        });
+        assert_eq!(found, None, "{metric} reported though {why}");
+    }
+}
+
+/// Limits set through the group's own files: memory 768 MiB, CPU 20% of one
+/// CPU (a spinning process is throttled), and on v1 a blkio throttle rule
+/// no workload reaches on the scratch dir's disk (v1 blkio counts only on
+/// devices that have one; cgroup2's io.stat counts every device).
+fn set_limits(files: &GroupFiles, scratch: &Path) {
+    let write = |path: &Path, value: &str| {
+        std::fs::write(path, value).unwrap_or_else(|e| panic!("writing {value:?} to {}: {e}", path.display()))
+    };
+    if let Some(p) = &files.memory_limit {
+        write(p, &(768u64 << 20).to_string());
+    }
+    if let Some(p) = &files.cpu_quota {
+        if p.ends_with("cpu.max") {
+            write(p, "20000 100000");
+        } else {
+            write(&p.with_file_name("cpu.cfs_period_us"), "100000");
+            write(p, "20000");
+        }
+    }
+    if let Some(Io::Blkio(dir)) = &files.io {
+        let disk = disk_of(scratch);
+        for f in ["blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device"] {
+            write(&dir.join(f), &format!("{disk} 1099511627776"));
+        }
+    }
+}
+
+/// The same workload against whichever group `files` describes, with the
+/// hog already inside it and the agent watching it as `target`: limits set
+/// through the group's own files, then memory, CPU and block I/O, each
+/// figure equal to its file, or absent when the group has no such file.
+/// Returns the lines of what was checked.
+fn hog_workload(files: &GroupFiles, hog: &mut Hog, agent: &Agent, target: &str, scratch: &Path) -> Vec<String> {
+    let mut checked = vec![files.describe()];
+    set_limits(files, scratch);
+
+    // memory and pids
+    if files.memory_usage.is_some() {
+        settled(agent, target, "memory and pids before the allocation", || files.memory_and_pids());
+        if files.memory_limit.is_some() {
+            assert_eq!(of(agent, "nodescope_cgroup_memory_limit_bytes", target), Some((768u64 << 20) as f64));
+        }
+        let before = of(agent, "nodescope_cgroup_memory_usage_bytes", target).unwrap();
+        hog.cmd("alloc 200");
+        settled(agent, target, "memory and pids after allocating 200 MiB", || files.memory_and_pids());
+        let after = of(agent, "nodescope_cgroup_memory_usage_bytes", target).unwrap();
+        let grown = (after - before) / (1 << 20) as f64;
+        eprintln!("memory usage {before} -> {after}: +{grown:.1} MiB for a 200 MiB allocation");
+        assert!((190.0..240.0).contains(&grown), "usage grew by {grown:.1} MiB for a 200 MiB allocation");
+        if files.memory_peak.is_some() {
+            assert!(of(agent, "nodescope_cgroup_memory_peak_bytes", target).unwrap() >= after);
+        }
+        checked.push(format!("memory: +{grown:.1} MiB for a 200 MiB allocation, equal to the files"));
+    } else {
+        if files.pids.is_some() {
+            settled(agent, target, "pids", || files.memory_and_pids());
+        }
+        absent(
+            agent,
+            target,
+            &[
+                "nodescope_cgroup_memory_usage_bytes",
+                "nodescope_cgroup_memory_limit_bytes",
+                "nodescope_cgroup_memory_peak_bytes",
+            ],
+            "the group has no memory controller files",
+        );
+    }
+    if files.pids.is_none() {
+        absent(agent, target, &["nodescope_cgroup_pids"], "the group has no pids.current");
+    }
+
+    // CPU: usage always where the hierarchy has it; throttling with a quota
+    let throttling = files.cpu_quota.is_some() && files.cpu_throttle.is_some();
+    let before = files.cpu_usage_ns();
+    let spin = if throttling { 1.5 } else { 0.5 };
+    hog.cmd(&format!("spin {spin}"));
+    settled(agent, target, &format!("CPU time and throttling after spinning {spin} s"), || files.cpu());
+    if let (Some(before), Some(now)) = (before, files.cpu_usage_ns()) {
+        let spent = (now - before) as f64 / 1e9;
+        eprintln!("spin {spin} s: {spent:.3} s of CPU");
+        if throttling {
+            // 0.3 s is the quota's share; less if other work holds the CPU
+            assert!(spent > 0.1 && spent < 0.6, "1.5 s of spinning at a 20% quota used {spent} s of CPU");
+        } else {
+            assert!(spent >= 0.25, "the group's files say it used {spent} s spinning 0.5 s");
+        }
+        checked.push(format!("cpu time: {spent:.3} s for {spin} s of spinning, equal to the files"));
+    } else {
+        absent(agent, target, &["nodescope_cgroup_cpu_time_seconds_total"], "the group has no CPU usage file");
+    }
+    if throttling {
+        let throttled = of(agent, "nodescope_cgroup_cpu_throttled_periods_total", target).unwrap();
+        assert!(throttled >= 5.0, "only {throttled} throttled periods in 1.5 s at a 20% quota");
+        checked.push(format!("cpu quota 20%: {throttled} periods throttled, equal to the files"));
+    } else {
+        absent(
+            agent,
+            target,
+            &["nodescope_cgroup_cpu_throttled_seconds_total", "nodescope_cgroup_cpu_throttled_periods_total"],
+            "the group has no cpu controller files",
+        );
+    }
+
+    // block I/O: direct writes and reads of 8 MiB
+    if files.io.is_some() {
+        let disk = disk_of(scratch);
+        hog.cmd(&format!("io {} 8", scratch.join("direct.bin").display()));
+        settled(agent, target, "block I/O per device after 8 MiB of direct I/O", || files.io());
+        let labels = [("nodescope_target", target), ("system_device", disk.as_str()), ("disk_io_direction", "write")];
+        let written = series(&agent.metrics(), "nodescope_cgroup_io_bytes_total", &labels).unwrap();
+        assert!(written >= (8 << 20) as f64, "{written} bytes written on {disk} for 8 MiB of direct writes");
+        checked.push(format!("block I/O: {written} bytes written on {disk}, equal to the files"));
+    } else {
+        absent(
+            agent,
+            target,
+            &["nodescope_cgroup_io_bytes_total", "nodescope_cgroup_io_operations_total"],
+            "the group has no block I/O files",
+        );
+    }
+    let text = agent.metrics();
+    assert!(!text.contains("nodescope_cgroup_io_bytes_bytes"), "doubled unit suffix in /metrics");
+    checked
 }
 
 const HOG: &str = r#"
@@ -517,7 +873,7 @@ fn key_of(path: &Path, key: &str) -> Option<u64> {
 /// Waits until the file figures hold still across a scrape and then
 /// requires nodescope's to equal them: `read` gives (metric name, labels,
 /// file value) triples.
-fn settled(agent: &Agent, target: &str, what: &str, read: impl Fn() -> Vec<(String, Vec<(String, String)>, f64)>) {
+fn settled(agent: &Agent, target: &str, what: &str, read: impl Fn() -> Figures) {
     eventually(&format!("{what} equal the cgroup files"), Duration::from_secs(15), || {
         let before = read();
         let text = agent.metrics();
@@ -561,26 +917,26 @@ fn cgroup_v1_figures_equal_the_cgroup_files_and_follow_a_memory_hog() {
     let _serial = serial();
     require_root();
     require_tool("dd", "coreutils");
+    if v1_mounts().is_empty() {
+        eprintln!(
+            "checked: nothing for cgroup v1: this host mounts no v1 hierarchy of {} (/proc/self/mountinfo); \
+             cgroup_v2_figures_from_a_real_cgroup2_directory checks the cgroup2 controllers",
+            V1_CONTROLLERS.join(", ")
+        );
+        return;
+    }
+    // auto picks v1 when the cgroup2 root offers none of the controllers read
+    let v2_offers: Vec<String> =
+        v2_root_controllers().into_iter().filter(|c| V2_CONTROLLERS.contains(&c.as_str())).collect();
+    let (config, version) = if v2_offers.is_empty() {
+        ("", "cgroup_version auto, which picks v1 on this host")
+    } else {
+        ("[resources]\ncgroup_version = \"v1\"\n\n", "cgroup_version = \"v1\"")
+    };
     let v2 = Cgroup::new();
     let v1 = V1Groups::new();
-    let memory = v1.dir("memory").to_path_buf();
-    let cpu = v1.dir("cpu").to_path_buf();
-    let cpuacct = v1.dir("cpuacct").to_path_buf();
-    let blkio = v1.dir("blkio").to_path_buf();
-    let pids = v1.dir("pids").to_path_buf();
-    let limit: u64 = 768 << 20;
-    std::fs::write(memory.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
-    // 20% of one CPU: a spinning process is throttled
-    std::fs::write(cpu.join("cpu.cfs_period_us"), "100000").unwrap();
-    std::fs::write(cpu.join("cpu.cfs_quota_us"), "20000").unwrap();
-    // v1 blkio counts only on devices that have a throttle rule: a rule no
-    // workload reaches turns the counting on
+    let files = GroupFiles::v1(&v1);
     let scratch = TempDir::new("hog-io");
-    let disk = disk_of(scratch.path());
-    for f in ["blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device"] {
-        std::fs::write(blkio.join(f), format!("{disk} 1099511627776")).unwrap();
-    }
-
     let mut procs = v1.procs_files();
     procs.push(v2.path.join("cgroup.procs"));
     let mut hog = Hog::start(&procs);
@@ -588,99 +944,11 @@ fn cgroup_v1_figures_equal_the_cgroup_files_and_follow_a_memory_hog() {
     let pid_file = dir.path().join("hog.pid");
     write_pid_file(&pid_file, hog.pid());
     let agent = Agent::start(&format!(
-        "[agent]\ninterval = \"250ms\"\n\n[[targets]]\nname = \"hog\"\npid_file = \"{}\"\n",
+        "[agent]\ninterval = \"250ms\"\n\n{config}[[targets]]\nname = \"hog\"\npid_file = \"{}\"\n",
         pid_file.display()
     ));
-
-    let memory_files = || {
-        vec![
-            (
-                "nodescope_cgroup_memory_usage_bytes".to_string(),
-                vec![],
-                read_u64(&memory.join("memory.usage_in_bytes")) as f64,
-            ),
-            (
-                "nodescope_cgroup_memory_limit_bytes".to_string(),
-                vec![],
-                read_u64(&memory.join("memory.limit_in_bytes")) as f64,
-            ),
-            (
-                "nodescope_cgroup_memory_peak_bytes".to_string(),
-                vec![],
-                read_u64(&memory.join("memory.max_usage_in_bytes")) as f64,
-            ),
-            ("nodescope_cgroup_pids".to_string(), vec![], read_u64(&pids.join("pids.current")) as f64),
-        ]
-    };
-    settled(&agent, "hog", "memory and pids before the allocation", memory_files);
-    assert_eq!(of(&agent, "nodescope_cgroup_memory_limit_bytes", "hog"), Some(limit as f64), "memory limit");
-    let before = of(&agent, "nodescope_cgroup_memory_usage_bytes", "hog").unwrap();
-
-    hog.cmd("alloc 200");
-    settled(&agent, "hog", "memory and pids after allocating 200 MiB", memory_files);
-    let after = of(&agent, "nodescope_cgroup_memory_usage_bytes", "hog").unwrap();
-    let grown = (after - before) / (1 << 20) as f64;
-    eprintln!("memory usage {before} -> {after}: +{grown:.1} MiB for a 200 MiB allocation");
-    assert!((190.0..240.0).contains(&grown), "usage grew by {grown:.1} MiB for a 200 MiB allocation");
-    assert!(of(&agent, "nodescope_cgroup_memory_peak_bytes", "hog").unwrap() >= after);
-
-    let cpu_before = read_u64(&cpuacct.join("cpuacct.usage"));
-    hog.cmd("spin 1.5");
-    let cpu_files = || {
-        let stat = cpu.join("cpu.stat");
-        vec![
-            (
-                "nodescope_cgroup_cpu_time_seconds_total".to_string(),
-                vec![],
-                read_u64(&cpuacct.join("cpuacct.usage")) as f64 / 1e9,
-            ),
-            (
-                "nodescope_cgroup_cpu_throttled_seconds_total".to_string(),
-                vec![],
-                key_of(&stat, "throttled_time").unwrap() as f64 / 1e9,
-            ),
-            (
-                "nodescope_cgroup_cpu_throttled_periods_total".to_string(),
-                vec![],
-                key_of(&stat, "nr_throttled").unwrap() as f64,
-            ),
-        ]
-    };
-    settled(&agent, "hog", "CPU time and throttling after spinning 1.5 s at a 20% quota", cpu_files);
-    let spent = (read_u64(&cpuacct.join("cpuacct.usage")) - cpu_before) as f64 / 1e9;
-    let throttled = of(&agent, "nodescope_cgroup_cpu_throttled_periods_total", "hog").unwrap();
-    eprintln!("spin: {spent:.3} s of CPU, {throttled} periods throttled");
-    // 0.3 s is the quota's share; less if other work holds the CPU
-    assert!(spent > 0.1 && spent < 0.6, "1.5 s of spinning at a 20% quota used {spent} s of CPU");
-    assert!(throttled >= 5.0, "only {throttled} throttled periods in 1.5 s at a 20% quota");
-
-    hog.cmd(&format!("io {} 8", scratch.path().join("direct.bin").display()));
-    let io_files = || {
-        let bytes = std::fs::read_to_string(blkio.join("blkio.throttle.io_service_bytes_recursive")).unwrap();
-        let ops = std::fs::read_to_string(blkio.join("blkio.throttle.io_serviced_recursive")).unwrap();
-        let mut out = Vec::new();
-        for (text, name) in [(bytes, "nodescope_cgroup_io_bytes_total"), (ops, "nodescope_cgroup_io_operations_total")]
-        {
-            for line in text.lines() {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                if let [dev, op @ ("Read" | "Write"), v] = f[..] {
-                    let dir = if op == "Read" { "read" } else { "write" };
-                    out.push((
-                        name.to_string(),
-                        vec![("system_device".into(), dev.into()), ("disk_io_direction".into(), dir.into())],
-                        v.parse::<f64>().unwrap(),
-                    ));
-                }
-            }
-        }
-        out
-    };
-    settled(&agent, "hog", "block I/O per device after 8 MiB of direct I/O", io_files);
-    let labels = [("nodescope_target", "hog"), ("system_device", disk.as_str()), ("disk_io_direction", "write")];
-    let written = series(&agent.metrics(), "nodescope_cgroup_io_bytes_total", &labels).unwrap();
-    assert!(written >= (8 << 20) as f64, "{written} bytes written on {disk} for 8 MiB of direct writes");
-    let text = agent.metrics();
-    assert!(!text.contains("nodescope_cgroup_io_bytes_bytes"), "doubled unit suffix in /metrics");
+    let checked = hog_workload(&files, &mut hog, &agent, "hog", scratch.path());
+    eprintln!("checked ({version}):\n  {}", checked.join("\n  "));
     drop(hog);
 }
 
@@ -688,12 +956,16 @@ fn cgroup_v1_figures_equal_the_cgroup_files_and_follow_a_memory_hog() {
 fn cgroup_v2_figures_from_a_real_cgroup2_directory() {
     let _serial = serial();
     require_root();
-    // On this host the cpu, memory, io and pids controllers are bound to v1
-    // hierarchies, so a cgroup2 group has cpu.stat's usage keys and none of
-    // the controller files. This test reads what a real cgroup2 group has
-    // and checks the rest are absent, not zero; the controller files' formats
-    // are covered against a fake tree in cgroup_stats.rs's unit tests.
+    require_tool("dd", "coreutils");
+    // A pure cgroup2 host offers the cpu, memory, io and pids controllers
+    // here; a hybrid one (this host) binds them to v1, so a cgroup2 group has
+    // cpu.stat's usage keys and none of the controller files. The controller
+    // files' formats are also covered against a fake tree in cgroup_stats.rs.
+    let offered = v2_root_controllers();
+    let not_enabled = enable_v2_controllers();
     let v2 = Cgroup::new();
+    let files = GroupFiles::v2(&v2.path);
+    let scratch = TempDir::new("hog2-io");
     let mut hog = Hog::start(&[v2.path.join("cgroup.procs")]);
     let dir = TempDir::new("cg2-agent");
     let pid_file = dir.path().join("hog.pid");
@@ -702,52 +974,24 @@ fn cgroup_v2_figures_from_a_real_cgroup2_directory() {
         "[agent]\ninterval = \"250ms\"\n\n[resources]\ncgroup_version = \"v2\"\n\n[[targets]]\nname = \"hog2\"\npid_file = \"{}\"\n",
         pid_file.display()
     ));
-    hog.cmd("spin 0.5");
-    let stat = v2.path.join("cpu.stat");
-    settled(&agent, "hog2", "cgroup2 CPU time", || {
-        vec![(
-            "nodescope_cgroup_cpu_time_seconds_total".to_string(),
-            vec![],
-            key_of(&stat, "usage_usec").unwrap() as f64 / 1e6,
-        )]
-    });
-    let used = key_of(&stat, "usage_usec").unwrap() as f64 / 1e6;
-    assert!(used >= 0.25, "cpu.stat says the group used {used} s spinning 0.5 s");
+    let mut checked = hog_workload(&files, &mut hog, &agent, "hog2", scratch.path());
 
-    // Each figure whose file the group lacks is absent; one that exists is exact.
-    let text = agent.metrics();
-    let files = [
-        ("memory.current", "nodescope_cgroup_memory_usage_bytes"),
-        ("memory.peak", "nodescope_cgroup_memory_peak_bytes"),
-        ("pids.current", "nodescope_cgroup_pids"),
-    ];
-    let present: Vec<(&str, &str)> = files.into_iter().filter(|(file, _)| v2.path.join(file).exists()).collect();
-    for (file, metric) in files.iter().filter(|f| !present.contains(f)) {
-        let ours = series(&text, metric, &[("nodescope_target", "hog2")]);
-        assert_eq!(ours, None, "{metric} reported though {file} does not exist");
-    }
-    if !present.is_empty() {
-        settled(&agent, "hog2", "cgroup2 files this group has", || {
-            present
-                .iter()
-                .map(|(file, metric)| (metric.to_string(), vec![], read_u64(&v2.path.join(file)) as f64))
-                .collect()
-        });
-    }
-    if key_of(&stat, "throttled_usec").is_none() {
-        assert_eq!(
-            series(&text, "nodescope_cgroup_cpu_throttled_seconds_total", &[("nodescope_target", "hog2")]),
-            None
-        );
-    }
     // the process's figures are unaffected by the cgroup figures that are off
+    let text = agent.metrics();
     assert!(series(&text, "nodescope_process_rss_bytes", &[("nodescope_target", "hog2")]).is_some());
-    // Logged once, not every interval.
-    std::thread::sleep(Duration::from_secs(1));
-    let log = agent.log();
-    if !v2.path.join("memory.current").exists() {
+    // A missing file is logged once, not every interval.
+    if files.memory_usage.is_none() {
+        std::thread::sleep(Duration::from_secs(1));
+        let log = agent.log();
         assert_eq!(log.matches("memory.current").count(), 1, "memory.current should be logged once:\n{log}");
+        checked.push("memory.current's absence logged once".into());
     }
+    checked.push(format!(
+        "the cgroup2 root offers [{}]{}",
+        offered.join(" "),
+        if not_enabled.is_empty() { String::new() } else { format!("; could not enable {}", not_enabled.join(", ")) }
+    ));
+    eprintln!("checked (cgroup_version = \"v2\"):\n  {}", checked.join("\n  "));
     drop(hog);
 }
 
