@@ -21,13 +21,13 @@ pub static DISK_SYSCALLS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("
 pub enum BpfError {
     #[error("kernel BTF (/sys/kernel/btf/vmlinux) unavailable: {0}")]
     Btf(#[from] aya::BtfError),
-    #[error("loading {object}: {source}")]
+    #[error("loading {object}: {}", with_causes(source))]
     Load { object: &'static str, source: aya::EbpfError },
     #[error("program {0} missing from its object")]
     MissingProgram(&'static str),
     #[error("map {0} missing from its object")]
     MissingMap(&'static str),
-    #[error("program {program}: {source}")]
+    #[error("program {program}: {}", with_causes(source))]
     Program { program: &'static str, source: aya::programs::ProgramError },
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: aya::maps::MapError },
@@ -35,6 +35,22 @@ pub enum BpfError {
     Mount(String),
     #[error("running the iterator: {0}")]
     Iter(String),
+}
+
+/// An error and the errors under it, as one line: aya's "failed to create
+/// map" says why (the errno: EPERM without CAP_BPF, or a seccomp profile
+/// that refuses bpf(2)) only in its source.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
+        cause = c.source();
+    }
+    line
 }
 
 pub fn kernel_btf() -> Result<Btf, BpfError> {
@@ -250,4 +266,22 @@ pub fn clock_ns(clock: libc::clockid_t) -> Option<u64> {
         return None;
     }
     Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("failed to create map `m`")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn errors_carry_their_causes_in_one_line() {
+        let e = Outer(std::io::Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(with_causes(&e), "failed to create map `m`: Operation not permitted (os error 1)");
+        // a cause already in the message is not repeated
+        let plain = std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(with_causes(&plain), "No such file or directory (os error 2)");
+    }
 }
