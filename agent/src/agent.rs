@@ -12,11 +12,13 @@ use anyhow::Context;
 
 use crate::cgroup::Mounts;
 use crate::config::Config;
+use crate::disk::DiskSnapshot;
 use crate::health::{self, HealthEngine, HealthSnapshot};
 use crate::http::{self, AppState};
-use crate::net::metrics::NetMetrics;
-use crate::net::{NetSignal, NetSnapshot};
+use crate::net::NetSnapshot;
+use crate::resources::ResourceSnapshot;
 use crate::scope::{ScopeMemory, ScopePlan};
+use crate::signal::Signal;
 use crate::snapshot::{LoopStatus, Shared};
 use crate::target::Targets;
 use crate::telemetry::Telemetry;
@@ -31,32 +33,25 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let telemetry = Arc::new(Telemetry::new(&config, runtime.handle())?);
     let meter = telemetry.meter();
-    let net_snapshot = Shared::<NetSnapshot>::default();
-    let net_metrics = NetMetrics::register(&meter, net_snapshot.clone());
 
     let loop_status = Shared::<LoopStatus>::default();
     // the agent's own figures: its eBPF programs and maps, collection and scrape times
     let bpf_self = Shared::<crate::selfmetrics::BpfSelfSnapshot>::default();
     let self_metrics = crate::selfmetrics::SelfMetrics::register(&meter, bpf_self.clone());
 
-    // Each signal registers its own instruments on the one meter.
-    // network
-    let mut net = match NetSignal::load(&config.limits) {
-        Ok(n) => Some(n),
-        Err(e) => {
-            tracing::error!("network signal off: {e}");
-            None
-        }
-    };
-
-    // disk
-    let disk_snapshot = Shared::<crate::disk::DiskSnapshot>::default();
-    let disk_metrics = crate::disk::metrics::DiskMetrics::register(&meter, disk_snapshot.clone());
-    let mut disk = crate::disk::start(&config.disk);
-    // resources
-    let resources_snapshot = Shared::<crate::resources::ResourceSnapshot>::default();
-    crate::resources::metrics::register(&meter, resources_snapshot.clone());
-    let mut resources = crate::resources::ResourceSignal::new(&config.resources);
+    // Each signal registers its own instruments on the one meter and
+    // publishes a snapshot per interval; a signal the kernel refuses is off
+    // (logged by its module) and the others go on.
+    let net_snapshot = Shared::<NetSnapshot>::default();
+    let disk_snapshot = Shared::<DiskSnapshot>::default();
+    let resources_snapshot = Shared::<ResourceSnapshot>::default();
+    let net = crate::net::start(&config.limits, &meter, net_snapshot.clone());
+    let probes_attached = net.is_some();
+    let mut signals: Vec<Box<dyn Signal>> = net
+        .into_iter()
+        .chain(crate::disk::start(&config.disk, &meter, disk_snapshot.clone()))
+        .chain([crate::resources::start(&config.resources, &meter, resources_snapshot.clone())])
+        .collect();
     // health, over the snapshots of the signals above
     let mut health_engine = HealthEngine::new(&config);
     let health_snapshot = Shared::<HealthSnapshot>::default();
@@ -96,15 +91,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // Signals end the loop through this channel; the kernel's exec events
     // wake it to resolve a node that just started.
     let (stop_tx, stop) = mpsc::channel::<Wake>();
-    let rings: Vec<_> = net
-        .as_mut()
-        .and_then(|n| n.take_scope_events())
-        .into_iter()
-        .chain(disk.as_mut().and_then(|d| d.take_scope_events()))
-        .collect();
+    let rings: Vec<_> = signals.iter_mut().filter_map(|s| s.take_scope_events()).collect();
     crate::scope::watch_events(rings, stop_tx.clone(), Wake::Scope);
     {
         use tokio::signal::unix::{signal, SignalKind};
+        // the handlers register with the runtime's reactor
+        let _runtime = runtime.enter();
         let stop_tx = stop_tx.clone();
         // SIGHUP reloads the config; SIGUSR1 and SIGUSR2 (which would
         // otherwise end the process) are taken and logged, nothing more
@@ -147,54 +139,34 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let mut scope_memory = ScopeMemory::default();
     let proc_root = std::path::Path::new("/proc");
     // Resolves the targets and points the kernel's scope maps at them.
-    let mut rescope =
-        |targets: &mut Targets, net: &mut Option<NetSignal>, disk: &mut Option<crate::disk::DiskSignal>| {
-            targets.refresh();
-            let plan = ScopePlan::build(
-                proc_root,
-                targets.current(),
-                &targets.exec_names(),
-                cgroup2.as_deref(),
-                &mut scope_memory,
-            );
-            if let Some(n) = net.as_mut() {
-                if let Err(e) = n.set_scope(&plan, targets.current()) {
-                    tracing::error!("network signal: writing the watched set to the kernel: {e}");
-                }
-            }
-            if let Some(d) = disk.as_mut() {
-                if let Err(e) = d.set_scope(&plan) {
-                    tracing::error!("disk signal: writing the watched set to the kernel: {e}");
-                }
-            }
-            plan
-        };
+    let mut rescope = |targets: &mut Targets, signals: &mut [Box<dyn Signal>]| {
+        targets.refresh();
+        let plan = ScopePlan::build(
+            proc_root,
+            targets.current(),
+            &targets.exec_names(),
+            cgroup2.as_deref(),
+            &mut scope_memory,
+        );
+        for signal in signals.iter_mut() {
+            signal.set_scope(&plan, targets.current());
+        }
+        plan
+    };
     'collect: loop {
         let started = Instant::now();
-        let plan = rescope(&mut targets, &mut net, &mut disk);
+        let plan = rescope(&mut targets, &mut signals);
         let current = targets.current();
-        if let Some(signal) = net.as_mut() {
-            match signal.collect(current, &plan) {
-                Ok(snap) => {
-                    net_metrics.record(&snap);
-                    net_snapshot.publish(snap);
-                }
-                Err(e) => {
-                    // no stale figures: rules over peers turn unknown until it recovers
-                    tracing::error!("network collection failed: {e}");
-                    net_snapshot.publish(NetSnapshot::default());
-                }
-            }
+        for signal in signals.iter_mut() {
+            signal.collect(current, &plan);
         }
-        crate::disk::collect_into(&mut disk, current, &plan, &disk_metrics, &disk_snapshot);
-        resources_snapshot.publish(resources.collect(current));
         // after every signal has published this interval's snapshot
         health_snapshot.publish(health_engine.evaluate(&health::Inputs {
             targets: current,
             net: &net_snapshot.get(),
             disk: &disk_snapshot.get(),
             resources: &resources_snapshot.get(),
-            probes_attached: net.is_some(),
+            probes_attached,
         }));
         loop_status.publish(LoopStatus { last_run: Some(Instant::now()), runs: loop_status.get().runs + 1, interval });
         bpf_self.publish(crate::selfmetrics::read_bpf());
@@ -220,7 +192,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     }
                 }
                 // a node started: watch it now, not at the next interval
-                Wake::Scope => drop(rescope(&mut targets, &mut net, &mut disk)),
+                Wake::Scope => drop(rescope(&mut targets, &mut signals)),
             }
         }
     }

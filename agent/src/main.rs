@@ -17,6 +17,7 @@ mod otlp;
 mod resources;
 mod scope;
 mod selfmetrics;
+mod signal;
 mod snapshot;
 mod target;
 mod telemetry;

@@ -18,6 +18,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::bpf::abi;
 use crate::config::{DiskConfig, DiskMethod};
 use crate::scope::ScopePlan;
+use crate::signal::Signal;
+use crate::snapshot::Shared;
 use crate::target::Target;
 use classes::{Classifier, OTHER};
 use coverage::{Coverage, CoverageTracker};
@@ -142,18 +144,23 @@ pub struct DiskSignal {
     targets: BTreeMap<u32, PerTarget>,
     target_gone: u64,
     unattributed: u64,
-    last_error: Option<String>,
 }
 
-/// Starts the signal for `agent::run`: None when it is disabled or the
-/// kernel refuses a hook (logged here, once).
-pub fn start(config: &DiskConfig) -> Option<DiskSignal> {
+/// Starts the signal for the collection loop, its instruments registered on
+/// `meter` over `snapshot`: None when it is disabled or the kernel refuses a
+/// hook (logged here, once).
+pub fn start(
+    config: &DiskConfig,
+    meter: &opentelemetry::metrics::Meter,
+    snapshot: Shared<DiskSnapshot>,
+) -> Option<Box<dyn Signal>> {
+    let metrics = metrics::DiskMetrics::register(meter, snapshot.clone());
     if !config.enabled {
         tracing::info!("disk signal off: disabled by disk.enabled");
         return None;
     }
     match DiskSignal::load(config) {
-        Ok(s) => Some(s),
+        Ok(signal) => Some(Box::new(Running { signal, metrics, snapshot, last_error: None })),
         Err(e) => {
             tracing::error!("disk signal off: {e}; see `nodescope probes`");
             None
@@ -161,27 +168,40 @@ pub fn start(config: &DiskConfig) -> Option<DiskSignal> {
     }
 }
 
-/// One interval of the collection loop: read, feed the histogram, publish.
-pub fn collect_into(
-    signal: &mut Option<DiskSignal>,
-    targets: &[Target],
-    plan: &ScopePlan,
-    metrics: &metrics::DiskMetrics,
-    shared: &crate::snapshot::Shared<DiskSnapshot>,
-) {
-    let Some(signal) = signal.as_mut() else { return };
-    match signal.collect(targets, plan) {
-        Ok(snap) => {
-            metrics.record(&snap);
-            shared.publish(snap);
-            signal.last_error = None;
+/// The signal as the loop drives it.
+struct Running {
+    signal: DiskSignal,
+    metrics: metrics::DiskMetrics,
+    snapshot: Shared<DiskSnapshot>,
+    last_error: Option<String>,
+}
+
+impl Signal for Running {
+    fn set_scope(&mut self, plan: &ScopePlan, _targets: &[Target]) {
+        if let Err(e) = self.signal.set_scope(plan) {
+            tracing::error!("disk signal: writing the watched set to the kernel: {e}");
         }
-        Err(e) => {
-            // once per distinct failure, not every interval
-            let msg = e.to_string();
-            if signal.last_error.as_deref() != Some(msg.as_str()) {
-                tracing::error!("disk collection failed: {msg}");
-                signal.last_error = Some(msg);
+    }
+
+    fn take_scope_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.signal.take_scope_events()
+    }
+
+    /// One interval: read, feed the histogram, publish.
+    fn collect(&mut self, targets: &[Target], plan: &ScopePlan) {
+        match self.signal.collect(targets, plan) {
+            Ok(snap) => {
+                self.metrics.record(&snap);
+                self.snapshot.publish(snap);
+                self.last_error = None;
+            }
+            Err(e) => {
+                // once per distinct failure, not every interval
+                let msg = e.to_string();
+                if self.last_error.as_deref() != Some(msg.as_str()) {
+                    tracing::error!("disk collection failed: {msg}");
+                    self.last_error = Some(msg);
+                }
             }
         }
     }
@@ -211,7 +231,6 @@ impl DiskSignal {
             targets: BTreeMap::new(),
             target_gone: 0,
             unattributed: 0,
-            last_error: None,
         })
     }
 

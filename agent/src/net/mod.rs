@@ -17,9 +17,63 @@ use serde::Serialize;
 use crate::bpf::{abi, boot_ns_to_unix, BpfError};
 use crate::config::Limits;
 use crate::scope::ScopePlan;
+use crate::signal::Signal;
+use crate::snapshot::Shared;
 use crate::target::{Direction, Service, Target};
 use book::{ByteBook, Bytes};
+use metrics::NetMetrics;
 use probe::{KernelStats, NetProbe};
+
+/// Starts the signal for the collection loop, its instruments registered on
+/// `meter` over `snapshot`: None when the kernel refuses its programs
+/// (logged here, once; the other signals go on).
+pub fn start(
+    limits: &Limits,
+    meter: &opentelemetry::metrics::Meter,
+    snapshot: Shared<NetSnapshot>,
+) -> Option<Box<dyn Signal>> {
+    let metrics = NetMetrics::register(meter, snapshot.clone());
+    match NetSignal::load(limits) {
+        Ok(signal) => Some(Box::new(Running { signal, metrics, snapshot })),
+        Err(e) => {
+            tracing::error!("network signal off: {e}");
+            None
+        }
+    }
+}
+
+/// The signal as the loop drives it.
+struct Running {
+    signal: NetSignal,
+    metrics: NetMetrics,
+    snapshot: Shared<NetSnapshot>,
+}
+
+impl Signal for Running {
+    fn set_scope(&mut self, plan: &ScopePlan, targets: &[Target]) {
+        if let Err(e) = self.signal.set_scope(plan, targets) {
+            tracing::error!("network signal: writing the watched set to the kernel: {e}");
+        }
+    }
+
+    fn take_scope_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.signal.take_scope_events()
+    }
+
+    fn collect(&mut self, targets: &[Target], plan: &ScopePlan) {
+        match self.signal.collect(targets, plan) {
+            Ok(snap) => {
+                self.metrics.record(&snap);
+                self.snapshot.publish(snap);
+            }
+            Err(e) => {
+                // no stale figures: rules over peers turn unknown until it recovers
+                tracing::error!("network collection failed: {e}");
+                self.snapshot.publish(NetSnapshot::default());
+            }
+        }
+    }
+}
 
 /// One open connection as /peers shows it.
 #[derive(Debug, Clone, Serialize)]

@@ -23,6 +23,9 @@ use std::time::Instant;
 
 use crate::cgroup::{Mounts, ProcessCgroups};
 use crate::config::ResourcesConfig;
+use crate::scope::ScopePlan;
+use crate::signal::Signal;
+use crate::snapshot::Shared;
 use crate::target::{Scope, Target};
 use cgroup_stats::CgroupVersion;
 use datadir::{DatadirWatcher, WalkLimits, WatchKey, WatchRequest};
@@ -150,6 +153,30 @@ struct Trends {
     dir: PathBuf,
     available: Trend,
     datadir: Trend,
+}
+
+/// Starts the signal for the collection loop, its instruments registered on
+/// `meter` over `snapshot`. Always on: each reader that fails is reported
+/// per target (`OffLog`) and the others go on.
+pub fn start(
+    config: &ResourcesConfig,
+    meter: &opentelemetry::metrics::Meter,
+    snapshot: Shared<ResourceSnapshot>,
+) -> Box<dyn Signal> {
+    metrics::register(meter, snapshot.clone());
+    Box::new(Running { signal: ResourceSignal::new(config), snapshot })
+}
+
+/// The signal as the loop drives it.
+struct Running {
+    signal: ResourceSignal,
+    snapshot: Shared<ResourceSnapshot>,
+}
+
+impl Signal for Running {
+    fn collect(&mut self, targets: &[Target], _plan: &ScopePlan) {
+        self.snapshot.publish(self.signal.collect(targets));
+    }
 }
 
 impl ResourceSignal {

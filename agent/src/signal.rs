@@ -1,0 +1,25 @@
+//! What the collection loop asks of every signal. A signal (net, disk,
+//! resources) is started by its own module, which registers its instruments
+//! on the meter and publishes a snapshot that they, the health rules and
+//! the HTTP side read; the loop only drives it. Adding a signal means
+//! adding a module with a `start` that returns one of these.
+
+use aya::maps::{MapData, RingBuf};
+
+use crate::scope::ScopePlan;
+use crate::target::Target;
+
+pub trait Signal {
+    /// Points the signal's kernel programs at the watched set (logging a
+    /// failure itself). Signals without programs have nothing to do.
+    fn set_scope(&mut self, _plan: &ScopePlan, _targets: &[Target]) {}
+
+    /// The ring buffer the signal's scope programs write exec events to,
+    /// for the loop to wait on; taken once.
+    fn take_scope_events(&mut self) -> Option<RingBuf<MapData>> {
+        None
+    }
+
+    /// One interval: read what was counted and publish the snapshot.
+    fn collect(&mut self, targets: &[Target], plan: &ScopePlan);
+}
