@@ -560,6 +560,12 @@ fn probes_in_the_image_report_every_hook() {
     require_root();
     require_podman();
     let pod = pod_spec();
+    // the runtime stage's ENTRYPOINT and CMD: `nodescope run` by default
+    let config = podman_out(&["image", "inspect", "-f", "{{json .Config}}", agent_image()]).unwrap();
+    let config: Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["Entrypoint"], serde_json::json!(["/usr/local/bin/nodescope"]), "{config}");
+    assert_eq!(config["Cmd"], serde_json::json!(["run"]), "{config}");
+    assert_eq!(config["User"], "0:0", "{config}");
     let host = Command::new(BIN).args(["probes", "--json"]).output().unwrap();
     let host: Vec<Value> = serde_json::from_slice(&host.stdout).unwrap();
     let mut args: Vec<String> = vec![
@@ -643,4 +649,85 @@ fn without_cap_sys_admin_it_says_so_in_one_line_and_serves_the_rest() {
     assert_eq!(ours.as_ref().map(Vec::len), Some(0), "peers without CAP_SYS_ADMIN: {ours:?}");
     let (status, _) = agent.get("/health/live").unwrap();
     assert_eq!(status, 200);
+}
+
+/// A litecoind in a container running as nobody, its data dir a directory
+/// of nobody's (mode 0700) bind-mounted at /data: files only its user may
+/// read. Its handle drops before the directory.
+fn node_as_nobody(dir: &TempDir) -> ContainerNode {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut cmd = vec![NODE_BIN.to_string()];
+    cmd.extend(container_regtest_args());
+    let opts: Vec<String> =
+        vec!["--user".into(), "65534:65534".into(), "--volume".into(), format!("{}:/data", dir.path().display())];
+    let node = ContainerNode { c: Container::run("image-nobody", Storage::Overlay, &opts, &cmd) };
+    node.wait_rpc();
+    node
+}
+
+/// What the agent reports of the node with `caps`: (open fds, data dir
+/// size, data dir writable), each None when absent, read once the write
+/// test has run.
+fn resource_figures(pod: &PodSpec, caps: &[String], node: &ContainerNode) -> (Option<f64>, Option<f64>, Option<f64>) {
+    let agent = AgentContainer::start(pod, caps, &[], &target_config(node));
+    let m = wait_for("the data dir write test", Duration::from_secs(70), || {
+        let m = agent.metrics();
+        m.contains("nodescope_datadir_writable{").then_some(m)
+    });
+    // a few more collections, for the data dir walk
+    std::thread::sleep(Duration::from_secs(3));
+    let m2 = agent.metrics();
+    let figure = |m: &str, name: &str| {
+        m.lines()
+            .any(|l| l.starts_with(&format!("{name}{{")) && l.contains("nodescope_target=\"ltc\""))
+            .then(|| metric_sum(m, name, &[("nodescope_target", "ltc")]))
+    };
+    let out = (
+        figure(&m2, "nodescope_process_open_fds"),
+        figure(&m2, "nodescope_datadir_size_bytes"),
+        figure(&m, "nodescope_datadir_writable"),
+    );
+    eprintln!("caps {}: open fds {:?}, data dir size {:?}, writable {:?}", caps.join(","), out.0, out.1, out.2);
+    out
+}
+
+/// Each of CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH and CAP_SETUID/CAP_SETGID is
+/// needed for a node that runs as another user: with the DaemonSet's set
+/// every figure is there and right; without one, the figure it serves is
+/// missing or wrong, and the capability line names it.
+#[test]
+fn each_file_capability_is_needed_for_a_node_of_another_user() {
+    require_root();
+    require_podman();
+    let pod = pod_spec();
+    let data = TempDir::new("nobody-data");
+    let node = node_as_nobody(&data);
+    let uid = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).unwrap();
+    assert!(uid.lines().any(|l| l.starts_with("Uid:\t65534\t")), "the node does not run as nobody");
+    let without = |drop: &[&str]| -> Vec<String> {
+        let caps: Vec<String> = pod.caps.iter().filter(|c| !drop.contains(&c.as_str())).cloned().collect();
+        assert_eq!(caps.len() + drop.len(), pod.caps.len(), "the DaemonSet grants {drop:?}");
+        caps
+    };
+
+    let (fds, size, writable) = resource_figures(&pod, &pod.caps, &node);
+    let real_fds = std::fs::read_dir(format!("/proc/{}/fd", node.pid())).unwrap().count() as f64;
+    assert!(fds.is_some_and(|f| (f - real_fds).abs() <= 8.0), "open fds {fds:?}, /proc says {real_fds}");
+    let du = du_sb(&node);
+    assert!(size.is_some_and(|s| du > 0.0 && (s - du).abs() <= du * 0.05), "data dir size {size:?}, du -sb {du}");
+    assert_eq!(writable, Some(1.0), "the data dir is writable to its user");
+
+    // the node's /proc entries: a process of another user
+    let (fds, _, _) = resource_figures(&pod, &without(&["CAP_SYS_PTRACE"]), &node);
+    assert_eq!(fds, None, "open fds read without CAP_SYS_PTRACE");
+    // its 0700 data dir, and its /proc/PID/fd (mode 0500, its owner's):
+    // read only with CAP_DAC_READ_SEARCH
+    let (fds, size, _) = resource_figures(&pod, &without(&["CAP_DAC_READ_SEARCH"]), &node);
+    assert!(size.is_none_or(|s| s < du * 0.5), "data dir size {size:?} without CAP_DAC_READ_SEARCH (du {du})");
+    assert_eq!(fds, None, "open fds read without CAP_DAC_READ_SEARCH");
+    // the write test as its user
+    let (_, _, writable) = resource_figures(&pod, &without(&["CAP_SETUID", "CAP_SETGID"]), &node);
+    assert_eq!(writable, Some(0.0), "as root without CAP_DAC_OVERRIDE, nobody's 0700 data dir is not writable");
 }

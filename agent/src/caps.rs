@@ -56,7 +56,8 @@ pub const NEEDS: &[Need] = &[
         name: "CAP_DAC_READ_SEARCH",
         bit: CAP_DAC_READ_SEARCH,
         covered_by: None,
-        needed_by: "data dirs and config files readable only by the node's user (data dir size, ports)",
+        needed_by: "data dirs, config files and /proc/PID/fd readable only by the node's user \
+                    (data dir size, ports, open files)",
     },
     Need {
         name: "CAP_SETUID",
