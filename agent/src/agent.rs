@@ -215,7 +215,7 @@ fn reload(running: &Config, self_metrics: &crate::selfmetrics::SelfMetrics) -> O
     use std::sync::atomic::Ordering;
     let source = running.source.as_deref();
     let shown = source.map_or("(no file: environment only)".to_string(), |p| p.display().to_string());
-    let new = match Config::load(source) {
+    let new = match crate::settings::load(source) {
         Ok(c) => c,
         Err(e) => {
             self_metrics.counters.reloads_rejected.fetch_add(1, Ordering::Relaxed);

@@ -24,8 +24,7 @@ use crate::discovery;
 const ID_LEN: usize = 64;
 /// The id prefix the runtimes' own tools show.
 const SHORT_ID_LEN: usize = 12;
-/// Names become part of target names and label values: bounded.
-pub const MAX_NAME_LEN: usize = 64;
+pub use crate::config::MAX_CONTAINER_NAME_LEN as MAX_NAME_LEN;
 /// podman's container list when it runs as root.
 const PODMAN_CONTAINERS: &str = "var/lib/containers/storage/overlay-containers/containers.json";
 /// docker's per-container state: `<id>/config.v2.json`.

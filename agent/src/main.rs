@@ -17,6 +17,7 @@ mod otlp;
 mod resources;
 mod scope;
 mod selfmetrics;
+mod settings;
 mod signal;
 mod snapshot;
 mod target;
@@ -73,7 +74,7 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file } => match Config::load(Some(&file)) {
+        Command::CheckConfig { file } => match settings::load(Some(&file)) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} targets{})",
@@ -89,7 +90,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config, cgroupns } => {
-            let config = match Config::load(config.as_deref()) {
+            let config = match settings::load(config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("nodescope: config error: {e}");
@@ -108,7 +109,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Probes { json, config } => {
-            let config = match Config::load(config.as_deref()) {
+            let config = match settings::load(config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("nodescope: config error: {e}");

@@ -16,7 +16,7 @@
 //! `other`.
 
 use crate::chain::Chain;
-use crate::config::ClassRule;
+use crate::config::{ClassRule, Config, ConfigError};
 
 pub const OTHER: &str = "other";
 
@@ -50,6 +50,19 @@ enum Part {
     /// `**`: zero or more components
     AnyDepth,
     Glob(String),
+}
+
+/// Every pattern of the config's `[[disk.classes]]` parses (the part of
+/// config checking only the classifier can do).
+pub fn check_config(config: &Config) -> Result<(), ConfigError> {
+    for (i, rule) in config.disk.classes.iter().enumerate() {
+        for (j, p) in rule.paths.iter().enumerate() {
+            if let Err(why) = Pattern::parse(p) {
+                return Err(ConfigError::invalid(format!("disk.classes[{i}].paths[{j}]"), why));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,29 +6,15 @@
 //! machine can be driven by a fake clock in tests and is immune to wall-clock
 //! jumps; the engine turns it into unix seconds for output.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::chain::Chain;
-use crate::config::RuleConfig;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    Critical,
-    Warning,
-}
-
-impl Severity {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Severity::Critical => "critical",
-            Severity::Warning => "warning",
-        }
-    }
-}
+pub use crate::config::Severity;
+use crate::config::{Config, ConfigError, RuleConfig};
 
 /// What a rule's `threshold` counts; config validation checks its range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +126,52 @@ pub fn definition(id: &str) -> Option<&'static RuleDef> {
 
 pub fn rule_ids() -> Vec<&'static str> {
     RULES.iter().map(|r| r.id).collect()
+}
+
+/// Longer than this is a typo, and would overflow time arithmetic later.
+const MAX_RULE_DURATION: Duration = Duration::from_secs(365 * 86400);
+
+/// The config's `[rules]` and each target's against these definitions (the
+/// part of config checking only the rules can do).
+pub fn check_config(config: &Config) -> Result<(), ConfigError> {
+    validate_rules("rules", &config.rules)?;
+    for (i, t) in config.targets.iter().enumerate() {
+        validate_rules(&format!("targets[{i}].rules"), &t.rules)?;
+    }
+    Ok(())
+}
+
+/// Rule ids must exist, thresholds must fit what the rule counts, and
+/// durations must be sane; errors name e.g. `targets[0].rules.disk_low.threshold`.
+fn validate_rules(prefix: &str, rules: &BTreeMap<String, RuleConfig>) -> Result<(), ConfigError> {
+    for (id, rc) in rules {
+        let key = |k: &str| format!("{prefix}.{id}.{k}");
+        let Some(def) = definition(id) else {
+            return Err(ConfigError::invalid(
+                format!("{prefix}.{id}"),
+                format!("unknown rule; rules are {}", rule_ids().join(", ")),
+            ));
+        };
+        if let Some(v) = rc.threshold {
+            if let Some(why) = def.threshold_kind.check(v) {
+                return Err(ConfigError::invalid(key("threshold"), format!("{why} (rule {id})")));
+            }
+        }
+        for (k, d) in [("for", rc.for_), ("clear_after", rc.clear_after), ("window", rc.window)] {
+            if d.is_some_and(|d| d > MAX_RULE_DURATION) {
+                return Err(ConfigError::invalid(key(k), "must be at most 365 days"));
+            }
+        }
+        if let Some(w) = rc.window {
+            if def.window.is_none() {
+                return Err(ConfigError::invalid(key("window"), format!("rule {id} takes no window")));
+            }
+            if w.is_zero() {
+                return Err(ConfigError::invalid(key("window"), "must be greater than zero"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One rule's parameters for one target: the defaults, then `[rules.<id>]`,
