@@ -140,10 +140,20 @@ fn http_bounds_are_enforced_and_counted() {
     let probes: Vec<u16> = (0..20).map(|_| common::http_get(agent.port, "/health/live").unwrap().0).collect();
     assert!(probes.iter().all(|s| *s == 200), "{probes:?}");
 
-    // hold 3 connections open; on a 4th only probes are answered
-    let held: Vec<std::net::TcpStream> =
-        (0..3).map(|_| std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap()).collect();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // hold 3 connections open, each with a request answered (a connection
+    // that never asks for anything is made way for after a second, which a
+    // slow run would reach); on a 4th only probes are answered
+    let held: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+            s
+        })
+        .collect();
     let refused = raw("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     assert!(refused.to_ascii_lowercase().contains("connection: close"), "{refused}");
