@@ -242,14 +242,6 @@ impl Targets {
         self.discover = config.targets.is_empty() && config.agent.discover;
     }
 
-    /// A reloaded config's targets: resolved from the next refresh on. A
-    /// target that keeps its name keeps its slot, so its kernel counters go
-    /// on; slots of removed targets stay reserved for the name.
-    pub fn reconfigure(&mut self, config: &Config) {
-        self.specs = config.targets.iter().map(TargetSpec::from).collect();
-        self.discover = config.targets.is_empty() && config.agent.discover;
-    }
-
     pub fn is_discovering(&self) -> bool {
         self.discover
     }
