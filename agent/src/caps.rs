@@ -73,17 +73,9 @@ pub const NEEDS: &[Need] = &[
     },
 ];
 
-/// The effective set from a /proc/PID/status text (its CapEff line).
-pub fn parse_cap_eff(status: &str) -> Option<u64> {
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
-    u64::from_str_radix(hex, 16).ok()
-}
-
-/// This process's effective capabilities.
-pub fn effective() -> std::io::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    parse_cap_eff(&status)
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no CapEff line in /proc/self/status"))
+/// This process's effective capabilities (CapEff of /proc/self/status).
+pub fn effective() -> Result<u64, procfs::ProcError> {
+    Ok(procfs::process::Process::myself()?.status()?.capeff)
 }
 
 fn has(eff: u64, bit: u32) -> bool {
@@ -165,12 +157,26 @@ mod tests {
         | (1 << CAP_SETGID);
 
     #[test]
-    fn parses_cap_eff() {
-        let status =
-            "Name:\tnodescope\nCapInh:\t0000000000000000\nCapPrm:\t000000c0002800c4\nCapEff:\t000000c0002800c4\n";
-        assert_eq!(parse_cap_eff(status), Some(0xc0002800c4));
-        assert_eq!(parse_cap_eff(status), Some(FULL));
-        assert_eq!(parse_cap_eff("Name:\tx\n"), None);
+    fn reads_its_own_effective_set() {
+        // the test runs as root with the full set, or as a user with none
+        let eff = effective().unwrap();
+        // SAFETY: no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(eff & FULL, FULL, "{eff:#x}");
+        }
+        assert_eq!(
+            eff,
+            u64::from_str_radix(
+                std::fs::read_to_string("/proc/self/status")
+                    .unwrap()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("CapEff:"))
+                    .unwrap()
+                    .trim(),
+                16
+            )
+            .unwrap()
+        );
     }
 
     #[test]
