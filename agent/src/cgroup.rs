@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use procfs::process::MountInfo;
 use procfs::{FromRead, ProcessCGroups};
 
 /// v1 superoptions mix controllers with flags (xattr, name=systemd, ...).
@@ -40,20 +39,17 @@ impl Mounts {
         Ok(Mounts::parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
     }
 
-    /// Finds the cgroup mounts in a mountinfo text (proc(5)), parsed by the
-    /// procfs crate; lines it cannot parse are skipped.
+    /// Finds the cgroup mounts in a mountinfo text (proc(5)).
     pub fn parse(mountinfo: &str) -> Mounts {
         let mut m = Mounts::default();
-        for info in mountinfo.lines().filter_map(|line| MountInfo::from_line(line).ok()) {
-            // procfs keeps the kernel's octal escapes in mount points
-            let mountpoint = PathBuf::from(unescape(&info.mount_point.to_string_lossy()));
-            match info.fs_type.as_str() {
+        for mount in crate::mountinfo::parse(mountinfo) {
+            match mount.fs_type.as_str() {
                 "cgroup2" => {
-                    m.v2.get_or_insert(mountpoint);
+                    m.v2.get_or_insert(mount.mount_point);
                 }
                 "cgroup" => {
-                    for opt in info.super_options.keys().filter(|o| V1_CONTROLLERS.contains(&o.as_str())) {
-                        m.v1.entry(opt.clone()).or_insert_with(|| mountpoint.clone());
+                    for opt in mount.super_options.keys().filter(|o| V1_CONTROLLERS.contains(&o.as_str())) {
+                        m.v1.entry(opt.clone()).or_insert_with(|| mount.mount_point.clone());
                     }
                 }
                 _ => {}
@@ -61,25 +57,6 @@ impl Mounts {
         }
         m
     }
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let bytes = s.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v as char);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i] as char);
-        i += 1;
-    }
-    out
 }
 
 /// A process's group in each hierarchy, from /proc/PID/cgroup:
@@ -158,7 +135,6 @@ mod tests {
         );
         assert_eq!(m.v2.as_deref(), Some(Path::new("/sys/fs/cgroup")));
         assert!(m.v1.is_empty());
-        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
     }
 
     #[test]

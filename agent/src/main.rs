@@ -12,6 +12,7 @@ mod discovery;
 mod disk;
 mod health;
 mod http;
+mod mountinfo;
 mod net;
 mod otlp;
 mod resources;

@@ -95,43 +95,21 @@ fn statfs_now(path: &Path) -> std::io::Result<i64> {
 /// the node's mount namespace), from the node's mountinfo.
 fn overlay_upper(mountinfo: &str, node_path: &Path) -> Option<PathBuf> {
     let mut best: Option<(usize, PathBuf)> = None;
-    for line in mountinfo.lines() {
-        // id parent major:minor root mount-point options [optional...] - fstype source super-options
-        let (left, right) = line.split_once(" - ")?;
-        let mount_point = unescape(left.split(' ').nth(4)?);
-        let mut right = right.split(' ');
-        let (fstype, _source, options) = (right.next()?, right.next()?, right.next().unwrap_or(""));
-        if !node_path.starts_with(&mount_point) {
+    for mount in crate::mountinfo::parse(mountinfo) {
+        if !node_path.starts_with(&mount.mount_point) {
             continue;
         }
-        let depth = Path::new(&mount_point).components().count();
+        let depth = mount.mount_point.components().count();
         if best.as_ref().is_some_and(|(d, _)| *d > depth) {
             continue;
         }
-        let upper = (fstype == "overlay")
-            .then(|| options.split(',').find_map(|o| o.strip_prefix("upperdir=")).map(|u| PathBuf::from(unescape(u))))
+        let upper = (mount.fs_type == "overlay")
+            .then(|| mount.super_options.get("upperdir").cloned().flatten().map(PathBuf::from))
             .flatten()
             .unwrap_or_default();
         best = Some((depth, upper));
     }
     best.map(|(_, u)| u).filter(|u| !u.as_os_str().is_empty())
-}
-
-/// mountinfo escapes space, tab, newline and backslash as \ooo.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// How often a data dir's filesystem is asked again (it may be remounted).
