@@ -1,0 +1,130 @@
+//! SIGHUP reloads the config of the running agent: a target added (a second
+//! litecoind) is watched within an interval while the first target's
+//! counters go on (checked against the node's own getpeerinfo); a broken
+//! file is refused with check-config's reason and the old config keeps
+//! running; SIGUSR1 does no harm.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn config_for(agent_port: u16, nodes: &[(&str, &Litecoind, &Cgroup)]) -> String {
+    let mut s = format!("[http]\nlisten = \"127.0.0.1:{agent_port}\"\n[agent]\ninterval = \"1s\"\ndiscover = false\n");
+    for (name, node, cgroup) in nodes {
+        s += &format!(
+            "\n[[targets]]\nname = \"{name}\"\ncgroup = \"{}\"\nchain = \"litecoin\"\np2p_ports = [{}]\nrpc_ports = [{}]\n",
+            cgroup.path.display(),
+            node.port,
+            node.rpcport
+        );
+    }
+    s
+}
+
+fn signal(agent: &Agent, sig: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(agent.child.id() as libc::pid_t, sig) }, 0);
+}
+
+/// P2P payload bytes the agent counts for `target`, both directions.
+fn agent_bytes(agent: &Agent, target: &str) -> f64 {
+    metric_sum(&agent.metrics(), "nodescope_peer_io_bytes_total", &[("nodescope_target", target)])
+}
+
+/// The node's own count of P2P bytes, both directions, over its peers.
+fn node_bytes(node: &Litecoind) -> f64 {
+    node.peers().iter().map(|p| p["bytessent"].as_f64().unwrap_or(0.0) + p["bytesrecv"].as_f64().unwrap_or(0.0)).sum()
+}
+
+/// The agent's bytes for `target` within 1 % of the node's, once the node's
+/// counters stand still.
+fn assert_bytes_match(agent: &Agent, target: &str, node: &Litecoind) -> f64 {
+    let mut last = (0.0, 0.0);
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let (theirs, ours) = (node_bytes(node), agent_bytes(agent, target));
+        if theirs > 0.0 && (ours - theirs).abs() <= theirs * 0.01 + 512.0 {
+            return ours;
+        }
+        last = (theirs, ours);
+    }
+    panic!("{target}: agent {} bytes, node {} bytes\n{}", last.1, last.0, agent.log());
+}
+
+#[test]
+fn sighup_adds_a_target_keeps_counters_and_refuses_a_broken_file() {
+    require_root();
+    let (cg_a, cg_b) = (Cgroup::new(), Cgroup::new());
+    let a = Litecoind::start(Some(&cg_a), &[]);
+    let b = Litecoind::start(Some(&cg_b), &[format!("-connect={}", a.addr())]);
+    a.wait_peers(1);
+    let agent = Agent::start(&config_for(0, &[("a", &a, &cg_a)]).replace("[http]\nlisten = \"127.0.0.1:0\"\n", ""));
+    let config_path = agent.dir.path().join("nodescope.toml");
+    let port = agent.port;
+    // a's bytes as the node counts them, before the reload
+    a.mine(20);
+    let before = assert_bytes_match(&agent, "a", &a);
+    assert_eq!(metric_sum(&agent.metrics(), "nodescope_connection_open", &[("nodescope_target", "b")]), 0.0);
+    assert!(!agent.metrics().contains("nodescope_target=\"b\""));
+
+    // b added to the file; SIGHUP
+    std::fs::write(&config_path, config_for(port, &[("a", &a, &cg_a), ("b", &b, &cg_b)])).unwrap();
+    let hup = Instant::now();
+    signal(&agent, libc::SIGHUP);
+    let seen = wait_for("b's figures after SIGHUP", Duration::from_secs(10), || {
+        let m = agent.metrics();
+        (metric_sum(&m, "nodescope_connection_open", &[("nodescope_target", "b"), ("nodescope_service", "p2p")]) >= 1.0)
+            .then(|| hup.elapsed())
+    });
+    eprintln!("b's open P2P connection on /metrics {seen:?} after SIGHUP (interval 1 s)");
+    assert!(seen <= Duration::from_millis(2500), "b appeared {seen:?} after SIGHUP");
+    // a's counters went on from where they were (no reset), and keep
+    // matching the node's own through more traffic
+    assert!(agent_bytes(&agent, "a") >= before);
+    a.mine(20);
+    let after = assert_bytes_match(&agent, "a", &a);
+    assert!(after > before, "a's bytes {before} -> {after}");
+    assert_bytes_match(&agent, "b", &b);
+    let m = agent.metrics();
+    assert_eq!(metric_sum(&m, "nodescope_config_reloads_total", &[("result", "applied")]), 1.0);
+
+    // a broken file: refused with check-config's reason, the running config kept
+    let broken = config_for(port, &[("a", &a, &cg_a)]).replace("interval = \"1s\"", "interval = \"soon\"");
+    std::fs::write(&config_path, broken).unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_nodescope"))
+        .args(["check-config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert_eq!(check.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&check.stderr).to_string();
+    let reason =
+        stderr.trim().strip_prefix("nodescope: config error: ").unwrap_or_else(|| panic!("{stderr}")).to_string();
+    assert!(reason.contains("agent.interval"), "{reason}");
+    signal(&agent, libc::SIGHUP);
+    wait_for("the refusal in the log", Duration::from_secs(10), || {
+        agent.log().lines().find(|l| l.contains("SIGHUP: config error:") && l.contains(&reason)).map(str::to_string)
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    let m = agent.metrics();
+    assert_eq!(metric_sum(&m, "nodescope_config_reloads_total", &[("result", "rejected")]), 1.0);
+    assert!(
+        metric_sum(&m, "nodescope_connection_open", &[("nodescope_target", "b"), ("nodescope_service", "p2p")]) >= 1.0,
+        "b no longer watched after a refused reload"
+    );
+
+    // SIGUSR1 and SIGUSR2: logged, nothing else
+    signal(&agent, libc::SIGUSR1);
+    signal(&agent, libc::SIGUSR2);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut agent = agent;
+    assert!(agent.child.try_wait().unwrap().is_none(), "the agent exited on SIGUSR1/SIGUSR2:\n{}", agent.log());
+    assert_eq!(http_get(port, "/health/live").unwrap().0, 200);
+    assert!(agent.log().contains("SIGUSR1: nothing to do"));
+    assert!(agent_bytes(&agent, "a") >= after);
+    drop(agent);
+    drop(b);
+    drop(a);
+}
