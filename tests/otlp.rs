@@ -356,3 +356,67 @@ fn collector_down_for_a_minute_then_back() {
     drop(agent);
     stop_child(&mut collector, Duration::from_secs(5));
 }
+
+/// The agent's own spans (a span per collection cycle, with the scope and
+/// health spans inside it) and its log records reach the collector over
+/// gRPC and over HTTP/protobuf, carrying the same resource as the metrics.
+#[test]
+fn spans_and_logs_reach_the_collector() {
+    require_root();
+    for protocol in ["grpc", "http/protobuf"] {
+        let dir = TempDir::new("otlp-spans");
+        let (http_port, grpc_port) = (free_port(), free_port());
+        let log_path = dir.path().join("rotel.log");
+        let mut collector = Command::new(pytool("rotel-agent"))
+            .args(["start", "--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
+            .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--exporter", "blackhole", "--debug-log", "traces", "--debug-log", "logs"])
+            .args(["--debug-log-verbosity", "detailed"])
+            .args(["--pid-file", dir.path().join("rotel.pid").to_str().unwrap()])
+            .stdout(std::fs::File::create(&log_path).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let endpoint = match protocol {
+            "grpc" => format!("http://127.0.0.1:{grpc_port}"),
+            _ => format!("http://127.0.0.1:{http_port}/v1/metrics"),
+        };
+        let agent = start_agent_with_env(
+            &format!(
+                "[agent]\ninterval = \"500ms\"\ndiscover = false\n[otlp]\nendpoint = \"{endpoint}\"\nprotocol = \"{protocol}\"\ninterval = \"1s\"\ntimeout = \"1s\"\n"
+            ),
+            &[("OTEL_SERVICE_NAME", format!("spans-{}", protocol.replace('/', "-")))],
+        );
+        // the batch processors export every few seconds
+        let log = wait_for(&format!("spans and logs over {protocol}"), Duration::from_secs(30), || {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            (log.contains("Name           : collection")
+                && log.contains("Name           : scope")
+                && log.contains("Name           : health")
+                && log.contains("Body: Str(serving /metrics and /peers on"))
+            .then_some(log)
+        });
+        // a scope span is a child: it has a parent, and some collection span's id is one
+        let span_field = |block: &str, field: &str| {
+            block.lines().find_map(|l| l.trim().strip_prefix(field)?.trim().strip_prefix(": ").map(str::to_string))
+        };
+        let spans: Vec<&str> = log.split("Span #").skip(1).collect();
+        let collection_ids: Vec<String> = spans
+            .iter()
+            .filter(|b| span_field(b, "Name").as_deref() == Some("collection"))
+            .filter_map(|b| span_field(b, "ID"))
+            .collect();
+        let nested = spans
+            .iter()
+            .filter(|b| span_field(b, "Name").as_deref() == Some("scope"))
+            .filter_map(|b| span_field(b, "Parent ID"))
+            .any(|p| collection_ids.contains(&p));
+        assert!(nested, "{protocol}: no scope span inside a collection span; collection ids {collection_ids:?}");
+        let service = format!("-> service.name: Str(spans-{})", protocol.replace('/', "-"));
+        assert!(log.contains(&service), "{protocol}: resource of spans and logs");
+        // the export machinery's own events stay out of the exported logs
+        assert!(!log.contains("Body: Str(OTLP export"), "{protocol}: export logs exported");
+        drop(agent);
+        stop_child(&mut collector, Duration::from_secs(5));
+    }
+}

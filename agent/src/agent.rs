@@ -140,6 +140,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let proc_root = std::path::Path::new("/proc");
     // Resolves the targets and points the kernel's scope maps at them.
     let mut rescope = |targets: &mut Targets, signals: &mut [Box<dyn Signal>]| {
+        let _span = tracing::info_span!("scope").entered();
         targets.refresh();
         let plan = ScopePlan::build(
             proc_root,
@@ -155,19 +156,24 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     };
     'collect: loop {
         let started = Instant::now();
+        // one span per collection cycle (exported with the agent's logs when OTLP is set)
+        let cycle = tracing::info_span!("collection", run = loop_status.get().runs + 1).entered();
         let plan = rescope(&mut targets, &mut signals);
         let current = targets.current();
         for signal in signals.iter_mut() {
             signal.collect(current, &plan);
         }
         // after every signal has published this interval's snapshot
-        health_snapshot.publish(health_engine.evaluate(&health::Inputs {
-            targets: current,
-            net: &net_snapshot.get(),
-            disk: &disk_snapshot.get(),
-            resources: &resources_snapshot.get(),
-            probes_attached,
-        }));
+        let verdicts = tracing::info_span!("health").in_scope(|| {
+            health_engine.evaluate(&health::Inputs {
+                targets: current,
+                net: &net_snapshot.get(),
+                disk: &disk_snapshot.get(),
+                resources: &resources_snapshot.get(),
+                probes_attached,
+            })
+        });
+        health_snapshot.publish(verdicts);
         loop_status.publish(LoopStatus { last_run: Some(Instant::now()), runs: loop_status.get().runs + 1, interval });
         bpf_self.publish(crate::selfmetrics::read_bpf());
         self_metrics.collected(started.elapsed());
@@ -177,6 +183,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
             ready_sent = true;
         }
+        drop(cycle);
         loop {
             match wait_for_next(&stop, started + interval, watchdog_period) {
                 Wake::Stop => break 'collect,
@@ -202,6 +209,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let _ = stop_http.send(true);
     let _ = runtime.block_on(server);
     telemetry.shutdown();
+    crate::telemetry::shutdown_logging();
     Ok(())
 }
 

@@ -29,7 +29,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use config::{Config, LogFormat};
+use config::Config;
 
 #[derive(Parser)]
 #[command(
@@ -152,14 +152,5 @@ fn print_hooks(hooks: &[bpf::HookStatus], json: bool) -> std::io::Result<()> {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    use std::io::IsTerminal;
-    // colour codes only on a terminal: journald and log files get plain text
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    telemetry::init_logging(config);
 }

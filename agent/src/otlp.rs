@@ -133,6 +133,23 @@ pub fn resolve(config: &OtlpConfig, env: Env<'_>) -> Result<Option<OtlpSettings>
     Ok(Some(OtlpSettings { endpoint, protocol, headers, interval: config.interval, timeout: config.timeout }))
 }
 
+/// The endpoint of another signal (`traces`, `logs`) of the same export:
+/// `OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT` when set, else the metrics
+/// endpoint with its `/v1/metrics` path made `/v1/<signal>` (HTTP), or the
+/// same address (gRPC).
+pub fn signal_endpoint(metrics: &OtlpSettings, signal: &str, env: Env<'_>) -> Result<String, String> {
+    if let Some(e) = env(&format!("OTEL_EXPORTER_OTLP_{}_ENDPOINT", signal.to_ascii_uppercase()))? {
+        return Ok(e.trim().to_string());
+    }
+    Ok(match metrics.protocol {
+        OtlpProtocol::Grpc => metrics.endpoint.clone(),
+        OtlpProtocol::HttpProtobuf => match metrics.endpoint.strip_suffix("/v1/metrics") {
+            Some(base) => format!("{base}/v1/{signal}"),
+            None => format!("{}/v1/{signal}", metrics.endpoint.trim_end_matches('/')),
+        },
+    })
+}
+
 /// The resource every export (and /metrics' target_info) carries:
 /// OTEL_RESOURCE_ATTRIBUTES, service.name from OTEL_SERVICE_NAME over it
 /// (else nodescope), service.version, host.name, and the Kubernetes names
@@ -291,6 +308,11 @@ mod tests {
         assert!(bad.starts_with("OTEL_EXPORTER_OTLP_PROTOCOL:"), "{bad}");
         let bad = resolve(&toml, &env_of(&[("OTEL_EXPORTER_OTLP_HEADERS", "novalue")])).unwrap_err();
         assert!(bad.starts_with("OTEL_EXPORTER_OTLP_HEADERS:"), "{bad}");
+        let http = r(&[]);
+        assert_eq!(signal_endpoint(&http, "traces", &env_of(&[])).unwrap(), "http://toml:4318/v1/traces");
+        let logs = signal_endpoint(&http, "logs", &env_of(&[("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "http://l:1/x")]));
+        assert_eq!(logs.unwrap(), "http://l:1/x");
+        assert_eq!(signal_endpoint(&grpc, "logs", &env_of(&[])).unwrap(), "http://env:4317");
         let bad = resolve(&toml, &env_of(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://x")])).unwrap_err();
         assert!(bad.contains("http://"), "{bad}");
     }

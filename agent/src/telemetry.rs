@@ -15,6 +15,146 @@ use prometheus::{Encoder, TextEncoder};
 
 use crate::config::Config;
 
+/// The agent's own spans and logs over OTLP, when an endpoint is set: kept
+/// to be flushed at the end (`shutdown_logging`).
+struct OtelLogging {
+    tracer: opentelemetry_sdk::trace::SdkTracerProvider,
+    logger: opentelemetry_sdk::logs::SdkLoggerProvider,
+    /// drives the gRPC channels (the batch processors export on threads of their own)
+    _runtime: Option<tokio::runtime::Runtime>,
+}
+
+static OTEL_LOGGING: std::sync::Mutex<Option<OtelLogging>> = std::sync::Mutex::new(None);
+
+/// Logging to stderr (text or `[log] format = "json"`, colour only on a
+/// terminal) and, when OTLP is configured, the agent's spans (collection
+/// cycles, scope changes, health evaluations) and log records to the same
+/// collector through `tracing-opentelemetry` and the log bridge. Events of
+/// the export machinery itself never go to OTLP (no feedback loop).
+pub fn init_logging(config: &Config) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    use std::io::IsTerminal;
+    // colour codes only on a terminal: journald and log files get plain text
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    let fmt: Box<dyn Layer<_> + Send + Sync> = match config.log.format {
+        crate::config::LogFormat::Json => fmt.json().boxed(),
+        crate::config::LogFormat::Text => fmt.boxed(),
+    };
+    let (otel, problem) = match otel_logging(config) {
+        Ok(Some(o)) => (Some(o), None),
+        Ok(None) => (None, None),
+        Err(e) => (None, Some(e)),
+    };
+    let not_export = tracing_subscriber::filter::filter_fn(|m| {
+        let t = m.target();
+        !["opentelemetry", "tonic", "h2", "hyper", "reqwest", "tower", "nodescope::otlp"]
+            .iter()
+            .any(|p| t.starts_with(p))
+    });
+    let spans = otel.as_ref().map(|o| {
+        use opentelemetry::trace::TracerProvider;
+        tracing_opentelemetry::layer().with_tracer(o.tracer.tracer("nodescope")).with_filter(not_export.clone())
+    });
+    let logs = otel.as_ref().map(|o| {
+        opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(&o.logger).with_filter(not_export)
+    });
+    tracing_subscriber::registry().with(filter).with(fmt).with(spans).with(logs).init();
+    if let Some(e) = problem {
+        tracing::warn!("spans and logs not exported over OTLP: {e}");
+    }
+    *OTEL_LOGGING.lock().unwrap_or_else(|e| e.into_inner()) = otel;
+}
+
+/// Flushes and stops the span and log export.
+pub fn shutdown_logging() {
+    if let Some(o) = OTEL_LOGGING.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = o.tracer.shutdown();
+        let _ = o.logger.shutdown();
+    }
+}
+
+fn otel_logging(config: &Config) -> Result<Option<OtelLogging>, String> {
+    use crate::config::OtlpProtocol;
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+    let env = crate::otlp::process_env;
+    let Some(otlp) = crate::otlp::resolve(&config.otlp, &env)? else { return Ok(None) };
+    let resource = Resource::builder_empty()
+        .with_detector(Box::new(opentelemetry_sdk::resource::TelemetryResourceDetector))
+        .with_attributes(crate::otlp::resource_attributes(&env)?)
+        .build();
+    let traces = crate::otlp::signal_endpoint(&otlp, "traces", &env)?;
+    let logs = crate::otlp::signal_endpoint(&otlp, "logs", &env)?;
+    let headers: std::collections::HashMap<String, String> = otlp.headers.clone().into_iter().collect();
+    let err = |e: opentelemetry_otlp::ExporterBuildError| e.to_string();
+    let (runtime, span_exporter, log_exporter) = match otlp.protocol {
+        OtlpProtocol::HttpProtobuf => (
+            None,
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(traces)
+                .with_timeout(otlp.timeout)
+                .with_headers(headers.clone())
+                .build()
+                .map_err(err)?,
+            opentelemetry_otlp::LogExporter::builder()
+                .with_http()
+                .with_endpoint(logs)
+                .with_timeout(otlp.timeout)
+                .with_headers(headers)
+                .build()
+                .map_err(err)?,
+        ),
+        OtlpProtocol::Grpc => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("nodescope-otlp")
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            let metadata = || -> Result<tonic::metadata::MetadataMap, String> {
+                let mut m = tonic::metadata::MetadataMap::new();
+                for (k, v) in &otlp.headers {
+                    let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+                        .map_err(|e| format!("header {k:?}: {e}"))?;
+                    m.insert(key, v.parse().map_err(|e| format!("header {k:?}: {e}"))?);
+                }
+                Ok(m)
+            };
+            let _entered = runtime.enter();
+            let spans = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(traces)
+                .with_timeout(otlp.timeout)
+                .with_metadata(metadata()?)
+                .build()
+                .map_err(err)?;
+            let logs = opentelemetry_otlp::LogExporter::builder()
+                .with_tonic()
+                .with_endpoint(logs)
+                .with_timeout(otlp.timeout)
+                .with_metadata(metadata()?)
+                .build()
+                .map_err(err)?;
+            drop(_entered);
+            (Some(runtime), spans, logs)
+        }
+    };
+    let tracer = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_resource(resource.clone())
+        .with_batch_exporter(span_exporter)
+        .build();
+    let logger = opentelemetry_sdk::logs::SdkLoggerProvider::builder()
+        .with_resource(resource)
+        .with_batch_exporter(log_exporter)
+        .build();
+    Ok(Some(OtelLogging { tracer, logger, _runtime: runtime }))
+}
+
 /// The OTLP reader for `otlp`: HTTP/protobuf through the blocking client, or
 /// gRPC over a channel that `runtime` drives.
 fn otlp_reader(
