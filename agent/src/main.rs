@@ -23,6 +23,7 @@ mod signal;
 mod snapshot;
 mod target;
 mod telemetry;
+mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,6 +68,19 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// A live terminal view of a running agent: health, peers by bytes/s,
+    /// churn, file writes and fsync latency, disk space. Needs no privilege.
+    Top {
+        /// The agent's HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:9464")]
+        url: String,
+        /// Print one plain-text table and exit.
+        #[arg(long)]
+        once: bool,
+        /// How often to read the agent (e.g. 1s, 500ms).
+        #[arg(long, default_value = "1s", value_parser = top::parse_interval)]
+        interval: std::time::Duration,
+    },
 }
 
 /// Exit code for a config the agent refuses.
@@ -109,6 +123,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Top { url, once, interval } => top::run(top::Options { url, once, interval }),
         Command::Probes { json, config } => {
             let config = match settings::load(config.as_deref()) {
                 Ok(c) => c,
