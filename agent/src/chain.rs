@@ -25,6 +25,39 @@ pub enum Network {
     Stagenet,
 }
 
+/// Which network a peer is reached over. Clearnet peers are ipv4/ipv6;
+/// peers behind the node's configured proxies and onion/I2P listeners are
+/// named by what the node told that proxy or listener to carry: the kernel
+/// only sees the local proxy, never the onion or I2P address behind it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerNetwork {
+    Ipv4,
+    Ipv6,
+    Onion,
+    I2p,
+    /// A general SOCKS proxy (`-proxy`, monerod `--proxy`): clearnet and
+    /// onion peers alike.
+    Proxy,
+}
+
+impl PeerNetwork {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerNetwork::Ipv4 => "ipv4",
+            PeerNetwork::Ipv6 => "ipv6",
+            PeerNetwork::Onion => "onion",
+            PeerNetwork::I2p => "i2p",
+            PeerNetwork::Proxy => "proxy",
+        }
+    }
+
+    /// Reached through a proxy or an onion/I2P listener, not directly.
+    pub fn is_proxied(self) -> bool {
+        matches!(self, PeerNetwork::Onion | PeerNetwork::I2p | PeerNetwork::Proxy)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ports {
     pub p2p: u16,

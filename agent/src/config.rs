@@ -229,6 +229,11 @@ pub struct TargetConfig {
     pub p2p_ports: Vec<u16>,
     #[serde(default)]
     pub rpc_ports: Vec<u16>,
+    /// SOCKS proxies the node reaches peers through, beyond those its own
+    /// config names (`-proxy`, `-onion`, `-i2psam`, monerod's `--proxy`,
+    /// `--tx-proxy`): connections to them are service "proxy".
+    #[serde(default)]
+    pub proxies: Vec<SocketAddr>,
     /// `[targets.rules.<id>]`: this target's health rule settings, over `[rules.<id>]`.
     #[serde(default)]
     pub rules: BTreeMap<String, RuleConfig>,
@@ -843,6 +848,14 @@ mod tests {
         assert_eq!(err_key(&format!("{target}pid_file = \"rel.pid\"")), "targets[0].pid_file");
         assert_eq!(err_key(&format!("{target}process = \"x\"\ndatadir = \"data\"")), "targets[0].datadir");
         assert!(load(&format!("{target}pid_file = \"/run/a.pid\"\ndatadir = \"/data\"")).is_ok());
+    }
+
+    #[test]
+    fn target_proxies() {
+        let target = "[[targets]]\nname = \"t\"\nprocess = \"bitcoind\"\n";
+        let c = load(&format!("{target}proxies = [\"127.0.0.1:9050\", \"[::1]:9150\"]")).unwrap();
+        assert_eq!(c.targets[0].proxies, vec!["127.0.0.1:9050".parse().unwrap(), "[::1]:9150".parse().unwrap()]);
+        assert!(err_key(&format!("{target}proxies = [\"tor:9050\"]")).starts_with("targets[0].proxies"));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::collections::HashSet;
 use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io::{self, Read};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -23,7 +24,7 @@ use std::path::{Path, PathBuf};
 use procfs::net::TcpState;
 use procfs::process::FDTarget;
 
-use crate::chain::{Chain, Network, Ports};
+use crate::chain::{Chain, Network, PeerNetwork, Ports};
 
 /// Where a process's home dir is looked up when its environment is unreadable.
 const PASSWD: &str = "/etc/passwd";
@@ -44,6 +45,13 @@ pub struct NodeInfo {
     pub p2p_ports: Vec<u16>,
     /// RPC ports: -rpcport= / --rpc-bind-port (and monero --rpc-restricted-bind-port), else defaults
     pub rpc_ports: Vec<u16>,
+    /// The proxies the node reaches peers through (Core's -proxy, -onion,
+    /// -i2psam; monerod's --proxy, --tx-proxy), by what they carry.
+    pub proxies: Vec<(SocketAddr, PeerNetwork)>,
+    /// Local ports where peers arrive through Tor or I2P (Core's
+    /// `-bind=...=onion` or its default onion port; monerod's
+    /// --anonymous-inbound). Core's default counts only if the node listens there.
+    pub onion_ports: Vec<(u16, PeerNetwork)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +127,8 @@ pub fn inspect(proc_root: &Path, pid: u32, chain: Chain) -> Result<NodeInfo, Dis
             network_datadir: None,
             p2p_ports: Vec::new(),
             rpc_ports: Vec::new(),
+            proxies: Vec::new(),
+            onion_ports: Vec::new(),
         },
     })
 }
@@ -504,6 +514,23 @@ impl CoreArgs {
         self.cmdline.iter().rev().find(|s| s.key == key)
     }
 
+    /// Every value of a multi-valued option (-bind, -proxy...) as Core takes
+    /// them: the command line's if it has any, else the config's [net]
+    /// section and top level together.
+    fn all(&self, key: &str, net: &str) -> Vec<&CoreSetting> {
+        let on_cmdline: Vec<_> = self.cmdline.iter().filter(|s| s.key == key).collect();
+        if !on_cmdline.is_empty() {
+            return on_cmdline;
+        }
+        let top_level_applies = net == "main" || !CORE_NETWORK_ONLY.contains(&key);
+        self.config
+            .iter()
+            .filter(|s| {
+                s.key == key && (s.section.as_deref() == Some(net) || (s.section.is_none() && top_level_applies))
+            })
+            .collect()
+    }
+
     /// Core's precedence for a setting on network `net`: the command line
     /// (last value wins), then the config's [net] section, then its top
     /// level. In the config the first value wins, which Core keeps for
@@ -630,6 +657,7 @@ fn inspect_core(process: &Process, pid: u32, chain: Chain, args: &[String]) -> N
     let port = |key| settings.get(key, &net).and_then(CoreSetting::text).and_then(parse_port);
     let p2p = port("port").or(defaults.map(|d| d.p2p));
     let rpc = port("rpcport").or(defaults.map(|d| d.rpc));
+    let (proxies, onion_ports) = core_proxies(&settings, &net, defaults);
 
     NodeInfo {
         pid,
@@ -639,7 +667,71 @@ fn inspect_core(process: &Process, pid: u32, chain: Chain, args: &[String]) -> N
         datadir,
         p2p_ports: p2p.into_iter().collect(),
         rpc_ports: rpc.into_iter().collect(),
+        proxies,
+        onion_ports,
     }
+}
+
+/// Core's proxies and onion listeners. `-proxy` carries every network
+/// (`-proxy=ADDR=NET` one of them, Core 28+), `-onion` onion peers and
+/// `-i2psam` I2P peers; a bare host gets Core's default port. Tor delivers
+/// onion peers to `-bind=ADDR:PORT=onion`, or, with no -bind and -listenonion
+/// on, to the network's default onion port (the P2P port + 1).
+fn core_proxies(settings: &CoreArgs, net: &str, defaults: Option<Ports>) -> ProxySetup {
+    let mut proxies = Vec::new();
+    for (key, network, default_port) in
+        [("proxy", PeerNetwork::Proxy, 9050), ("onion", PeerNetwork::Onion, 9050), ("i2psam", PeerNetwork::I2p, 7656)]
+    {
+        for s in settings.all(key, net).into_iter().filter(|s| !s.negated) {
+            let (addr, only) = match s.value.rsplit_once('=') {
+                Some((addr, n)) => (addr, Some(n)),
+                None => (s.value.as_str(), None),
+            };
+            let network = match only {
+                Some("onion" | "tor") => PeerNetwork::Onion,
+                Some("i2p") => PeerNetwork::I2p,
+                Some(_) => PeerNetwork::Proxy,
+                None => network,
+            };
+            if let Some(addr) = socket_addr(addr, default_port) {
+                proxies.push((addr, network));
+            }
+        }
+    }
+    let binds = settings.all("bind", net);
+    let mut onion_ports: Vec<(u16, PeerNetwork)> = binds
+        .iter()
+        .filter_map(|s| s.value.strip_suffix("=onion"))
+        .filter_map(|addr| socket_addr(addr, 0))
+        .map(|a| (a.port(), PeerNetwork::Onion))
+        .filter(|(port, _)| *port != 0)
+        .collect();
+    let listen_onion = settings.get("listenonion", net).is_none_or(|s| !s.negated && core_bool(&s.value));
+    if binds.is_empty() && listen_onion {
+        if let Some(p) = defaults.and_then(|d| d.p2p.checked_add(1)) {
+            onion_ports.push((p, PeerNetwork::Onion));
+        }
+    }
+    (proxies, onion_ports)
+}
+
+type ProxySetup = (Vec<(SocketAddr, PeerNetwork)>, Vec<(u16, PeerNetwork)>);
+
+/// `IP:PORT`, `[IPv6]:PORT`, `IP` or `localhost[:PORT]` (no name lookups:
+/// proxies are local by nature); `default_port` when none is given.
+fn socket_addr(text: &str, default_port: u16) -> Option<SocketAddr> {
+    let text = text.trim();
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Some(a);
+    }
+    if let Ok(ip) = text.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        return Some(SocketAddr::new(ip, default_port));
+    }
+    let (host, port) = match text.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse().ok()?),
+        None => (text, default_port),
+    };
+    (host == "localhost").then(|| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
 }
 
 // ---- Monero ---------------------------------------------------------------
@@ -744,6 +836,7 @@ fn inspect_monero(process: &Process, pid: u32, args: &[String]) -> NodeInfo {
 
     let mut rpc_ports: Vec<u16> = rpc.into_iter().chain(restricted).collect();
     rpc_ports.dedup();
+    let (proxies, onion_ports) = monero_proxies(&options);
     NodeInfo {
         pid,
         chain,
@@ -753,7 +846,43 @@ fn inspect_monero(process: &Process, pid: u32, args: &[String]) -> NodeInfo {
         datadir,
         p2p_ports: p2p.into_iter().collect(),
         rpc_ports,
+        proxies,
+        onion_ports,
     }
+}
+
+/// monerod's proxies: `--proxy IP:PORT` for every peer, `--tx-proxy
+/// tor,IP:PORT[,...]` and `i2p,...` for transactions to onion and I2P peers;
+/// `--anonymous-inbound ADDRESS.onion:PORT,IP:PORT[,MAX]` is where Tor or I2P
+/// delivers inbound peers.
+fn monero_proxies(options: &MoneroArgs) -> ProxySetup {
+    let mut proxies = Vec::new();
+    let mut onion_ports = Vec::new();
+    for (key, value) in &options.0 {
+        match key.as_str() {
+            "proxy" => proxies.extend(socket_addr(value, 9050).map(|a| (a, PeerNetwork::Proxy))),
+            "tx-proxy" => {
+                let mut parts = value.split(',');
+                let network = match parts.next() {
+                    Some("tor") => PeerNetwork::Onion,
+                    Some("i2p") => PeerNetwork::I2p,
+                    _ => continue,
+                };
+                proxies.extend(parts.next().and_then(|a| socket_addr(a, 0)).map(|a| (a, network)));
+            }
+            "anonymous-inbound" => {
+                let mut parts = value.split(',');
+                let network = match parts.next() {
+                    Some(a) if a.split(':').next().is_some_and(|h| h.ends_with(".i2p")) => PeerNetwork::I2p,
+                    Some(_) => PeerNetwork::Onion,
+                    None => continue,
+                };
+                onion_ports.extend(parts.next().and_then(|a| socket_addr(a, 0)).map(|a| (a.port(), network)));
+            }
+            _ => {}
+        }
+    }
+    (proxies, onion_ports)
 }
 
 #[cfg(test)]
@@ -875,6 +1004,9 @@ mod tests {
                 network_datadir: Some(sb.path("work/nodes/btc/regtest")),
                 p2p_ports: vec![18555],
                 rpc_ports: vec![19000],
+                proxies: Vec::new(),
+                // Core's default onion port for the network: the node may bind it for Tor
+                onion_ports: vec![(18445, PeerNetwork::Onion)],
             }
         );
     }
@@ -951,6 +1083,9 @@ mod tests {
                 p2p_ports: vec![19555],
                 // rpcport=1235 is top level, which Core ignores off main.
                 rpc_ports: vec![19443],
+                proxies: Vec::new(),
+                // Core's default onion port for the network: the node may bind it for Tor
+                onion_ports: vec![(19445, PeerNetwork::Onion)],
             }
         );
     }
@@ -999,6 +1134,8 @@ mod tests {
                 network_datadir: Some(datadir.join("testnet")),
                 p2p_ports: vec![28090],
                 rpc_ports: vec![28100, 28089],
+                proxies: Vec::new(),
+                onion_ports: Vec::new(),
             }
         );
     }
@@ -1044,6 +1181,8 @@ mod tests {
                 network_datadir: None,
                 p2p_ports: vec![],
                 rpc_ports: vec![],
+                proxies: Vec::new(),
+                onion_ports: Vec::new(),
             }
         );
         let err = inspect(&sb.proc_root(), 401, Chain::Bitcoin).unwrap_err();
@@ -1170,6 +1309,65 @@ mod tests {
     }
 
     #[test]
+    fn core_proxies_and_onion_listeners() {
+        let args: Vec<String> =
+            ["-regtest", "-proxy=127.0.0.1:9050", "-i2psam=127.0.0.1", "-bind=127.0.0.1:18500=onion"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        let mut settings = CoreArgs::from_cmdline(&args);
+        settings.config = parse_core_config("onion=localhost:9150\nproxy=10.0.0.1:1080\n");
+        let regtest = Chain::Bitcoin.default_ports(Network::Regtest);
+        let (proxies, onion) = core_proxies(&settings, "regtest", regtest);
+        // the command line's -proxy wins over the config's; -onion only in the config
+        assert_eq!(
+            proxies,
+            vec![
+                ("127.0.0.1:9050".parse().unwrap(), PeerNetwork::Proxy),
+                ("127.0.0.1:9150".parse().unwrap(), PeerNetwork::Onion),
+                ("127.0.0.1:7656".parse().unwrap(), PeerNetwork::I2p),
+            ]
+        );
+        // an explicit onion bind replaces the default onion port
+        assert_eq!(onion, vec![(18500, PeerNetwork::Onion)]);
+
+        let per_net = CoreArgs::from_cmdline(&["-proxy=127.0.0.1:9050=onion".to_string(), "-nolistenonion".into()]);
+        let (proxies, onion) = core_proxies(&per_net, "main", Chain::Bitcoin.default_ports(Network::Main));
+        assert_eq!(proxies, vec![("127.0.0.1:9050".parse().unwrap(), PeerNetwork::Onion)]);
+        assert!(onion.is_empty(), "-nolistenonion: {onion:?}");
+        let (_, onion) =
+            core_proxies(&CoreArgs::from_cmdline(&[]), "main", Chain::Bitcoin.default_ports(Network::Main));
+        assert_eq!(onion, vec![(8334, PeerNetwork::Onion)]);
+    }
+
+    #[test]
+    fn monero_proxies_and_anonymous_inbound() {
+        let args: Vec<String> = [
+            "--proxy",
+            "127.0.0.1:9050",
+            "--tx-proxy",
+            "i2p,127.0.0.1:4447,12",
+            "--anonymous-inbound",
+            "abc.onion:18083,127.0.0.1:18083,25",
+            "--anonymous-inbound=xyz.b32.i2p,127.0.0.1:18085",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (proxies, onion) = monero_proxies(&MoneroArgs::from_cmdline(&args));
+        assert_eq!(
+            proxies,
+            vec![
+                ("127.0.0.1:9050".parse().unwrap(), PeerNetwork::Proxy),
+                ("127.0.0.1:4447".parse().unwrap(), PeerNetwork::I2p)
+            ]
+        );
+        assert_eq!(onion, vec![(18083, PeerNetwork::Onion), (18085, PeerNetwork::I2p)]);
+        assert_eq!(socket_addr("[::1]:9050", 1), Some("[::1]:9050".parse().unwrap()));
+        assert_eq!(socket_addr("proxy.example:9050", 1), None, "no name lookups");
+    }
+
+    #[test]
     fn core_setting_syntax() {
         assert!(core_bool(""));
         assert!(core_bool("1"));
@@ -1272,6 +1470,9 @@ mod tests {
                 network_datadir: Some(PathBuf::from("/home/ltc/.litecoin/regtest")),
                 p2p_ports: vec![19555],
                 rpc_ports: vec![19556],
+                proxies: Vec::new(),
+                // Core's default onion port for the network: the node may bind it for Tor
+                onion_ports: vec![(19445, PeerNetwork::Onion)],
             }
         );
     }

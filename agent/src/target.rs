@@ -2,12 +2,13 @@
 //! its ports, and the scope the kernel programs use to pick its sockets.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::bpf::abi::{MAX_TARGETS, TARGET_PENDING};
 use crate::cgroup::{self, Mounts, ProcessCgroups};
-use crate::chain::{Chain, Network};
+use crate::chain::{Chain, Network, PeerNetwork};
 use crate::config::{Config, TargetConfig};
 use crate::container::{self, Container};
 use crate::discovery::{self, foreign_root, namespace_inode};
@@ -33,6 +34,8 @@ pub struct TargetSpec {
     pub datadir: Option<PathBuf>,
     pub p2p_ports: Vec<u16>,
     pub rpc_ports: Vec<u16>,
+    /// Proxies named in config, beside those the node's own config names.
+    pub proxies: Vec<SocketAddr>,
 }
 
 impl From<&TargetConfig> for TargetSpec {
@@ -52,6 +55,7 @@ impl From<&TargetConfig> for TargetSpec {
             datadir: t.datadir.clone(),
             p2p_ports: t.p2p_ports.clone(),
             rpc_ports: t.rpc_ports.clone(),
+            proxies: t.proxies.clone(),
         }
     }
 }
@@ -93,6 +97,10 @@ pub struct Target {
     /// Inode of the node's network namespace (`/proc/PID/ns/net`): its
     /// sockets and listening ports are only ever matched in that namespace.
     pub netns: Option<u64>,
+    /// The proxies the node reaches peers through, by what they carry.
+    pub proxies: Vec<(SocketAddr, PeerNetwork)>,
+    /// Local ports where Tor or I2P deliver inbound peers.
+    pub onion_ports: Vec<(u16, PeerNetwork)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -117,6 +125,9 @@ const TOR_CONTROL_PORT: u16 = 9051;
 #[serde(rename_all = "lowercase")]
 pub enum Service {
     P2p,
+    /// P2P peers reached through a proxy, or arriving through Tor or I2P:
+    /// the kernel sees the local proxy's address, not the peer's.
+    Proxy,
     Rpc,
     Other,
 }
@@ -125,9 +136,15 @@ impl Service {
     pub fn as_str(self) -> &'static str {
         match self {
             Service::P2p => "p2p",
+            Service::Proxy => "proxy",
             Service::Rpc => "rpc",
             Service::Other => "other",
         }
+    }
+
+    /// A P2P peer, reached directly or through a proxy.
+    pub fn is_peer(self) -> bool {
+        matches!(self, Service::P2p | Service::Proxy)
     }
 }
 
@@ -149,6 +166,8 @@ impl Target {
             listening: listening.to_vec(),
             root: None,
             netns: None,
+            proxies: Vec::new(),
+            onion_ports: Vec::new(),
         }
     }
 
@@ -179,16 +198,25 @@ impl Target {
     }
 
     /// Inbound connections are told apart by the port they arrived on. A node
-    /// opens outbound TCP to peers (directly or through a SOCKS proxy), and
-    /// to little else: Tor's control port, which Bitcoin and Litecoin Core
-    /// dial at start to publish an onion service.
-    pub fn service(&self, direction: Direction, local_port: u16, remote_port: u16) -> Service {
+    /// opens outbound TCP to peers, directly or through one of its proxies,
+    /// and to little else: Tor's control port, which Bitcoin and Litecoin
+    /// Core dial at start to publish an onion service. Also says which
+    /// network the peer is reached over.
+    pub fn service(&self, direction: Direction, local_port: u16, remote: SocketAddr) -> (Service, PeerNetwork) {
+        let clearnet = if remote.is_ipv4() { PeerNetwork::Ipv4 } else { PeerNetwork::Ipv6 };
         match direction {
-            Direction::Outbound if remote_port == TOR_CONTROL_PORT => Service::Other,
-            Direction::Outbound => Service::P2p,
-            Direction::Inbound if self.p2p_ports.contains(&local_port) => Service::P2p,
-            Direction::Inbound if self.rpc_ports.contains(&local_port) => Service::Rpc,
-            Direction::Inbound => Service::Other,
+            Direction::Outbound => match self.proxies.iter().find(|(a, _)| *a == remote) {
+                Some((_, network)) => (Service::Proxy, *network),
+                None if remote.port() == TOR_CONTROL_PORT => (Service::Other, clearnet),
+                None => (Service::P2p, clearnet),
+            },
+            Direction::Inbound => match self.onion_ports.iter().find(|(p, _)| *p == local_port) {
+                // Core's default onion port counts only when the node listens there
+                Some((_, network)) if self.listening.contains(&local_port) => (Service::Proxy, *network),
+                _ if self.p2p_ports.contains(&local_port) => (Service::P2p, clearnet),
+                _ if self.rpc_ports.contains(&local_port) => (Service::Rpc, clearnet),
+                _ => (Service::Other, clearnet),
+            },
         }
     }
 }
@@ -337,6 +365,7 @@ impl Targets {
                 datadir: None,
                 p2p_ports: Vec::new(),
                 rpc_ports: Vec::new(),
+                proxies: Vec::new(),
             });
         }
         let now = Instant::now();
@@ -352,6 +381,7 @@ impl Targets {
                     datadir: prev.datadir.clone(),
                     p2p_ports: prev.p2p_ports.clone(),
                     rpc_ports: prev.rpc_ports.clone(),
+                    proxies: Vec::new(),
                 }),
                 _ => {
                     tracing::info!(target_name = %name, "forgetting node that has been gone for {DISCOVERED_ABSENT_TTL:?}");
@@ -466,6 +496,8 @@ impl Targets {
             listening: Vec::new(),
             root: None,
             netns: None,
+            proxies: spec.proxies.iter().map(|a| (*a, PeerNetwork::Proxy)).collect(),
+            onion_ports: Vec::new(),
         };
         let Some(pid) = pid else {
             // a configured group is watched before any process enters it
@@ -493,6 +525,12 @@ impl Targets {
             if t.rpc_ports.is_empty() {
                 t.rpc_ports = info.rpc_ports;
             }
+            for proxy in info.proxies {
+                if !t.proxies.iter().any(|(a, _)| *a == proxy.0) {
+                    t.proxies.push(proxy);
+                }
+            }
+            t.onion_ports = info.onion_ports;
         }
         t.listening = discovery::listening_ports(&self.proc_root, pid).unwrap_or_default();
 
@@ -618,12 +656,24 @@ mod tests {
 
     #[test]
     fn services_and_directions() {
-        let t = target(&[19444], &[19443], &[19444, 19443, 28332]);
-        assert_eq!(t.service(Direction::Inbound, 19444, 50000), Service::P2p);
-        assert_eq!(t.service(Direction::Inbound, 19443, 50000), Service::Rpc);
-        assert_eq!(t.service(Direction::Inbound, 28332, 50000), Service::Other);
-        assert_eq!(t.service(Direction::Outbound, 41000, 19444), Service::P2p);
-        assert_eq!(t.service(Direction::Outbound, 41000, 9051), Service::Other);
+        let mut t = target(&[19444], &[19443], &[19444, 19443, 28332, 19445]);
+        let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let p2p = (Service::P2p, PeerNetwork::Ipv4);
+        assert_eq!(t.service(Direction::Inbound, 19444, at(50000)), p2p);
+        assert_eq!(t.service(Direction::Inbound, 19443, at(50000)).0, Service::Rpc);
+        assert_eq!(t.service(Direction::Inbound, 28332, at(50000)).0, Service::Other);
+        assert_eq!(t.service(Direction::Outbound, 41000, at(19444)), p2p);
+        assert_eq!(t.service(Direction::Outbound, 41000, at(9051)).0, Service::Other);
+        assert_eq!(t.service(Direction::Outbound, 41000, "[::1]:19444".parse().unwrap()).1, PeerNetwork::Ipv6);
+        // through the node's proxies, and in through its onion listener
+        t.proxies = vec![(at(9050), PeerNetwork::Proxy), (at(7656), PeerNetwork::I2p)];
+        t.onion_ports = vec![(19445, PeerNetwork::Onion), (19446, PeerNetwork::Onion)];
+        assert_eq!(t.service(Direction::Outbound, 41000, at(9050)), (Service::Proxy, PeerNetwork::Proxy));
+        assert_eq!(t.service(Direction::Outbound, 41000, at(7656)), (Service::Proxy, PeerNetwork::I2p));
+        assert_eq!(t.service(Direction::Outbound, 41000, "10.0.0.1:9050".parse().unwrap()), p2p);
+        assert_eq!(t.service(Direction::Inbound, 19445, at(50000)), (Service::Proxy, PeerNetwork::Onion));
+        // a default onion port the node does not listen on is nothing special
+        assert_eq!(t.service(Direction::Inbound, 19446, at(50000)).0, Service::Other);
         assert_eq!(t.infer_direction(19444), Direction::Inbound);
         assert_eq!(t.infer_direction(28332), Direction::Inbound);
         assert_eq!(t.infer_direction(50123), Direction::Outbound);
@@ -704,7 +754,15 @@ mod selector_tests {
     }
 
     fn spec(selector: Selector, chain: Chain) -> TargetSpec {
-        TargetSpec { name: "t".into(), selector, chain, datadir: None, p2p_ports: Vec::new(), rpc_ports: Vec::new() }
+        TargetSpec {
+            name: "t".into(),
+            selector,
+            chain,
+            datadir: None,
+            p2p_ports: Vec::new(),
+            rpc_ports: Vec::new(),
+            proxies: Vec::new(),
+        }
     }
 
     #[test]

@@ -122,8 +122,12 @@ impl History {
     pub fn record(&mut self, now: Duration, v: &View, peer_lookback: Duration, longest_lookback: Duration) {
         let peers = v.net.map(|n| n.p2p_peers().map(|c| (c.address.clone(), c.port, c.direction)).collect());
         let outbound = v.net.map(|n| {
-            let opened = n.churn.get(&(Direction::Outbound, Service::P2p)).map_or(0, |c| c.opened);
-            let failed = n.failed.iter().filter(|((s, _), _)| *s == Service::P2p).map(|(_, n)| n).sum();
+            let opened = [Service::P2p, Service::Proxy]
+                .iter()
+                .filter_map(|s| n.churn.get(&(Direction::Outbound, *s)))
+                .map(|c| c.opened)
+                .sum();
+            let failed = n.failed.iter().filter(|((s, _), _)| s.is_peer()).map(|(_, n)| n).sum();
             (opened, failed)
         });
         self.samples.push_back(Sample {
@@ -203,11 +207,19 @@ pub fn check(id: &str, p: &RuleParams, v: &View, h: &History, now: Duration) -> 
         }
         "low_netgroup_diversity" => {
             let Some(net) = v.net else { return unknown(NO_NET) };
+            // Judged among direct peers: the addresses of peers behind a proxy
+            // (Tor, I2P) are the proxy's, so their groups cannot be told apart.
             let outbound: Vec<_> = net.p2p_peers().filter(|c| c.direction == Direction::Outbound).collect();
-            let groups = outbound.iter().map(|c| c.netgroup.as_str()).collect::<HashSet<_>>().len();
-            let outbound = outbound.len();
-            let ev =
-                json!({ "outbound_peers": outbound, "outbound_netgroups": groups, "threshold_percent": threshold });
+            let proxied = outbound.iter().filter(|c| c.service == Service::Proxy).count();
+            let direct: Vec<_> = outbound.iter().filter(|c| c.service == Service::P2p).collect();
+            let groups = direct.iter().map(|c| c.netgroup.as_str()).collect::<HashSet<_>>().len();
+            let outbound = direct.len();
+            let ev = json!({
+                "outbound_peers": outbound,
+                "outbound_netgroups": groups,
+                "proxied_outbound_peers": proxied,
+                "threshold_percent": threshold,
+            });
             if outbound > 0 && (groups as f64) < outbound as f64 * threshold / 100.0 {
                 Outcome::Holds(ev)
             } else {
@@ -429,6 +441,7 @@ mod tests {
             local_port: 19444,
             direction,
             service: Service::P2p,
+            network: crate::chain::PeerNetwork::Ipv4,
             bytes_sent: 0,
             bytes_received: 0,
             connected_since: None,
@@ -576,6 +589,20 @@ mod tests {
             matches!(eval("low_netgroup_diversity", Some(&three)), Outcome::Clear(_)),
             "2 groups for 3 peers is enough"
         );
+        // a Tor-only node: 3 outbound peers behind one proxy are not judged
+        // by the proxy's address, and still count as peers
+        let mut tor = net(&[(1, Direction::Outbound), (2, Direction::Outbound), (3, Direction::Outbound)]);
+        for c in &mut tor.connections {
+            c.service = Service::Proxy;
+            c.network = crate::chain::PeerNetwork::Onion;
+            c.netgroup = "onion".into();
+        }
+        match eval("low_netgroup_diversity", Some(&tor)) {
+            Outcome::Clear(ev) => assert_eq!(ev["proxied_outbound_peers"], 3, "{ev}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(eval("no_outbound", Some(&tor)), Outcome::Clear(_)));
+        assert!(matches!(eval("low_peers", Some(&tor)), Outcome::Holds(_)), "3 peers are still under 8");
     }
 
     #[test]

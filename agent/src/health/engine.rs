@@ -257,6 +257,7 @@ mod tests {
                 local_port: 19444,
                 direction: Direction::Inbound,
                 service: Service::P2p,
+                network: crate::chain::PeerNetwork::Ipv4,
                 bytes_sent: 0,
                 bytes_received: 0,
                 connected_since: None,

@@ -13,6 +13,8 @@ const CONN_DIRECTION: &str = "nodescope.connection.direction";
 const IO_DIRECTION: &str = "network.io.direction";
 const SERVICE: &str = "nodescope.service";
 const NETGROUP: &str = "nodescope.netgroup";
+/// ipv4, ipv6, or onion / i2p / proxy for peers behind the node's proxies
+const PEER_NETWORK: &str = "nodescope.network";
 const ERROR_TYPE: &str = "error.type";
 
 /// Bucket bounds for connection lifetimes: seconds to a week.
@@ -38,9 +40,9 @@ impl NetMetrics {
             .with_callback(move |o| {
                 for t in &s.get().targets {
                     for (key, bytes) in &t.peer_io {
-                        let (addr, dir) = match key {
-                            Some((ip, d)) => (ip.to_string(), d.as_str()),
-                            None => ("other".to_string(), "all"),
+                        let (addr, dir, network) = match key {
+                            Some((ip, d, n)) => (ip.to_string(), d.as_str(), n.as_str()),
+                            None => ("other".to_string(), "all", "all"),
                         };
                         for (io, v) in [("transmit", bytes.sent), ("receive", bytes.received)] {
                             o.observe(
@@ -49,6 +51,7 @@ impl NetMetrics {
                                     KeyValue::new(TARGET, t.name.clone()),
                                     KeyValue::new(PEER_ADDRESS, addr.clone()),
                                     KeyValue::new(CONN_DIRECTION, dir),
+                                    KeyValue::new(PEER_NETWORK, network),
                                     KeyValue::new(IO_DIRECTION, io),
                                 ],
                             );

@@ -9,12 +9,13 @@ pub mod metrics;
 pub mod probe;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::bpf::{abi, boot_ns_to_unix, BpfError};
+use crate::chain::PeerNetwork;
 use crate::config::Limits;
 use crate::scope::ScopePlan;
 use crate::signal::Signal;
@@ -85,13 +86,21 @@ pub struct Connection {
     pub port: u16,
     pub local_port: u16,
     pub direction: Direction,
-    #[serde(skip)]
+    /// "p2p", or "proxy" for a peer behind one of the node's proxies or
+    /// arriving through Tor or I2P (address and port are then the proxy's).
+    #[serde(serialize_with = "service_str")]
     pub service: Service,
+    /// ipv4, ipv6, onion, i2p or proxy.
+    pub network: PeerNetwork,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     /// Unix seconds; None for connections open before nodescope started.
     pub connected_since: Option<u64>,
     pub netgroup: String,
+}
+
+fn service_str<S: serde::Serializer>(service: &Service, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(service.as_str())
 }
 
 /// Counts since the agent started, per direction and service.
@@ -111,7 +120,7 @@ pub struct TargetNet {
     /// Failed outbound connects by service and reason ("refused", "timeout", "reset", ...).
     pub failed: BTreeMap<(Service, &'static str), u64>,
     /// Bytes per peer address and direction: the top N, then None for "other".
-    pub peer_io: Vec<(Option<(IpAddr, Direction)>, Bytes)>,
+    pub peer_io: Vec<(Option<PeerKey>, Bytes)>,
     pub netgroup_io: Vec<(Option<String>, Bytes)>,
     /// Distinct netgroups among connected P2P peers, per direction.
     pub netgroups: BTreeMap<Direction, u64>,
@@ -122,8 +131,9 @@ pub struct TargetNet {
 }
 
 impl TargetNet {
+    /// Connected peers, direct or through a proxy.
     pub fn p2p_peers(&self) -> impl Iterator<Item = &Connection> {
-        self.connections.iter().filter(|c| c.service == Service::P2p)
+        self.connections.iter().filter(|c| c.service.is_peer())
     }
 }
 
@@ -133,12 +143,17 @@ pub struct NetSnapshot {
     pub kernel: KernelStats,
 }
 
+/// Bytes per peer are kept by address, direction and network: peers behind
+/// one proxy share its address, and are never mixed with a direct peer there.
+pub type PeerKey = (IpAddr, Direction, PeerNetwork);
+
 /// What the agent remembers of one kernel record between reads.
 struct Tracked {
     target: u32,
-    key: (IpAddr, Direction),
+    key: PeerKey,
     netgroup: String,
     service: Service,
+    network: PeerNetwork,
     counted_open: bool,
     last: Bytes,
 }
@@ -147,7 +162,7 @@ struct PerTarget {
     name: String,
     churn: BTreeMap<(Direction, Service), Churn>,
     failed: BTreeMap<(Service, &'static str), u64>,
-    peers: ByteBook<(IpAddr, Direction)>,
+    peers: ByteBook<PeerKey>,
     netgroups: ByteBook<String>,
 }
 
@@ -226,7 +241,7 @@ impl NetSignal {
             if let Some(t) = self.tracked.remove(&cookie) {
                 if let Some(per) = self.targets.get_mut(&t.target) {
                     per.churn.entry((t.key.1, t.service)).or_default().closed += 1;
-                    if t.service == Service::P2p {
+                    if t.service.is_peer() {
                         per.peers.close(&t.key, now);
                         per.netgroups.close(&t.netgroup, now);
                     }
@@ -247,7 +262,7 @@ impl NetSignal {
                 churn.entry((c.direction, c.service)).or_default().open += 1;
             }
             let mut netgroups: BTreeMap<Direction, std::collections::BTreeSet<&str>> = BTreeMap::new();
-            for c in connections.iter().filter(|c| c.service == Service::P2p) {
+            for c in connections.iter().filter(|c| c.service.is_peer()) {
                 netgroups.entry(c.direction).or_default().insert(&c.netgroup);
             }
             let netgroups = [Direction::Inbound, Direction::Outbound]
@@ -303,7 +318,8 @@ impl NetSignal {
         };
         let per = self.targets.get_mut(&index).expect("inserted for every target");
         if rec.state == abi::CONN_FAILED {
-            let service = target.service(Direction::Outbound, rec.lport, rec.rport);
+            let remote = SocketAddr::new(ip(rec.family, &rec.raddr), rec.rport);
+            let (service, _) = target.service(Direction::Outbound, rec.lport, remote);
             *per.failed.entry((service, failure_reason(rec.error))).or_default() += 1;
             self.tracked.remove(&cookie);
             return;
@@ -316,25 +332,27 @@ impl NetSignal {
         // Direction and service are decided once, at first sight, while the
         // node runs and its ports are known: a close read after the node
         // died keeps what the connection was.
-        let (direction, service) = match self.tracked.get(&cookie) {
-            Some(t) => (t.key.1, t.service),
+        let (direction, service, network) = match self.tracked.get(&cookie) {
+            Some(t) => (t.key.1, t.service, t.network),
             None => {
                 let direction = match rec.direction {
                     abi::DIR_INBOUND => Direction::Inbound,
                     abi::DIR_OUTBOUND => Direction::Outbound,
                     _ => target.infer_direction(rec.lport),
                 };
-                (direction, target.service(direction, rec.lport, rec.rport))
+                let (service, network) = target.service(direction, rec.lport, SocketAddr::new(remote, rec.rport));
+                (direction, service, network)
             }
         };
         let tracked = self.tracked.entry(cookie).or_insert_with(|| {
-            let key = (remote, direction);
-            let netgroup = netgroup(remote);
-            if service == Service::P2p {
+            let key = (remote, direction, network);
+            // peers behind a proxy share its address: their group is their network
+            let netgroup = if network.is_proxied() { network.as_str().to_string() } else { netgroup(remote) };
+            if service.is_peer() {
                 per.peers.open(&key, now);
                 per.netgroups.open(&netgroup, now);
             }
-            Tracked { target: index, key, netgroup, service, counted_open: false, last: Bytes::default() }
+            Tracked { target: index, key, netgroup, service, network, counted_open: false, last: Bytes::default() }
         });
         if !tracked.counted_open && rec.start_ns != 0 {
             per.churn.entry((direction, service)).or_default().opened += 1;
@@ -348,14 +366,14 @@ impl NetSignal {
         };
         tracked.last =
             Bytes { sent: tracked.last.sent.max(bytes.sent), received: tracked.last.received.max(bytes.received) };
-        if service == Service::P2p {
+        if service.is_peer() {
             per.peers.add(&tracked.key, delta, now);
             per.netgroups.add(&tracked.netgroup, delta, now);
         }
 
         if rec.state == abi::CONN_CLOSED {
             per.churn.entry((direction, service)).or_default().closed += 1;
-            if service == Service::P2p {
+            if service.is_peer() {
                 per.peers.close(&tracked.key, now);
                 per.netgroups.close(&tracked.netgroup, now);
             }
@@ -373,6 +391,7 @@ impl NetSignal {
                 local_port: rec.lport,
                 direction,
                 service,
+                network,
                 bytes_sent: bytes.sent,
                 bytes_received: bytes.received,
                 connected_since: boot_ns_to_unix(rec.start_ns),
