@@ -98,12 +98,12 @@ pub fn get(url: &AgentUrl, path: &str, timeout: Duration) -> Result<(u16, String
     let io = |e: std::io::Error| unreachable(reason(&e));
     s.set_write_timeout(Some(timeout)).map_err(io)?;
     let host = if url.host.contains(':') { format!("[{}]", url.host) } else { url.host.clone() };
-    write!(
-        s,
+    // one write: a server that answers after the first segment must not see a half request
+    let request = format!(
         "GET {}{path} HTTP/1.1\r\nHost: {host}:{}\r\nUser-Agent: nodescope-top\r\nAccept: */*\r\nConnection: close\r\n\r\n",
         url.prefix, url.port
-    )
-    .map_err(io)?;
+    );
+    s.write_all(request.as_bytes()).map_err(io)?;
     let mut raw = Vec::new();
     let mut buf = [0u8; 64 * 1024];
     loop {
