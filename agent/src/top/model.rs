@@ -244,6 +244,9 @@ pub struct Churn {
     pub opened: Counter,
     pub closed: Counter,
     pub failed: Counter,
+    /// The P2P share of opened and closed.
+    pub p2p_opened: Counter,
+    pub p2p_closed: Counter,
     /// Failed connects by error_type.
     pub failed_by: Vec<(String, Counter)>,
     /// Connections open now, every service.
@@ -352,6 +355,8 @@ fn target_view(name: &str, latest: &Reading, prev: Option<&Reading>, oldest: Opt
         opened: counter(latest, oldest, "nodescope_connection_opened_total", &t),
         closed: counter(latest, oldest, "nodescope_connection_closed_total", &t),
         failed: counter(latest, oldest, "nodescope_connection_failed_total", &t),
+        p2p_opened: counter(latest, oldest, "nodescope_connection_opened_total", &[t[0], ("nodescope_service", "p2p")]),
+        p2p_closed: counter(latest, oldest, "nodescope_connection_closed_total", &[t[0], ("nodescope_service", "p2p")]),
         failed_by,
         open: prom::sum(&latest.metrics, "nodescope_connection_open", &t),
     };
@@ -508,6 +513,8 @@ mod tests {
         assert_eq!((p.sent_rate, p.received_rate, p.age), (Some(100.0), Some(0.0), Some(100)));
         assert_eq!(v[0].peers[1].age, None);
         assert_eq!(v[0].churn.opened, Counter { total: 5.0, per_minute: Some(60.0) });
+        assert_eq!(v[0].churn.p2p_opened, v[0].churn.opened);
+        assert_eq!(v[0].churn.p2p_closed, Counter { total: 0.0, per_minute: Some(0.0) });
         assert_eq!(v[0].churn.failed_by, vec![("refused".to_string(), Counter { total: 2.0, per_minute: Some(0.0) })]);
         assert_eq!(v[0].status, "degraded");
         assert_eq!(v[0].firing.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["low_peer_count"]);

@@ -152,7 +152,7 @@ fn peer_table(peers: &[PeerView], with_target: bool, width: Option<usize>) -> Ve
     cols.extend([
         Col { title: "ADDRESS", align: Align::Left, max: 21 },
         Col { title: if screen { "DIR" } else { "DIRECTION" }, align: Align::Left, max: 3 },
-        Col { title: "SERVICE", align: Align::Left, max: 5 },
+        Col { title: if screen { "SVC" } else { "SERVICE" }, align: Align::Left, max: 5 },
         Col { title: "NETGROUP", align: Align::Left, max: 15 },
         Col { title: "AGE", align: Align::Right, max: 6 },
         Col { title: if screen { "OUT/s" } else { "SENT/s" }, align: Align::Right, max: 5 },
@@ -188,7 +188,7 @@ fn file_table(files: &[FileClass], width: Option<usize>) -> Vec<String> {
     let screen = width.is_some();
     let cols = [
         Col { title: "CLASS", align: Align::Left, max: 11 },
-        Col { title: "WRITTEN", align: Align::Right, max: 6 },
+        Col { title: "WRITTEN", align: Align::Right, max: 7 },
         Col { title: if screen { "W/s" } else { "WRITTEN/s" }, align: Align::Right, max: 6 },
         Col { title: "WRITES/min", align: Align::Right, max: 10 },
         Col { title: "SYNCS/min", align: Align::Right, max: 9 },
@@ -205,7 +205,10 @@ fn file_table(files: &[FileClass], width: Option<usize>) -> Vec<String> {
             vec![
                 f.class.clone(),
                 if screen { human(f.written.total) } else { format!("{:.0}", f.written.total) },
-                human_opt(f.bytes_per_second),
+                match f.bytes_per_second {
+                    Some(r) if !screen => format!("{r:.0}"),
+                    r => human_opt(r),
+                },
                 per_min(f.writes.per_minute),
                 per_min(f.syncs.per_minute),
                 format!("{}{mark}", q(0)),
@@ -217,21 +220,39 @@ fn file_table(files: &[FileClass], width: Option<usize>) -> Vec<String> {
     table(&cols, &rows, width)
 }
 
-fn churn_line(c: &Churn) -> String {
-    let mut s = format!(
-        "connections/min: opened {} closed {} failed {}",
-        per_min(c.opened.per_minute),
-        per_min(c.closed.per_minute),
-        per_min(c.failed.per_minute)
-    );
-    if !c.failed_by.is_empty() {
-        let by: Vec<String> = c.failed_by.iter().map(|(e, n)| format!("{e} {:.0}", n.total)).collect();
-        s += &format!(" (since start: {})", by.join(", "));
-    }
+/// Churn and failures per minute; `screen`: the short form for 80 columns.
+fn churn_line(c: &Churn, screen: bool) -> String {
+    let m = |c: &super::model::Counter| per_min(c.per_minute);
+    let mut s = if screen {
+        format!(
+            "conn/min: p2p +{} -{}, all +{} -{}, failed {}",
+            m(&c.p2p_opened),
+            m(&c.p2p_closed),
+            m(&c.opened),
+            m(&c.closed),
+            m(&c.failed)
+        )
+    } else {
+        let over = c.window.map_or_else(String::new, |w| format!(" over {w:.0}s"));
+        format!(
+            "connections/min{over}: opened {} closed {} failed {} (p2p: opened {} closed {})",
+            m(&c.opened),
+            m(&c.closed),
+            m(&c.failed),
+            m(&c.p2p_opened),
+            m(&c.p2p_closed)
+        )
+    };
     if let Some(open) = c.open {
         s += &format!("; open {open:.0}");
     }
     s
+}
+
+/// Failed connects since the agent started, by reason ("refused 3, timeout 1").
+fn failures(c: &Churn) -> Option<String> {
+    let by: Vec<String> = c.failed_by.iter().map(|(e, n)| format!("{e} {:.0}", n.total)).collect();
+    (!by.is_empty()).then(|| by.join(", "))
 }
 
 fn disk_line(d: &Disk) -> String {
@@ -281,14 +302,13 @@ pub fn plain(url: &str, unix: u64, sort: Sort, targets: &[TargetView]) -> String
                 out += &format!("    {l}\n");
             }
         }
-        out += &format!("  {}", churn_line(&t.churn));
-        out += &match t.churn.window {
-            Some(w) => format!(" (over {w:.0}s)\n"),
-            None => "\n".into(),
-        };
+        out += &format!("  {}\n", churn_line(&t.churn, false));
         out += &format!(
-            "  connections since start: opened {:.0} closed {:.0} failed {:.0}\n",
-            t.churn.opened.total, t.churn.closed.total, t.churn.failed.total
+            "  connections since start: opened {:.0} closed {:.0} failed {:.0}{}\n",
+            t.churn.opened.total,
+            t.churn.closed.total,
+            t.churn.failed.total,
+            failures(&t.churn).map_or_else(String::new, |f| format!(" ({f})"))
         );
         if t.files.is_empty() {
             out += "  files: no writes seen\n";
@@ -350,31 +370,40 @@ pub fn screen<'a>(s: &Screen, targets: &[TargetView]) -> Vec<Line<'a>> {
     }
     let many = targets.len() > 1;
     for t in targets {
-        let mut spans = vec![
+        let prefix = if many { format!("  {} ", t.name) } else { "  ".to_string() };
+        let ids = |rules: &[Rule]| rules.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", ");
+        let firing = if t.firing.is_empty() { "none".to_string() } else { ids(&t.firing) };
+        let firing_style = if t.firing.iter().any(|r| r.severity == "critical") {
+            Style::default().fg(Color::Red)
+        } else if t.firing.is_empty() {
+            Style::default()
+        } else {
+            Style::default().fg(Color::Yellow)
+        };
+        let mut l = Line::from(vec![
             Span::styled(t.name.clone(), Style::default().add_modifier(Modifier::BOLD)),
             Span::raw(" "),
             Span::styled(t.status.to_uppercase(), verdict_style(&t.status)),
-            Span::raw(format!("  firing: {}", rule_ids(&t.firing))),
-        ];
-        if !t.pending.is_empty() {
-            spans.push(Span::raw(format!("  pending: {}", rule_ids(&t.pending))));
-        }
-        let mut l = Line::from(spans);
-        let len: usize = l.spans.iter().map(|s| s.content.chars().count()).sum();
-        if len > w {
-            // the rules run past the edge: keep what fits
-            let mut left = w;
-            for sp in l.spans.iter_mut() {
-                let n = sp.content.chars().count();
-                if n > left {
-                    sp.content = sp.content.chars().take(left).collect::<String>().into();
-                }
-                left = left.saturating_sub(n);
+            Span::raw("  firing: "),
+            Span::styled(firing, firing_style),
+        ]);
+        // rules past the edge: keep what fits
+        let mut left = w;
+        for sp in l.spans.iter_mut() {
+            let n = sp.content.chars().count();
+            if n > left {
+                sp.content = sp.content.chars().take(left).collect::<String>().into();
             }
+            left = left.saturating_sub(n);
         }
         top.push(l);
-        let prefix = if many { format!("  {} ", t.name) } else { "  ".to_string() };
-        top.push(Line::raw(cut(format!("{prefix}{}", churn_line(&t.churn)))));
+        if !t.pending.is_empty() {
+            top.push(Line::raw(cut(format!("{prefix}pending: {}", ids(&t.pending)))));
+        }
+        top.push(Line::raw(cut(format!("{prefix}{}", churn_line(&t.churn, true)))));
+        if let Some(f) = failures(&t.churn) {
+            top.push(Line::raw(cut(format!("{prefix}failed connects since start: {f}"))));
+        }
         top.push(Line::raw(cut(format!("{prefix}{}", disk_line(&t.disk)))));
     }
     // files: each target's classes, at most 3 rows apiece on a screen of many targets
@@ -402,14 +431,20 @@ pub fn screen<'a>(s: &Screen, targets: &[TargetView]) -> Vec<Line<'a>> {
     let total_peers = peers.len();
 
     let mut out = top;
-    out.push(Line::raw(""));
+    let inbound = peers.iter().filter(|p| p.peer.direction == "inbound").count();
+    let mut netgroups: Vec<&str> = peers.iter().map(|p| p.peer.netgroup.as_str()).collect();
+    netgroups.sort_unstable();
+    netgroups.dedup();
+    out.push(Line::raw(cut(format!(
+        "peers: {total_peers} ({inbound} in, {} out), {} netgroups, by {}",
+        total_peers - inbound,
+        netgroups.len(),
+        s.sort.name()
+    ))));
     // the peer table takes what is left between the rest and the key line, at least 3 rows
     let reserved = out.len() + files.len() + 1 + 1 + 1;
     let room = s.height.saturating_sub(reserved).max(3);
-    out.push(Line::styled(
-        cut(format!("{header}   ({total_peers} peers)")),
-        Style::default().add_modifier(Modifier::BOLD),
-    ));
+    out.push(Line::styled(cut(header), Style::default().add_modifier(Modifier::BOLD)));
     let shown = table.len().min(room);
     for l in table.into_iter().take(shown) {
         out.push(Line::raw(l));
@@ -466,6 +501,8 @@ mod tests {
                 opened: Counter { total: 10.0, per_minute: Some(2.0) },
                 closed: Counter { total: 8.0, per_minute: Some(1.0) },
                 failed: Counter { total: 3.0, per_minute: Some(0.0) },
+                p2p_opened: Counter { total: 6.0, per_minute: Some(1.0) },
+                p2p_closed: Counter { total: 4.0, per_minute: Some(0.5) },
                 failed_by: vec![("refused".into(), Counter { total: 3.0, per_minute: Some(0.0) })],
                 open: Some(31.0),
             },
@@ -523,6 +560,9 @@ mod tests {
         assert!(all.contains("127.0.0.1:40000") && all.contains("more"), "{all}");
         assert!(all.contains("blocks") && all.contains("800us*"), "{all}");
         assert!(all.contains("full in 46.3 days"), "{all}");
+        assert!(all.contains("conn/min: p2p +1.0 -0.5, all +2.0 -1.0, failed 0.0; open 31"), "{all}");
+        assert!(all.contains("failed connects since start: refused 3"), "{all}");
+        assert!(all.contains("peers: 31 (15 in, 16 out), 1 netgroups, by bytes/s"), "{all}");
         assert!(text[23].contains("q quit"));
     }
 
