@@ -306,7 +306,7 @@ impl Targets {
             };
             let name = t.name.clone();
             self.log_once(&name, state.clone(), || match t.pid {
-                Some(_) => tracing::info!(target_name = %name, chain = t.chain.as_str(), p2p_ports = ?t.p2p_ports, rpc_ports = ?t.rpc_ports, "watching node: {state}"),
+                Some(_) => tracing::info!(target_name = %name, chain = t.chain.as_str(), p2p_ports = ?t.p2p_ports, rpc_ports = ?t.rpc_ports, proxies = ?t.proxies, onion_ports = ?t.onion_ports, "watching node: {state}"),
                 None => tracing::warn!(target_name = %name, "node not running; waiting for it to appear"),
             });
             out.push(t);
