@@ -85,7 +85,7 @@ impl Drop for Socks {
 fn serve(mut node: TcpStream, node_port: u16, seen: &Mutex<HashMap<u16, Handshake>>) -> std::io::Result<()> {
     node.set_read_timeout(Some(Duration::from_secs(10)))?;
     let (mut from_node, mut to_node) = (0u64, 0u64);
-    let mut read = |s: &mut TcpStream, n: usize, count: &mut u64| -> std::io::Result<Vec<u8>> {
+    let read = |s: &mut TcpStream, n: usize, count: &mut u64| -> std::io::Result<Vec<u8>> {
         let mut b = vec![0u8; n];
         s.read_exact(&mut b)?;
         *count += n as u64;
