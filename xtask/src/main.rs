@@ -27,7 +27,7 @@ enum Task {
     /// Install what the tests need, then run every test (as root).
     Test {
         /// Extra arguments for `cargo test` (a test name filter, say).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Build the agent and run it; on a host with no node, first start a
@@ -43,7 +43,7 @@ enum Task {
     /// locally built agent, offline, with podman or buildah.
     Image {
         /// Extra arguments (see xtask/src/image.rs).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
 }
