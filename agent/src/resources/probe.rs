@@ -72,12 +72,17 @@ pub fn probe_sources() -> Vec<HookStatus> {
     }
     for (name, dir, at) in dirs {
         let r = super::filesystem::statvfs(&at);
+        // A data dir that is not there (a node whose files were removed under
+        // it) says nothing of what the agent can do: only a refusal does.
+        let (works, detail) = match r {
+            Ok(fs) => (true, format!("{} bytes available", fs.available_bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (true, format!("{e}: the node's data dir is not there; its figures are unknown until it is"))
+            }
+            Err(e) => (false, e.to_string()),
+        };
         // the path as the node names it; two containers may name the same one
-        rows.push(row(
-            format!("statvfs {} ({name})", dir.display()),
-            r.is_ok(),
-            r.map(|fs| format!("{} bytes available", fs.available_bytes)).unwrap_or_else(|e| e.to_string()),
-        ));
+        rows.push(row(format!("statvfs {} ({name})", dir.display()), works, detail));
     }
 
     // Another process's io, limits and fd need ptrace read access: the
