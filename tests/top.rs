@@ -166,7 +166,10 @@ fn top_once_prints_the_bytes_of_peers() {
     }
     // the rates span two collections of the agent: bytes moved, so some rate is known
     assert!(f[5] != "-" && f[6] != "-", "{row}");
-    assert!(stdout.contains("connections/min: opened "), "{stdout}");
+    assert!(
+        stdout.contains("connections/min over ") && stdout.contains("connections since start: opened "),
+        "{stdout}"
+    );
     assert!(stdout.contains("disk: data dir "), "{stdout}");
     net.stop();
 }
@@ -329,7 +332,11 @@ fn top_streams_plain_text_to_a_pipe() {
     while text.matches("target ltc: ").count() < 2 {
         assert!(Instant::now() < deadline, "two reports expected: {text}");
         let n = out.read(&mut buf).unwrap();
-        assert!(n > 0, "top ended early: {text}");
+        if n == 0 {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            panic!("top ended early ({:?}): {text}{err}", child.wait());
+        }
         text.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     assert!(!text.contains('\x1b'), "escape codes in plain text: {text:?}");
