@@ -128,6 +128,8 @@ pub struct TargetNet {
     pub peers_overflowed: u64,
     /// Lifetimes (seconds) of the connections that closed this interval.
     pub closed_lifetimes: Vec<(Direction, Service, f64)>,
+    /// Inbound peer connections opened this interval, by netgroup.
+    pub inbound_opened_netgroups: BTreeMap<String, u64>,
 }
 
 impl TargetNet {
@@ -226,14 +228,20 @@ impl NetSignal {
             }
         }
 
-        let mut fold = Fold { open: HashMap::new(), lifetimes: HashMap::new(), seen: HashSet::new(), now };
+        let mut fold = Fold {
+            open: HashMap::new(),
+            lifetimes: HashMap::new(),
+            inbound: HashMap::new(),
+            seen: HashSet::new(),
+            now,
+        };
         for (cookie, rec) in read.records {
             self.fold(cookie, rec, &by_index, plan, &mut fold);
         }
         for event in read.closed {
             self.fold(event.cookie, event.conn, &by_index, plan, &mut fold);
         }
-        let Fold { mut open, mut lifetimes, seen, .. } = fold;
+        let Fold { mut open, mut lifetimes, mut inbound, seen, .. } = fold;
         // Records that vanished with no close event: their target was
         // forgotten, or the agent lost track of them. Closed without bytes.
         let vanished: Vec<u64> = self.tracked.keys().filter(|c| !seen.contains(c)).copied().collect();
@@ -278,6 +286,7 @@ impl NetSignal {
                 netgroups,
                 peers_overflowed: per.peers.overflowed,
                 closed_lifetimes: lifetimes.remove(&t.index).unwrap_or_default(),
+                inbound_opened_netgroups: inbound.remove(&t.index).unwrap_or_default(),
                 connections,
             });
         }
@@ -356,6 +365,9 @@ impl NetSignal {
         });
         if !tracked.counted_open && rec.start_ns != 0 {
             per.churn.entry((direction, service)).or_default().opened += 1;
+            if direction == Direction::Inbound && service.is_peer() {
+                *fold.inbound.entry(index).or_default().entry(tracked.netgroup.clone()).or_default() += 1;
+            }
         }
         tracked.counted_open = true;
 
@@ -405,6 +417,8 @@ impl NetSignal {
 struct Fold {
     open: HashMap<u32, Vec<Connection>>,
     lifetimes: HashMap<u32, Vec<(Direction, Service, f64)>>,
+    /// Inbound peer connections opened, by target and netgroup.
+    inbound: HashMap<u32, BTreeMap<String, u64>>,
     seen: HashSet<u64>,
     now: Instant,
 }
