@@ -184,9 +184,14 @@ fn peer_table(peers: &[PeerView], with_target: bool, width: Option<usize>) -> Ve
     table(&cols, &rows, width)
 }
 
-fn file_table(files: &[FileClass], width: Option<usize>) -> Vec<String> {
+/// `files`: each class with its target's name, shown in a first column when `with_target`.
+fn file_table(files: &[(&str, &FileClass)], with_target: bool, width: Option<usize>) -> Vec<String> {
     let screen = width.is_some();
-    let cols = [
+    let mut cols = Vec::new();
+    if with_target {
+        cols.push(Col { title: "TARGET", align: Align::Left, max: 10 });
+    }
+    cols.extend([
         Col { title: "CLASS", align: Align::Left, max: 11 },
         Col { title: "WRITTEN", align: Align::Right, max: 7 },
         Col { title: if screen { "W/s" } else { "WRITTEN/s" }, align: Align::Right, max: 6 },
@@ -195,14 +200,15 @@ fn file_table(files: &[FileClass], width: Option<usize>) -> Vec<String> {
         Col { title: "SYNC p50", align: Align::Right, max: 8 },
         Col { title: "p90", align: Align::Right, max: 6 },
         Col { title: "p99", align: Align::Right, max: 6 },
-    ];
+    ]);
     let rows: Vec<Vec<String>> = files
         .iter()
-        .map(|f| {
+        .map(|(target, f)| {
             let q = |i: usize| f.sync_quantiles.map_or_else(|| "-".into(), |q| latency(q[i]));
             // quantiles since the agent started are marked: no sync in the window
             let mark = if f.quantiles_recent || f.sync_quantiles.is_none() { "" } else { "*" };
-            vec![
+            let mut row = if with_target { vec![target.to_string()] } else { Vec::new() };
+            row.extend([
                 f.class.clone(),
                 if screen { human(f.written.total) } else { format!("{:.0}", f.written.total) },
                 match f.bytes_per_second {
@@ -214,7 +220,8 @@ fn file_table(files: &[FileClass], width: Option<usize>) -> Vec<String> {
                 format!("{}{mark}", q(0)),
                 q(1),
                 q(2),
-            ]
+            ]);
+            row
         })
         .collect();
     table(&cols, &rows, width)
@@ -314,7 +321,8 @@ pub fn plain(url: &str, unix: u64, sort: Sort, targets: &[TargetView]) -> String
             out += "  files: no writes seen\n";
         } else {
             out += "  files (* sync latency since the agent started):\n";
-            for l in file_table(&t.files, None) {
+            let rows: Vec<(&str, &FileClass)> = t.files.iter().map(|f| (t.name.as_str(), f)).collect();
+            for l in file_table(&rows, false, None) {
                 out += &format!("    {l}\n");
             }
         }
@@ -370,7 +378,7 @@ pub fn screen<'a>(s: &Screen, targets: &[TargetView]) -> Vec<Line<'a>> {
     }
     let many = targets.len() > 1;
     for t in targets {
-        let prefix = if many { format!("  {} ", t.name) } else { "  ".to_string() };
+        let prefix = "  ";
         let ids = |rules: &[Rule]| rules.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", ");
         let firing = if t.firing.is_empty() { "none".to_string() } else { ids(&t.firing) };
         let firing_style = if t.firing.iter().any(|r| r.severity == "critical") {
@@ -407,17 +415,15 @@ pub fn screen<'a>(s: &Screen, targets: &[TargetView]) -> Vec<Line<'a>> {
         top.push(Line::raw(cut(format!("{prefix}{}", disk_line(&t.disk)))));
     }
     // files: each target's classes, at most 3 rows apiece on a screen of many targets
+    let rows: Vec<(&str, &FileClass)> = targets
+        .iter()
+        .flat_map(|t| t.files.iter().take(if many { 3 } else { 5 }).map(|f| (t.name.as_str(), f)))
+        .collect();
     let mut files: Vec<Line> = Vec::new();
-    for t in targets.iter().filter(|t| !t.files.is_empty()) {
-        let rows: Vec<FileClass> = t.files.iter().take(if many { 3 } else { 5 }).cloned().collect();
-        let mut lines = file_table(&rows, Some(w.saturating_sub(2)));
-        let header = lines.remove(0);
-        if files.is_empty() {
-            files.push(Line::styled(format!("  {header}"), Style::default().add_modifier(Modifier::BOLD)));
-        }
-        for l in lines {
-            files.push(Line::raw(if many { cut(format!("  {}:{l}", t.name)) } else { format!("  {l}") }));
-        }
+    if !rows.is_empty() {
+        let mut lines = file_table(&rows, many, Some(w));
+        files.push(Line::styled(lines.remove(0), Style::default().add_modifier(Modifier::BOLD)));
+        files.extend(lines.into_iter().map(Line::raw));
     }
     let keys = Line::styled(
         cut("s sort  t/tab target  p pause  q quit".to_string()),
@@ -563,6 +569,38 @@ mod tests {
         assert!(all.contains("conn/min: p2p +1.0 -0.5, all +2.0 -1.0, failed 0.0; open 31"), "{all}");
         assert!(all.contains("failed connects since start: refused 3"), "{all}");
         assert!(all.contains("peers: 31 (15 in, 16 out), 1 netgroups, by bytes/s"), "{all}");
+        assert!(text[23].contains("q quit"));
+    }
+
+    #[test]
+    fn top_screen_of_two_targets_fits_80x24() {
+        let mut other = view();
+        other.name = "bitcoin-mainnet".into();
+        other.status = "unhealthy".into();
+        for p in &mut other.peers {
+            p.peer.target = other.name.clone();
+        }
+        let s = Screen {
+            url: "http://127.0.0.1:9464",
+            unix: 0,
+            sort: Sort::Address,
+            filter: None,
+            paused: false,
+            error: None,
+            width: 80,
+            height: 24,
+        };
+        let lines = screen(&s, &[view(), other]);
+        let text: Vec<String> = lines.iter().map(|l| l.spans.iter().map(|s| s.content.as_ref()).collect()).collect();
+        assert_eq!(text.len(), 24);
+        for l in &text {
+            assert!(l.chars().count() <= 80, "{l:?} is {} wide", l.chars().count());
+        }
+        let all = text.join("\n");
+        assert!(all.contains("ltc DEGRADED") && all.contains("bitcoin-mainnet UNHEALTHY"), "{all}");
+        // the peer and file tables name each row's target
+        assert_eq!(text.iter().filter(|l| l.starts_with("TARGET")).count(), 2, "{all}");
+        assert!(text.iter().any(|l| l.starts_with("ltc ") && l.contains("blocks")), "{all}");
         assert!(text[23].contains("q quit"));
     }
 
