@@ -90,6 +90,23 @@ fn sighup_adds_a_target_keeps_counters_and_refuses_a_broken_file() {
     let m = agent.metrics();
     assert_eq!(metric_sum(&m, "nodescope_config_reloads_total", &[("result", "applied")]), 1.0);
 
+    // [http] bounds apply on reload too: 10 requests at once from one client
+    // all answered at the default rate, then 429s past a bucket of 2
+    let statuses = || (0..10).map(|_| http_get(port, "/peers").unwrap().0).collect::<Vec<u16>>();
+    assert!(statuses().iter().all(|s| *s == 200));
+    let limited = config_for(port, &[("a", &a, &cg_a), ("b", &b, &cg_b)])
+        .replace("[agent]", "requests_per_second = 1\nburst = 2\n[agent]");
+    std::fs::write(&config_path, limited).unwrap();
+    signal(&agent, libc::SIGHUP);
+    wait_for("the second reload applied", Duration::from_secs(10), || {
+        (metric_sum(&agent.metrics(), "nodescope_config_reloads_total", &[("result", "applied")]) == 2.0).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let got = statuses();
+    assert_eq!(got.iter().filter(|s| **s == 429).count(), 8, "after http.burst = 2: {got:?}");
+    // probes are never limited
+    assert_eq!(http_get(port, "/health/live").unwrap().0, 200);
+
     // a broken file: refused with check-config's reason, the running config kept
     let broken = config_for(port, &[("a", &a, &cg_a)]).replace("interval = \"1s\"", "interval = \"soon\"");
     std::fs::write(&config_path, broken).unwrap();

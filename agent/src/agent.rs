@@ -86,7 +86,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     });
     let (stop_http, stop_rx) = tokio::sync::watch::channel(false);
     let guard = Arc::new(http::HttpGuard::new(&config.http, &meter));
-    let server = runtime.spawn(http::serve(listener, state.clone(), guard, stop_rx));
+    let server = runtime.spawn(http::serve(listener, state.clone(), guard.clone(), stop_rx));
 
     // Signals end the loop through this channel; the kernel's exec events
     // wake it to resolve a node that just started.
@@ -191,6 +191,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 Wake::Reload => {
                     if let Some(new) = reload(&config, &self_metrics) {
                         targets.reconfigure(&new);
+                        guard.reconfigure(&new.http);
                         health_engine.reconfigure(&new);
                         interval = new.agent.interval;
                         config = new;
@@ -216,9 +217,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 /// The config file read again (with the environment's overrides) on
 /// SIGHUP. None when it is refused: logged with the same one-line reason as
 /// `check-config`, counted, and the running config kept. Targets, rules,
-/// thresholds and the interval apply at once; what is fixed at start
-/// (listener, kernel map sizes, OTLP pipeline, logging) is named in a
-/// warning when it changed, and applies at the next start.
+/// thresholds, the interval and the HTTP bounds apply at once; what is
+/// fixed at start (the listening address, kernel map sizes, the OTLP
+/// pipeline, logging) is named in a warning when it changed, and applies at
+/// the next start.
 fn reload(running: &Config, self_metrics: &crate::selfmetrics::SelfMetrics) -> Option<Config> {
     use std::sync::atomic::Ordering;
     let source = running.source.as_deref();
@@ -233,8 +235,8 @@ fn reload(running: &Config, self_metrics: &crate::selfmetrics::SelfMetrics) -> O
     };
     let mut fixed = Vec::new();
     let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-    if differs(&running.http, &new.http) {
-        fixed.push("[http]");
+    if running.http.listen != new.http.listen {
+        fixed.push("http.listen");
     }
     if differs(&running.limits, &new.limits) {
         fixed.push("[limits]");

@@ -376,17 +376,60 @@ struct Counters {
 /// probes), a token bucket per client on requests other than probes, idle
 /// and write timeouts. What they turn away is counted and exported.
 pub struct HttpGuard {
-    max_general: usize,
-    max_probe: usize,
-    idle_timeout: Duration,
-    write_timeout: Duration,
+    /// replaced whole on SIGHUP (`reconfigure`)
+    bounds: std::sync::RwLock<Arc<Bounds>>,
     rooms: Mutex<Rooms>,
-    limiter: Option<KeyedLimiter>,
     /// one /metrics or /peers encoding at a time
     encoding: tokio::sync::Semaphore,
     /// a connection closed (its descriptor is free)
     freed: tokio::sync::Notify,
     counters: Arc<Counters>,
+}
+
+/// The settings of `[http]` the listener applies, other than its address.
+struct Bounds {
+    max_general: usize,
+    max_probe: usize,
+    idle_timeout: Duration,
+    write_timeout: Duration,
+    limiter: Option<Arc<KeyedLimiter>>,
+    /// (requests_per_second, burst) the limiter was made for
+    rate: (u32, u32),
+}
+
+impl Bounds {
+    /// `config`'s bounds, the rooms fitted under the descriptors `free`
+    /// now plus those the listener already holds (`held`); the buckets of
+    /// `old` kept when the rate is the same.
+    fn new(config: &HttpConfig, held: usize, old: Option<&Bounds>) -> Bounds {
+        let rate = (config.requests_per_second, config.burst);
+        let limiter = match old {
+            Some(o) if o.rate == rate => o.limiter.clone(),
+            _ => NonZeroU32::new(config.requests_per_second).map(|r| {
+                let burst = NonZeroU32::new(config.burst).unwrap_or(r);
+                Arc::new(governor::RateLimiter::keyed(governor::Quota::per_second(r).allow_burst(burst)))
+            }),
+        };
+        let (mut max_general, mut max_probe) = (config.max_connections, config.probe_connections);
+        if let Some(free) = free_descriptors() {
+            let (g, p) = fit_rooms(max_general, max_probe, free + held);
+            if (g, p) != (max_general, max_probe) {
+                tracing::warn!(
+                    "http.max_connections {max_general} + http.probe_connections {max_probe} do not fit the open-file limit ({} descriptors free): serving {g} + {p} connections",
+                    free + held
+                );
+                (max_general, max_probe) = (g, p);
+            }
+        }
+        Bounds {
+            max_general,
+            max_probe,
+            idle_timeout: config.idle_timeout,
+            write_timeout: config.write_timeout,
+            limiter,
+            rate,
+        }
+    }
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard one, and returns the number
@@ -422,27 +465,9 @@ fn fit_rooms(general: usize, probe: usize, free: usize) -> (usize, usize) {
 
 impl HttpGuard {
     pub fn new(config: &HttpConfig, meter: &opentelemetry::metrics::Meter) -> HttpGuard {
-        let limiter = NonZeroU32::new(config.requests_per_second).map(|rate| {
-            let burst = NonZeroU32::new(config.burst).unwrap_or(rate);
-            governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst))
-        });
-        let (mut max_general, mut max_probe) = (config.max_connections, config.probe_connections);
-        if let Some(free) = free_descriptors() {
-            let (g, p) = fit_rooms(max_general, max_probe, free);
-            if (g, p) != (max_general, max_probe) {
-                tracing::warn!(
-                    "http.max_connections {max_general} + http.probe_connections {max_probe} do not fit the open-file limit ({free} descriptors free): serving {g} + {p} connections"
-                );
-                (max_general, max_probe) = (g, p);
-            }
-        }
         let guard = HttpGuard {
-            max_general,
-            max_probe,
-            idle_timeout: config.idle_timeout,
-            write_timeout: config.write_timeout,
+            bounds: std::sync::RwLock::new(Arc::new(Bounds::new(config, 0, None))),
             rooms: Mutex::default(),
-            limiter,
             encoding: tokio::sync::Semaphore::new(1),
             freed: tokio::sync::Notify::new(),
             counters: Arc::default(),
@@ -479,18 +504,36 @@ impl HttpGuard {
         guard
     }
 
+    fn bounds(&self) -> Arc<Bounds> {
+        self.bounds.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A reloaded config's `[http]` bounds, for connections and requests from
+    /// now on (a client's bucket is kept while the rate stays the same;
+    /// connections over a lowered limit are not closed, only not replaced).
+    /// `http.listen` is not among them: the socket stays bound.
+    pub fn reconfigure(&self, config: &HttpConfig) {
+        let held = {
+            let rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
+            rooms.general.len() + rooms.probe.len()
+        };
+        let mut bounds = self.bounds.write().unwrap_or_else(|e| e.into_inner());
+        *bounds = Arc::new(Bounds::new(config, held, Some(&bounds)));
+    }
+
     /// A place for a new connection: the general room, else the probe room
     /// (making way by closing its oldest connection that has sent nothing),
     /// else none.
     fn admit_connection(self: &Arc<Self>, ip: IpAddr, act: &Arc<Activity>) -> Option<Place> {
+        let bounds = self.bounds();
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
         rooms.next_id += 1;
         let id = rooms.next_id;
-        if rooms.general.len() < self.max_general {
+        if rooms.general.len() < bounds.max_general {
             rooms.general.push((id, client_key(ip), act.clone()));
             return Some(Place { guard: self.clone(), room: Room::General, id });
         }
-        if rooms.probe.len() >= self.max_probe {
+        if rooms.probe.len() >= bounds.max_probe {
             let silent = rooms.probe.iter().position(|(_, a)| !a.requested.load(Ordering::Relaxed))?;
             // oldest first: the vector is in admission order
             let (_, old) = rooms.probe.remove(silent);
@@ -532,7 +575,7 @@ impl HttpGuard {
 
     /// 429 when `ip` is past its bucket.
     fn admit_request(&self, ip: IpAddr) -> Option<Resp> {
-        let limiter = self.limiter.as_ref()?;
+        let limiter = self.bounds().limiter.clone()?;
         let not_until = limiter.check_key(&client_key(ip)).err()?;
         self.counters.rate.fetch_add(1, Ordering::Relaxed);
         use governor::clock::Clock;
@@ -651,13 +694,13 @@ pub async fn serve(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     // buckets of clients that have not asked for a while are forgotten
-    if guard.limiter.is_some() {
+    {
         let guard = guard.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(10));
             loop {
                 tick.tick().await;
-                if let Some(l) = &guard.limiter {
+                if let Some(l) = &guard.bounds().limiter {
                     l.retain_recent();
                     l.shrink_to_fit();
                 }
@@ -738,7 +781,7 @@ async fn connection(stream: TcpStream, ip: IpAddr, act: Arc<Activity>, place: Pl
     let mut builder = http1::Builder::new();
     builder
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(guard.idle_timeout.min(Duration::from_secs(10)))
+        .header_read_timeout(guard.bounds().idle_timeout.min(Duration::from_secs(10)))
         .max_buf_size(MAX_BUF)
         .keep_alive(room == Room::General);
     let conn = builder.serve_connection(TokioIo::new(Watched { io: stream, act: act.clone() }), svc);
@@ -754,21 +797,24 @@ async fn connection(stream: TcpStream, ip: IpAddr, act: Arc<Activity>, place: Pl
                 break;
             }
             _ = act.evict.notified() => break,
-            _ = tick.tick() => match expired(&act, room, act.now_ms(), guard.idle_timeout, guard.write_timeout) {
-                Some(Expiry::Idle) => {
-                    guard.counters.idle.fetch_add(1, Ordering::Relaxed);
-                    break;
+            _ = tick.tick() => {
+                let b = guard.bounds();
+                match expired(&act, room, act.now_ms(), b.idle_timeout, b.write_timeout) {
+                    Some(Expiry::Idle) => {
+                        guard.counters.idle.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    Some(Expiry::Write) => {
+                        guard.counters.write.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    Some(Expiry::ProbeRoom) => {
+                        guard.counters.evicted.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    None => {}
                 }
-                Some(Expiry::Write) => {
-                    guard.counters.write.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                Some(Expiry::ProbeRoom) => {
-                    guard.counters.evicted.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                None => {}
-            },
+            }
         }
     }
     drop(place);
