@@ -297,6 +297,14 @@ fn top_live_view_in_a_pseudo_terminal() {
     pty.send("p");
     pty.wait_screen("running again", Duration::from_secs(5), |s| !s.starts_with("PAUSED"));
 
+    // the agent goes away: the last figures stay, with the reason on the second line
+    let mut net = net;
+    stop_child(&mut net.agent.child, Duration::from_secs(10));
+    let gone = format!("! no nodescope agent at {}: connection refused", url(&net.agent));
+    let s =
+        pty.wait_screen("the agent's absence", Duration::from_secs(10), |s| s.lines().nth(1) == Some(gone.as_str()));
+    assert!(s.contains(&ep), "{s}");
+
     pty.send("q");
     let deadline = Instant::now() + Duration::from_secs(5);
     let status = loop {
