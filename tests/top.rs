@@ -1,6 +1,6 @@
 //! `nodescope top` against a real agent watching a litecoind regtest pair:
 //! `--once` prints the peers with the bytes /peers has at that moment, the
-//! target and its verdict; the live view, driven through a pseudo-terminal
+//! target and its verdict, also as nobody; the live view, driven through a pseudo-terminal
 //! of 80x24, shows the target, a peer row and the verdict, obeys its keys
 //! and exits on `q`; off a terminal it streams plain text and stops when its
 //! reader goes away; and it names an agent that is not there.
@@ -171,6 +171,22 @@ fn top_once_prints_the_bytes_of_peers() {
         "{stdout}"
     );
     assert!(stdout.contains("disk: data dir "), "{stdout}");
+
+    // no privilege needed: the same as nobody, with no groups (from a copy
+    // of the binary nobody can reach, wherever the build tree lies)
+    let copy = TempDir::new("top-bin");
+    let bin = copy.path().join("nodescope");
+    std::fs::copy(env!("CARGO_BIN_EXE_nodescope"), &bin).unwrap();
+    let out = Command::new(&bin)
+        .args(["top", "--once", "--url", &url(&net.agent)])
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "as nobody: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("target ltc: ") && stdout.contains(&format!("{ep} ")), "{stdout}");
     net.stop();
 }
 
