@@ -37,7 +37,7 @@ enum Task {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Measure what the probes cost: `net` or `disk`.
+    /// Measure what the agent costs: a script of tests/bench (`net`, `disk`, `http`, ...).
     Bench { which: String },
     /// Build the OCI image (deploy/Containerfile's runtime stage) from the
     /// locally built agent, offline, with podman or buildah.
@@ -298,7 +298,15 @@ fn bench(which: &str) -> Result<(), String> {
     let root = root();
     let script = root.join(format!("tests/bench/{which}.sh"));
     if !script.exists() {
-        return Err(format!("no benchmark {which:?}; there are: net, disk"));
+        let mut there: Vec<String> = std::fs::read_dir(root.join("tests/bench"))
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".sh").map(str::to_string))
+                    .filter(|n| n != "common")
+                    .collect()
+            })
+            .unwrap_or_default();
+        there.sort();
+        return Err(format!("no benchmark {which:?}; there are: {}", there.join(", ")));
     }
     status(cargo().current_dir(&root).args(["build", "--release", "-p", "nodescope"]))?;
     status(Command::new("bash").arg(script).arg(root.join("target/release/nodescope")))
