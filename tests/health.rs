@@ -27,6 +27,10 @@ const ALL_RULES: &[&str] = &[
     "memory_high",
     "fds_high",
     "fsync_slow",
+    "rpc_exposed",
+    "inbound_flood",
+    "connect_failures_high",
+    "peer_churn_high",
 ];
 
 /// One target "ltc" for `node` in `cgroup`; `target_rules` are TOML tables

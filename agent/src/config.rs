@@ -257,6 +257,10 @@ pub struct RuleConfig {
     /// The look-back of rules that compare now with the past.
     #[serde(default, deserialize_with = "rule_duration")]
     pub window: Option<Duration>,
+    /// rpc_exposed: client addresses or networks ("10.0.0.0/8", "192.0.2.7")
+    /// allowed to use the RPC port besides loopback; a target's list replaces
+    /// the global one.
+    pub allow: Option<Vec<String>>,
 }
 
 /// Durations in rule tables: "90s", "5m", "1h 30m" or whole seconds. A

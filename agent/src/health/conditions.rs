@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::rules::{Outcome, RuleParams, PARTITION_CONNECT_WINDOWS, PARTITION_MIN_PEERS};
+use super::rules::{
+    Outcome, RuleParams, CONNECT_FAILURES_MIN_ATTEMPTS, PARTITION_CONNECT_WINDOWS, PARTITION_MIN_PEERS,
+};
 use crate::disk::TargetDisk;
 use crate::net::TargetNet;
 use crate::resources::TargetResources;
@@ -45,7 +47,25 @@ struct Sample {
     outbound: Option<(u64, u64)>,
     /// Every sync call of the target merged into one histogram.
     syncs: Option<SyncTotals>,
+    /// Failed outbound peer connects by reason, cumulative.
+    failed_reasons: BTreeMap<&'static str, u64>,
+    /// Inbound peer connections opened, cumulative.
+    inbound_opened: Option<u64>,
+    /// Inbound peer connections opened this interval by netgroup, the
+    /// largest SAMPLE_NETGROUPS (the rest under "other").
+    inbound_netgroups: BTreeMap<String, u64>,
+    /// Peer connections (both directions) opened and closed, cumulative.
+    peer_churn: Option<(u64, u64)>,
 }
+
+/// Netgroups kept per sample for inbound_flood's evidence.
+const SAMPLE_NETGROUPS: usize = 16;
+
+/// Netgroups inbound_flood's evidence names.
+const TOP_NETGROUPS: usize = 5;
+
+/// RPC clients rpc_exposed's evidence names.
+const RPC_CLIENTS_SHOWN: usize = 10;
 
 /// Per-bucket counts keyed by the bucket's upper bound (f64 bits: positive
 /// floats order like their bit patterns, +Inf last).
@@ -130,12 +150,39 @@ impl History {
             let failed = n.failed.iter().filter(|((s, _), _)| s.is_peer()).map(|(_, n)| n).sum();
             (opened, failed)
         });
+        let mut failed_reasons = BTreeMap::new();
+        let mut inbound_netgroups = BTreeMap::new();
+        if let Some(n) = v.net {
+            for ((s, reason), count) in &n.failed {
+                if s.is_peer() {
+                    *failed_reasons.entry(*reason).or_default() += count;
+                }
+            }
+            let mut groups: Vec<(&String, &u64)> = n.inbound_opened_netgroups.iter().collect();
+            groups.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            for (i, (g, count)) in groups.into_iter().enumerate() {
+                let key = if i < SAMPLE_NETGROUPS { g.clone() } else { "other".to_string() };
+                *inbound_netgroups.entry(key).or_default() += count;
+            }
+        }
+        let peer_churn = |dirs: &[Direction]| {
+            v.net.map(|n| {
+                n.churn
+                    .iter()
+                    .filter(|((d, s), _)| s.is_peer() && dirs.contains(d))
+                    .fold((0, 0), |(o, c), (_, ch)| (o + ch.opened, c + ch.closed))
+            })
+        };
         self.samples.push_back(Sample {
             at: now,
             pid: v.target.pid,
             peers,
             outbound,
             syncs: v.disk.map(SyncTotals::from_disk),
+            failed_reasons,
+            inbound_opened: peer_churn(&[Direction::Inbound]).map(|(o, _)| o),
+            inbound_netgroups,
+            peer_churn: peer_churn(&[Direction::Inbound, Direction::Outbound]),
         });
 
         let keep_from = now.saturating_sub(longest_lookback);
@@ -300,6 +347,10 @@ pub fn check(id: &str, p: &RuleParams, v: &View, h: &History, now: Duration) -> 
                 Outcome::Clear(ev)
             }
         }
+        "rpc_exposed" => rpc_exposed(v, p),
+        "inbound_flood" => inbound_flood(v, h, now, p.window, threshold),
+        "connect_failures_high" => connect_failures(v, h, now, p.window, threshold),
+        "peer_churn_high" => peer_churn(v, h, now, p.window, threshold),
         other => unknown(&format!("no condition for rule {other}")),
     }
 }
@@ -378,6 +429,153 @@ fn partition(v: &View, h: &History, now: Duration, window: Duration, threshold: 
         Outcome::Holds(Value::Object(ev))
     } else {
         Outcome::Clear(Value::Object(ev))
+    }
+}
+
+/// Established inbound connections to an RPC port from outside loopback
+/// and the allow list.
+fn rpc_exposed(v: &View, p: &RuleParams) -> Outcome {
+    let Some(net) = v.net else { return unknown(NO_NET) };
+    if v.target.rpc_ports.is_empty() {
+        return unknown("no RPC port known for this target");
+    }
+    let rpc: Vec<_> =
+        net.connections.iter().filter(|c| c.service == Service::Rpc && c.direction == Direction::Inbound).collect();
+    let exposed: Vec<_> = rpc
+        .iter()
+        .filter(|c| match c.address.parse::<std::net::IpAddr>() {
+            Ok(ip) => !ip.is_loopback() && !p.allow.iter().any(|n| n.contains(&ip)),
+            Err(_) => true,
+        })
+        .collect();
+    let clients: Vec<String> = exposed
+        .iter()
+        .take(RPC_CLIENTS_SHOWN)
+        .map(|c| std::net::SocketAddr::new(c.address.parse().expect("parsed above"), c.port).to_string())
+        .collect();
+    let ev = json!({
+        "exposed_connections": exposed.len(),
+        "clients": clients,
+        "rpc_connections": rpc.len(),
+        "rpc_ports": v.target.rpc_ports,
+        "allow": p.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+    });
+    if exposed.is_empty() {
+        Outcome::Clear(ev)
+    } else {
+        Outcome::Holds(ev)
+    }
+}
+
+/// The newest sample and the window's baseline (or the oldest sample of the
+/// same process while the history is shorter), both with `get`'s figure.
+fn window_pair<T>(
+    h: &History,
+    now: Duration,
+    window: Duration,
+    get: impl Fn(&Sample) -> Option<T>,
+) -> Option<(&Sample, T, &Sample, T)> {
+    let latest = h.latest()?;
+    let now_value = get(latest)?;
+    let base = h.baseline(now, window, true, |s| get(s).is_some())?;
+    Some((latest, now_value, base, get(base)?))
+}
+
+/// Inbound peer connections opened over the window, per minute of the
+/// window, with the netgroups they came from.
+fn inbound_flood(v: &View, h: &History, now: Duration, window: Duration, threshold: f64) -> Outcome {
+    if v.net.is_none() {
+        return unknown(NO_NET);
+    }
+    let Some((_, opened, base, opened0)) = window_pair(h, now, window, |s| s.inbound_opened) else {
+        return unknown(NO_NET);
+    };
+    let opened = opened.saturating_sub(opened0);
+    let per_minute = opened as f64 * 60.0 / window.as_secs_f64().max(1e-3);
+    let mut groups: BTreeMap<&str, u64> = BTreeMap::new();
+    for s in h.samples.iter().filter(|s| s.at > base.at && s.pid == base.pid) {
+        for (g, n) in &s.inbound_netgroups {
+            *groups.entry(g.as_str()).or_default() += n;
+        }
+    }
+    let mut groups: Vec<(&str, u64)> = groups.into_iter().collect();
+    groups.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let top: Vec<Value> =
+        groups.iter().take(TOP_NETGROUPS).map(|(g, n)| json!({ "netgroup": g, "connections": n })).collect();
+    let ev = json!({
+        "inbound_connections": opened,
+        "per_minute": round2(per_minute),
+        "top_netgroups": top,
+        "window_seconds": window.as_secs_f64(),
+        "threshold_per_minute": threshold,
+    });
+    if per_minute > threshold {
+        Outcome::Holds(ev)
+    } else {
+        Outcome::Clear(ev)
+    }
+}
+
+/// The share of outbound peer connects that failed over the window, among
+/// at least CONNECT_FAILURES_MIN_ATTEMPTS.
+fn connect_failures(v: &View, h: &History, now: Duration, window: Duration, threshold: f64) -> Outcome {
+    if v.net.is_none() {
+        return unknown(NO_NET);
+    }
+    let Some((latest, (opened, failed), base, (opened0, failed0))) = window_pair(h, now, window, |s| s.outbound) else {
+        return unknown(NO_NET);
+    };
+    let opened = opened.saturating_sub(opened0);
+    let failed = failed.saturating_sub(failed0);
+    let attempts = opened + failed;
+    let pct = if attempts == 0 { 0.0 } else { failed as f64 * 100.0 / attempts as f64 };
+    let by_reason: BTreeMap<&str, u64> = latest
+        .failed_reasons
+        .iter()
+        .map(|(r, n)| (*r, n.saturating_sub(base.failed_reasons.get(r).copied().unwrap_or(0))))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let ev = json!({
+        "attempts": attempts,
+        "failed": failed,
+        "failed_percent": round2(pct),
+        "failed_by_reason": by_reason,
+        "min_attempts": CONNECT_FAILURES_MIN_ATTEMPTS,
+        "window_seconds": window.as_secs_f64(),
+        "threshold_percent": threshold,
+    });
+    if attempts >= CONNECT_FAILURES_MIN_ATTEMPTS && pct > threshold {
+        Outcome::Holds(ev)
+    } else {
+        Outcome::Clear(ev)
+    }
+}
+
+/// Peers replaced over the window (a peer connection closed and another
+/// opened: the smaller of the two counts), per hour of the window.
+fn peer_churn(v: &View, h: &History, now: Duration, window: Duration, threshold: f64) -> Outcome {
+    if v.net.is_none() {
+        return unknown(NO_NET);
+    }
+    let Some((_, (opened, closed), _, (opened0, closed0))) = window_pair(h, now, window, |s| s.peer_churn) else {
+        return unknown(NO_NET);
+    };
+    let opened = opened.saturating_sub(opened0);
+    let closed = closed.saturating_sub(closed0);
+    let replaced = opened.min(closed);
+    let per_hour = replaced as f64 * 3600.0 / window.as_secs_f64().max(1e-3);
+    let ev = json!({
+        "peers_replaced": replaced,
+        "opened": opened,
+        "closed": closed,
+        "per_hour": round2(per_hour),
+        "window_seconds": window.as_secs_f64(),
+        "threshold_per_hour": threshold,
+    });
+    if per_hour > threshold {
+        Outcome::Holds(ev)
+    } else {
+        Outcome::Clear(ev)
     }
 }
 
@@ -785,6 +983,164 @@ mod tests {
         t.buckets.insert(f64::INFINITY.to_bits(), 50);
         assert_eq!(t.quantile(0.99), Some(2.0), "in +Inf: the lower bound");
         assert_eq!(SyncTotals::default().quantile(0.99), None);
+    }
+
+    /// Feeds one net snapshot per second from `make` and checks `id` each time.
+    fn run_net(id: &str, p: &RuleParams, secs: u64, make: impl Fn(u64) -> TargetNet) -> Vec<Outcome> {
+        let t = target(Some(7));
+        let mut h = History::default();
+        (0..secs)
+            .map(|i| {
+                let n = make(i);
+                let v = View {
+                    target: &t,
+                    net: Some(&n),
+                    disk: None,
+                    resources: None,
+                    now_unix: 0.0,
+                    alive_since_unix: None,
+                };
+                h.record(s(i), &v, Duration::from_secs(60), p.window);
+                check(id, p, &v, &h, s(i))
+            })
+            .collect()
+    }
+
+    fn holds(o: &[Outcome]) -> Vec<bool> {
+        o.iter().map(|o| matches!(o, Outcome::Holds(_))).collect()
+    }
+
+    #[test]
+    fn rpc_exposed_ignores_loopback_and_the_allow_list() {
+        let t = Target::litecoin_for_tests("t", Some(1), &[19444], &[19443], &[19443]);
+        let h = History::default();
+        let rpc = |addr: &str| Connection {
+            service: Service::Rpc,
+            local_port: 19443,
+            ..conn(addr, 50000, Direction::Inbound)
+        };
+        let eval = |conns: Vec<Connection>, allow: &[&str]| {
+            let n = TargetNet { name: "t".into(), connections: conns, ..Default::default() };
+            let mut p = params("rpc_exposed", 0);
+            p.allow = allow.iter().map(|a| crate::health::rules::parse_allow(a).unwrap()).collect();
+            let v =
+                View { target: &t, net: Some(&n), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+            check("rpc_exposed", &p, &v, &h, s(0))
+        };
+        assert!(matches!(eval(vec![rpc("127.0.0.1"), rpc("::1")], &[]), Outcome::Clear(_)));
+        // a P2P peer from outside is no RPC client; an RPC client from outside is
+        let outside = conn("10.9.0.2", 40000, Direction::Inbound);
+        assert!(matches!(eval(vec![outside.clone()], &[]), Outcome::Clear(_)));
+        match eval(vec![rpc("127.0.0.1"), rpc("10.9.0.2"), outside], &[]) {
+            Outcome::Holds(ev) => {
+                assert_eq!(ev["exposed_connections"], 1, "{ev}");
+                assert_eq!(ev["clients"], json!(["10.9.0.2:50000"]), "{ev}");
+                assert_eq!(ev["rpc_connections"], 2, "{ev}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(eval(vec![rpc("10.9.0.2")], &["10.9.0.0/16"]), Outcome::Clear(_)));
+        assert!(matches!(eval(vec![rpc("10.9.0.2")], &["10.9.0.3"]), Outcome::Holds(_)));
+        // an outbound connection to someone's RPC-numbered port is not exposure
+        let out = Connection { service: Service::Rpc, ..conn("10.9.0.2", 19443, Direction::Outbound) };
+        assert!(matches!(eval(vec![out], &[]), Outcome::Clear(_)));
+        let no_rpc = target(Some(1));
+        let n = net(&[]);
+        let v =
+            View { target: &no_rpc, net: Some(&n), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+        assert!(matches!(check("rpc_exposed", &params("rpc_exposed", 0), &v, &h, s(0)), Outcome::Unknown(_)));
+    }
+
+    fn churned(inbound: u64, groups: &[(&str, u64)]) -> TargetNet {
+        let mut n = net(&[(1, Direction::Outbound)]);
+        n.churn.insert((Direction::Inbound, Service::P2p), Churn { opened: inbound, closed: inbound, open: 0 });
+        n.inbound_opened_netgroups = groups.iter().map(|(g, c)| (g.to_string(), *c)).collect();
+        n
+    }
+
+    #[test]
+    fn inbound_flood_over_the_window_with_its_netgroups() {
+        let mut p = params("inbound_flood", 10);
+        p.threshold = Some(60.0); // more than 10 in 10 s
+                                  // 1 a second throughout; 50 from 10.7/16 and 20 from 10.8/16 at t=30
+        let out = run_net("inbound_flood", &p, 60, |i| {
+            let burst = if i >= 30 { 70 } else { 0 };
+            let groups: &[(&str, u64)] = if i == 30 {
+                &[("10.7.0.0/16", 50), ("10.8.0.0/16", 20), ("127.0.0.0/16", 1)]
+            } else {
+                &[("127.0.0.0/16", 1)]
+            };
+            churned(i + burst, groups)
+        });
+        let fired = holds(&out);
+        assert!(!fired[..30].iter().any(|f| *f), "10 a window is not more than 10: {fired:?}");
+        assert!(fired[30..40].iter().all(|f| *f), "{fired:?}");
+        assert!(!fired[40..].iter().any(|f| *f), "the burst left the window: {fired:?}");
+        let Outcome::Holds(ev) = &out[30] else { unreachable!() };
+        assert_eq!(ev["inbound_connections"], 80, "{ev}");
+        assert_eq!(ev["per_minute"], 480.0, "{ev}");
+        assert_eq!(ev["top_netgroups"][0], json!({"netgroup": "10.7.0.0/16", "connections": 50}), "{ev}");
+        assert_eq!(ev["top_netgroups"][1], json!({"netgroup": "10.8.0.0/16", "connections": 20}), "{ev}");
+        assert_eq!(ev["top_netgroups"][2]["netgroup"], "127.0.0.0/16", "{ev}");
+    }
+
+    #[test]
+    fn connect_failures_need_a_share_and_enough_attempts() {
+        let p = params("connect_failures_high", 10); // above 80%
+        let run = |opened: fn(u64) -> u64, failed: fn(u64) -> u64| {
+            holds(&run_net("connect_failures_high", &p, 40, |i| {
+                let mut n = net(&[(1, Direction::Outbound)]);
+                n.churn.insert((Direction::Outbound, Service::P2p), Churn { opened: opened(i), closed: 0, open: 1 });
+                n.failed.insert((Service::P2p, "refused"), failed(i));
+                n.failed.insert((Service::Rpc, "refused"), 1000 * i);
+                n
+            }))
+        };
+        // 1 success and 3 failures a second: 75%
+        assert!(!run(|i| i, |i| 3 * i).iter().any(|f| *f));
+        // from t=20 only failures, 1 a second: 18 of 22 (81.8%) in the 10 s before t=26
+        let f = run(|i| i.min(20), |i| 3 * i.min(20) + i.saturating_sub(20));
+        assert!(!f[..26].iter().any(|f| *f), "{f:?}");
+        assert!(f[26..].iter().all(|f| *f), "{f:?}");
+        // 4 refused connects, nothing else: below the minimum of 5 attempts
+        assert!(!run(|_| 0, |i| i.min(4)).iter().any(|f| *f));
+        let f = run(|_| 0, |i| i.min(5));
+        assert!(f[5..=10].iter().all(|f| *f) && !f[11..].iter().any(|f| *f), "{f:?}");
+        // evidence by reason, outbound peer connects only
+        let out = run_net("connect_failures_high", &p, 3, |i| {
+            let mut n = net(&[]);
+            n.failed.insert((Service::P2p, "refused"), 4 * i);
+            n.failed.insert((Service::P2p, "timeout"), i);
+            n.failed.insert((Service::Rpc, "refused"), 100 * i);
+            n
+        });
+        let Outcome::Holds(ev) = &out[2] else { panic!("{out:?}") };
+        assert_eq!(ev["attempts"], 10, "{ev}");
+        assert_eq!(ev["failed_by_reason"], json!({"refused": 8, "timeout": 2}), "{ev}");
+    }
+
+    #[test]
+    fn peer_churn_counts_replacements_per_hour() {
+        let mut p = params("peer_churn_high", 60);
+        p.threshold = Some(600.0); // more than 10 a minute
+        let run = |opened: fn(u64) -> u64, closed: fn(u64) -> u64| {
+            let out = run_net("peer_churn_high", &p, 120, |i| {
+                let mut n = net(&[(1, Direction::Outbound)]);
+                n.churn.insert(
+                    (Direction::Outbound, Service::P2p),
+                    Churn { opened: opened(i), closed: closed(i), open: 1 },
+                );
+                n.churn.insert((Direction::Inbound, Service::Rpc), Churn { opened: 100 * i, closed: 100 * i, open: 0 });
+                n
+            });
+            holds(&out)
+        };
+        // one replaced every 2 s: 30 a minute
+        assert!(run(|i| i / 2, |i| i / 2)[100]);
+        // one every 10 s: 6 a minute
+        assert!(!run(|i| i / 10, |i| i / 10).iter().any(|f| *f));
+        // many opened, none closed (a node filling its slots): nothing replaced
+        assert!(!run(|i| i, |_| 0).iter().any(|f| *f));
     }
 
     #[test]

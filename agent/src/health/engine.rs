@@ -138,7 +138,8 @@ impl HealthEngine {
             let window_of =
                 |id: &str| RULES.iter().position(|d| d.id == id).map_or(Duration::ZERO, |i| params[i].window);
             let partition_window = window_of("partition_suspected");
-            let longest = (partition_window * PARTITION_CONNECT_WINDOWS).max(window_of("fsync_slow"));
+            let longest =
+                params.iter().map(|p| p.window).fold(partition_window * PARTITION_CONNECT_WINDOWS, Duration::max);
             state.history.record(now, &view, partition_window, longest);
 
             let mut rules = Vec::with_capacity(RULES.len());

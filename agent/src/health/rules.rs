@@ -29,6 +29,8 @@ pub enum ThresholdKind {
     Seconds,
     /// More than 0.
     Days,
+    /// Connections per minute or per hour: 0 or more.
+    Rate,
 }
 
 impl ThresholdKind {
@@ -45,6 +47,7 @@ impl ThresholdKind {
             }
             ThresholdKind::Seconds if value <= 0.0 => Some("seconds: must be greater than 0"),
             ThresholdKind::Days if value <= 0.0 => Some("days: must be greater than 0"),
+            ThresholdKind::Rate if value < 0.0 => Some("a rate of connections: must be 0 or more"),
             _ => None,
         }
     }
@@ -110,7 +113,27 @@ pub const RULES: &[RuleDef] = &[
     rule("memory_high", Warning, K::Percent, T::Value(80.0), secs(300), secs(300), None),
     rule("fds_high", Warning, K::Percent, T::Value(80.0), secs(300), secs(300), None),
     rule("fsync_slow", Warning, K::Seconds, T::Value(1.0), secs(0), secs(300), Some(secs(300))),
+    rule("rpc_exposed", Critical, K::None, T::None, secs(0), secs(60), None),
+    // threshold: inbound peer connections per minute, averaged over the window
+    rule("inbound_flood", Warning, K::Rate, T::Value(60.0), secs(0), secs(300), Some(secs(60))),
+    // threshold: % of outbound connects that failed over the window
+    rule("connect_failures_high", Warning, K::Percent, T::Value(80.0), secs(0), secs(300), Some(secs(600))),
+    // threshold: peers replaced per hour, averaged over the window
+    rule("peer_churn_high", Warning, K::Rate, T::Value(300.0), secs(0), secs(600), Some(secs(3600))),
 ];
+
+/// connect_failures_high judges a window only with at least this many
+/// outbound connects in it: one failed connect of one is not a rate.
+pub const CONNECT_FAILURES_MIN_ATTEMPTS: u64 = 5;
+
+/// The rules that take an `allow` list.
+const TAKES_ALLOW: &[&str] = &["rpc_exposed"];
+
+/// An `allow` entry: a network ("10.0.0.0/8") or one address ("192.0.2.7").
+pub fn parse_allow(entry: &str) -> Option<ipnet::IpNet> {
+    let entry = entry.trim();
+    entry.parse::<ipnet::IpNet>().ok().or_else(|| entry.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
 
 /// partition_suspected's second arm (every outbound connect failed) looks
 /// back this many of the rule's windows: 5 minutes by default.
@@ -162,6 +185,20 @@ fn validate_rules(prefix: &str, rules: &BTreeMap<String, RuleConfig>) -> Result<
                 return Err(ConfigError::invalid(key(k), "must be at most 365 days"));
             }
         }
+        if let Some(allow) = &rc.allow {
+            if !TAKES_ALLOW.contains(&id.as_str()) {
+                return Err(ConfigError::invalid(
+                    key("allow"),
+                    format!("rule {id} takes no allow list (only {})", TAKES_ALLOW.join(", ")),
+                ));
+            }
+            if let Some(bad) = allow.iter().find(|a| parse_allow(a).is_none()) {
+                return Err(ConfigError::invalid(
+                    key("allow"),
+                    format!("{bad:?} is not an IP address or network such as \"10.0.0.0/8\""),
+                ));
+            }
+        }
         if let Some(w) = rc.window {
             if def.window.is_none() {
                 return Err(ConfigError::invalid(key("window"), format!("rule {id} takes no window")));
@@ -185,6 +222,8 @@ pub struct RuleParams {
     pub for_: Duration,
     pub clear_after: Duration,
     pub window: Duration,
+    /// rpc_exposed: clients allowed besides loopback.
+    pub allow: Vec<ipnet::IpNet>,
 }
 
 impl RuleParams {
@@ -200,6 +239,7 @@ impl RuleParams {
             for_: def.for_,
             clear_after: def.clear_after,
             window: def.window.unwrap_or_default(),
+            allow: Vec::new(),
         };
         for layer in layers.iter().flatten() {
             if let Some(v) = layer.enabled {
@@ -219,6 +259,9 @@ impl RuleParams {
             }
             if let Some(v) = layer.window {
                 p.window = v;
+            }
+            if let Some(v) = &layer.allow {
+                p.allow = v.iter().filter_map(|a| parse_allow(a)).collect();
             }
         }
         p
@@ -481,6 +524,36 @@ mod tests {
         let p = RuleParams::resolve(def, Chain::Litecoin, &[Some(&global), Some(&target)]);
         assert_eq!((p.threshold, p.clear_after, p.severity), (Some(4.0), t(7), Severity::Critical));
         assert!(p.enabled);
+    }
+
+    #[test]
+    fn allow_lists_parse_and_the_target_replaces_the_global() {
+        assert_eq!(parse_allow("10.0.0.0/8"), Some("10.0.0.0/8".parse().unwrap()));
+        assert_eq!(parse_allow(" 192.0.2.7 "), Some("192.0.2.7/32".parse().unwrap()));
+        assert_eq!(parse_allow("2001:db8::/32"), Some("2001:db8::/32".parse().unwrap()));
+        assert_eq!(parse_allow("example.org"), None);
+        let def = definition("rpc_exposed").unwrap();
+        let global = RuleConfig { allow: Some(vec!["10.0.0.0/8".into()]), ..Default::default() };
+        let target = RuleConfig { allow: Some(vec!["192.0.2.7".into()]), ..Default::default() };
+        let p = RuleParams::resolve(def, Chain::Litecoin, &[Some(&global)]);
+        assert_eq!(p.allow, vec!["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]);
+        let p = RuleParams::resolve(def, Chain::Litecoin, &[Some(&global), Some(&target)]);
+        assert_eq!(p.allow, vec!["192.0.2.7/32".parse::<ipnet::IpNet>().unwrap()]);
+    }
+
+    #[test]
+    fn allow_lists_are_checked() {
+        let check = |id: &str, allow: &[&str]| {
+            let rc = RuleConfig { allow: Some(allow.iter().map(|a| a.to_string()).collect()), ..Default::default() };
+            match validate_rules("rules", &BTreeMap::from([(id.to_string(), rc)])) {
+                Ok(()) => None,
+                Err(ConfigError::Invalid { key, .. }) => Some(key),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(check("rpc_exposed", &["10.0.0.0/8", "::1", "192.0.2.7"]), None);
+        assert_eq!(check("rpc_exposed", &["10.0.0.0/8", "ten"]).as_deref(), Some("rules.rpc_exposed.allow"));
+        assert_eq!(check("no_peers", &["10.0.0.0/8"]).as_deref(), Some("rules.no_peers.allow"));
     }
 
     #[test]
