@@ -1,9 +1,10 @@
 //! `nodescope top` against a real agent watching a litecoind regtest pair:
 //! `--once` prints the peers with the bytes /peers has at that moment, the
-//! target and its verdict, also as nobody; the live view, driven through a pseudo-terminal
-//! of 80x24, shows the target, a peer row and the verdict, obeys its keys
-//! and exits on `q`; off a terminal it streams plain text and stops when its
-//! reader goes away; and it names an agent that is not there.
+//! target and its verdict, also when run as nobody; the live view, driven
+//! through a pseudo-terminal of 80x24, shows the target, a peer row and the
+//! verdict, obeys its keys, says when the agent goes away and exits on `q`;
+//! off a terminal it streams plain text and stops when its reader goes away;
+//! and it names an agent that is not there.
 
 mod common;
 

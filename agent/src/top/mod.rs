@@ -93,8 +93,8 @@ fn write_out(text: &str) -> Result<(), Failure> {
     })
 }
 
-/// One table: waits for two more collections of the agent (at most two
-/// `interval`s past its own period) so that rates have a span, then prints.
+/// One table: waits for two more collections of the agent so that rates
+/// have a span (12 s at most, or two `interval`s when longer), then prints.
 fn once(url: &AgentUrl, history: &mut History, interval: Duration) -> Result<(), Failure> {
     let deadline = Instant::now() + 2 * interval.max(Duration::from_secs(6));
     while history.len() < 3 && Instant::now() < deadline {
