@@ -45,12 +45,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let net_snapshot = Shared::<NetSnapshot>::default();
     let disk_snapshot = Shared::<DiskSnapshot>::default();
     let resources_snapshot = Shared::<ResourceSnapshot>::default();
+    let chain_snapshot = Shared::<crate::chainlog::ChainSnapshot>::default();
     let net = crate::net::start(&config.limits, &meter, net_snapshot.clone());
     let probes_attached = net.is_some();
     let mut signals: Vec<Box<dyn Signal>> = net
         .into_iter()
         .chain(crate::disk::start(&config.disk, &meter, disk_snapshot.clone()))
         .chain([crate::resources::start(&config.resources, &meter, resources_snapshot.clone())])
+        .chain([crate::chainlog::start(&meter, chain_snapshot.clone())])
         .collect();
     // health, over the snapshots of the signals above
     let mut health_engine = HealthEngine::new(&config);
@@ -170,6 +172,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 net: &net_snapshot.get(),
                 disk: &disk_snapshot.get(),
                 resources: &resources_snapshot.get(),
+                chain: &chain_snapshot.get(),
                 probes_attached,
             })
         });

@@ -52,6 +52,10 @@ pub struct NodeInfo {
     /// `-bind=...=onion` or its default onion port; monerod's
     /// --anonymous-inbound). Core's default counts only if the node listens there.
     pub onion_ports: Vec<(u16, PeerNetwork)>,
+    /// The node's own log file: Core's debug.log in the network's data dir
+    /// or where -debuglogfile puts it (None for -nodebuglogfile); monerod's
+    /// bitmonero.log beside its database or its --log-file.
+    pub log_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +133,7 @@ pub fn inspect(proc_root: &Path, pid: u32, chain: Chain) -> Result<NodeInfo, Dis
             rpc_ports: Vec::new(),
             proxies: Vec::new(),
             onion_ports: Vec::new(),
+            log_file: None,
         },
     })
 }
@@ -367,6 +372,15 @@ fn home_from_passwd(passwd: &str, uid: u32) -> Option<PathBuf> {
 /// would block the agent, a device never end), without blocking on open,
 /// and at most `limit` bytes of it.
 pub fn read_node_file(root: Option<&Path>, node_path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let file = open_node_file(root, node_path)?;
+    let mut contents = Vec::new();
+    file.take(limit).read_to_end(&mut contents)?;
+    Ok(contents)
+}
+
+/// Opens a regular file a node names, as `read_node_file` does, for a
+/// reader that keeps it open and reads it in bounded steps (its log).
+pub fn open_node_file(root: Option<&Path>, node_path: &Path) -> io::Result<fs::File> {
     let file = match root {
         Some(root) => open_in_root(root, node_path)?,
         None => fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(node_path)?,
@@ -374,9 +388,7 @@ pub fn read_node_file(root: Option<&Path>, node_path: &Path, limit: u64) -> io::
     if !file.metadata()?.is_file() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
     }
-    let mut contents = Vec::new();
-    file.take(limit).read_to_end(&mut contents)?;
-    Ok(contents)
+    Ok(file)
 }
 
 /// Opens `node_path` with `root` as `/`. A plain `root.join(path)` would
@@ -658,17 +670,25 @@ fn inspect_core(process: &Process, pid: u32, chain: Chain, args: &[String]) -> N
     let p2p = port("port").or(defaults.map(|d| d.p2p));
     let rpc = port("rpcport").or(defaults.map(|d| d.rpc));
     let (proxies, onion_ports) = core_proxies(&settings, &net, defaults);
+    let network_datadir = datadir.as_deref().map(|dir| with_subdir(dir, subdir));
+    // -debuglogfile: relative to the network's data dir; -nodebuglogfile: no file
+    let log_file = match settings.get("debuglogfile", &net) {
+        Some(s) if s.negated => None,
+        Some(s) if !s.value.is_empty() => relative_to(network_datadir.as_deref(), &s.value),
+        _ => network_datadir.as_ref().map(|dir| dir.join("debug.log")),
+    };
 
     NodeInfo {
         pid,
         chain,
         network,
-        network_datadir: datadir.as_deref().map(|dir| with_subdir(dir, subdir)),
+        network_datadir,
         datadir,
         p2p_ports: p2p.into_iter().collect(),
         rpc_ports: rpc.into_iter().collect(),
         proxies,
         onion_ports,
+        log_file,
     }
 }
 
@@ -837,17 +857,22 @@ fn inspect_monero(process: &Process, pid: u32, args: &[String]) -> NodeInfo {
     let mut rpc_ports: Vec<u16> = rpc.into_iter().chain(restricted).collect();
     rpc_ports.dedup();
     let (proxies, onion_ports) = monero_proxies(&options);
+    // monerod appends the network subdir even to an explicit --data-dir.
+    let network_datadir = datadir.as_deref().map(|dir| with_subdir(dir, chain.network_subdir(network)));
+    // bitmonero.log sits in that dir unless --log-file names another
+    let log_file =
+        options.path(process, "log-file").or_else(|| network_datadir.as_ref().map(|d| d.join("bitmonero.log")));
     NodeInfo {
         pid,
         chain,
         network,
-        // monerod appends the network subdir even to an explicit --data-dir.
-        network_datadir: datadir.as_deref().map(|dir| with_subdir(dir, chain.network_subdir(network))),
+        network_datadir,
         datadir,
         p2p_ports: p2p.into_iter().collect(),
         rpc_ports,
         proxies,
         onion_ports,
+        log_file,
     }
 }
 
@@ -1007,6 +1032,7 @@ mod tests {
                 proxies: Vec::new(),
                 // Core's default onion port for the network: the node may bind it for Tor
                 onion_ports: vec![(18445, PeerNetwork::Onion)],
+                log_file: Some(sb.path("work/nodes/btc/regtest/debug.log")),
             }
         );
     }
@@ -1086,6 +1112,7 @@ mod tests {
                 proxies: Vec::new(),
                 // Core's default onion port for the network: the node may bind it for Tor
                 onion_ports: vec![(19445, PeerNetwork::Onion)],
+                log_file: Some(sb.path("home/ltc/.litecoin/regtest/debug.log")),
             }
         );
     }
@@ -1136,6 +1163,7 @@ mod tests {
                 rpc_ports: vec![28100, 28089],
                 proxies: Vec::new(),
                 onion_ports: Vec::new(),
+                log_file: Some(datadir.join("testnet/bitmonero.log")),
             }
         );
     }
@@ -1183,6 +1211,7 @@ mod tests {
                 rpc_ports: vec![],
                 proxies: Vec::new(),
                 onion_ports: Vec::new(),
+                log_file: None,
             }
         );
         let err = inspect(&sb.proc_root(), 401, Chain::Bitcoin).unwrap_err();
@@ -1473,6 +1502,7 @@ mod tests {
                 proxies: Vec::new(),
                 // Core's default onion port for the network: the node may bind it for Tor
                 onion_ports: vec![(19445, PeerNetwork::Onion)],
+                log_file: Some(PathBuf::from("/home/ltc/.litecoin/regtest/debug.log")),
             }
         );
     }

@@ -6,6 +6,7 @@ mod bpf;
 mod caps;
 mod cgroup;
 mod chain;
+mod chainlog;
 mod config;
 mod container;
 mod discovery;

@@ -153,11 +153,7 @@ fn sections(status: Status, ts: &[&TargetHealth]) -> serde_json::Map<String, Val
     };
     let mut m = serde_json::Map::new();
     m.insert("status".into(), json!(status.as_str()));
-    // height and tip hash live inside the node; nodescope does not ask it
-    m.insert(
-        "chain".into(),
-        json!({ "initialized": some && ts.iter().all(|t| t.chain_initialized), "height": null, "tip_hash": null }),
-    );
+    m.insert("chain".into(), chain_section(ts));
     m.insert("storage".into(), json!({ "available": some && ts.iter().all(|t| t.storage_available), "size_bytes": sum(|t| t.storage_size_bytes) }));
     // the node's connection limit is its own setting, unseen from outside
     m.insert("network".into(), json!({ "peers_connected": sum(|t| t.peers_connected), "peers_max": null }));
@@ -166,6 +162,26 @@ fn sections(status: Status, ts: &[&TargetHealth]) -> serde_json::Map<String, Val
         json!({ "enabled": ts.iter().any(|t| t.rpc_enabled), "requests_processed": sum(|t| t.rpc_requests) }),
     );
     m
+}
+
+/// The chain's state as the node's log tells it (chainlog.rs), for one
+/// target; over several, only whether all are initialized. The tip hash is
+/// not read: the node is never asked.
+fn chain_section(ts: &[&TargetHealth]) -> Value {
+    let initialized = !ts.is_empty() && ts.iter().all(|t| t.chain_initialized);
+    let mut v = json!({ "initialized": initialized, "height": null, "tip_hash": null });
+    if let [t] = ts {
+        if let Some(c) = &t.chain {
+            v["height"] = json!(c.height);
+            v["tip_age_seconds"] = json!(c.tip_age_seconds.map(|a| a.round()));
+            v["sync_progress"] = json!(c.sync_progress);
+            v["initial_block_download"] = json!(c.initial_block_download);
+            v["source"] = json!(c.source);
+            v["log_file"] = json!(c.log_file);
+            v["detail"] = json!(c.detail);
+        }
+    }
+    v
 }
 
 fn target_section(t: &TargetHealth) -> Value {
@@ -223,6 +239,16 @@ mod tests {
                 rpc_enabled: true,
                 rpc_requests: Some(17),
                 disk: None,
+                chain: Some(crate::chainlog::TargetChain {
+                    name: "ltc".into(),
+                    source: "log",
+                    log_file: Some("/d/regtest/debug.log".into()),
+                    height: Some(42),
+                    tip_age_seconds: Some(12.4),
+                    sync_progress: Some(1.0),
+                    initial_block_download: Some(false),
+                    ..Default::default()
+                }),
                 rules: vec![RuleStatus {
                     id: "no_peers",
                     severity,
@@ -275,7 +301,12 @@ mod tests {
     fn detailed_shape() {
         let (code, v) = get(&snapshot(State::Ok, Severity::Critical), "/health/detailed");
         assert_eq!(code, 200);
-        assert_eq!(v["chain"], json!({"initialized": true, "height": null, "tip_hash": null}));
+        let chain = json!({
+            "initialized": true, "height": 42, "tip_hash": null, "tip_age_seconds": 12.0, "sync_progress": 1.0,
+            "initial_block_download": false, "source": "log", "log_file": "/d/regtest/debug.log", "detail": null,
+        });
+        assert_eq!(v["chain"], chain);
+        assert_eq!(v["targets"][0]["chain"], chain);
         assert_eq!(v["storage"], json!({"available": true, "size_bytes": 1234}));
         assert_eq!(v["network"], json!({"peers_connected": 3, "peers_max": null}));
         assert_eq!(v["rpc"], json!({"enabled": true, "requests_processed": 17}));

@@ -23,6 +23,8 @@ pub struct Inputs<'a> {
     pub net: &'a NetSnapshot,
     pub disk: &'a DiskSnapshot,
     pub resources: &'a ResourceSnapshot,
+    /// What each node's own log says of its chain.
+    pub chain: &'a crate::chainlog::ChainSnapshot,
     /// The network probes are loaded and attached.
     pub probes_attached: bool,
 }
@@ -190,6 +192,7 @@ impl HealthEngine {
                     .net
                     .map(|n| n.churn.get(&(Direction::Inbound, Service::Rpc)).map_or(0, |c| c.opened)),
                 disk: view.disk.map(|d| (inputs.disk.method, d.coverage.clone())),
+                chain: inputs.chain.target(&target.name).cloned(),
                 rules,
             });
         }
@@ -284,6 +287,7 @@ mod tests {
             net: &net(3),
             disk: &DiskSnapshot::default(),
             resources: &ResourceSnapshot::default(),
+            chain: &Default::default(),
             probes_attached: true,
         };
         let snap = e.evaluate_at(&inputs, Duration::ZERO, 1000.0);
@@ -314,7 +318,14 @@ mod tests {
         let (disk, res) = (DiskSnapshot::default(), ResourceSnapshot::default());
         let at = |e: &mut HealthEngine, s: u64, peers: usize| {
             let n = net(peers);
-            let inputs = Inputs { targets: &targets, net: &n, disk: &disk, resources: &res, probes_attached: true };
+            let inputs = Inputs {
+                targets: &targets,
+                net: &n,
+                disk: &disk,
+                resources: &res,
+                chain: &Default::default(),
+                probes_attached: true,
+            };
             e.evaluate_at(&inputs, Duration::from_secs(s), 1000.0 + s as f64)
         };
         for s in 0..=60 {
@@ -347,7 +358,14 @@ mod tests {
         let mut e = HealthEngine::new(&config(""));
         let targets = [target(Some(1))];
         let (n, disk, res) = (net(1), DiskSnapshot::default(), ResourceSnapshot::default());
-        let inputs = Inputs { targets: &targets, net: &n, disk: &disk, resources: &res, probes_attached: true };
+        let inputs = Inputs {
+            targets: &targets,
+            net: &n,
+            disk: &disk,
+            resources: &res,
+            chain: &Default::default(),
+            probes_attached: true,
+        };
         // 1ms apart, all inside the default 5-minute look-back: past the bound
         let extra = 10;
         let mut snap = HealthSnapshot::default();
@@ -370,7 +388,14 @@ mod tests {
         ));
         let targets = [target(None)];
         let (n, disk, res) = (net(0), DiskSnapshot::default(), ResourceSnapshot::default());
-        let inputs = Inputs { targets: &targets, net: &n, disk: &disk, resources: &res, probes_attached: true };
+        let inputs = Inputs {
+            targets: &targets,
+            net: &n,
+            disk: &disk,
+            resources: &res,
+            chain: &Default::default(),
+            probes_attached: true,
+        };
         let snap = e.evaluate_at(&inputs, Duration::ZERO, 0.0);
         assert!(snap.targets[0].rules.iter().all(|r| r.id != "low_peers"));
         assert_eq!(snap.targets[0].rules.len(), RULES.len() - 1);

@@ -84,6 +84,8 @@ pub struct TargetHealth {
     /// The disk signal's method and whether it sees the data dir's
     /// filesystem; None when the disk signal is off.
     pub disk: Option<(&'static str, crate::disk::coverage::Coverage)>,
+    /// What the node's own log says of its chain; None before the first read.
+    pub chain: Option<crate::chainlog::TargetChain>,
     /// Enabled rules only.
     pub rules: Vec<RuleStatus>,
 }

@@ -1,0 +1,275 @@
+//! Sync state from the node's own log (agent/src/chainlog.rs) against real
+//! litecoind and monerod regtest nodes that the test mines block by block:
+//! `nodescope_chain_height` is checked against the node's own RPC
+//! (`getblockcount`; monerod's `get_info.height` minus one, its tip's
+//! height), also across a log renamed and reopened and a log copied and
+//! truncated in place, and /health/detailed's `chain` section says the same.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A figure of one target in a scrape; None when the series is absent.
+fn figure(m: &str, name: &str, target: &str) -> Option<f64> {
+    let label = format!("nodescope_target=\"{target}\"");
+    m.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
+        .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+}
+
+fn agent_config(name: &str, chain: &str, cgroup: &Cgroup, datadir: &Path) -> String {
+    format!(
+        "[agent]\ninterval = \"500ms\"\n\n[[targets]]\nname = \"{name}\"\ncgroup = \"{}\"\nchain = \"{chain}\"\ndatadir = \"{}\"\n",
+        cgroup.path.display(),
+        datadir.display()
+    )
+}
+
+/// Mines `blocks` one at a time, a second apart; after each, the agent's
+/// height is at most one block behind the node's right away, and equal to
+/// it within 5 s. Returns the node's height at the end.
+fn mine_and_follow(agent: &Agent, target: &str, blocks: u32, mine: &dyn Fn(), node_height: &dyn Fn() -> u64) -> u64 {
+    let mut worst_lag = 0;
+    for _ in 0..blocks {
+        mine();
+        let node = node_height();
+        let seen = figure(&agent.metrics(), "nodescope_chain_height", target).unwrap_or(-1.0);
+        let lag = node as f64 - seen;
+        assert!(
+            (0.0..=1.0).contains(&lag),
+            "{target}: nodescope_chain_height {seen} right after the node reached {node}"
+        );
+        worst_lag = worst_lag.max(lag as u64);
+        let started = Instant::now();
+        wait_for(&format!("{target}: nodescope_chain_height {node}"), Duration::from_secs(5), || {
+            (figure(&agent.metrics(), "nodescope_chain_height", target) == Some(node as f64)).then_some(())
+        });
+        eprintln!("{target}: height {node}: lag {lag} right after mining, caught up in {:?}", started.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    node_height()
+}
+
+fn chain_section(agent: &Agent) -> Value {
+    agent.json("/health/detailed")["targets"][0]["chain"].clone()
+}
+
+#[test]
+fn litecoind_height_from_its_log_across_rotation_and_truncation() {
+    require_root();
+    let cgroup = Cgroup::new();
+    let node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string()]);
+    let agent = Agent::start(&agent_config("ltc", "litecoin", &cgroup, node.dir.path()));
+    let log = node.dir.path().join("regtest/debug.log");
+
+    // only the genesis block: its date is 2011, so the node is in initial block download
+    wait_for("height 0 from the log", Duration::from_secs(20), || {
+        let m = agent.metrics();
+        (figure(&m, "nodescope_chain_height", "ltc") == Some(0.0)).then_some(m)
+    });
+    let m = agent.metrics();
+    assert_eq!(figure(&m, "nodescope_chain_initial_block_download", "ltc"), Some(1.0));
+    assert!(figure(&m, "nodescope_chain_tip_age_seconds", "ltc").unwrap() > 10.0 * 365.0 * 86400.0);
+    assert_eq!(node.cli_json(&["getblockchaininfo"])["initialblockdownload"], true);
+
+    let address = node.address();
+    let mine = || drop(node.cli(&["generatetoaddress", "1", &address]));
+    let count = || node.cli(&["getblockcount"]).parse::<u64>().unwrap();
+    let height = mine_and_follow(&agent, "ltc", 5, &mine, &count);
+    assert_eq!(height, 5);
+    let m = agent.metrics();
+    assert_eq!(node.cli_json(&["getblockchaininfo"])["initialblockdownload"], false);
+    assert_eq!(figure(&m, "nodescope_chain_initial_block_download", "ltc"), Some(0.0));
+    assert_eq!(figure(&m, "nodescope_chain_sync_progress", "ltc"), Some(1.0));
+    let age = figure(&m, "nodescope_chain_tip_age_seconds", "ltc").unwrap();
+    assert!((0.0..30.0).contains(&age), "tip age {age}");
+
+    // rotation: renamed away; the node writes on to the old file until SIGHUP reopens its path
+    let rotated = node.dir.path().join("regtest/debug.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    assert_eq!(mine_and_follow(&agent, "ltc", 2, &mine, &count), 7);
+    assert!(!log.exists(), "the node made a new debug.log before SIGHUP");
+    // SAFETY: signalling the node this test started, by its pid.
+    assert_eq!(unsafe { libc::kill(node.pid() as i32, libc::SIGHUP) }, 0);
+    let height = mine_and_follow(&agent, "ltc", 3, &mine, &count);
+    let new_log = std::fs::read_to_string(&log).expect("debug.log reopened after SIGHUP");
+    assert!(new_log.contains(&format!("height={height} ")), "the reopened log has the last block");
+    assert!(!new_log.contains("height=7 "), "the reopened log starts after the rotation");
+
+    // copy-truncate: the log copied aside and cut to nothing in place
+    std::fs::copy(&log, node.dir.path().join("regtest/debug.log.2")).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&log).unwrap().set_len(0).unwrap();
+    let height = mine_and_follow(&agent, "ltc", 3, &mine, &count);
+    assert_eq!(height, 13);
+    let after = std::fs::read_to_string(&log).unwrap();
+    assert!(!after.contains("height=10 "), "debug.log holds lines from before the truncation");
+
+    let chain = chain_section(&agent);
+    assert_eq!(chain["height"], height, "{chain}");
+    assert_eq!(chain["source"], "log", "{chain}");
+    assert_eq!(chain["initial_block_download"], false, "{chain}");
+    assert_eq!(chain["sync_progress"], 1.0, "{chain}");
+    assert_eq!(chain["log_file"], log.display().to_string(), "{chain}");
+    assert!(chain["tip_age_seconds"].as_f64().unwrap() < 30.0, "{chain}");
+    let top = agent.json("/health/detailed")["chain"].clone();
+    assert_eq!(top["height"], height, "{top}");
+}
+
+#[test]
+fn a_node_without_a_log_file_is_said_to_have_none() {
+    require_root();
+    let cgroup = Cgroup::new();
+    let node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string(), "-nodebuglogfile".to_string()]);
+    let agent = Agent::start(&agent_config("ltc", "litecoin", &cgroup, node.dir.path()));
+    let chain = wait_for("the chain section", Duration::from_secs(20), || {
+        let c = chain_section(&agent);
+        c.get("source").is_some().then_some(c)
+    });
+    assert!(!node.dir.path().join("regtest/debug.log").exists());
+    assert_eq!(chain["source"], "no_log", "{chain}");
+    assert_eq!(chain["height"], Value::Null, "{chain}");
+    assert!(chain["detail"].as_str().unwrap().contains("-nodebuglogfile"), "{chain}");
+    assert_eq!(figure(&agent.metrics(), "nodescope_chain_height", "ltc"), None);
+}
+
+/// monerod regtest on loopback, in `cgroup`, logging each block it adds
+/// (--log-level 1) and rotating its own log past `max_log` bytes.
+struct Monerod {
+    child: std::process::Child,
+    dir: TempDir,
+    rpc_port: u16,
+}
+
+/// A valid mainnet address (the Monero project's donation address);
+/// monerod --regtest accepts it for generateblocks.
+const MONERO_ADDRESS: &str =
+    "44AFFq5kSiGBoZ4NMDwYtN18obc8AemS33DBLWs3H7otXft3XjrpDtQGv7SqSsaBYBb98uNbr2VBBEt7f2wfn3RVGQBEP3A";
+
+impl Monerod {
+    fn start(cgroup: &Cgroup, max_log: u64) -> Monerod {
+        require_tool("monerod", "monero");
+        let dir = TempDir::new("xmr");
+        let rpc_port = free_port();
+        let mut args: Vec<String> = [
+            "--regtest",
+            "--offline",
+            "--fixed-difficulty",
+            "1",
+            "--no-igd",
+            "--disable-dns-checkpoints",
+            "--check-updates",
+            "disabled",
+            "--non-interactive",
+            "--no-zmq",
+            "--p2p-bind-ip",
+            "127.0.0.1",
+            "--rpc-bind-ip",
+            "127.0.0.1",
+            "--log-level",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(["--max-log-file-size".into(), max_log.to_string()]);
+        args.extend(["--data-dir".into(), dir.path().display().to_string()]);
+        args.extend(["--p2p-bind-port".into(), free_port().to_string()]);
+        args.extend(["--rpc-bind-port".into(), rpc_port.to_string()]);
+        let child = spawn_in(Some(cgroup), "monerod", &args, &dir.path().join("stdout.log"));
+        let mut node = Monerod { child, dir, rpc_port };
+        wait_for("monerod RPC", Duration::from_secs(120), || {
+            if let Ok(Some(st)) = node.child.try_wait() {
+                panic!("monerod exited with {st}");
+            }
+            node.rpc("get_info", "{}").ok().filter(|v| v["result"]["status"] == "OK")
+        });
+        node
+    }
+
+    fn rpc(&self, method: &str, params: &str) -> Result<Value, String> {
+        let body = format!("{{\"jsonrpc\":\"2.0\",\"id\":\"0\",\"method\":\"{method}\",\"params\":{params}}}");
+        let mut s = TcpStream::connect(("127.0.0.1", self.rpc_port)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
+        write!(
+            s,
+            "POST /json_rpc HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .map_err(|e| e.to_string())?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+        let json = resp.split_once("\r\n\r\n").map(|(_, b)| b).ok_or("no body")?;
+        serde_json::from_str(json).map_err(|e| format!("{e}: {resp}"))
+    }
+
+    /// get_info.height: the number of blocks, one more than the tip's height.
+    fn height(&self) -> u64 {
+        let v = self.rpc("get_info", "{}").unwrap();
+        v["result"]["height"].as_u64().unwrap_or_else(|| panic!("get_info: {v}"))
+    }
+
+    fn mine(&self, blocks: u32) {
+        let params = format!("{{\"amount_of_blocks\":{blocks},\"wallet_address\":\"{MONERO_ADDRESS}\"}}");
+        let v = self.rpc("generateblocks", &params).unwrap_or_else(|e| panic!("generateblocks: {e}"));
+        assert_eq!(v["result"]["status"], "OK", "generateblocks: {v}");
+    }
+
+    /// Logs monerod rotated away itself (bitmonero.log-DATE).
+    fn rotated_logs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("bitmonero.log-"))
+            .collect()
+    }
+}
+
+impl Drop for Monerod {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(30));
+    }
+}
+
+#[test]
+fn monerod_height_from_its_log_across_its_own_rotation_and_truncation() {
+    require_root();
+    let cgroup = Cgroup::new();
+    // a small log: monerod renames it and opens a new one every few blocks
+    let node = Monerod::start(&cgroup, 8_000);
+    let agent = Agent::start(&agent_config("xmr", "monero", &cgroup, node.dir.path()));
+    let log = node.dir.path().join("bitmonero.log");
+
+    let mine = || node.mine(1);
+    // the tip's height is get_info.height minus one
+    let tip = || node.height() - 1;
+    // monerod logs no height at start: the first block added is the first
+    mine();
+    wait_for("xmr: height 1 from the log", Duration::from_secs(10), || {
+        (figure(&agent.metrics(), "nodescope_chain_height", "xmr") == Some(1.0)).then_some(())
+    });
+    assert_eq!(tip(), 1);
+    let height = mine_and_follow(&agent, "xmr", 8, &mine, &tip);
+    assert_eq!(height, 9);
+    let rotated = node.rotated_logs();
+    assert!(!rotated.is_empty(), "monerod did not rotate its log");
+    eprintln!("monerod rotated its log to {rotated:?}");
+    let age = figure(&agent.metrics(), "nodescope_chain_tip_age_seconds", "xmr").unwrap();
+    assert!((0.0..30.0).contains(&age), "tip age {age}");
+
+    // copy-truncate
+    std::fs::copy(&log, node.dir.path().join("copied.log")).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&log).unwrap().set_len(0).unwrap();
+    let height = mine_and_follow(&agent, "xmr", 3, &mine, &tip);
+    assert_eq!(height, 12);
+
+    let chain = chain_section(&agent);
+    assert_eq!(chain["height"], height, "{chain}");
+    assert_eq!(chain["source"], "log", "{chain}");
+    assert_eq!(chain["log_file"], log.display().to_string(), "{chain}");
+}
