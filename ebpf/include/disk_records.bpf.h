@@ -10,12 +10,14 @@
  * when it is first written, in ns_disk_files, and its counts (bytes and
  * calls per way of writing, sync calls per sync call) in a slot of the
  * preallocated ns_disk_counts, which the hot path reaches by index: each
- * task remembers the slot of the file it last wrote. The agent advances the
- * round in ns_disk_epoch every interval (the programs write the half of its
- * low bit), waits for an RCU grace period, so no program is still in the
- * old half, takes every file of the old half with
- * BPF_MAP_LOOKUP_AND_DELETE_ELEM, reads its counts, and frees the half's
- * slots. Nothing is read twice or lost between a read and a delete, and the
+ * task remembers the slot of the file it last wrote. A write of disk.bpf.c
+ * adds to its CPU's pending counts of the half (ns_disk_pending, plain adds),
+ * which move into their slot when the CPU writes another slot or call. The
+ * agent advances the round in ns_disk_epoch every interval (the programs
+ * write the half of its low bit), waits for an RCU grace period, so no
+ * program is still in the old half, takes every file of the old half with
+ * BPF_MAP_LOOKUP_AND_DELETE_ELEM, reads its counts, adds the half's pending
+ * counts to them, and frees the half's slots and pending counts. Nothing is read twice or lost between a read and a delete, and the
  * maps hold only the files written in the last two intervals (no close, dup
  * or exec bookkeeping).
  */
