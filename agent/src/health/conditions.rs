@@ -313,12 +313,13 @@ pub fn check(id: &str, p: &RuleParams, v: &View, h: &History, now: Duration) -> 
         }
         "memory_high" => {
             let Some(cg) = v.resources.and_then(|r| r.cgroup.as_ref()) else { return unknown("cgroup not measured") };
-            let Some(usage) = cg.memory_usage_bytes else { return unknown("cgroup memory usage not available") };
+            // the working set, not usage: page cache the node's reads fill is reclaimed, not a risk
+            let Some(usage) = cg.memory_working_set_bytes else { return unknown("cgroup working set not available") };
             if cg.memory_unlimited {
-                return Outcome::Clear(json!({ "memory_usage_bytes": usage, "memory_limit_bytes": null }));
+                return Outcome::Clear(json!({ "memory_working_set_bytes": usage, "memory_limit_bytes": null }));
             }
             let Some(limit) = cg.memory_limit_bytes else { return unknown("cgroup memory limit not available") };
-            ratio(usage, limit, threshold, "memory_usage_bytes", "memory_limit_bytes")
+            ratio(usage, limit, threshold, "memory_working_set_bytes", "memory_limit_bytes")
         }
         "fds_high" => {
             let Some(proc_) = v.resources.and_then(|r| r.process.as_ref()) else {
@@ -856,6 +857,7 @@ mod tests {
         let eval = |limit: Option<u64>, unlimited: bool| {
             let cgroup = CgroupStats {
                 memory_usage_bytes: Some(900),
+                memory_working_set_bytes: Some(900),
                 memory_limit_bytes: limit,
                 memory_unlimited: unlimited,
                 ..Default::default()

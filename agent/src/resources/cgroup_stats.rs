@@ -161,12 +161,17 @@ fn read_v2(r: &mut Reader, dir: &Path) -> CgroupStats {
             None
         })
     });
+    let memory_usage = r.number(&dir.join("memory.current"));
+    let stat_path = dir.join("memory.stat");
+    let stat = memory_usage.and_then(|_| r.read(&stat_path));
+    let inactive_file = r.key(&stat_path, stat.as_deref(), "inactive_file");
     CgroupStats {
         version: "v2",
         cpu_usage_seconds: usage.map(|us| us as f64 / 1e6),
         cpu_throttled_seconds: throttled.map(|us| us as f64 / 1e6),
         cpu_throttled_periods: periods,
-        memory_usage_bytes: r.number(&dir.join("memory.current")),
+        memory_usage_bytes: memory_usage,
+        memory_working_set_bytes: working_set(memory_usage, inactive_file),
         memory_limit_bytes: limit,
         memory_unlimited: unlimited,
         memory_peak_bytes: r.number(&dir.join("memory.peak")),
@@ -188,6 +193,11 @@ fn read_v1(r: &mut Reader, dirs: &BTreeMap<String, PathBuf>) -> CgroupStats {
     }
     if let Some(d) = r.v1_dir(dirs, "memory") {
         s.memory_usage_bytes = r.number(&d.join("memory.usage_in_bytes"));
+        let stat_path = d.join("memory.stat");
+        let stat = s.memory_usage_bytes.and_then(|_| r.read(&stat_path));
+        // total_: the group and its children, as usage_in_bytes counts them
+        s.memory_working_set_bytes =
+            working_set(s.memory_usage_bytes, r.key(&stat_path, stat.as_deref(), "total_inactive_file"));
         let limit = r.number(&d.join("memory.limit_in_bytes"));
         s.memory_unlimited = limit.is_some_and(|v| v >= V1_UNLIMITED);
         s.memory_limit_bytes = limit.filter(|v| *v < V1_UNLIMITED);
@@ -213,6 +223,12 @@ fn read_v1(r: &mut Reader, dirs: &BTreeMap<String, PathBuf>) -> CgroupStats {
         s.pids = r.number(&d.join("pids.current"));
     }
     s
+}
+
+/// The working set as kubelet judges eviction: usage less the page cache
+/// the kernel would reclaim first (inactive file pages).
+fn working_set(usage: Option<u64>, inactive_file: Option<u64>) -> Option<u64> {
+    Some(usage?.saturating_sub(inactive_file?))
 }
 
 fn flat_key(text: &str, key: &str) -> Option<u64> {
@@ -296,6 +312,7 @@ mod tests {
                 ("memory.current", "218103808\n"),
                 ("memory.max", "1073741824\n"),
                 ("memory.peak", "230686720\n"),
+                ("memory.stat", "anon 104857600\nfile 109051904\nactive_file 25165824\ninactive_file 83886080\n"),
                 ("io.stat", "254:0 rbytes=1459200 wbytes=314773504 rios=192 wios=353 dbytes=0 dios=0\n8:16 rbytes=4096 wbytes=0 rios=1 wios=0 dbytes=0 dios=0\n"),
                 ("pids.current", "17\n"),
             ];
@@ -322,6 +339,7 @@ mod tests {
         assert_eq!(s.cpu_throttled_seconds, Some(1.830012));
         assert_eq!(s.cpu_throttled_periods, Some(37));
         assert_eq!(s.memory_usage_bytes, Some(218103808));
+        assert_eq!(s.memory_working_set_bytes, Some(218103808 - 83886080));
         assert_eq!(s.memory_limit_bytes, Some(1073741824));
         assert_eq!(s.memory_peak_bytes, Some(230686720));
         assert_eq!(s.pids, Some(17));

@@ -64,6 +64,12 @@ pub fn register(meter: &Meter, snapshot: Shared<ResourceSnapshot>) {
             "Memory charged to the node's cgroup (memory.current, v1 memory.usage_in_bytes)",
             |t| t.cgroup.as_ref()?.memory_usage_bytes,
         ),
+        (
+            "nodescope.cgroup.memory.working_set",
+            "By",
+            "Memory of the node's cgroup less inactive file pages (memory.stat inactive_file), as kubelet counts it",
+            |t| t.cgroup.as_ref()?.memory_working_set_bytes,
+        ),
         ("nodescope.cgroup.memory.limit", "By", "Memory limit of the node's cgroup; absent when unlimited", |t| {
             t.cgroup.as_ref()?.memory_limit_bytes
         }),

@@ -94,6 +94,9 @@ pub struct CgroupStats {
     pub cpu_throttled_seconds: Option<f64>,
     pub cpu_throttled_periods: Option<u64>,
     pub memory_usage_bytes: Option<u64>,
+    /// Usage less inactive file pages (v2 memory.stat inactive_file, v1
+    /// total_inactive_file): what kubelet's eviction and memory_high judge.
+    pub memory_working_set_bytes: Option<u64>,
     /// None = unlimited, or the limit could not be read (memory_unlimited
     /// tells the two apart).
     pub memory_limit_bytes: Option<u64>,
