@@ -117,11 +117,19 @@ pub struct AgentConfig {
     pub interval: Duration,
     /// With no `[[targets]]`, look for known nodes on the host.
     pub discover: bool,
+    /// How long a discovered node that went away stays listed as down
+    /// (node_down firing) before it is forgotten.
+    #[serde(with = "humantime_serde")]
+    pub forget_absent_after: Duration,
 }
 
 impl Default for AgentConfig {
     fn default() -> Self {
-        AgentConfig { interval: Duration::from_secs(5), discover: true }
+        AgentConfig {
+            interval: Duration::from_secs(5),
+            discover: true,
+            forget_absent_after: Duration::from_secs(86400),
+        }
     }
 }
 
@@ -525,6 +533,9 @@ impl Config {
         if self.agent.interval > Duration::from_secs(3600) {
             return Err(ConfigError::invalid("agent.interval", "must be at most 1h"));
         }
+        if self.agent.forget_absent_after > Duration::from_secs(30 * 86400) {
+            return Err(ConfigError::invalid("agent.forget_absent_after", "must be at most 30 days"));
+        }
         if !(64..=1 << 20).contains(&self.limits.max_connections) {
             return Err(ConfigError::invalid("limits.max_connections", "must be between 64 and 1048576"));
         }
@@ -675,6 +686,9 @@ pub struct ResourcesConfig {
     /// How often a file is created and written in the data dir as the node's user.
     #[serde(with = "humantime_serde")]
     pub datadir_write_test: Duration,
+    /// false: no write test at all (the agent then never writes in the data
+    /// dir; readiness judges free space alone, nodescope_datadir_writable is absent).
+    pub write_test: bool,
     /// Look-back of the growth rates and the days-until-full forecast.
     #[serde(with = "humantime_serde")]
     pub forecast_window: Duration,
@@ -688,6 +702,7 @@ impl Default for ResourcesConfig {
             datadir_max_entries: 1_000_000,
             datadir_rescan: Duration::from_secs(3600),
             datadir_write_test: Duration::from_secs(60),
+            write_test: true,
             forecast_window: Duration::from_secs(3600),
         }
     }

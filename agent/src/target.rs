@@ -236,16 +236,16 @@ pub struct Targets {
     last_state: BTreeMap<String, String>,
     /// Discovered nodes that went away, and since when.
     absent_since: BTreeMap<String, Instant>,
+    /// How long a discovered node that went away stays listed (absent, so
+    /// node_down fires and stays firing) before it is forgotten:
+    /// `agent.forget_absent_after`, a day by default, so an alert on it
+    /// does not clear while the node is still down.
+    absent_ttl: Duration,
     /// Each target's ports (p2p, rpc, listening) when it last ran: a node
     /// that is down keeps them, so the closes of its last connections, read
     /// after it died, are still told apart (p2p, rpc) as they were.
     last_ports: BTreeMap<String, KnownPorts>,
 }
-
-/// How long a discovered node that went away stays listed: long enough for
-/// node_down to fire and be seen, short enough that churned test or
-/// short-lived nodes do not pile up.
-const DISCOVERED_ABSENT_TTL: Duration = Duration::from_secs(600);
 
 impl Targets {
     pub fn new(config: &Config, mounts: Mounts) -> Targets {
@@ -258,6 +258,7 @@ impl Targets {
             current: Vec::new(),
             last_state: BTreeMap::new(),
             absent_since: BTreeMap::new(),
+            absent_ttl: config.agent.forget_absent_after,
             last_ports: BTreeMap::new(),
         }
     }
@@ -268,6 +269,7 @@ impl Targets {
     pub fn reconfigure(&mut self, config: &Config) {
         self.specs = config.targets.iter().map(TargetSpec::from).collect();
         self.discover = config.targets.is_empty() && config.agent.discover;
+        self.absent_ttl = config.agent.forget_absent_after;
     }
 
     pub fn is_discovering(&self) -> bool {
@@ -341,7 +343,7 @@ impl Targets {
     /// `-<p2p port>` added when several share a name, so a node keeps its
     /// name across restarts, its container's included. A node that went
     /// away stays listed (absent, so its verdicts say so) for
-    /// `DISCOVERED_ABSENT_TTL`, then is forgotten and its slot freed.
+    /// `agent.forget_absent_after`, then is forgotten and its slot freed.
     fn discovered_specs(&mut self) -> Vec<TargetSpec> {
         let mut specs: Vec<TargetSpec> = Vec::new();
         for (pid, chain) in discovery::find_nodes(&self.proc_root) {
@@ -370,11 +372,15 @@ impl Targets {
         }
         let now = Instant::now();
         let gone: Vec<String> = self.slots.keys().filter(|n| !specs.iter().any(|s| &s.name == *n)).cloned().collect();
+        let ttl = self.absent_ttl;
         for name in gone {
-            let since = *self.absent_since.entry(name.clone()).or_insert(now);
+            let since = *self.absent_since.entry(name.clone()).or_insert_with(|| {
+                tracing::warn!(target_name = %name, "discovered node gone: listed as down (node_down) for {}, then forgotten", humantime_serde::re::humantime::format_duration(ttl));
+                now
+            });
             let prev = self.current.iter().find(|t| t.name == name);
             match prev {
-                Some(prev) if now.duration_since(since) < DISCOVERED_ABSENT_TTL => specs.push(TargetSpec {
+                Some(prev) if now.duration_since(since) < ttl => specs.push(TargetSpec {
                     name: name.clone(),
                     selector: Selector::Pid(0),
                     chain: prev.chain,
@@ -384,7 +390,7 @@ impl Targets {
                     proxies: Vec::new(),
                 }),
                 _ => {
-                    tracing::info!(target_name = %name, "forgetting node that has been gone for {DISCOVERED_ABSENT_TTL:?}");
+                    tracing::info!(target_name = %name, "forgetting node that has been gone for {} (agent.forget_absent_after)", humantime_serde::re::humantime::format_duration(ttl));
                     self.slots.remove(&name);
                     self.absent_since.remove(&name);
                     self.last_state.remove(&name);
@@ -774,6 +780,28 @@ mod selector_tests {
         let mut targets = host.targets("", Mounts::default());
         let names: Vec<String> = targets.discovered_specs().into_iter().map(|s| s.name).collect();
         assert_eq!(names, ["litecoin-regtest", "litecoin-regtest-ltc-node", "litecoin-regtest-litecoin-0"]);
+    }
+
+    #[test]
+    fn a_discovered_node_that_went_away_stays_down_until_forget_absent_after() {
+        let host = FakeHost::new("absent");
+        host.process(100, "litecoind", &["litecoind", "-regtest"], "/user.slice/session-1.scope");
+        let mut targets = host.targets("[agent]\nforget_absent_after = \"1h\"\n", Mounts::default());
+        assert_eq!(targets.absent_ttl, Duration::from_secs(3600));
+        let listed = |t: &mut Targets| -> Vec<(String, Option<u32>)> {
+            t.refresh().iter().map(|t| (t.name.clone(), t.pid)).collect()
+        };
+        assert_eq!(listed(&mut targets), [("litecoin-regtest".to_string(), Some(100))]);
+        fs::remove_dir_all(host.root.join("proc/100")).unwrap();
+        // gone: still listed, not running, so node_down fires and stays firing
+        assert_eq!(listed(&mut targets), [("litecoin-regtest".to_string(), None)]);
+        assert_eq!(listed(&mut targets), [("litecoin-regtest".to_string(), None)]);
+        // past forget_absent_after (here: a reload that shortens it to nothing)
+        let config = Config::from_toml_with_env("[agent]\nforget_absent_after = \"0s\"\n", Vec::new()).unwrap();
+        targets.reconfigure(&config);
+        assert_eq!(listed(&mut targets), []);
+        // the default: a day
+        assert_eq!(host.targets("", Mounts::default()).absent_ttl, Duration::from_secs(86400));
     }
 
     #[test]

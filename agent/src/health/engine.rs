@@ -174,7 +174,7 @@ impl HealthEngine {
             let storage_available = view.resources.is_some_and(|r| {
                 let threshold =
                     RULES.iter().position(|d| d.id == "disk_critical").and_then(|i| params[i].threshold).unwrap_or(0.0);
-                r.datadir_writable == Some(true)
+                (r.datadir_writable == Some(true) || r.write_test_off)
                     && r.filesystem.and_then(|fs| fs.available_percent()).is_some_and(|pct| pct >= threshold)
             });
             let listening_p2p = target.p2p_ports.iter().any(|p| target.listening.contains(p));

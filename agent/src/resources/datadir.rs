@@ -668,7 +668,8 @@ pub struct DatadirWatcher {
 }
 
 impl DatadirWatcher {
-    pub fn start(limits: WalkLimits, writable_check: Duration) -> io::Result<DatadirWatcher> {
+    /// `writable_check`: how often the write test runs; None: never.
+    pub fn start(limits: WalkLimits, writable_check: Option<Duration>) -> io::Result<DatadirWatcher> {
         // One request in flight: while a pass is still running, the next
         // interval's request is dropped (and counted) rather than queued.
         let (requests, rx) = mpsc::sync_channel(1);
@@ -714,7 +715,7 @@ fn watch(
     rx: Receiver<Vec<WatchRequest>>,
     reports: Arc<Mutex<HashMap<WatchKey, DirReport>>>,
     limits: WalkLimits,
-    writable_check: Duration,
+    writable_check: Option<Duration>,
 ) {
     let mut watched: HashMap<WatchKey, Watched> = HashMap::new();
     while let Ok(requests) = rx.recv() {
@@ -727,7 +728,8 @@ fn watch(
                 .or_insert_with(|| Watched { tracker: DirTracker::new(&dir, limits), writable: None });
             w.tracker.rebase(&dir);
             w.tracker.pass();
-            if w.writable.as_ref().is_none_or(|(at, _)| at.elapsed() >= writable_check) {
+            let due = |every: Duration| w.writable.as_ref().is_none_or(|(at, _)| at.elapsed() >= every);
+            if writable_check.is_some_and(due) {
                 w.writable = Some((Instant::now(), write_test(w.tracker.root(), owner)));
             }
             let t = &w.tracker;
@@ -1068,7 +1070,7 @@ mod tests {
         let (tx, rx) = mpsc::sync_channel(0);
         let reports = Arc::new(Mutex::new(HashMap::new()));
         let shared = reports.clone();
-        let thread = std::thread::spawn(move || watch(rx, shared, limits(16), Duration::from_secs(3600)));
+        let thread = std::thread::spawn(move || watch(rx, shared, limits(16), Some(Duration::from_secs(3600))));
         let key = WatchKey { target: "ltc".into(), dir: PathBuf::from("/data/regtest") };
         let other = WatchKey { target: "ltc2".into(), dir: key.dir.clone() };
         let request =
@@ -1096,6 +1098,30 @@ mod tests {
         assert_eq!(r.writable, Some(true));
         drop(tx);
         thread.join().unwrap();
+    }
+
+    #[test]
+    fn write_test_off_writes_nothing() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = Tmp::new("no-write-test");
+        write(&tmp.0.join("f"), 100);
+        let mtime = |p: &Path| fs::metadata(p).map(|m| (m.mtime(), m.mtime_nsec())).unwrap();
+        let before = mtime(&tmp.0);
+        let (tx, rx) = mpsc::sync_channel(0);
+        let reports = Arc::new(Mutex::new(HashMap::new()));
+        let shared = reports.clone();
+        let thread = std::thread::spawn(move || watch(rx, shared, limits(16), None));
+        let key = WatchKey { target: "ltc".into(), dir: tmp.0.clone() };
+        for _ in 0..3 {
+            tx.send(vec![WatchRequest { key: key.clone(), dir: Some(tmp.0.clone()), owner: None }]).unwrap();
+        }
+        drop(tx);
+        thread.join().unwrap();
+        let r = reports.lock().unwrap().get(&key).cloned().unwrap();
+        assert_eq!((r.writable, r.writable_error), (None, None));
+        assert_eq!(r.size_bytes, Some(du_sb(&tmp.0)));
+        // no file was made and removed in it
+        assert_eq!(mtime(&tmp.0), before);
     }
 
     #[test]

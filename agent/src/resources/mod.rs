@@ -52,6 +52,8 @@ pub struct TargetResources {
     pub days_until_full: Option<f64>,
     /// data dir exists and a test file can be created in it
     pub datadir_writable: Option<bool>,
+    /// `[resources] write_test = false`: datadir_writable is never measured
+    pub write_test_off: bool,
     pub cgroup: Option<CgroupStats>,
     pub process: Option<ProcessStats>,
     /// bytes per second the filesystem's used space grew over the forecast
@@ -134,6 +136,7 @@ pub struct ProcessStats {
 
 /// Collects the resource figures of every target, once per interval.
 pub struct ResourceSignal {
+    write_test: bool,
     cgroup_version: CgroupVersion,
     forecast_window: std::time::Duration,
     mounts: Mounts,
@@ -193,7 +196,8 @@ impl ResourceSignal {
             max_entries: config.datadir_max_entries,
             rescan: config.datadir_rescan,
         };
-        let watcher = match DatadirWatcher::start(limits, config.datadir_write_test) {
+        let write_test = config.write_test.then_some(config.datadir_write_test);
+        let watcher = match DatadirWatcher::start(limits, write_test) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::error!("data dir size and write test off: starting their thread: {e}");
@@ -201,6 +205,7 @@ impl ResourceSignal {
             }
         };
         ResourceSignal {
+            write_test: config.write_test,
             cgroup_version: config.cgroup_version,
             forecast_window: config.forecast_window,
             mounts,
@@ -219,7 +224,8 @@ impl ResourceSignal {
         let mut requests = Vec::new();
         let mut out = Vec::with_capacity(targets.len());
         for t in targets {
-            let mut r = TargetResources { name: t.name.clone(), ..Default::default() };
+            let mut r =
+                TargetResources { name: t.name.clone(), write_test_off: !self.write_test, ..Default::default() };
             let mut owner = None;
             if let Some(pid) = t.pid {
                 match self.processes.read(&t.name, pid) {
