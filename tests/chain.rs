@@ -153,12 +153,17 @@ const MONERO_ADDRESS: &str =
 
 impl Monerod {
     fn start(cgroup: &Cgroup, max_log: u64) -> Monerod {
+        Self::start_with(Some(cgroup), max_log, free_port(), None)
+    }
+
+    /// On P2P port `p2p_port`; with `peer`, connected to that port only
+    /// (else offline: no P2P at all).
+    fn start_with(cgroup: Option<&Cgroup>, max_log: u64, p2p_port: u16, peer: Option<u16>) -> Monerod {
         require_tool("monerod", "monero");
         let dir = TempDir::new("xmr");
         let rpc_port = free_port();
         let mut args: Vec<String> = [
             "--regtest",
-            "--offline",
             "--fixed-difficulty",
             "1",
             "--no-igd",
@@ -179,9 +184,13 @@ impl Monerod {
         .collect();
         args.extend(["--max-log-file-size".into(), max_log.to_string()]);
         args.extend(["--data-dir".into(), dir.path().display().to_string()]);
-        args.extend(["--p2p-bind-port".into(), free_port().to_string()]);
+        args.extend(["--p2p-bind-port".into(), p2p_port.to_string()]);
         args.extend(["--rpc-bind-port".into(), rpc_port.to_string()]);
-        let child = spawn_in(Some(cgroup), "monerod", &args, &dir.path().join("stdout.log"));
+        match peer {
+            Some(port) => args.extend(["--add-exclusive-node".into(), format!("127.0.0.1:{port}")]),
+            None => args.push("--offline".into()),
+        }
+        let child = spawn_in(cgroup, "monerod", &args, &dir.path().join("stdout.log"));
         let mut node = Monerod { child, dir, rpc_port };
         wait_for("monerod RPC", Duration::from_secs(120), || {
             if let Ok(Some(st)) = node.child.try_wait() {
@@ -272,4 +281,93 @@ fn monerod_height_from_its_log_across_its_own_rotation_and_truncation() {
     assert_eq!(chain["height"], height, "{chain}");
     assert_eq!(chain["source"], "log", "{chain}");
     assert_eq!(chain["log_file"], log.display().to_string(), "{chain}");
+}
+
+/// The rule's state and evidence in /health/detailed.
+fn stalled_rule(agent: &Agent) -> Option<(String, Value)> {
+    let d = agent.json("/health/detailed");
+    let r = d["targets"][0]["rules"].as_array()?.iter().find(|r| r["id"] == "chain_stalled")?.clone();
+    Some((r["state"].as_str()?.to_string(), r["evidence"].clone()))
+}
+
+/// Blocks every 2 s for 12 s: chain_stalled stays ok, judged from the log.
+/// Mining stops: it stays ok until `threshold` seconds after the last
+/// block, then fires (within 3 s more). A block: it clears within 3 s.
+fn stall_fires_and_clears(agent: &Agent, target: &str, threshold: u64, mine: &dyn Fn(), node_height: &dyn Fn() -> u64) {
+    wait_for("chain_stalled evaluated", Duration::from_secs(30), || {
+        stalled_rule(agent).filter(|(s, ev)| s != "unknown" && ev["source"] == "log")
+    });
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        mine();
+        let (state, ev) = stalled_rule(agent).unwrap();
+        assert_eq!(state, "ok", "{target}: chain_stalled while blocks come: {ev}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    mine();
+    let last = Instant::now();
+    let height = node_height();
+    wait_for(&format!("{target}: height {height}"), Duration::from_secs(5), || {
+        (figure(&agent.metrics(), "nodescope_chain_height", target) == Some(height as f64)).then_some(())
+    });
+    let ev = loop {
+        let (state, ev) = stalled_rule(agent).unwrap();
+        if state == "firing" {
+            break ev;
+        }
+        assert!(last.elapsed() < Duration::from_secs(threshold + 3), "{target}: chain_stalled not firing: {ev}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let fired = last.elapsed();
+    eprintln!("{target}: chain_stalled fired {fired:?} after the last block (threshold {threshold} s): {ev}");
+    assert!(fired >= Duration::from_secs(threshold), "{target}: fired early, {fired:?}");
+    assert_eq!(ev["source"], "log", "{ev}");
+    assert_eq!(ev["height"], height, "{ev}");
+    // the node's own word: no block since
+    assert_eq!(node_height(), height);
+    mine();
+    let resumed = Instant::now();
+    wait_for(&format!("{target}: chain_stalled cleared"), Duration::from_secs(3), || {
+        stalled_rule(agent).filter(|(s, _)| s == "ok")
+    });
+    eprintln!("{target}: chain_stalled cleared {:?} after the next block", resumed.elapsed());
+}
+
+#[test]
+fn litecoind_chain_stalled_from_its_log() {
+    require_root();
+    let cgroup = Cgroup::new();
+    let node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string()]);
+    let _peer = Litecoind::start(None, &[format!("-connect={}", node.addr())]);
+    node.wait_peers(1);
+    let address = node.address();
+    node.cli(&["generatetoaddress", "1", &address]);
+    let agent = Agent::start(
+        &(agent_config("ltc", "litecoin", &cgroup, node.dir.path()) + "[targets.rules.chain_stalled]\nthreshold = 8\n"),
+    );
+    let mine = || drop(node.cli(&["generatetoaddress", "1", &address]));
+    let count = || node.cli(&["getblockcount"]).parse::<u64>().unwrap();
+    stall_fires_and_clears(&agent, "ltc", 8, &mine, &count);
+}
+
+#[test]
+fn monerod_chain_stalled_from_its_log() {
+    require_root();
+    let cgroup = Cgroup::new();
+    let (port, peer_port) = (free_port(), free_port());
+    let node = Monerod::start_with(Some(&cgroup), 10 << 20, port, Some(peer_port));
+    let _peer = Monerod::start_with(None, 10 << 20, peer_port, Some(port));
+    wait_for("monerod peers", Duration::from_secs(60), || {
+        let v = node.rpc("get_info", "{}").ok()?;
+        let n =
+            v["result"]["incoming_connections_count"].as_u64()? + v["result"]["outgoing_connections_count"].as_u64()?;
+        (n > 0).then_some(())
+    });
+    node.mine(1);
+    let agent = Agent::start(
+        &(agent_config("xmr", "monero", &cgroup, node.dir.path()) + "[targets.rules.chain_stalled]\nthreshold = 8\n"),
+    );
+    let mine = || node.mine(1);
+    let tip = || node.height() - 1;
+    stall_fires_and_clears(&agent, "xmr", 8, &mine, &tip);
 }

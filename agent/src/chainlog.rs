@@ -74,6 +74,9 @@ pub struct TargetChain {
     /// Seconds since the tip block's time (Core) or since the node logged
     /// it (monerod, whose block lines carry no block time).
     pub tip_age_seconds: Option<f64>,
+    /// Unix time the node logged its current tip (the line's own timestamp,
+    /// else when the agent read it): when the chain last moved.
+    pub tip_logged_unix: Option<f64>,
     /// Core's verification progress; monerod's synced height over its
     /// target (1 once synchronized).
     pub sync_progress: Option<f64>,
@@ -305,6 +308,7 @@ impl TargetLog {
             out.source = "log";
         }
         out.height = Some(height);
+        out.tip_logged_unix = tip.logged_at;
         match self.chain {
             Chain::Monero => {
                 if tip.block_lines {

@@ -32,6 +32,8 @@ pub struct View<'a> {
     pub now_unix: f64,
     /// When the current process of the node was first seen (unix seconds).
     pub alive_since_unix: Option<f64>,
+    /// What the node's own log says of its chain (chainlog.rs).
+    pub chain: Option<&'a crate::chainlog::TargetChain>,
 }
 
 /// A P2P connection's identity: address, the peer's port, direction.
@@ -585,30 +587,54 @@ fn peer_churn(v: &View, h: &History, now: Duration, window: Duration, threshold:
 /// the first write seen, the stall counts from when this process was first
 /// seen.
 fn chain_stalled(v: &View, threshold: f64) -> Outcome {
-    let Some(disk) = v.disk else { return unknown(NO_DISK) };
     let Some(net) = v.net else { return unknown(NO_NET) };
     if v.target.pid.is_none() {
         return unknown("node not running");
     }
     let peers = net.p2p_peers().count();
-    let last_write = disk.last_write_unix.get("blocks").copied();
-    // The disk signal names the second the write was seen in; counting from
-    // that second's end never makes a stall look longer than it is.
-    let seen = last_write.map(|t| t as f64 + 1.0);
-    let Some(from) = seen.into_iter().chain(v.alive_since_unix).reduce(f64::max) else {
+    // the chain's own block files: monerod keeps its chain in lmdb
+    let class = match v.target.chain {
+        crate::chain::Chain::Monero => "lmdb",
+        _ => "blocks",
+    };
+    let last_write = v.disk.and_then(|d| d.last_write_unix.get(class).copied());
+    let mut ev = serde_json::Map::new();
+    ev.insert(format!("last_{class}_write"), json!(last_write));
+    ev.insert("p2p_peers".into(), json!(peers));
+    ev.insert("threshold_seconds".into(), json!(threshold));
+    // When the chain last moved: the node's log says when it took its tip;
+    // else the last write to its block files. Either names a second, and
+    // counting from that second's end never makes a stall look longer than it is.
+    let from_log = v.chain.filter(|c| c.source == "log");
+    let moved = match from_log.and_then(|c| Some((c, c.tip_logged_unix?))) {
+        Some((c, logged)) => {
+            if c.initial_block_download == Some(true) {
+                // a node in initial sync is judged by its progress, not by block gaps
+                ev.insert("initial_block_download".into(), json!(true));
+                return Outcome::Clear(Value::Object(ev));
+            }
+            ev.insert("source".into(), json!("log"));
+            ev.insert("height".into(), json!(c.height));
+            ev.insert("tip_age_seconds".into(), json!(c.tip_age_seconds.map(f64::round)));
+            Some(logged.floor() + 1.0)
+        }
+        None => {
+            if v.disk.is_none() {
+                return unknown(NO_DISK);
+            }
+            ev.insert("source".into(), json!("files"));
+            last_write.map(|t| t as f64 + 1.0)
+        }
+    };
+    let Some(from) = moved.into_iter().chain(v.alive_since_unix).reduce(f64::max) else {
         return unknown("node start time not known");
     };
     let stalled = (v.now_unix - from).max(0.0);
-    let ev = json!({
-        "last_blocks_write": last_write,
-        "stalled_seconds": stalled.round(),
-        "p2p_peers": peers,
-        "threshold_seconds": threshold,
-    });
+    ev.insert("stalled_seconds".into(), json!(stalled.round()));
     if peers > 0 && stalled > threshold {
-        Outcome::Holds(ev)
+        Outcome::Holds(Value::Object(ev))
     } else {
-        Outcome::Clear(ev)
+        Outcome::Clear(Value::Object(ev))
     }
 }
 
@@ -682,6 +708,7 @@ mod tests {
                     resources: None,
                     now_unix: 0.0,
                     alive_since_unix: None,
+                    chain: None,
                 };
                 h.record(s(i as u64), &v, p.window, p.window * PARTITION_CONNECT_WINDOWS);
                 matches!(check("partition_suspected", &p, &v, &h, s(i as u64)), Outcome::Holds(_))
@@ -732,12 +759,20 @@ mod tests {
                 resources: None,
                 now_unix: 0.0,
                 alive_since_unix: None,
+                chain: None,
             };
             h.record(s(i), &v, p.window, p.window * 5);
         }
         let after = net(&[(7, Direction::Inbound), (8, Direction::Inbound), (3, Direction::Outbound)]);
-        let v =
-            View { target: &t2, net: Some(&after), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+        let v = View {
+            target: &t2,
+            net: Some(&after),
+            disk: None,
+            resources: None,
+            now_unix: 0.0,
+            alive_since_unix: None,
+            chain: None,
+        };
         h.record(s(20), &v, p.window, p.window * 5);
         assert!(matches!(check("partition_suspected", &p, &v, &h, s(20)), Outcome::Clear(_)));
     }
@@ -754,8 +789,15 @@ mod tests {
             n.churn
                 .insert((Direction::Outbound, Service::P2p), Churn { opened: i.min(30), closed: i.min(30), open: 0 });
             n.failed.insert((Service::P2p, "refused"), i.saturating_sub(30));
-            let v =
-                View { target: &t, net: Some(&n), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+            let v = View {
+                target: &t,
+                net: Some(&n),
+                disk: None,
+                resources: None,
+                now_unix: 0.0,
+                alive_since_unix: None,
+                chain: None,
+            };
             h.record(s(i), &v, p.window, p.window * PARTITION_CONNECT_WINDOWS);
             fired.push(matches!(check("partition_suspected", &p, &v, &h, s(i)), Outcome::Holds(_)));
         }
@@ -770,7 +812,15 @@ mod tests {
         let few = net(&[(1, Direction::Inbound), (2, Direction::Inbound), (3, Direction::Outbound)]);
         let h = History::default();
         let eval = |id: &str, n: Option<&TargetNet>| {
-            let v = View { target: &t, net: n, disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+            let v = View {
+                target: &t,
+                net: n,
+                disk: None,
+                resources: None,
+                now_unix: 0.0,
+                alive_since_unix: None,
+                chain: None,
+            };
             check(id, &params(id, 0), &v, &h, s(0))
         };
         assert_eq!(eval("no_peers", Some(&none)), Outcome::Holds(json!({"p2p_peers": 0})));
@@ -808,7 +858,15 @@ mod tests {
     fn resource_rules_are_unknown_without_the_signal() {
         let t = target(Some(1));
         let h = History::default();
-        let v = View { target: &t, net: None, disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+        let v = View {
+            target: &t,
+            net: None,
+            disk: None,
+            resources: None,
+            now_unix: 0.0,
+            alive_since_unix: None,
+            chain: None,
+        };
         for id in
             ["disk_critical", "disk_low", "disk_full_soon", "memory_high", "fds_high", "fsync_slow", "chain_stalled"]
         {
@@ -840,6 +898,7 @@ mod tests {
                 resources: Some(&res),
                 now_unix: 0.0,
                 alive_since_unix: None,
+                chain: None,
             };
             matches!(check(id, &params(id, 0), &v, &h, s(0)), Outcome::Holds(_))
         };
@@ -870,6 +929,7 @@ mod tests {
                 resources: Some(&res),
                 now_unix: 0.0,
                 alive_since_unix: None,
+                chain: None,
             };
             check("memory_high", &params("memory_high", 0), &v, &h, s(0))
         };
@@ -901,6 +961,7 @@ mod tests {
                 resources: Some(&res),
                 now_unix: 0.0,
                 alive_since_unix: None,
+                chain: None,
             };
             check("disk_full_soon", &params("disk_full_soon", 0), &v, &h, s(0))
         };
@@ -926,6 +987,7 @@ mod tests {
                 resources: None,
                 now_unix: now,
                 alive_since_unix: Some(900.0),
+                chain: None,
             };
             let mut p = params("chain_stalled", 0);
             p.threshold = Some(10.0);
@@ -935,6 +997,54 @@ mod tests {
         assert!(!eval(&peers, 1011.0));
         assert!(eval(&peers, 1011.5));
         assert!(!eval(&lonely, 1011.5), "no peers: no_peers' business, not a stall");
+
+        // the log's tip age wins over the block files; initial sync is not judged
+        let log = |age: f64, ibd: bool| crate::chainlog::TargetChain {
+            source: "log",
+            height: Some(7),
+            tip_age_seconds: Some(age),
+            tip_logged_unix: Some(1011.5 - age),
+            initial_block_download: Some(ibd),
+            ..Default::default()
+        };
+        let eval_log = |c: &crate::chainlog::TargetChain, disk: Option<&TargetDisk>| {
+            let v = View {
+                target: &t,
+                net: Some(&peers),
+                disk,
+                resources: None,
+                now_unix: 1011.5,
+                alive_since_unix: Some(900.0),
+                chain: Some(c),
+            };
+            let mut p = params("chain_stalled", 0);
+            p.threshold = Some(10.0);
+            check("chain_stalled", &p, &v, &h, s(0))
+        };
+        assert!(matches!(eval_log(&log(5.0, false), Some(&disk)), Outcome::Clear(_)), "a fresh tip, old block files");
+        assert!(matches!(eval_log(&log(12.0, false), None), Outcome::Holds(_)), "no disk signal needed");
+        // logged during second 1001: counted from its end, 9.5 s
+        assert!(matches!(eval_log(&log(10.5, false), None), Outcome::Clear(_)), "counted from the second's end");
+        assert!(matches!(eval_log(&log(1e6, true), None), Outcome::Clear(_)), "initial sync");
+        let silent = crate::chainlog::TargetChain { source: "silent", ..Default::default() };
+        assert!(matches!(eval_log(&silent, Some(&disk)), Outcome::Holds(_)), "back to the block files");
+
+        // monerod's chain lives in lmdb: its writes there count, not a blocks class it has not
+        let xmr = Target { chain: crate::chain::Chain::Monero, ..target(Some(1)) };
+        let mut lmdb = TargetDisk { name: "t".into(), ..Default::default() };
+        lmdb.last_write_unix.insert("lmdb".into(), 1010);
+        let v = View {
+            target: &xmr,
+            net: Some(&peers),
+            disk: Some(&lmdb),
+            resources: None,
+            now_unix: 1011.5,
+            alive_since_unix: Some(900.0),
+            chain: None,
+        };
+        let mut p = params("chain_stalled", 0);
+        p.threshold = Some(10.0);
+        assert!(matches!(check("chain_stalled", &p, &v, &h, s(0)), Outcome::Clear(_)));
     }
 
     fn hist(counts: &[u64]) -> TargetDisk {
@@ -962,8 +1072,15 @@ mod tests {
             // 10 fast syncs a second; from t=20 to t=25, 3 slow ones (1-2 s) a second
             let slow = i.clamp(20, 25) - 20;
             let d = hist(&[10 * i, 0, 0, 0, 3 * slow, 0]);
-            let v =
-                View { target: &t, net: None, disk: Some(&d), resources: None, now_unix: 0.0, alive_since_unix: None };
+            let v = View {
+                target: &t,
+                net: None,
+                disk: Some(&d),
+                resources: None,
+                now_unix: 0.0,
+                alive_since_unix: None,
+                chain: None,
+            };
             h.record(s(i), &v, Duration::ZERO, p.window);
             fired.push(matches!(check("fsync_slow", &p, &v, &h, s(i)), Outcome::Holds(_)));
         }
@@ -1001,6 +1118,7 @@ mod tests {
                     resources: None,
                     now_unix: 0.0,
                     alive_since_unix: None,
+                    chain: None,
                 };
                 h.record(s(i), &v, Duration::from_secs(60), p.window);
                 check(id, p, &v, &h, s(i))
@@ -1025,8 +1143,15 @@ mod tests {
             let n = TargetNet { name: "t".into(), connections: conns, ..Default::default() };
             let mut p = params("rpc_exposed", 0);
             p.allow = allow.iter().map(|a| crate::health::rules::parse_allow(a).unwrap()).collect();
-            let v =
-                View { target: &t, net: Some(&n), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+            let v = View {
+                target: &t,
+                net: Some(&n),
+                disk: None,
+                resources: None,
+                now_unix: 0.0,
+                alive_since_unix: None,
+                chain: None,
+            };
             check("rpc_exposed", &p, &v, &h, s(0))
         };
         assert!(matches!(eval(vec![rpc("127.0.0.1"), rpc("::1")], &[]), Outcome::Clear(_)));
@@ -1048,8 +1173,15 @@ mod tests {
         assert!(matches!(eval(vec![out], &[]), Outcome::Clear(_)));
         let no_rpc = target(Some(1));
         let n = net(&[]);
-        let v =
-            View { target: &no_rpc, net: Some(&n), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+        let v = View {
+            target: &no_rpc,
+            net: Some(&n),
+            disk: None,
+            resources: None,
+            now_unix: 0.0,
+            alive_since_unix: None,
+            chain: None,
+        };
         assert!(matches!(check("rpc_exposed", &params("rpc_exposed", 0), &v, &h, s(0)), Outcome::Unknown(_)));
     }
 
@@ -1151,8 +1283,15 @@ mod tests {
         let n = net(&[(1, Direction::Inbound)]);
         let mut h = History::default();
         for i in 0..(MAX_SAMPLES as u64 + 100) {
-            let v =
-                View { target: &t, net: Some(&n), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None };
+            let v = View {
+                target: &t,
+                net: Some(&n),
+                disk: None,
+                resources: None,
+                now_unix: 0.0,
+                alive_since_unix: None,
+                chain: None,
+            };
             h.record(Duration::from_millis(i), &v, Duration::from_secs(1), Duration::from_secs(3600));
         }
         assert_eq!(h.samples.len(), MAX_SAMPLES);

@@ -135,6 +135,7 @@ impl HealthEngine {
                 resources: inputs.resources.targets.iter().find(|t| t.name == target.name),
                 now_unix,
                 alive_since_unix: state.alive.map(|(_, since)| since),
+                chain: inputs.chain.target(&target.name),
             };
             let params = &state.params;
             let window_of =

@@ -57,8 +57,10 @@ impl ThresholdKind {
 pub enum DefaultThreshold {
     None,
     Value(f64),
-    /// This many of the chain's block intervals, in seconds.
-    BlockIntervals(f64),
+    /// The gap between blocks a healthy chain exceeds about once a month:
+    /// blocks come as a Poisson process, a gap is longer than t with
+    /// chance e^(-t/T), so t = T x ln(blocks per 30 days), in whole seconds.
+    MonthlyGap,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -107,7 +109,7 @@ pub const RULES: &[RuleDef] = &[
     rule("no_outbound", Warning, K::None, T::None, secs(600), secs(300), None),
     rule("low_netgroup_diversity", Warning, K::Percent, T::Value(50.0), secs(600), secs(600), None),
     // The stall time is the threshold itself, so no extra `for`.
-    rule("chain_stalled", Warning, K::Seconds, T::BlockIntervals(3.0), secs(0), secs(0), None),
+    rule("chain_stalled", Warning, K::Seconds, T::MonthlyGap, secs(0), secs(0), None),
     rule("disk_low", Warning, K::Percent, T::Value(20.0), secs(0), secs(300), None),
     rule("disk_full_soon", Warning, K::Days, T::Value(7.0), secs(300), secs(600), None),
     rule("memory_high", Warning, K::Percent, T::Value(80.0), secs(300), secs(300), None),
@@ -234,7 +236,10 @@ impl RuleParams {
             threshold: match def.threshold {
                 T::None => None,
                 T::Value(v) => Some(v),
-                T::BlockIntervals(n) => Some(n * chain.block_interval().as_secs_f64()),
+                T::MonthlyGap => {
+                    let interval = chain.block_interval().as_secs_f64();
+                    Some((interval * (30.0 * 86400.0 / interval).ln()).round())
+                }
             },
             for_: def.for_,
             clear_after: def.clear_after,
@@ -516,9 +521,10 @@ mod tests {
     fn params_layer_over_defaults() {
         let def = definition("chain_stalled").unwrap();
         let p = RuleParams::resolve(def, Chain::Litecoin, &[]);
-        assert_eq!(p.threshold, Some(450.0));
-        assert_eq!(RuleParams::resolve(def, Chain::Bitcoin, &[]).threshold, Some(1800.0));
-        assert_eq!(RuleParams::resolve(def, Chain::Monero, &[]).threshold, Some(360.0));
+        // T x ln(blocks a month): 150 s x ln 17280, 600 s x ln 4320, 120 s x ln 21600
+        assert_eq!(p.threshold, Some(1464.0));
+        assert_eq!(RuleParams::resolve(def, Chain::Bitcoin, &[]).threshold, Some(5023.0));
+        assert_eq!(RuleParams::resolve(def, Chain::Monero, &[]).threshold, Some(1198.0));
         let global = RuleConfig { threshold: Some(10.0), clear_after: Some(t(7)), ..Default::default() };
         let target = RuleConfig { threshold: Some(4.0), severity: Some(Severity::Critical), ..Default::default() };
         let p = RuleParams::resolve(def, Chain::Litecoin, &[Some(&global), Some(&target)]);
