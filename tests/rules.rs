@@ -345,3 +345,140 @@ fn refused_outbound_connects_are_connect_failures() {
     eprintln!("connect_failures_high cleared {:?} after the first connect", start.elapsed());
     assert!(start.elapsed() >= Duration::from_secs(15), "cleared while failures were in the window: {r}");
 }
+
+/// One /events reader on its own thread: (event, data) as they arrive. The
+/// request is HTTP/1.0, so the stream comes close-delimited, unchunked.
+fn events_reader(agent: &Agent) -> (TcpStream, std::sync::mpsc::Receiver<(u64, String, Value)>) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+    s.write_all(b"GET /events HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut lines = BufReader::new(s.try_clone().unwrap()).lines();
+    let status = lines.next().unwrap().unwrap();
+    assert!(status.starts_with("HTTP/1.0 200") || status.starts_with("HTTP/1.1 200"), "{status}");
+    let mut headers = Vec::new();
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        if l.is_empty() {
+            break;
+        }
+        headers.push(l.to_ascii_lowercase());
+    }
+    assert!(headers.iter().any(|h| h == "content-type: text/event-stream"), "{headers:?}");
+    std::thread::spawn(move || {
+        let (mut id, mut kind) = (0, String::new());
+        for l in lines {
+            let Ok(l) = l else { return };
+            if let Some(v) = l.strip_prefix("id: ") {
+                id = v.parse().unwrap();
+            } else if let Some(v) = l.strip_prefix("event: ") {
+                kind = v.to_string();
+            } else if let Some(v) = l.strip_prefix("data: ") {
+                if tx.send((id, kind.clone(), serde_json::from_str(v).unwrap())).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (s, rx)
+}
+
+/// The connection events of inbound connections from these local ports, in
+/// arrival order, once `n` have come (at most `timeout`).
+fn conn_events(
+    rx: &std::sync::mpsc::Receiver<(u64, String, Value)>,
+    ports: &[u16],
+    n: usize,
+    timeout: Duration,
+) -> Vec<(String, u16)> {
+    let end = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut last_id = 0;
+    while got.len() < n {
+        let left = end.saturating_duration_since(Instant::now());
+        let Ok((id, kind, data)) = rx.recv_timeout(left) else {
+            panic!("{} of {n} events after {timeout:?}: {got:?}", got.len());
+        };
+        assert!(id > last_id, "event ids out of order: {id} after {last_id}");
+        last_id = id;
+        let port = data["port"].as_u64().unwrap_or(0) as u16;
+        if (kind == "open" || kind == "close") && data["direction"] == "inbound" && ports.contains(&port) {
+            assert_eq!(data["target"], "ltc", "{data}");
+            assert_eq!(data["service"], "p2p", "{data}");
+            assert_eq!(data["address"], "127.0.0.1", "{data}");
+            if kind == "close" {
+                assert_eq!(data["bytes_received"], 0, "the test sent nothing: {data}");
+            }
+            got.push((kind, port));
+        }
+    }
+    got
+}
+
+/// /events delivers the open and close of each connection of a scripted
+/// sequence, in the order they happened (also two within one collection
+/// interval); a reader that stops reading is dropped and counted while the
+/// agent and a reader that keeps up go on undisturbed.
+#[test]
+fn events_stream_connections_in_order_and_drop_a_stalled_reader() {
+    require_root();
+    let cgroup = Cgroup::new();
+    let node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string()]);
+    let agent = agent_for(&node, &cgroup, "");
+    wait_rule(&agent, "no_peers", "pending", Duration::from_secs(20), |_| true);
+    let (_fast, rx) = events_reader(&agent);
+    let p2p: SocketAddr = node.addr().parse().unwrap();
+    let port = |s: &TcpStream| s.local_addr().unwrap().port();
+
+    // a and b overlap; c opens and closes inside one interval (500ms)
+    let a = connect(p2p);
+    std::thread::sleep(Duration::from_millis(1200));
+    let b = connect(p2p);
+    std::thread::sleep(Duration::from_millis(1200));
+    let (pa, pb) = (port(&a), port(&b));
+    drop(a);
+    std::thread::sleep(Duration::from_millis(1200));
+    drop(b);
+    std::thread::sleep(Duration::from_millis(1200));
+    let c = connect(p2p);
+    let pc = port(&c);
+    drop(c);
+    let got = conn_events(&rx, &[pa, pb, pc], 6, Duration::from_secs(10));
+    let want: Vec<(String, u16)> =
+        [("open", pa), ("open", pb), ("close", pa), ("close", pb), ("open", pc), ("close", pc)]
+            .into_iter()
+            .map(|(k, p)| (k.to_string(), p))
+            .collect();
+    assert_eq!(got, want);
+
+    // a reader that never reads past the response head
+    let (stalled, stalled_rx) = events_reader(&agent);
+    drop(stalled_rx);
+    let dropped = || metric_sum(&agent.metrics(), "nodescope_events_readers_dropped_total", &[]);
+    assert_eq!(dropped(), 0.0);
+    // bursts of loopback connects (an open and a close each) until it is
+    // dropped: its queue (2048 events) and socket buffers fill; bounded at 8000
+    let mut made = 0;
+    while dropped() == 0.0 && made < 8000 {
+        made += burst(p2p, 500);
+        // meanwhile the reader that keeps up hears of a new connection within 3 s
+        let d = connect(p2p);
+        let pd = port(&d);
+        drop(d);
+        let seen = Instant::now();
+        let events = conn_events(&rx, &[pd], 2, Duration::from_secs(3));
+        assert_eq!(events, [("open".to_string(), pd), ("close".to_string(), pd)]);
+        eprintln!("after {made} connects: the keeping-up reader had its events in {:?}", seen.elapsed());
+        assert_eq!(agent.get("/health/live").0, 200);
+    }
+    eprintln!("the stalled reader dropped after {made} connects");
+    assert_eq!(dropped(), 1.0, "no reader dropped after {made} connects");
+    assert_eq!(metric_sum(&agent.metrics(), "nodescope_events_readers", &[]), 1.0);
+    // its stream ends once what was queued is read
+    stalled.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut rest = Vec::new();
+    use std::io::Read;
+    let r = (&stalled).read_to_end(&mut rest);
+    assert!(r.is_ok(), "the stalled reader's stream did not end: {r:?} after {} bytes", rest.len());
+    assert!(agent.log().contains("an /events reader fell 2048 events behind: dropped"), "{}", agent.log());
+}

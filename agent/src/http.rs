@@ -586,6 +586,29 @@ impl HttpGuard {
         Some(r)
     }
 
+    /// GET /events: the stream of a new reader (crate::events), or why not.
+    fn events(
+        &self,
+        room: Room,
+        ip: IpAddr,
+    ) -> Response<http_body_util::Either<Full<Bytes>, crate::events::EventBody>> {
+        let refuse = |r: Resp| r.map(http_body_util::Either::Left);
+        if room == Room::Probe {
+            return refuse(error(StatusCode::SERVICE_UNAVAILABLE, "connection limit (http.max_connections)"));
+        }
+        if let Some(limited) = self.admit_request(ip) {
+            return refuse(limited);
+        }
+        match crate::events::subscribe() {
+            Some(body) => Response::builder()
+                .header(CONTENT_TYPE, "text/event-stream")
+                .header(hyper::header::CACHE_CONTROL, "no-cache")
+                .body(http_body_util::Either::Right(body))
+                .expect("static parts are valid"),
+            None => refuse(error(StatusCode::SERVICE_UNAVAILABLE, "too many /events readers")),
+        }
+    }
+
     /// The answer to one request on a connection in `room` from `ip`: probes
     /// and refusals at once; /metrics and /peers encoded one at a time on
     /// the blocking pool, so the listener's workers stay free for probes
@@ -767,6 +790,8 @@ async fn connection(stream: TcpStream, ip: IpAddr, act: Arc<Activity>, place: Pl
         service_fn(move |req: Request<Incoming>| {
             act.requested.store(true, Ordering::Relaxed);
             let variant = variant_of(req.headers());
+            let events = req.method() == Method::GET && req.uri().path() == "/events";
+            let events = events.then(|| guard.events(room, ip));
             let answer = guard.clone().answer(
                 state.clone(),
                 room,
@@ -775,7 +800,12 @@ async fn connection(stream: TcpStream, ip: IpAddr, act: Arc<Activity>, place: Pl
                 req.uri().path().to_string(),
                 variant,
             );
-            async move { Ok::<_, Infallible>(answer.await) }
+            async move {
+                match events {
+                    Some(r) => Ok::<_, Infallible>(r),
+                    None => Ok(answer.await.map(http_body_util::Either::Left)),
+                }
+            }
         })
     };
     let mut builder = http1::Builder::new();

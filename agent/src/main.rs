@@ -11,6 +11,7 @@ mod config;
 mod container;
 mod discovery;
 mod disk;
+mod events;
 mod health;
 mod http;
 mod mountinfo;

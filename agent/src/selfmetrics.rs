@@ -273,6 +273,7 @@ impl SelfMetrics {
                 }
             })
             .build();
+        crate::events::register(meter);
         let counters = Arc::new(SelfCounters::default());
         let c = counters.clone();
         meter

@@ -224,6 +224,7 @@ fn chain_state_on_disk(t: &Target) -> bool {
 fn log_transition(target: &str, rule: &str, severity: Severity, t: Transition, evidence: &Value) {
     let (from, to) = (t.from.as_str(), t.to.as_str());
     let severity = severity.as_str();
+    crate::events::rule(target, rule, severity, from, to, evidence);
     match (t.from, t.to) {
         (_, State::Firing) => {
             tracing::warn!(target_name = target, rule, severity, from, evidence = %evidence, "health rule {rule} firing on {target}")

@@ -13,10 +13,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use serde_json::json;
 
 use crate::bpf::{abi, boot_ns_to_unix, BpfError};
 use crate::chain::PeerNetwork;
 use crate::config::Limits;
+use crate::events;
 use crate::scope::ScopePlan;
 use crate::signal::Signal;
 use crate::snapshot::Shared;
@@ -290,6 +292,7 @@ impl NetSignal {
                 connections,
             });
         }
+        events::flush();
         Ok(snapshot)
     }
 
@@ -330,6 +333,18 @@ impl NetSignal {
             let remote = SocketAddr::new(ip(rec.family, &rec.raddr), rec.rport);
             let (service, _) = target.service(Direction::Outbound, rec.lport, remote);
             *per.failed.entry((service, failure_reason(rec.error))).or_default() += 1;
+            let (t, reason) = (rec.end_ns.max(rec.start_ns), json!({ "reason": failure_reason(rec.error) }));
+            events::conn(
+                t,
+                "failed",
+                &target.name,
+                "outbound",
+                service.as_str(),
+                remote.ip(),
+                rec.rport,
+                rec.lport,
+                reason,
+            );
             self.tracked.remove(&cookie);
             return;
         }
@@ -365,6 +380,8 @@ impl NetSignal {
         });
         if !tracked.counted_open && rec.start_ns != 0 {
             per.churn.entry((direction, service)).or_default().opened += 1;
+            let (d, s) = (direction.as_str(), service.as_str());
+            events::conn(rec.start_ns, "open", &target.name, d, s, remote, rec.rport, rec.lport, json!({}));
             if direction == Direction::Inbound && service.is_peer() {
                 *fold.inbound.entry(index).or_default().entry(tracked.netgroup.clone()).or_default() += 1;
             }
@@ -385,6 +402,9 @@ impl NetSignal {
 
         if rec.state == abi::CONN_CLOSED {
             per.churn.entry((direction, service)).or_default().closed += 1;
+            let ev = json!({ "bytes_sent": bytes.sent, "bytes_received": bytes.received });
+            let (d, s) = (direction.as_str(), service.as_str());
+            events::conn(rec.end_ns, "close", &target.name, d, s, remote, rec.rport, rec.lport, ev);
             if service.is_peer() {
                 per.peers.close(&tracked.key, now);
                 per.netgroups.close(&tracked.netgroup, now);
