@@ -157,6 +157,10 @@ struct TargetLog {
     tip: TipState,
     /// Why the log could not be read, while it cannot.
     error: Option<String>,
+    /// The node last ran in a mount namespace of its own (a container):
+    /// while it is down its log is not read (the same path on the host is
+    /// another file, or none).
+    in_container: bool,
     bytes_read: u64,
     bytes_skipped: u64,
 }
@@ -200,6 +204,7 @@ impl TargetLog {
             follower: None,
             tip: TipState::default(),
             error: None,
+            in_container: false,
             bytes_read: 0,
             bytes_skipped: 0,
         }
@@ -237,7 +242,12 @@ impl TargetLog {
             });
             return out;
         };
-        self.read(t, &path, now);
+        if t.pid.is_some() {
+            self.in_container = t.root.is_some();
+        }
+        if t.pid.is_some() || !self.in_container {
+            self.read(t, &path, now);
+        }
         self.fill(&mut out, now);
         out
     }
@@ -715,6 +725,33 @@ mod tests {
         assert_eq!(lines, ["short"]);
         // gone and never opened: an error to report
         assert!(Follower::default().poll(None, &dir.0.join("none.log"), 100).is_err());
+    }
+
+    #[test]
+    fn a_container_nodes_log_is_read_through_its_root_and_not_while_down() {
+        let dir = Tmp(std::env::temp_dir().join(format!("nodescope-chainlog-root-{}", std::process::id())));
+        // the node's path: in its root, and the same path on the host, another file
+        let node_path = PathBuf::from(format!("/nodescope-chainlog-{}/debug.log", std::process::id()));
+        let root = dir.0.join("root");
+        let in_root = root.join(node_path.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(in_root.parent().unwrap()).unwrap();
+        append(&in_root, &format!("{UPDATE_TIP}\n"));
+        let host = Tmp(node_path.parent().unwrap().to_path_buf());
+        std::fs::create_dir_all(&host.0).unwrap();
+        append(&node_path, &format!("{}\n", UPDATE_TIP.replace("height=163", "height=999")));
+
+        let mut t = Target::litecoin_for_tests("ltc", Some(1), &[], &[], &[]);
+        t.root = Some(root.clone());
+        let mut log = TargetLog::new(Chain::Litecoin);
+        // the process and its log path as discovery would have found them
+        log.pid = Some(1);
+        log.path = Some(node_path.clone());
+        assert_eq!(log.collect(&t, 0.0).height, Some(163));
+        t.pid = None;
+        t.root = None;
+        let out = log.collect(&t, 0.0);
+        assert_eq!(out.height, Some(163), "read the host's file of the same name");
+        assert_eq!(out.log_file, Some(node_path));
     }
 
     #[test]
