@@ -1,4 +1,4 @@
-//! The agent's HTTP listener: /metrics, /peers (and the health endpoints).
+//! The agent's HTTP listener: /metrics, /peers, /events (and the health endpoints).
 //! Handlers only read published snapshots.
 
 use std::convert::Infallible;
@@ -124,8 +124,14 @@ pub fn route(state: &AppState, method: &Method, path: &str, variant: Variant) ->
         None
     };
     let known = health.is_some() || matches!(path, "/metrics" | "/peers");
+    if path == "/events" {
+        // a GET is answered with the stream before it gets here
+        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "/events is a stream: only GET");
+        r.headers_mut().insert(ALLOW, HeaderValue::from_static("GET"));
+        return r;
+    }
     if !known {
-        return error(StatusCode::NOT_FOUND, "no such endpoint; see /metrics, /peers, /health");
+        return error(StatusCode::NOT_FOUND, "no such endpoint; see /metrics, /peers, /events, /health");
     }
     if method != Method::GET && method != Method::HEAD {
         let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");
