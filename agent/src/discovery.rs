@@ -999,6 +999,42 @@ mod tests {
     }
 
     #[test]
+    fn log_files_from_debuglogfile_and_log_file() {
+        let sb = Sandbox::new("log-files");
+        let log_of = |pid: u32, chain: Chain, argv: &[&str]| {
+            sb.process(pid, "node", argv, &["HOME=/nonexistent"]);
+            inspect(&sb.proc_root(), pid, chain).unwrap().log_file
+        };
+        // relative to the network's data dir, as Core takes it
+        assert_eq!(
+            log_of(1, Chain::Litecoin, &["litecoind", "-datadir=/d", "-regtest", "-debuglogfile=logs/node.log"]),
+            Some(PathBuf::from("/d/regtest/logs/node.log"))
+        );
+        assert_eq!(
+            log_of(2, Chain::Bitcoin, &["bitcoind", "-datadir=/d", "-debuglogfile=/var/log/btc.log"]),
+            Some(PathBuf::from("/var/log/btc.log"))
+        );
+        assert_eq!(log_of(3, Chain::Bitcoin, &["bitcoind", "-datadir=/d", "-testnet", "-nodebuglogfile"]), None);
+        assert_eq!(
+            log_of(4, Chain::Bitcoin, &["bitcoind", "-datadir=/d", "-testnet"]),
+            Some(PathBuf::from("/d/testnet3/debug.log"))
+        );
+        // monerod: beside its database (no subdir for regtest), or --log-file
+        assert_eq!(
+            log_of(5, Chain::Monero, &["monerod", "--data-dir", "/x", "--regtest"]),
+            Some(PathBuf::from("/x/bitmonero.log"))
+        );
+        assert_eq!(
+            log_of(6, Chain::Monero, &["monerod", "--data-dir=/x", "--stagenet"]),
+            Some(PathBuf::from("/x/stagenet/bitmonero.log"))
+        );
+        assert_eq!(
+            log_of(7, Chain::Monero, &["monerod", "--detach", "--log-file", "/var/log/xmr.log"]),
+            Some(PathBuf::from("/var/log/xmr.log"))
+        );
+    }
+
+    #[test]
     fn bitcoind_regtest_with_relative_datadir_and_config_ports() {
         let sb = Sandbox::new("bitcoind-regtest");
         let argv = ["/usr/bin/bitcoind", "-datadir=nodes/btc", "-regtest", "-daemon", "--rpcport=19000"];
