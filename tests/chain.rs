@@ -153,12 +153,12 @@ const MONERO_ADDRESS: &str =
 
 impl Monerod {
     fn start(cgroup: &Cgroup, max_log: u64) -> Monerod {
-        Self::start_with(Some(cgroup), max_log, free_port(), None)
+        Self::start_with(Some(cgroup), max_log, free_port(), None, 1)
     }
 
     /// On P2P port `p2p_port`; with `peer`, connected to that port only
     /// (else offline: no P2P at all).
-    fn start_with(cgroup: Option<&Cgroup>, max_log: u64, p2p_port: u16, peer: Option<u16>) -> Monerod {
+    fn start_with(cgroup: Option<&Cgroup>, max_log: u64, p2p_port: u16, peer: Option<u16>, level: u8) -> Monerod {
         require_tool("monerod", "monero");
         let dir = TempDir::new("xmr");
         let rpc_port = free_port();
@@ -176,12 +176,11 @@ impl Monerod {
             "127.0.0.1",
             "--rpc-bind-ip",
             "127.0.0.1",
-            "--log-level",
-            "1",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(["--log-level".into(), level.to_string()]);
         args.extend(["--max-log-file-size".into(), max_log.to_string()]);
         args.extend(["--data-dir".into(), dir.path().display().to_string()]);
         args.extend(["--p2p-bind-port".into(), p2p_port.to_string()]);
@@ -355,8 +354,8 @@ fn monerod_chain_stalled_from_its_log() {
     require_root();
     let cgroup = Cgroup::new();
     let (port, peer_port) = (free_port(), free_port());
-    let node = Monerod::start_with(Some(&cgroup), 10 << 20, port, Some(peer_port));
-    let _peer = Monerod::start_with(None, 10 << 20, peer_port, Some(port));
+    let node = Monerod::start_with(Some(&cgroup), 10 << 20, port, Some(peer_port), 1);
+    let _peer = Monerod::start_with(None, 10 << 20, peer_port, Some(port), 1);
     wait_for("monerod peers", Duration::from_secs(60), || {
         let v = node.rpc("get_info", "{}").ok()?;
         let n =
@@ -370,4 +369,34 @@ fn monerod_chain_stalled_from_its_log() {
     let mine = || node.mine(1);
     let tip = || node.height() - 1;
     stall_fires_and_clears(&agent, "xmr", 8, &mine, &tip);
+}
+
+/// monerod at its default log level 0 logs no block it adds: the chain
+/// section says the log is silent and why, no height is exported, and
+/// chain_stalled falls back to the writes to its lmdb files.
+#[test]
+fn monerod_at_log_level_0_is_said_to_be_silent() {
+    require_root();
+    let cgroup = Cgroup::new();
+    let node = Monerod::start_with(Some(&cgroup), 10 << 20, free_port(), None, 0);
+    let agent = Agent::start(&agent_config("xmr", "monero", &cgroup, node.dir.path()));
+    node.mine(2);
+    assert_eq!(node.height(), 3);
+    wait_for("the chain section", Duration::from_secs(20), || {
+        let c = chain_section(&agent);
+        c.get("source").is_some().then_some(c)
+    });
+    // a few intervals after the blocks: still nothing in the log
+    std::thread::sleep(Duration::from_secs(2));
+    let chain = chain_section(&agent);
+    assert_eq!(chain["source"], "silent", "{chain}");
+    assert_eq!(chain["height"], Value::Null, "{chain}");
+    assert!(chain["detail"].as_str().unwrap().contains("--log-level 1"), "{chain}");
+    let log = std::fs::read_to_string(node.dir.path().join("bitmonero.log")).unwrap();
+    assert!(!log.contains("HEIGHT "), "monerod logged a block at level 0");
+    assert_eq!(figure(&agent.metrics(), "nodescope_chain_height", "xmr"), None);
+    let (_, ev) = stalled_rule(&agent).unwrap();
+    eprintln!("chain_stalled at level 0: {ev}");
+    assert_eq!(ev["source"], "files", "chain_stalled from the lmdb files: {ev}");
+    assert!(ev["last_lmdb_write"].as_f64().is_some(), "{ev}");
 }
