@@ -298,16 +298,37 @@ fn bench(which: &str) -> Result<(), String> {
     let root = root();
     let script = root.join(format!("tests/bench/{which}.sh"));
     if !script.exists() {
-        let mut there: Vec<String> = std::fs::read_dir(root.join("tests/bench"))
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".sh").map(str::to_string))
-                    .filter(|n| n != "common")
-                    .collect()
-            })
-            .unwrap_or_default();
-        there.sort();
-        return Err(format!("no benchmark {which:?}; there are: {}", there.join(", ")));
+        return Err(format!("no benchmark {which:?}; there are: {}", bench_names(&root).join(", ")));
     }
     status(cargo().current_dir(&root).args(["build", "--release", "-p", "nodescope"]))?;
     status(Command::new("bash").arg(script).arg(root.join("target/release/nodescope")))
+}
+
+/// The benchmarks `cargo xtask bench` runs: the scripts of tests/bench, less
+/// the file they share.
+fn bench_names(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root.join("tests/bench"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".sh").map(str::to_string))
+                .filter(|n| n != "common")
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_names_are_the_scripts_without_the_shared_one() {
+        let names = bench_names(&root());
+        for wanted in ["disk", "http", "net"] {
+            assert!(names.iter().any(|n| n == wanted), "{wanted} missing from {names:?}");
+        }
+        assert!(!names.iter().any(|n| n == "common"), "{names:?}");
+        assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted: {names:?}");
+    }
 }
