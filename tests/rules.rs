@@ -193,7 +193,10 @@ fn rpc_client_from_outside_loopback_is_exposure() {
         assert_eq!(r["severity"], "critical", "{r}");
         assert_eq!(r["evidence"]["exposed_connections"], 1, "{r}");
         assert_eq!(r["evidence"]["clients"], serde_json::json!([from.to_string()]), "{r}");
-        assert_eq!(rule_state_metric(&agent, "rpc_exposed"), 2.0);
+        // /metrics is encoded at the end of the collection whose verdict /health/detailed already shows
+        wait_for("rpc_exposed firing in /metrics", Duration::from_secs(5), || {
+            (rule_state_metric(&agent, "rpc_exposed") == 2.0).then_some(())
+        });
         assert_eq!(agent.get("/health").0, 503, "a critical rule firing");
         // the node sees the same client
         let ss = Command::new("ss").args(["-tn", "state", "established"]).output().unwrap();
@@ -279,7 +282,10 @@ fn inbound_burst_is_a_flood_and_clears_after() {
     // every established connect is an inbound connection the node accepted
     assert!(from_ns as f64 >= made as f64 * 0.95 && from_ns <= made as u64, "{from_ns} counted for {made} made: {r}");
     assert!(ev["per_minute"].as_f64().unwrap() > 600.0, "{r}");
-    assert_eq!(rule_state_metric(&agent, "inbound_flood"), 2.0);
+    // /metrics is encoded at the end of the collection whose verdict /health/detailed already shows
+    wait_for("inbound_flood firing in /metrics", Duration::from_secs(5), || {
+        (rule_state_metric(&agent, "inbound_flood") == 2.0).then_some(())
+    });
     let churn = wait_rule(&agent, "peer_churn_high", "firing", Duration::from_secs(10), |_| true);
     assert!(churn["evidence"]["peers_replaced"].as_u64() > Some(100), "{churn}");
     assert_eq!(agent.get("/health").0, 200, "warnings only: degraded, still 200");
@@ -333,7 +339,10 @@ fn refused_outbound_connects_are_connect_failures() {
     assert_eq!(r["evidence"]["failed"], 8, "{r}");
     assert_eq!(r["evidence"]["failed_percent"], 100.0, "{r}");
     assert_eq!(r["evidence"]["failed_by_reason"]["refused"], 8, "{r}");
-    assert_eq!(rule_state_metric(&agent, "connect_failures_high"), 2.0);
+    // /metrics is encoded at the end of the collection whose verdict /health/detailed already shows
+    wait_for("connect_failures_high firing in /metrics", Duration::from_secs(5), || {
+        (rule_state_metric(&agent, "connect_failures_high") == 2.0).then_some(())
+    });
     let failed = metric_sum(
         &agent.metrics(),
         "nodescope_connection_failed_total",
