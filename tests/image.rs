@@ -37,43 +37,28 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_nodescope");
 const IMAGE_REPO: &str = "localhost/nodescope-test-agent";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn podman_out(args: &[&str]) -> Result<String, String> {
-    let out = podman().args(args).output().map_err(|e| format!("podman {args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(format!(
-            "podman {args:?} exited with {}: {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
 /// The image of the binary under test, built once per test process by the
 /// xtask's code; images of earlier binaries are removed first.
 fn agent_image() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE.get_or_init(|| {
         require_podman();
-        let sum = Command::new("sha256sum").arg(BIN).arg(repo().join("deploy/Containerfile")).output().unwrap();
+        let sum = Command::new("sha256sum").arg(BIN).arg(repo_root().join("deploy/Containerfile")).output().unwrap();
         assert!(sum.status.success());
         let digest: String = String::from_utf8_lossy(&sum.stdout).split_whitespace().step_by(2).collect::<String>();
         let tag = format!("{IMAGE_REPO}:{}", &digest[..16]);
-        let listed = podman_out(&["images", "--format", "{{.Repository}}:{{.Tag}}", IMAGE_REPO]).unwrap_or_default();
+        let listed = run_podman(&["images", "--format", "{{.Repository}}:{{.Tag}}", IMAGE_REPO]).unwrap_or_default();
         for old in listed.lines().filter(|t| t.starts_with(IMAGE_REPO) && *t != tag) {
             // in use by a container of another test run: left for later
-            let _ = podman_out(&["rmi", old]);
+            let _ = run_podman(&["rmi", old]);
         }
         if !listed.lines().any(|t| t == tag) {
             let started = Instant::now();
-            let spec =
-                image::Spec { binary: Path::new(BIN), containerfile: &repo().join("deploy/Containerfile"), tag: &tag };
+            let spec = image::Spec {
+                binary: Path::new(BIN),
+                containerfile: &repo_root().join("deploy/Containerfile"),
+                tag: &tag,
+            };
             let id = image::build(&spec).unwrap_or_else(|e| panic!("building the image: {e}"));
             eprintln!("built {tag} ({id}) in {:?}", started.elapsed());
         }
@@ -120,7 +105,8 @@ fn quantity_millis(q: &str) -> u64 {
 /// `kubectl kustomize deploy/kubernetes/base`, read as JSON documents.
 fn rendered_base() -> Vec<Value> {
     require_tool("kubectl", "kubectl");
-    let out = Command::new("kubectl").arg("kustomize").arg(repo().join("deploy/kubernetes/base")).output().unwrap();
+    let out =
+        Command::new("kubectl").arg("kustomize").arg(repo_root().join("deploy/kubernetes/base")).output().unwrap();
     assert!(out.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&out.stderr));
     let dir = TempDir::new("rendered");
     let file = dir.path().join("base.yaml");
@@ -302,13 +288,13 @@ impl AgentContainer {
         let me = std::process::id();
         args.extend(pod.command[1..].iter().map(|a| a.replace("/proc/1/ns/cgroup", &format!("/proc/{me}/ns/cgroup"))));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let id = podman_out(&argv).unwrap_or_else(|e| panic!("{e}"));
+        let id = run_podman(&argv).unwrap_or_else(|e| panic!("{e}"));
         let id = id.lines().last().unwrap_or_default().to_string();
         assert_eq!(id.len(), 64, "podman run printed no container id: {id:?}");
         let mut agent = AgentContainer { id, ip: String::new(), _dir: dir };
-        agent.ip = podman_out(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &agent.id]).unwrap();
+        agent.ip = run_podman(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &agent.id]).unwrap();
         wait_for("the agent's /metrics", Duration::from_secs(60), || {
-            let state = podman_out(&["inspect", "-f", "{{.State.Status}}", &agent.id]).unwrap_or_default();
+            let state = run_podman(&["inspect", "-f", "{{.State.Status}}", &agent.id]).unwrap_or_default();
             assert_eq!(state, "running", "the agent's container stopped:\n{}", agent.logs());
             agent.get("/metrics").ok().filter(|(s, _)| *s == 200)
         });
@@ -316,7 +302,7 @@ impl AgentContainer {
     }
 
     fn pid(&self) -> u32 {
-        podman_out(&["inspect", "-f", "{{.State.Pid}}", &self.id]).unwrap().parse().unwrap()
+        run_podman(&["inspect", "-f", "{{.State.Pid}}", &self.id]).unwrap().parse().unwrap()
     }
 
     fn logs(&self) -> String {
@@ -361,7 +347,7 @@ impl Drop for AgentContainer {
         if std::thread::panicking() {
             eprintln!("--- agent container {} log ---\n{}", self.id, self.logs());
         }
-        if let Err(e) = podman_out(&["rm", "-f", "-t", "0", &self.id]) {
+        if let Err(e) = run_podman(&["rm", "-f", "-t", "0", &self.id]) {
             eprintln!("removing the agent container {}: {e}", self.id);
         }
     }
@@ -564,7 +550,7 @@ fn probes_in_the_image_report_every_hook() {
     require_podman();
     let pod = pod_spec();
     // the runtime stage's ENTRYPOINT and CMD: `nodescope run` by default
-    let config = podman_out(&["image", "inspect", "-f", "{{json .Config}}", agent_image()]).unwrap();
+    let config = run_podman(&["image", "inspect", "-f", "{{json .Config}}", agent_image()]).unwrap();
     let config: Value = serde_json::from_str(&config).unwrap();
     assert_eq!(config["Entrypoint"], serde_json::json!(["/usr/local/bin/nodescope"]), "{config}");
     assert_eq!(config["Cmd"], serde_json::json!(["run"]), "{config}");

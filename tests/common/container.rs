@@ -37,7 +37,7 @@ pub fn podman() -> Command {
     c
 }
 
-fn run_podman(args: &[&str]) -> Result<String, String> {
+pub fn run_podman(args: &[&str]) -> Result<String, String> {
     let out = podman().args(args).output().map_err(|e| format!("podman {args:?}: {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
