@@ -162,29 +162,9 @@ impl Monerod {
         require_tool("monerod", "monero");
         let dir = TempDir::new("xmr");
         let rpc_port = free_port();
-        let mut args: Vec<String> = [
-            "--regtest",
-            "--fixed-difficulty",
-            "1",
-            "--no-igd",
-            "--disable-dns-checkpoints",
-            "--check-updates",
-            "disabled",
-            "--non-interactive",
-            "--no-zmq",
-            "--p2p-bind-ip",
-            "127.0.0.1",
-            "--rpc-bind-ip",
-            "127.0.0.1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args = monerod_regtest_args(dir.path(), p2p_port, rpc_port);
         args.extend(["--log-level".into(), level.to_string()]);
         args.extend(["--max-log-file-size".into(), max_log.to_string()]);
-        args.extend(["--data-dir".into(), dir.path().display().to_string()]);
-        args.extend(["--p2p-bind-port".into(), p2p_port.to_string()]);
-        args.extend(["--rpc-bind-port".into(), rpc_port.to_string()]);
         match peer {
             Some(port) => args.extend(["--add-exclusive-node".into(), format!("127.0.0.1:{port}")]),
             None => args.push("--offline".into()),

@@ -1303,28 +1303,8 @@ impl Monerod {
     fn start(cgroup: &Cgroup, dir: TempDir, extra: &[&str]) -> Monerod {
         require_tool("monerod", "monero");
         let rpc_port = free_port();
-        let mut args: Vec<String> = [
-            "--regtest",
-            "--offline",
-            "--fixed-difficulty",
-            "1",
-            "--no-igd",
-            "--disable-dns-checkpoints",
-            "--check-updates",
-            "disabled",
-            "--non-interactive",
-            "--no-zmq",
-            "--p2p-bind-ip",
-            "127.0.0.1",
-            "--rpc-bind-ip",
-            "127.0.0.1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(["--data-dir".into(), dir.path().display().to_string()]);
-        args.extend(["--p2p-bind-port".into(), free_port().to_string()]);
-        args.extend(["--rpc-bind-port".into(), rpc_port.to_string()]);
+        let mut args = monerod_regtest_args(dir.path(), free_port(), rpc_port);
+        args.push("--offline".into());
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = spawn_in(Some(cgroup), "monerod", &args, &dir.path().join("stdout.log"));
         let mut node = Monerod { child, dir, rpc_port };

@@ -190,6 +190,33 @@ pub fn regtest_args(datadir: &Path, port: u16, rpcport: u16) -> Vec<String> {
     ]
 }
 
+/// monerod regtest arguments shared by the tests: loopback only, fixed
+/// difficulty, no UPnP, DNS checkpoints, update checks or ZMQ.
+pub fn monerod_regtest_args(datadir: &Path, p2p_port: u16, rpc_port: u16) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--regtest",
+        "--fixed-difficulty",
+        "1",
+        "--no-igd",
+        "--disable-dns-checkpoints",
+        "--check-updates",
+        "disabled",
+        "--non-interactive",
+        "--no-zmq",
+        "--p2p-bind-ip",
+        "127.0.0.1",
+        "--rpc-bind-ip",
+        "127.0.0.1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(["--data-dir".into(), datadir.display().to_string()]);
+    args.extend(["--p2p-bind-port".into(), p2p_port.to_string()]);
+    args.extend(["--rpc-bind-port".into(), rpc_port.to_string()]);
+    args
+}
+
 /// A litecoind regtest node on loopback.
 /// litecoin-cli against a regtest node's RPC at `host:port` (the test
 /// nodes' credentials): its trimmed output, or its error text.
