@@ -248,8 +248,13 @@ fn assert_shapes(agent: &Agent, node: &Litecoind, disabled: &[&str]) {
 #[test]
 fn no_peers_fires_after_its_duration_and_clears_after_its_clear_duration() {
     require_root();
+    // The node's data dir on a filesystem of its own: "nothing fires on a
+    // healthy node" must not depend on how full the host's disk is.
+    let fs = Tmpfs::mount("512M");
+    let datadir = fs.dir.join("node");
+    std::fs::create_dir_all(&datadir).unwrap();
     let cgroup = Cgroup::new();
-    let node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string()]);
+    let node = Litecoind::start_in_dir(Some(&cgroup), TempDir(datadir), &["-connect=0".to_string()]);
     let peers: Vec<Litecoind> =
         (0..2).map(|_| Litecoind::start(None, &[format!("-connect={}", node.addr())])).collect();
     node.wait_peers(2);

@@ -256,6 +256,8 @@ fn inbound_burst_is_a_flood_and_clears_after() {
     );
     wait_rule(&agent, "inbound_flood", "ok", Duration::from_secs(20), |_| true);
     wait_rule(&agent, "peer_churn_high", "ok", Duration::from_secs(5), |_| true);
+    // The verdict before the burst (the host's disk may already degrade it).
+    let status_before = agent.json("/health")["status"].clone();
 
     // 30 from loopback: seen, under the threshold
     let p2p_loopback: SocketAddr = node.addr().parse().unwrap();
@@ -296,7 +298,7 @@ fn inbound_burst_is_a_flood_and_clears_after() {
     eprintln!("inbound_flood cleared {:?} after the burst began", start.elapsed());
     assert!(start.elapsed() >= Duration::from_secs(10), "cleared before the burst left the window: {r}");
     wait_rule(&agent, "peer_churn_high", "ok", Duration::from_secs(15), |_| true);
-    assert_eq!(agent.json("/health")["status"], "healthy");
+    assert_eq!(agent.json("/health")["status"], status_before, "the verdict returns to what it was before the burst");
 }
 
 /// Outbound connects to refused ports (`addnode ... onetry`): four are
