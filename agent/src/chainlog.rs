@@ -3,6 +3,12 @@
 //! the tip block's date) and `Leaving InitialBlockDownload`; monerod's
 //! `HEIGHT N, difficulty:` lines (logged with every block added at
 //! `--log-level 1` and up), `Synced N/M` and `You are now synchronized`.
+//! Also whether the node is shutting down, as it says when it stops:
+//! Core's `Shutdown: In progress...` and `net thread exit`, monerod's
+//! `p2p net loop stopped`, `Node stopped.` and `Deinitializing p2p...`
+//! (all at its default log level); a start line (Core's `... Core version
+//! v...`, monerod's `Initializing cryptonote protocol...`) or a new process
+//! of the node ends it.
 //!
 //! Each target's log is followed the way `tail -F` does, within bounds: at
 //! most `READ_BUDGET` bytes per interval (a node writing faster is skipped
@@ -81,6 +87,10 @@ pub struct TargetChain {
     /// target (1 once synchronized).
     pub sync_progress: Option<f64>,
     pub initial_block_download: Option<bool>,
+    /// The node's log says its current process is shutting down (it logged
+    /// its shutdown and no start since): peers it loses now leave because
+    /// it stops.
+    pub shutting_down: bool,
     /// Bytes read from the log, and skipped to keep up, since the agent started.
     pub bytes_read: u64,
     pub bytes_skipped: u64,
@@ -180,6 +190,8 @@ struct TipState {
     syncing: Option<bool>,
     /// monerod logged a block it added: its log level shows every block.
     block_lines: bool,
+    /// The node logged its shutdown, and no start since.
+    shutting_down: bool,
 }
 
 /// What one log line says.
@@ -193,6 +205,10 @@ enum Event {
     Synced { count: u64, target: u64 },
     /// monerod caught up with its peers.
     Synchronized,
+    /// The node logged that it is stopping.
+    ShuttingDown,
+    /// The node logged that it is starting.
+    Started,
 }
 
 impl TargetLog {
@@ -222,8 +238,10 @@ impl TargetLog {
         }
         if t.pid.is_some() && t.pid != self.pid {
             self.pid = t.pid;
-            // a new process latches out of initial block download anew
+            // a new process latches out of initial block download anew,
+            // and is not stopping until it says so
             self.tip.left_ibd = false;
+            self.tip.shutting_down = false;
             let path = log_path(t);
             if path != self.path {
                 self.follower = None;
@@ -292,6 +310,7 @@ impl TargetLog {
         out.bytes_read = self.bytes_read;
         out.bytes_skipped = self.bytes_skipped;
         let tip = &self.tip;
+        out.shutting_down = tip.shutting_down;
         if let Some(e) = &self.error {
             out.source = "unreadable";
             out.detail = Some(e.clone());
@@ -379,6 +398,8 @@ impl TipState {
                 self.syncing = Some(false);
                 self.progress = Some(1.0);
             }
+            Event::ShuttingDown => self.shutting_down = true,
+            Event::Started => self.shutting_down = false,
         }
     }
 }
@@ -549,6 +570,15 @@ fn parse_core_line(line: &str) -> Option<Event> {
     if line.contains("Leaving InitialBlockDownload") {
         return Some(Event::LeftIbd);
     }
+    // Shutdown() logs this first, before it stops the network threads
+    // (which close every peer); `net thread exit` follows
+    if line.contains("Shutdown: In progress") || line.ends_with(" net thread exit") {
+        return Some(Event::ShuttingDown);
+    }
+    // the first line a starting node logs: "Bitcoin Core version v25.0.0 (release build)"
+    if line.contains(" Core version v") {
+        return Some(Event::Started);
+    }
     let body = match line.find("UpdateTip: ").or_else(|| line.find("Loaded best chain: ")) {
         Some(i) => &line[i..],
         None => return None,
@@ -562,6 +592,14 @@ fn parse_core_line(line: &str) -> Option<Event> {
 /// monerod's `HEIGHT N, difficulty:` (one line of its block-added record),
 /// `Synced N/M` and `You are now synchronized with the network`.
 fn parse_monero_line(line: &str) -> Option<Event> {
+    // what monerod logs at level 0 as it stops (exit, stop_daemon, SIGTERM)
+    const STOPPING: &[&str] = &["p2p net loop stopped", "Node stopped.", "Deinitializing p2p...", "Stop signal sent"];
+    if STOPPING.iter().any(|s| line.ends_with(s)) {
+        return Some(Event::ShuttingDown);
+    }
+    if line.ends_with("Initializing cryptonote protocol...") {
+        return Some(Event::Started);
+    }
     if let Some(i) = line.find("HEIGHT ") {
         let rest = &line[i + 7..];
         let digits = rest.split(',').next()?;
@@ -752,6 +790,42 @@ mod tests {
         let out = log.collect(&t, 0.0);
         assert_eq!(out.height, Some(163), "read the host's file of the same name");
         assert_eq!(out.log_file, Some(node_path));
+    }
+
+    #[test]
+    fn shutting_down_from_the_log_until_a_start_or_a_new_process() {
+        let shutdown = "2026-11-29T16:50:36Z Shutdown: In progress...";
+        assert_eq!(parse_core_line(shutdown), Some(Event::ShuttingDown));
+        assert_eq!(parse_core_line("2026-11-29T16:50:36Z net thread exit"), Some(Event::ShuttingDown));
+        assert_eq!(parse_core_line("2026-11-29T16:50:36Z net thread start"), None);
+        let version = "2026-11-29T16:50:30Z Litecoin Core version v0.21.2.1-gfce5d459f0 (release build)";
+        assert_eq!(parse_core_line(version), Some(Event::Started));
+        let xmr = |msg: &str| format!("2026-11-29 16:50:59.392\t[SRV_MAIN]\tINFO\tglobal\tsrc/daemon/p2p.h:81\t{msg}");
+        assert_eq!(parse_monero_line(&xmr("p2p net loop stopped")), Some(Event::ShuttingDown));
+        assert_eq!(parse_monero_line(&xmr("Node stopped.")), Some(Event::ShuttingDown));
+        assert_eq!(parse_monero_line(&xmr("Initializing cryptonote protocol...")), Some(Event::Started));
+
+        let dir = Tmp(std::env::temp_dir().join(format!("nodescope-chainlog-stop-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let path = dir.0.join("debug.log");
+        append(&path, &format!("{version}\n{UPDATE_TIP}\n"));
+        // pids no process has (above pid_max): the log is the data dir's debug.log
+        let mut t = Target::litecoin_for_tests("ltc", Some(4_194_401), &[], &[], &[]);
+        t.datadir = Some(dir.0.clone());
+        let mut log = TargetLog::new(Chain::Litecoin);
+        assert!(!log.collect(&t, 0.0).shutting_down);
+        append(&path, &format!("{shutdown}\n"));
+        let out = log.collect(&t, 0.0);
+        assert!(out.shutting_down);
+        assert_eq!(out.height, Some(163), "the tip stays known");
+        // the node started again: a new process is not stopping
+        t.pid = Some(4_194_402);
+        assert!(!log.collect(&t, 0.0).shutting_down);
+        // its shutdown and then a start line read in one go (the agent was away)
+        append(&path, &format!("{shutdown}\n"));
+        assert!(log.collect(&t, 0.0).shutting_down);
+        append(&path, &format!("{version}\n"));
+        assert!(!log.collect(&t, 0.0).shutting_down);
     }
 
     #[test]

@@ -384,17 +384,24 @@ fn ratio(used: u64, limit: u64, threshold: f64, used_key: &str, limit_key: &str)
     }
 }
 
-/// Either arm suspects a partition: most of the peers connected one window
-/// ago have closed since (a slow rotation replaces a few per window and
-/// stays below the threshold), or every outbound connect failed over
-/// PARTITION_CONNECT_WINDOWS windows.
+/// What a partition looks like from the node, while its process runs and
+/// is not stopping. Either arm suspects one: most of the peers connected
+/// one window ago have closed since (a slow rotation replaces a few per
+/// window and stays below the threshold), or the node has no established
+/// outbound peer while every outbound connect failed over
+/// PARTITION_CONNECT_WINDOWS windows. Failing connects beside established
+/// outbound peers are no partition: a node with its outbound slots full
+/// still tries feelers and extra addresses, and many of those fail
+/// (connect_failures_high judges them).
 fn partition(v: &View, h: &History, now: Duration, window: Duration, threshold: f64) -> Outcome {
-    if v.net.is_none() {
-        return unknown(NO_NET);
-    }
+    let Some(net) = v.net else { return unknown(NO_NET) };
     if v.target.pid.is_none() {
         // its peers closed because it stopped: node_down says so
         return unknown("node not running");
+    }
+    if v.chain.is_some_and(|c| c.shutting_down) {
+        // a node that is stopping closes every peer itself
+        return unknown("node shutting down (its log says so): its peers close because it stops");
     }
     let Some(latest) = h.latest() else { return unknown(NO_NET) };
     let mut ev = serde_json::Map::new();
@@ -422,8 +429,10 @@ fn partition(v: &View, h: &History, now: Duration, window: Duration, threshold: 
         let (opened0, failed0) = base.outbound.expect("filtered on outbound");
         let opened = opened.saturating_sub(opened0);
         let failed = failed.saturating_sub(failed0);
-        let all_failed = opened == 0 && failed > 0;
-        holds |= all_failed;
+        let outbound_now = net.p2p_peers().filter(|c| c.direction == Direction::Outbound).count();
+        let cut_off = outbound_now == 0 && opened == 0 && failed > 0;
+        holds |= cut_off;
+        ev.insert("outbound_peers".into(), json!(outbound_now));
         ev.insert("outbound_opened".into(), json!(opened));
         ev.insert("outbound_failed".into(), json!(failed));
         ev.insert("connect_window_seconds".into(), json!(connect_window.as_secs_f64()));
@@ -803,6 +812,70 @@ mod tests {
         }
         assert!(!fired[..80].iter().any(|f| *f), "the window must lie wholly after the last success");
         assert!(fired[81..].iter().all(|f| *f));
+    }
+
+    #[test]
+    fn failing_connects_beside_full_outbound_slots_are_not_a_partition() {
+        let t = target(Some(1));
+        let p = params("partition_suspected", 10); // connect window: 50s
+        let mut h = History::default();
+        let mut out = Vec::new();
+        for i in 0..120u64 {
+            // 8 outbound peers established all along; from t=5 on, every
+            // extra connect (feelers, addnode onetry) is refused
+            let outbound: Vec<(u16, Direction)> = (1..=8).map(|port| (port, Direction::Outbound)).collect();
+            let mut n = net(&outbound);
+            n.churn.insert((Direction::Outbound, Service::P2p), Churn { opened: 8, closed: 0, open: 8 });
+            n.failed.insert((Service::P2p, "refused"), i.saturating_sub(5));
+            let v = View {
+                target: &t,
+                net: Some(&n),
+                disk: None,
+                resources: None,
+                now_unix: 0.0,
+                alive_since_unix: None,
+                chain: None,
+            };
+            h.record(s(i), &v, p.window, p.window * PARTITION_CONNECT_WINDOWS);
+            out.push(check("partition_suspected", &p, &v, &h, s(i)));
+        }
+        assert!(!holds(&out).iter().any(|f| *f), "{out:?}");
+        let Outcome::Clear(ev) = &out[119] else { panic!("{:?}", out[119]) };
+        assert_eq!((ev["outbound_peers"].as_u64(), ev["outbound_opened"].as_u64()), (Some(8), Some(0)), "{ev}");
+        assert!(ev["outbound_failed"].as_u64() > Some(40), "{ev}");
+    }
+
+    #[test]
+    fn a_node_shutting_down_is_no_partition() {
+        let t = target(Some(42));
+        let p = params("partition_suspected", 10);
+        let mut h = History::default();
+        let stopping = crate::chainlog::TargetChain { source: "log", shutting_down: true, ..Default::default() };
+        let running = crate::chainlog::TargetChain { source: "log", ..Default::default() };
+        let mut eval = |i: u64, ports: &[u16], chain: &crate::chainlog::TargetChain| {
+            let n = net(&ports.iter().map(|p| (*p, Direction::Inbound)).collect::<Vec<_>>());
+            let v = View {
+                target: &t,
+                net: Some(&n),
+                disk: None,
+                resources: None,
+                now_unix: 0.0,
+                alive_since_unix: None,
+                chain: Some(chain),
+            };
+            h.record(s(i), &v, p.window, p.window * PARTITION_CONNECT_WINDOWS);
+            check("partition_suspected", &p, &v, &h, s(i))
+        };
+        for i in 0..12 {
+            assert!(matches!(eval(i, &[1, 2, 3, 4, 5], &running), Outcome::Clear(_)));
+        }
+        // the node logged its shutdown and closed every peer, its process still there
+        match eval(12, &[], &stopping) {
+            Outcome::Unknown(ev) => assert!(ev["reason"].as_str().unwrap().contains("shutting down"), "{ev}"),
+            other => panic!("{other:?}"),
+        }
+        // the same loss from a node that is not stopping is one
+        assert!(matches!(eval(13, &[], &running), Outcome::Holds(_)));
     }
 
     #[test]

@@ -103,8 +103,10 @@ pub const RULES: &[RuleDef] = &[
     rule("no_peers", Critical, K::None, T::None, secs(300), secs(120), None),
     rule("disk_critical", Critical, K::Percent, T::Value(5.0), secs(0), secs(300), None),
     // window: the mass-disconnect look-back; the all-connects-failed arm
-    // looks back PARTITION_CONNECT_WINDOWS windows.
-    rule("partition_suspected", Critical, K::Percent, T::Value(80.0), secs(0), secs(300), Some(secs(60))),
+    // looks back PARTITION_CONNECT_WINDOWS windows. A short `for`: a loss
+    // that lasts one interval (a node closing its peers before its log says
+    // it stops) does not fire it.
+    rule("partition_suspected", Critical, K::Percent, T::Value(80.0), secs(30), secs(300), Some(secs(60))),
     rule("low_peers", Warning, K::Count, T::Value(5.0), secs(300), secs(300), None),
     rule("no_outbound", Warning, K::None, T::None, secs(600), secs(300), None),
     rule("low_netgroup_diversity", Warning, K::Percent, T::Value(50.0), secs(600), secs(600), None),
