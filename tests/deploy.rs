@@ -520,7 +520,7 @@ fn kubernetes_manifests_validate() {
     assert_eq!(annotations["prometheus.io/port"], "9464");
     assert_eq!(annotations["prometheus.io/path"], "/metrics");
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/health/live");
-    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/health/ready");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/health/agent");
     for probe in ["livenessProbe", "readinessProbe"] {
         assert_eq!(c[probe]["httpGet"]["port"], "metrics");
     }

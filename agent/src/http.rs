@@ -163,10 +163,11 @@ pub fn peers(net: &NetSnapshot) -> serde_json::Value {
     json!({ "targets": targets })
 }
 
-/// The endpoints a liveness or readiness probe asks: answered past every
-/// bound (connections, request rate).
+/// The endpoints a liveness or readiness probe asks (/health/agent is the
+/// agent's own readiness, the DaemonSet's readinessProbe): answered past
+/// every bound (connections, request rate).
 pub fn is_probe(path: &str) -> bool {
-    matches!(path, "/health" | "/health/live" | "/health/ready")
+    matches!(path, "/health" | "/health/live" | "/health/ready" | "/health/agent")
 }
 
 /// How long a connection in the probe room may take to send its request:
@@ -641,7 +642,7 @@ impl HttpGuard {
         }
         if room == Room::Probe && !self.make_way(ip) {
             self.counters.probe_room.fetch_add(1, Ordering::Relaxed);
-            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "connection limit (http.max_connections): only /health, /health/live and /health/ready are answered past it");
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "connection limit (http.max_connections): only /health, /health/live, /health/ready and /health/agent are answered past it");
             r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
             r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
             return r;

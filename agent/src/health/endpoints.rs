@@ -1,7 +1,8 @@
 //! The /health endpoints: paths, status codes and JSON bodies. The shapes
 //! of /health, /health/live, /health/ready and /health/detailed follow the
 //! blvm-node reference field for field; the per-target endpoints reuse them.
-//! Handlers read only the published snapshots.
+//! /health/agent is the agent's own readiness (its collections), where
+//! /health/ready is the node's. Handlers read only the published snapshots.
 
 use std::time::Instant;
 
@@ -19,6 +20,8 @@ pub enum Endpoint<'a> {
     Health,
     Live,
     Ready,
+    /// The agent's own readiness: it collects and serves.
+    Agent,
     Detailed,
     Target(&'a str),
     TargetReady(&'a str),
@@ -32,12 +35,13 @@ pub fn is_health_path(path: &str) -> bool {
 /// Which endpoint `path` names; Err: the status and message to answer.
 pub fn parse(path: &str) -> Result<Endpoint<'_>, (StatusCode, String)> {
     let not_found = || {
-        (StatusCode::NOT_FOUND, format!("no such endpoint {path:?}; see /health, /health/live, /health/ready, /health/detailed, /health/targets/NAME[/ready|/detailed]"))
+        (StatusCode::NOT_FOUND, format!("no such endpoint {path:?}; see /health, /health/live, /health/ready, /health/agent, /health/detailed, /health/targets/NAME[/ready|/detailed]"))
     };
     match path {
         "/health" => return Ok(Endpoint::Health),
         "/health/live" => return Ok(Endpoint::Live),
         "/health/ready" => return Ok(Endpoint::Ready),
+        "/health/agent" => return Ok(Endpoint::Agent),
         "/health/detailed" => return Ok(Endpoint::Detailed),
         _ => {}
     }
@@ -94,6 +98,20 @@ pub fn respond(
             let ready = health.evaluated && health.probes_attached && all(TargetHealth::ready);
             Ok((ready_code(ready), ready_body(ready, all(|t| t.chain_initialized), all(|t| t.storage_available))))
         }
+        Endpoint::Agent => {
+            let ready = agent_ready(loop_status, now);
+            let age = loop_status.last_run.map(|at| now.saturating_duration_since(at).as_secs_f64());
+            Ok((
+                ready_code(ready),
+                json!({
+                    "status": if ready { "ready" } else { "not_ready" },
+                    "collections": loop_status.runs,
+                    "last_collection_seconds_ago": age.map(|a| (a * 1000.0).round() / 1000.0),
+                    "interval_seconds": loop_status.interval.as_secs_f64(),
+                    "network_probes_attached": health.probes_attached,
+                }),
+            ))
+        }
         Endpoint::Detailed => Ok((verdict(health.status()), detailed(health))),
         Endpoint::Target(name) => {
             target(name).map(|t| (verdict(t.status), json!({ "status": t.status.as_str(), "timestamp": now_unix })))
@@ -114,6 +132,17 @@ pub fn live(health: &HealthSnapshot, loop_status: &LoopStatus, now: Instant) -> 
     let interval = if loop_status.interval.is_zero() { health.interval } else { loop_status.interval };
     match loop_status.last_run.or(health.started) {
         Some(at) => now.saturating_duration_since(at) <= interval * LIVE_INTERVALS,
+        None => false,
+    }
+}
+
+/// The agent is ready when it has completed a collection within the last
+/// LIVE_INTERVALS intervals: what it serves is that recent. It judges the
+/// agent, not its nodes (a node that is down is /health/ready's business),
+/// and unlike `live` it waits for the first collection.
+pub fn agent_ready(loop_status: &LoopStatus, now: Instant) -> bool {
+    match loop_status.last_run {
+        Some(at) => now.saturating_duration_since(at) <= loop_status.interval * LIVE_INTERVALS,
         None => false,
     }
 }
@@ -346,5 +375,33 @@ mod tests {
         assert!(!live(&h, &ran(4), now));
         assert!(live(&h, &LoopStatus::default(), now), "not run yet but just started");
         assert!(!live(&HealthSnapshot::default(), &LoopStatus::default(), now));
+    }
+
+    #[test]
+    fn agent_readiness_judges_its_collections_not_the_node() {
+        let now = Instant::now();
+        let ran = |ago: u64| LoopStatus {
+            last_run: Some(now - Duration::from_secs(ago)),
+            runs: 5,
+            interval: Duration::from_secs(1),
+        };
+        assert!(agent_ready(&ran(3), now));
+        assert!(!agent_ready(&ran(4), now), "no collection for 3 intervals");
+        assert!(!agent_ready(&LoopStatus::default(), now), "before the first collection");
+        // its node is down and /health/ready says so; the agent is ready
+        let mut h = snapshot(State::Firing, Severity::Critical);
+        h.targets[0].running = false;
+        let (code, v) = respond(Endpoint::Agent, &h, &ran(1), now, 0);
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(v["status"], "ready");
+        assert_eq!(v["collections"], 5);
+        assert_eq!(v["last_collection_seconds_ago"], 1.0);
+        assert_eq!(respond(Endpoint::Ready, &h, &ran(1), now, 0).0, StatusCode::SERVICE_UNAVAILABLE);
+        let (code, v) = respond(Endpoint::Agent, &h, &ran(10), now, 0);
+        assert_eq!((code, &v["status"]), (StatusCode::SERVICE_UNAVAILABLE, &json!("not_ready")));
+        let (code, v) = respond(Endpoint::Agent, &HealthSnapshot::default(), &LoopStatus::default(), now, 0);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(v["last_collection_seconds_ago"], Value::Null);
+        assert_eq!(parse("/health/agent"), Ok(Endpoint::Agent));
     }
 }
