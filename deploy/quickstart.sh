@@ -4,7 +4,10 @@
 # the watched one in its own cgroup, a block mined every 10 s and a payment
 # relayed with each) so a newcomer sees real data at
 # http://127.0.0.1:9464/metrics and /peers. Everything it started is stopped by
-# pid when nodescope exits, and its cgroup and data are removed.
+# pid when nodescope exits, and its cgroup and data are removed. Only then,
+# when it has to start that network, does it install litecoind (Debian's
+# package, with apt-get) if it is missing; with a config or a node on the
+# host it installs nothing.
 #
 # usage: quickstart.sh NODESCOPE_BINARY [CONFIG]
 set -euo pipefail
@@ -30,6 +33,11 @@ if node_running; then
 fi
 
 echo "quickstart: no node on this host; starting a litecoin regtest network on 127.0.0.1"
+if ! command -v litecoind >/dev/null || ! command -v litecoin-cli >/dev/null; then
+    echo "quickstart: installing litecoind (Debian package) for the demo network; a host with a node never needs it"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends litecoind
+fi
 cg2=$(awk '$0 ~ / - cgroup2 / {print $5; exit}' /proc/self/mountinfo)
 work=$(mktemp -d /tmp/nodescope-demo.XXXXXX)
 pids=()

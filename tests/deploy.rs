@@ -362,10 +362,28 @@ fn check_config(path: &Path, env: &[(&str, &str)]) -> Output {
 
 #[test]
 fn example_configs_pass_check_config() {
+    // The example starts with discovery: no [[targets]].
     let example = deploy("systemd/nodescope.toml");
     let out = check_config(&example, &[]);
     assert!(out.ok, "{}: {}", example.display(), out.text());
     eprintln!("{}", out.stdout.trim());
+    assert!(out.stdout.contains("(0 targets, discovery)"), "{}", out.stdout);
+    // Its explicit targets, commented out ("#[[targets]]", "#name = ..."),
+    // as an operator would enable them: every "#" before a key or table removed.
+    let text = std::fs::read_to_string(&example).unwrap();
+    let pinned: String = text
+        .lines()
+        .map(|l| match l.strip_prefix('#') {
+            Some(rest) if !rest.is_empty() && !rest.starts_with([' ', '#']) => rest,
+            _ => l,
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let dir = TempDir::new("example-pinned");
+    let pinned_file = dir.path().join("nodescope.toml");
+    std::fs::write(&pinned_file, pinned).unwrap();
+    let out = check_config(&pinned_file, &[]);
+    assert!(out.ok, "the example with its targets uncommented: {}", out.text());
     assert!(out.stdout.contains("(2 targets)"), "{}", out.stdout);
 
     // The unit's ExecStartPre, as systemd would run it.

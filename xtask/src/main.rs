@@ -95,7 +95,9 @@ const TEST_PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "0.0.1a15"), ("kubernetes
 const TEST_PIP_PROGRAMS: &[(&str, &str)] = &[("rotel", "rotel-agent")];
 /// The rustup components `cargo xtask lint` runs.
 const LINT_COMPONENTS: &[(&str, &str)] = &[("fmt", "rustfmt"), ("clippy", "clippy")];
-const RUN_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc", "litecoind"];
+/// What `run` needs to build the agent; deploy/quickstart.sh installs
+/// litecoind itself, only when it starts the demo network.
+const RUN_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc"];
 const BENCH_PACKAGES: &[&str] =
     &["clang", "llvm", "libbpf-dev", "gcc", "iperf3", "bpftool", "fio", "procps", "bpftrace"];
 
