@@ -135,6 +135,23 @@ fn assert_shapes(agent: &Agent, node: &Litecoind, disabled: &[&str]) {
     assert!((ts as f64 - unix_now()).abs() < 5.0, "timestamp {ts}");
 
     assert_eq!(agent.get("/health/live"), (200, json!({"status": "alive"}).to_string()));
+    let (code, body) = agent.get("/health/agent");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        keys(&v),
+        sorted(&[
+            "status",
+            "collections",
+            "last_collection_seconds_ago",
+            "interval_seconds",
+            "network_probes_attached"
+        ])
+    );
+    assert_eq!(
+        (&v["status"], &v["interval_seconds"], &v["network_probes_attached"]),
+        (&json!("ready"), &json!(0.5), &json!(true))
+    );
 
     let ready = wait_for("/health/ready 200", Duration::from_secs(20), || {
         let (code, body) = agent.get("/health/ready");
@@ -227,7 +244,8 @@ fn assert_shapes(agent: &Agent, node: &Litecoind, disabled: &[&str]) {
     assert_eq!(agent.get("/health/bogus").0, 404);
     assert_eq!(agent.get("/nope").0, 404);
     assert_eq!(agent.get("/health/targets/l%20c").0, 400);
-    for path in ["/health", "/health/live", "/health/ready", "/health/detailed", "/health/targets/ltc"] {
+    for path in ["/health", "/health/live", "/health/ready", "/health/agent", "/health/detailed", "/health/targets/ltc"]
+    {
         let (code, _) = http_request(agent.port, "POST", path).unwrap();
         assert_eq!(code, 405, "POST {path}");
     }
@@ -368,7 +386,8 @@ fn mass_disconnect_is_a_partition_and_slow_rotation_is_not() {
     let agent = Agent::start(&agent_config(
         &node,
         &cgroup,
-        "[targets.rules.partition_suspected]\nwindow = \"6s\"\nclear_after = \"2s\"\n",
+        // for: the default 30s would outlast the 6s window the loss is seen in
+        "[targets.rules.partition_suspected]\nwindow = \"6s\"\nfor = \"1s\"\nclear_after = \"2s\"\n",
     ));
     let addrs =
         |n: &Litecoind| -> Vec<String> { n.peers().iter().map(|p| p["addr"].as_str().unwrap().to_string()).collect() };
@@ -435,9 +454,167 @@ fn mass_disconnect_is_a_partition_and_slow_rotation_is_not() {
     assert_eq!(agent.get("/health").0, 200);
 }
 
-/// The node killed by pid: the agent stays alive (/health/live 200) while
-/// /health goes 503 with node_down; restarted on the same data dir and
-/// ports, it recovers.
+/// A graceful `stop` of a node with peers: it closes every peer itself
+/// while its process is still there, and its log says it is shutting down
+/// first. node_down fires; partition_suspected never does, even with `for`
+/// 0s. The node is held (SIGSTOP) after it closed its peers, in its flush
+/// of the chain state, for a few intervals: a mainnet node with a large
+/// -dbcache spends minutes there, and the rule must hold off for all of them.
+#[test]
+fn graceful_stop_is_node_down_and_never_a_partition() {
+    require_root();
+    let cgroup = Cgroup::new();
+    let mut node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string()]);
+    let _peers: Vec<Litecoind> =
+        (0..3).map(|_| Litecoind::start(None, &[format!("-connect={}", node.addr())])).collect();
+    node.wait_peers(3);
+    let agent = Agent::start(&agent_config(
+        &node,
+        &cgroup,
+        "[targets.rules.node_down]\nfor = \"3s\"\n\
+         [targets.rules.partition_suspected]\nwindow = \"6s\"\nfor = \"0s\"\n",
+    ));
+    wait_for("3 peers in /peers", Duration::from_secs(20), || {
+        let v = agent.json("/peers");
+        (v["targets"][0]["peers"].as_array().map(|a| a.len()) == Some(3)).then_some(())
+    });
+    wait_rule(&agent, "partition_suspected", "ok", Duration::from_secs(10));
+    wait_rule(&agent, "node_down", "ok", Duration::from_secs(10));
+    // a whole window with the 3 peers: the rule's baseline holds them
+    std::thread::sleep(Duration::from_secs(7));
+
+    // -- stop, and hold the node once it has closed its peers (its log goes
+    // on to the mempool dump and the chain state flush after that)
+    let log = node.dir.path().join("regtest/debug.log");
+    let logged_before = std::fs::read_to_string(&log).unwrap().len();
+    let pid = node.pid() as i32;
+    let stopped = Instant::now();
+    assert_eq!(node.cli(&["stop"]), "Litecoin Core stopping");
+    let held = loop {
+        let text = std::fs::read(&log).unwrap_or_default();
+        let tail = String::from_utf8_lossy(&text[logged_before.min(text.len())..]).to_string();
+        if tail.contains("Dumped mempool") || tail.contains("FlushStateToDisk") {
+            // SAFETY: signalling the node's pid, which the test spawned and has not reaped.
+            break unsafe { libc::kill(pid, libc::SIGSTOP) } == 0;
+        }
+        if node.child.try_wait().unwrap().is_some() || stopped.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let never_partition = |code: u16, d: &Value| {
+        let r = rule_in(d, "partition_suspected");
+        (r["state"] == "firing" || r["state"] == "pending")
+            .then(|| format!("partition_suspected {} on a graceful stop (HTTP {code})", r["state"]))
+    };
+    if held {
+        eprintln!("node held in its shutdown {:?} after stop, its peers closed", stopped.elapsed());
+        // the agent sees the process with no peer, and the rule knows why
+        let r = wait_for("partition_suspected unknown: shutting down", Duration::from_secs(5), || {
+            let d = detailed(&agent).1;
+            if let Some(why) = never_partition(0, &d) {
+                panic!("{why}\n{d}");
+            }
+            let r = rule_in(&d, "partition_suspected");
+            (r["state"] == "unknown").then_some(r)
+        });
+        eprintln!("partition_suspected while the node is held: {}", r["evidence"]);
+        assert!(r["evidence"]["reason"].as_str().unwrap().contains("shutting down"), "{r}");
+        let d = detailed(&agent).1;
+        assert_eq!(d["network"]["peers_connected"], 0, "{d}");
+        assert_eq!(rule_in(&d, "node_down")["state"], "ok", "the process is there: {d}");
+        watch(&agent, Duration::from_secs(3), never_partition);
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    } else {
+        eprintln!("the node exited before it could be held: the stop is checked without the hold");
+    }
+    node.child.wait().unwrap();
+    let exited = Instant::now();
+    eprintln!("node exited {:?} after stop", stopped.elapsed());
+
+    // -- node_down pends, fires; partition_suspected stays quiet throughout
+    wait_for("node_down firing", Duration::from_secs(10), || {
+        let (code, d) = detailed(&agent);
+        if let Some(why) = never_partition(code, &d) {
+            panic!("{why}\n{d}");
+        }
+        (rule_in(&d, "node_down")["state"] == "firing").then_some(())
+    });
+    eprintln!("node_down fired {:?} after the node exited (for = 3s)", exited.elapsed());
+    assert!(exited.elapsed() >= Duration::from_secs(3));
+    assert_eq!(agent.get("/health").0, 503);
+    watch(&agent, Duration::from_secs(2), never_partition);
+    assert_eq!(rule(&agent, "partition_suspected")["evidence"]["reason"], "node not running");
+    assert_eq!(log_count(&agent, "health rule partition_suspected firing"), 0, "{}", agent.log());
+}
+
+/// A node with its outbound slots full (outbound connections it made to
+/// other regtest nodes, all established) also tries more addresses, and
+/// those connects are refused: failed connects beside full outbound slots
+/// are normal, no partition (connect_failures_high may fire: most connects
+/// in its window failed).
+#[test]
+fn refused_connects_beside_full_outbound_slots_are_not_a_partition() {
+    require_root();
+    let others: Vec<Litecoind> = (0..3).map(|_| Litecoind::start(None, &["-connect=0".to_string()])).collect();
+    let cgroup = Cgroup::new();
+    let connect: Vec<String> = others.iter().map(|o| format!("-connect={}", o.addr())).collect();
+    let node = Litecoind::start(Some(&cgroup), &connect);
+    node.wait_peers(3);
+    let outbound = node.peers().iter().filter(|p| p["inbound"] == false).count();
+    assert_eq!(outbound, 3, "getpeerinfo: {:?}", node.peers());
+    let agent = Agent::start(&agent_config(
+        &node,
+        &cgroup,
+        // connect window 5 x 2s; for 0s: the rule fires at the first
+        // evaluation its condition holds
+        "[targets.rules.partition_suspected]\nwindow = \"2s\"\nfor = \"0s\"\n\
+         [targets.rules.connect_failures_high]\nwindow = \"10s\"\n",
+    ));
+    wait_for("3 outbound peers in /peers", Duration::from_secs(20), || {
+        let v = agent.json("/peers");
+        let peers = v["targets"][0]["peers"].as_array()?.clone();
+        (peers.iter().filter(|p| p["direction"] == "outbound").count() == 3).then_some(())
+    });
+    wait_rule(&agent, "partition_suspected", "ok", Duration::from_secs(10));
+    let never_partition = |code: u16, d: &Value| {
+        let r = rule_in(d, "partition_suspected");
+        (code == 503 || r["state"] == "firing" || r["state"] == "pending")
+            .then(|| format!("partition_suspected {} beside full outbound slots (HTTP {code})", r["state"]))
+    };
+
+    // a connect refused every 500 ms for 15 s: longer than the connect window
+    let closed = free_port();
+    let target = format!("127.0.0.1:{closed}");
+    let start = Instant::now();
+    let mut tries = 0;
+    while start.elapsed() < Duration::from_secs(15) {
+        node.cli(&["addnode", &target, "onetry"]);
+        tries += 1;
+        watch(&agent, Duration::from_millis(500), never_partition);
+    }
+    eprintln!("{tries} connects to {target} refused over {:?}", start.elapsed());
+    let d = detailed(&agent).1;
+    let r = rule_in(&d, "partition_suspected");
+    eprintln!("partition_suspected: {}", r);
+    assert_eq!(r["state"], "ok", "{r}");
+    assert_eq!(r["evidence"]["outbound_peers"], 3, "{r}");
+    assert_eq!(r["evidence"]["outbound_opened"], 0, "{r}");
+    assert!(r["evidence"]["outbound_failed"].as_u64().unwrap() >= 10, "the refused connects were seen: {r}");
+    let c = rule_in(&d, "connect_failures_high");
+    eprintln!("connect_failures_high: {c}");
+    assert_eq!(c["evidence"]["failed_by_reason"]["refused"].as_u64().map(|n| n >= 10), Some(true), "{c}");
+    // outside truth: the 3 outbound peers held throughout
+    let outbound = node.peers().iter().filter(|p| p["inbound"] == false).count();
+    assert_eq!(outbound, 3);
+    assert_eq!(log_count(&agent, "health rule partition_suspected firing"), 0, "{}", agent.log());
+}
+
+/// The node killed by pid: the agent stays alive (/health/live 200) and
+/// ready (/health/agent 200, the DaemonSet's readiness) while /health goes
+/// 503 with node_down and /health/ready (the node's readiness) 503;
+/// restarted on the same data dir and ports, it recovers.
 #[test]
 fn node_killed_is_node_down_and_recovers_after_restart() {
     require_root();
@@ -460,6 +637,10 @@ fn node_killed_is_node_down_and_recovers_after_restart() {
         if live != 200 {
             return Some(format!("/health/live {live} while the agent runs"));
         }
+        let (ready, body) = agent.get("/health/agent");
+        if ready != 200 {
+            return Some(format!("/health/agent {ready} while the agent collects: {body}"));
+        }
         (code == 503 || rule_in(d, "node_down")["state"] == "firing")
             .then(|| "node_down fired before for = 3s".to_string())
     };
@@ -476,6 +657,13 @@ fn node_killed_is_node_down_and_recovers_after_restart() {
     let (code, body) = agent.get("/health/ready");
     assert_eq!(code, 503);
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["status"], "not_ready");
+    // the agent's own readiness: it collects, whatever its node does
+    let (code, body) = agent.get("/health/agent");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(v["status"], "ready", "{v}");
+    assert!(v["last_collection_seconds_ago"].as_f64().unwrap() <= 1.5, "interval 500ms: {v}");
+    assert!(v["collections"].as_u64().unwrap() > 0, "{v}");
 
     let restarted = Instant::now();
     node.restart(Some(&cgroup));
