@@ -1688,3 +1688,240 @@ fn promql_names_splits_metrics_from_labels() {
     assert_eq!(slug("## Kernel tables full"), "kernel-tables-full");
     assert_eq!(slug("### `node_down`"), "node_down");
 }
+
+// ---------------------------------------------------------------- alertmanager
+
+/// A real Alertmanager (the Debian package's binary) on loopback with a
+/// config file, without cluster gossip; stopped by pid when dropped.
+struct Alertmanager {
+    child: Child,
+    port: u16,
+    dir: TempDir,
+}
+
+impl Alertmanager {
+    fn start(config: &Path) -> Alertmanager {
+        require_tool("prometheus-alertmanager", "prometheus-alertmanager");
+        let dir = TempDir::new("alertmanager");
+        let port = free_port();
+        let child = Command::new("prometheus-alertmanager")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            // no gossip listener (it would take 0.0.0.0:9094)
+            .arg("--cluster.listen-address=")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("alertmanager.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut am = Alertmanager { child, port, dir };
+        wait_for("alertmanager ready", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = am.child.try_wait() {
+                panic!("alertmanager exited with {st}: {}", am.log());
+            }
+            http_get(port, "/-/ready").ok().filter(|(s, _)| *s == 200)
+        });
+        am
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("alertmanager.log")).unwrap_or_default()
+    }
+
+    /// `amtool alert add` with these labels, optionally with start and end
+    /// times (RFC 3339; an end in the past resolves the alert).
+    fn add(&self, labels: &[(&str, &str)], start_end: Option<(&str, &str)>) {
+        let mut cmd = Command::new("amtool");
+        cmd.args(["alert", "add", &format!("--alertmanager.url=http://127.0.0.1:{}", self.port)]);
+        if let Some((start, end)) = start_end {
+            cmd.args([format!("--start={start}"), format!("--end={end}")]);
+        }
+        cmd.args(labels.iter().map(|(k, v)| format!("{k}={v}")));
+        let out = run(&mut cmd);
+        assert!(out.ok, "amtool alert add {labels:?}: {}", out.text());
+    }
+
+    /// `GET /api/v2/alerts?<query>`: (alertname, severity, instance,
+    /// nodescope_target) of each alert, sorted.
+    fn alerts(&self, query: &str) -> Vec<(String, String, String, String)> {
+        let (status, body) = http_get(self.port, &format!("/api/v2/alerts?{query}")).unwrap();
+        assert_eq!(status, 200, "/api/v2/alerts?{query}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let label = |a: &Value, k: &str| a["labels"][k].as_str().unwrap_or("").to_string();
+        let mut out: Vec<_> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| (label(a, "alertname"), label(a, "severity"), label(a, "instance"), label(a, "nodescope_target")))
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(10));
+        if std::thread::panicking() {
+            eprintln!("--- alertmanager log ---\n{}", self.log());
+        }
+    }
+}
+
+/// RFC 3339 UTC time `secs_ago` seconds before now, as `date` writes it.
+fn rfc3339_ago(secs_ago: u64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let out = run(Command::new("date").args(["-u", "-d", &format!("@{}", now - secs_ago), "+%Y-%m-%dT%H:%M:%SZ"]));
+    assert!(out.ok, "date: {}", out.text());
+    out.stdout.trim().to_string()
+}
+
+/// Every `Nodescope...` name in a text.
+fn nodescope_names(text: &str) -> BTreeSet<String> {
+    text.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| w.starts_with("Nodescope") && w.len() > "Nodescope".len())
+        .map(String::from)
+        .collect()
+}
+
+/// The example Alertmanager config passes `amtool check-config`, names
+/// only alerts alerts.yml has, and the check can fail.
+#[test]
+fn alertmanager_config_passes_amtool_check() {
+    require_tool("amtool", "prometheus-alertmanager");
+    let config = deploy("alertmanager/alertmanager.yml");
+    let out = run(Command::new("amtool").arg("check-config").arg(&config));
+    eprintln!("{}", out.text().trim());
+    assert!(out.ok && out.text().contains("SUCCESS"), "amtool check-config: {}", out.text());
+    let text = read(&config);
+    let inhibit_rules = text.lines().filter(|l| l.trim_start().starts_with("- source_matchers:")).count();
+    assert!(out.text().contains(&format!("{inhibit_rules} inhibit rules")), "{}", out.text());
+
+    let alerts: BTreeSet<String> = alert_rules().into_iter().collect();
+    let unknown: Vec<String> = nodescope_names(&text).into_iter().filter(|n| !alerts.contains(n)).collect();
+    assert!(unknown.is_empty(), "alertmanager.yml names alerts alerts.yml does not have: {unknown:?}");
+
+    // the check does catch a broken config: a matcher that does not parse
+    let dir = TempDir::new("amcheck");
+    let broken = dir.path().join("alertmanager.yml");
+    std::fs::write(&broken, text.replace("['alertname=\"NodescopeNoPeers\"']", "['alertname=~\"(\"']")).unwrap();
+    assert_ne!(read(&broken), text, "the broken copy is the same as the config");
+    let out = run(Command::new("amtool").arg("check-config").arg(&broken));
+    assert!(!out.ok, "amtool check-config passed a broken matcher: {}", out.text());
+}
+
+/// The inhibitions of alertmanager.yml, in a real Alertmanager: alerts are
+/// posted with amtool, and `GET /api/v2/alerts?inhibited=false` must give
+/// exactly those expected to reach someone. Then the source of the biggest
+/// group resolves, and what it hid comes back.
+#[test]
+fn alertmanager_inhibits_symptoms_of_one_cause() {
+    require_tool("amtool", "prometheus-alertmanager");
+    let am = Alertmanager::start(&deploy("alertmanager/alertmanager.yml"));
+    // (alertname, severity, instance, nodescope_target, inhibited)
+    let cases: &[(&str, &str, &str, &str, bool)] = &[
+        // ltc on h1 is down: its symptoms are muted
+        ("NodescopeNodeDown", "critical", "h1:9464", "ltc", false),
+        ("NodescopeNoPeers", "critical", "h1:9464", "ltc", true),
+        ("NodescopePartitionSuspected", "critical", "h1:9464", "ltc", true),
+        ("NodescopeLowPeers", "warning", "h1:9464", "ltc", true),
+        ("NodescopeChainStalled", "warning", "h1:9464", "ltc", true),
+        ("NodescopeRuleUnknown", "warning", "h1:9464", "ltc", true),
+        // what is wrong with ltc beyond the outage still shows
+        ("NodescopeDiskLow", "warning", "h1:9464", "ltc", false),
+        // a node of the same name on another host is another node
+        ("NodescopeNoPeers", "critical", "h2:9464", "ltc", false),
+        // btc on h1 is up without peers: NoPeers hides LowPeers and
+        // NoOutbound, PartitionSuspected the connect failures
+        ("NodescopeNoPeers", "critical", "h1:9464", "btc", false),
+        ("NodescopeLowPeers", "warning", "h1:9464", "btc", true),
+        ("NodescopeNoOutbound", "warning", "h1:9464", "btc", true),
+        ("NodescopePartitionSuspected", "critical", "h1:9464", "btc", false),
+        ("NodescopeConnectFailuresHigh", "warning", "h1:9464", "btc", true),
+        ("NodescopeChainStalled", "warning", "h1:9464", "btc", false),
+        ("NodescopeInodesLow", "warning", "h1:9464", "btc", false),
+        // xmr: critical disk and inodes hide their warnings; another
+        // alert's warning stays
+        ("NodescopeDiskCritical", "critical", "h1:9464", "xmr", false),
+        ("NodescopeDiskLow", "warning", "h1:9464", "xmr", true),
+        ("NodescopeInodesLow", "critical", "h1:9464", "xmr", false),
+        ("NodescopeInodesLow", "warning", "h1:9464", "xmr", true),
+        ("NodescopeMemoryHigh", "warning", "h1:9464", "xmr", false),
+    ];
+    let names: BTreeSet<String> = alert_rules().into_iter().collect();
+    for (name, severity, instance, target, _) in cases {
+        assert!(names.contains(*name), "{name} is no alert of alerts.yml");
+        let mut labels =
+            vec![("alertname", *name), ("severity", *severity), ("instance", *instance), ("nodescope_target", *target)];
+        if *name == "NodescopeRuleUnknown" {
+            labels.push(("nodescope_rule", "chain_stalled"));
+        }
+        am.add(&labels, None);
+    }
+    let key = |c: &(&str, &str, &str, &str, bool)| (c.0.to_string(), c.1.to_string(), c.2.to_string(), c.3.to_string());
+    let all: Vec<_> = {
+        let mut v: Vec<_> = cases.iter().map(key).collect();
+        v.sort();
+        v
+    };
+    let reaching = |cases: &[(&str, &str, &str, &str, bool)]| {
+        let mut v: Vec<_> = cases.iter().filter(|c| !c.4).map(key).collect();
+        v.sort();
+        v
+    };
+    let expected = reaching(cases);
+    // the inhibitor learns of source alerts as they arrive: poll, bounded
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = (Vec::new(), Vec::new());
+    while Instant::now() < deadline {
+        seen = (am.alerts("active=true&inhibited=true"), am.alerts("inhibited=false"));
+        if seen.0 == all && seen.1 == expected {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(seen.0, all, "Alertmanager does not hold every posted alert");
+    assert_eq!(seen.1, expected, "alerts that reach someone (inhibited=false)");
+    eprintln!(
+        "{} alerts posted, {} reach someone, {} inhibited",
+        all.len(),
+        expected.len(),
+        all.len() - expected.len()
+    );
+
+    // ltc's node comes back (Prometheus sends NodeDown with an end in the
+    // past): its no-peers alert pages again, and hides ltc's LowPeers itself.
+    am.add(
+        &[
+            ("alertname", "NodescopeNodeDown"),
+            ("severity", "critical"),
+            ("instance", "h1:9464"),
+            ("nodescope_target", "ltc"),
+        ],
+        Some((&rfc3339_ago(600), &rfc3339_ago(1))),
+    );
+    let after: Vec<(&str, &str, &str, &str, bool)> = cases
+        .iter()
+        .filter(|c| !(c.0 == "NodescopeNodeDown" && c.3 == "ltc"))
+        .map(|c| {
+            let mut c = *c;
+            if c.3 == "ltc" && c.2 == "h1:9464" {
+                c.4 = c.0 == "NodescopeLowPeers";
+            }
+            c
+        })
+        .collect();
+    let expected = reaching(&after);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        seen = am.alerts("inhibited=false");
+        if seen == expected {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(seen, expected, "alerts that reach someone once ltc's NodeDown resolved");
+    drop(am);
+}

@@ -58,6 +58,8 @@ const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "litecoind",
     "prometheus",
+    // deploy tests: amtool check-config and a live Alertmanager for the inhibitions
+    "prometheus-alertmanager",
     "iperf3",
     "strace",
     "fio",
