@@ -1505,6 +1505,11 @@ impl Prometheus {
     fn query(&self, expr: &str) -> Vec<Value> {
         self.api(&format!("/api/v1/query?query={}", urlencode(expr)))["data"]["result"].as_array().unwrap().clone()
     }
+
+    /// Every pending and firing alert: labels, state, activeAt, value.
+    fn alerts(&self) -> Vec<Value> {
+        self.api("/api/v1/alerts")["data"]["alerts"].as_array().unwrap().clone()
+    }
 }
 
 impl Drop for Prometheus {
@@ -1924,4 +1929,85 @@ fn alertmanager_inhibits_symptoms_of_one_cause() {
     }
     assert_eq!(seen, expected, "alerts that reach someone once ltc's NodeDown resolved");
     drop(am);
+}
+
+// ---------------------------------------------------------------- alerts, live
+
+/// One config tunes both: a real agent whose config shortens no_peers'
+/// `for` to 2 s and lowers its severity to warning on one node ("fast"),
+/// and leaves another ("slow") at the default 5 minutes, both litecoind
+/// with no peer (`-connect=0`, nothing dials them). A real Prometheus
+/// loading alerts.yml fires NodescopeNoPeers for fast, with the agent's
+/// severity, within a bound, and not for slow, which the agent reports as
+/// pending.
+#[test]
+fn no_peers_alert_follows_the_agents_rule_config() {
+    require_root();
+    let started = Instant::now();
+    let (fast_cg, slow_cg) = (Cgroup::new(), Cgroup::new());
+    let fast = Litecoind::start(Some(&fast_cg), &["-connect=0".into()]);
+    let slow = Litecoind::start(Some(&slow_cg), &["-connect=0".into()]);
+    let target = |name: &str, cg: &Cgroup, node: &Litecoind| {
+        format!(
+            "[[targets]]\nname = \"{name}\"\ncgroup = \"{}\"\nchain = \"litecoin\"\ndatadir = \"{}\"\np2p_ports = [{}]\nrpc_ports = [{}]\n",
+            cg.path.display(),
+            node.dir.path().display(),
+            node.port,
+            node.rpcport
+        )
+    };
+    let body = format!(
+        "[agent]\ninterval = \"1s\"\n\n{}\n[targets.rules.no_peers]\nfor = \"2s\"\nseverity = \"warning\"\n\n{}",
+        target("fast", &fast_cg, &fast),
+        target("slow", &slow_cg, &slow)
+    );
+    let agent = Agent::start(&body);
+    let prom = Prometheus::start(agent.port);
+    let no_peers = |alerts: &[Value], target: &str| -> Option<Value> {
+        alerts
+            .iter()
+            .find(|a| a["labels"]["alertname"] == "NodescopeNoPeers" && a["labels"]["nodescope_target"] == target)
+            .cloned()
+    };
+    let t0 = Instant::now();
+    let firing = wait_for("NodescopeNoPeers firing for fast in Prometheus", Duration::from_secs(90), || {
+        no_peers(&prom.alerts(), "fast").filter(|a| a["state"] == "firing")
+    });
+    eprintln!(
+        "NodescopeNoPeers firing for fast {:.1}s after Prometheus started ({:.1}s after the test began)",
+        t0.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    let labels = &firing["labels"];
+    assert_eq!(labels["severity"], "warning", "the alert's severity is not the agent's config's: {firing}");
+    assert_eq!(labels["nodescope_rule_severity"], "warning", "{firing}");
+    assert_eq!(labels["job"], "nodescope");
+    assert_eq!(labels["instance"], format!("127.0.0.1:{}", agent.port).as_str());
+    assert!(
+        firing["annotations"]["summary"].as_str().unwrap().starts_with("fast on 127.0.0.1:"),
+        "{}",
+        firing["annotations"]
+    );
+
+    // slow has no peers either, but its no_peers holds for the default 5
+    // minutes: the agent says pending, and Prometheus has no alert for it.
+    let pending = wait_for("slow's no_peers pending in Prometheus", Duration::from_secs(30), || {
+        prom.query("nodescope_rule_state{nodescope_target=\"slow\", nodescope_rule=\"no_peers\"}")
+            .first()
+            .map(|s| s["value"][1].as_str().unwrap().to_string())
+            .filter(|v| v == "1")
+    });
+    assert_eq!(pending, "1");
+    let slow_alert = no_peers(&prom.alerts(), "slow");
+    assert!(slow_alert.is_none(), "NodescopeNoPeers for slow, whose verdict is pending: {slow_alert:?}");
+    let detailed = agent.json("/health/targets/slow/detailed");
+    let rule = detailed["rules"].as_array().unwrap().iter().find(|r| r["id"] == "no_peers").cloned();
+    assert_eq!(rule.as_ref().map(|r| r["state"].clone()), Some("pending".into()), "slow's no_peers: {detailed}");
+
+    drop(prom);
+    drop(agent);
+    drop(slow);
+    drop(fast);
+    drop(slow_cg);
+    drop(fast_cg);
 }
