@@ -192,7 +192,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 Wake::Stop => break 'collect,
                 Wake::Interval => break,
                 Wake::Reload => {
-                    if let Some(new) = reload(&config, &self_metrics) {
+                    if let Some(new) = reload(&config, &self_metrics, &telemetry) {
                         targets.reconfigure(&new);
                         guard.reconfigure(&new.http);
                         health_engine.reconfigure(&new);
@@ -220,15 +220,19 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 /// The config file read again (with the environment's overrides) on
 /// SIGHUP. None when it is refused: logged with the same one-line reason as
 /// `check-config`, counted, and the running config kept. Targets, rules,
-/// thresholds, the interval and the HTTP bounds apply at once; what is
-/// fixed at start (the listening address, kernel map sizes, the OTLP
-/// pipeline, logging) is named in a warning when it changed, and applies at
-/// the next start.
-fn reload(running: &Config, self_metrics: &crate::selfmetrics::SelfMetrics) -> Option<Config> {
+/// thresholds, the interval and the HTTP bounds apply at once, and so does
+/// `[otlp]` (the standard OTEL_* variables still over it): when it resolves
+/// to other settings, the metric, span and log exporters are built anew
+/// (an exporter that cannot be built refuses the reload) and swapped in, the
+/// instruments and their values kept. What is fixed at start (the listening
+/// address, kernel map sizes, logging) is named in a warning when it
+/// changed, and applies at the next start.
+fn reload(running: &Config, self_metrics: &crate::selfmetrics::SelfMetrics, telemetry: &Telemetry) -> Option<Config> {
     use std::sync::atomic::Ordering;
     let source = running.source.as_deref();
     let shown = source.map_or("(no file: environment only)".to_string(), |p| p.display().to_string());
-    let new = match crate::settings::load(source) {
+    let loaded = crate::settings::load(source).map_err(|e| e.to_string());
+    let (new, otlp) = match loaded.and_then(|c| telemetry.prepare_otlp(&c).map(|o| (c, o))) {
         Ok(c) => c,
         Err(e) => {
             self_metrics.counters.reloads_rejected.fetch_add(1, Ordering::Relaxed);
@@ -244,9 +248,6 @@ fn reload(running: &Config, self_metrics: &crate::selfmetrics::SelfMetrics) -> O
     if differs(&running.limits, &new.limits) {
         fixed.push("[limits]");
     }
-    if differs(&running.otlp, &new.otlp) {
-        fixed.push("[otlp]");
-    }
     if differs(&running.log, &new.log) {
         fixed.push("[log]");
     }
@@ -258,6 +259,10 @@ fn reload(running: &Config, self_metrics: &crate::selfmetrics::SelfMetrics) -> O
     }
     if !fixed.is_empty() {
         tracing::warn!("SIGHUP: {} changed in {shown}: they apply at the next start", fixed.join(", "));
+    }
+    if let Some(change) = otlp {
+        tracing::info!("SIGHUP: [otlp] changed: {}", change.describe());
+        telemetry.apply_otlp(change, true);
     }
     self_metrics.counters.reloads_applied.fetch_add(1, Ordering::Relaxed);
     let names: Vec<&str> = new.targets.iter().map(|t| t.name.as_str()).collect();

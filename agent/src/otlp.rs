@@ -6,15 +6,16 @@
 //! failed exports and logs them at a bounded rate.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
-use opentelemetry_sdk::metrics::Temporality;
+use opentelemetry_sdk::metrics::{ManualReader, Temporality};
+use opentelemetry_sdk::Resource;
 
 use crate::config::{OtlpConfig, OtlpProtocol};
 
@@ -209,24 +210,27 @@ pub struct CountedExporter<E> {
     target: String,
     counts: Arc<ExportCounts>,
     log: Mutex<(Option<Instant>, u64)>,
+    /// an export of this exporter (this endpoint) went through
+    delivered: AtomicBool,
 }
 
 const LOG_EVERY: Duration = Duration::from_secs(30);
 
 impl<E> CountedExporter<E> {
     pub fn new(inner: E, target: String, counts: Arc<ExportCounts>) -> Self {
-        CountedExporter { inner, target, counts, log: Mutex::new((None, 0)) }
+        CountedExporter { inner, target, counts, log: Mutex::new((None, 0)), delivered: AtomicBool::new(false) }
     }
 
     fn note(&self, r: &OTelSdkResult) {
         match r {
             Ok(()) => {
-                let before = self.counts.ok.fetch_add(1, Ordering::Relaxed);
+                self.counts.ok.fetch_add(1, Ordering::Relaxed);
+                let first = !self.delivered.swap(true, Ordering::Relaxed);
                 let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
                 if log.0.is_some() && log.1 > 0 {
                     tracing::info!("OTLP export to {} works again ({} failed before)", self.target, log.1);
                     log.1 = 0;
-                } else if before == 0 {
+                } else if first {
                     tracing::info!("OTLP export to {}: first export delivered", self.target);
                 }
             }
@@ -263,6 +267,297 @@ impl<E: PushMetricExporter> PushMetricExporter for CountedExporter<E> {
     }
     fn temporality(&self) -> Temporality {
         self.inner.temporality()
+    }
+}
+
+/// The metric exporter the OTLP reader runs, whatever the protocol.
+pub type MetricExport = CountedExporter<opentelemetry_otlp::MetricExporter>;
+
+/// What the OTLP reader's thread is told.
+enum Command {
+    /// Export to this exporter every interval from now on (None: export no
+    /// more); the exporter it had is shut down once this one is in place.
+    Set(Option<(Box<MetricExport>, Duration)>),
+    /// A last export, then the exporter shut down; acknowledged.
+    Shutdown(mpsc::Sender<()>),
+}
+
+/// The meter provider's OTLP reader: registered once at start, so the
+/// instruments and their cumulative values are the same whatever becomes of
+/// the export, and driven by a thread of its own that collects and exports
+/// every interval to the exporter set last (`set`): none, the one the agent
+/// started with, or one a reload built. A slow or absent collector delays
+/// neither collection nor /metrics.
+#[derive(Clone)]
+pub struct OtlpReader {
+    manual: Arc<ManualReader>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for OtlpReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OtlpReader")
+    }
+}
+
+impl OtlpReader {
+    /// The reader, exporting nothing until `set`.
+    pub fn new() -> std::io::Result<OtlpReader> {
+        let manual = Arc::new(ManualReader::builder().build());
+        let (commands, rx) = mpsc::channel();
+        let m = manual.clone();
+        std::thread::Builder::new().name("nodescope-otlp".into()).spawn(move || run_reader(&m, rx))?;
+        Ok(OtlpReader { manual, commands })
+    }
+
+    /// Exports go to `export` from now on, the first one an interval later.
+    pub fn set(&self, export: Option<(MetricExport, Duration)>) {
+        let _ = self.commands.send(Command::Set(export.map(|(e, i)| (Box::new(e), i))));
+    }
+}
+
+fn run_reader(manual: &ManualReader, commands: mpsc::Receiver<Command>) {
+    // what the exporters log about themselves is not exported again
+    let _suppressed = opentelemetry::Context::enter_telemetry_suppressed_scope();
+    let mut current: Option<(Box<MetricExport>, Duration)> = None;
+    let mut due = Instant::now();
+    let mut rm = ResourceMetrics::default();
+    loop {
+        let command = match &current {
+            None => commands.recv().ok(),
+            Some((exporter, interval)) => match commands.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                Ok(c) => Some(c),
+                Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    collect_and_export(manual, exporter, &mut rm);
+                    // the next one at its time, or an interval from now when
+                    // this one took longer than an interval
+                    due += *interval;
+                    let now = Instant::now();
+                    if due <= now {
+                        due = now + *interval;
+                    }
+                    continue;
+                }
+            },
+        };
+        match command {
+            Some(Command::Set(new)) => {
+                let old = std::mem::replace(&mut current, new);
+                if let Some((_, interval)) = &current {
+                    due = Instant::now() + *interval;
+                }
+                if let Some((old, _)) = old {
+                    let _ = old.shutdown_with_timeout(Duration::from_secs(5));
+                }
+            }
+            Some(Command::Shutdown(done)) => {
+                if let Some((exporter, _)) = current.take() {
+                    collect_and_export(manual, &exporter, &mut rm);
+                    let _ = exporter.shutdown_with_timeout(Duration::from_secs(5));
+                }
+                let _ = done.send(());
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+fn collect_and_export(manual: &ManualReader, exporter: &MetricExport, rm: &mut ResourceMetrics) {
+    use opentelemetry_sdk::metrics::reader::MetricReader;
+    if let Err(e) = manual.collect(rm) {
+        tracing::warn!("OTLP: collecting the metrics to export: {e}");
+        return;
+    }
+    // the outcome is counted and logged by the exporter
+    let _ = block_on(exporter.export(rm));
+}
+
+/// Runs `f` to completion on this thread (the HTTP exporter's blocking
+/// client must not run inside a tokio runtime; the gRPC channel's own task
+/// runs on the agent's runtime).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+impl opentelemetry_sdk::metrics::reader::MetricReader for OtlpReader {
+    fn register_pipeline(&self, pipeline: std::sync::Weak<opentelemetry_sdk::metrics::Pipeline>) {
+        self.manual.register_pipeline(pipeline)
+    }
+    fn collect(&self, rm: &mut ResourceMetrics) -> OTelSdkResult {
+        self.manual.collect(rm)
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let (done, wait) = mpsc::channel();
+        if self.commands.send(Command::Shutdown(done)).is_ok() {
+            let _ = wait.recv_timeout(timeout);
+        }
+        self.manual.shutdown_with_timeout(timeout)
+    }
+    fn temporality(&self, _kind: opentelemetry_sdk::metrics::InstrumentKind) -> Temporality {
+        Temporality::Cumulative
+    }
+}
+
+/// The processor the tracer or logger provider was built with, forwarding to
+/// a batch processor (the export to a collector) that a reload replaces;
+/// with none, records are dropped. The providers, and the tracing layers
+/// over them, stay.
+#[derive(Debug)]
+pub struct Switch<P> {
+    inner: Arc<SwitchInner<P>>,
+}
+
+#[derive(Debug)]
+struct SwitchInner<P> {
+    current: RwLock<Option<Arc<P>>>,
+    on: AtomicBool,
+    resource: Mutex<Option<Resource>>,
+}
+
+impl<P> Clone for Switch<P> {
+    fn clone(&self) -> Self {
+        Switch { inner: self.inner.clone() }
+    }
+}
+
+impl<P> Default for Switch<P> {
+    fn default() -> Self {
+        Switch {
+            inner: Arc::new(SwitchInner {
+                current: RwLock::new(None),
+                on: AtomicBool::new(false),
+                resource: Mutex::new(None),
+            }),
+        }
+    }
+}
+
+/// A processor the switch can hold: given the provider's resource before
+/// it is installed.
+pub trait Switchable: Send + Sync {
+    fn resource(&mut self, resource: &Resource);
+    fn stop(&self) -> OTelSdkResult;
+}
+
+impl Switchable for opentelemetry_sdk::trace::BatchSpanProcessor {
+    fn resource(&mut self, resource: &Resource) {
+        opentelemetry_sdk::trace::SpanProcessor::set_resource(self, resource)
+    }
+    fn stop(&self) -> OTelSdkResult {
+        opentelemetry_sdk::trace::SpanProcessor::shutdown_with_timeout(self, Duration::from_secs(5))
+    }
+}
+
+impl Switchable for opentelemetry_sdk::logs::BatchLogProcessor {
+    fn resource(&mut self, resource: &Resource) {
+        opentelemetry_sdk::logs::LogProcessor::set_resource(self, resource)
+    }
+    fn stop(&self) -> OTelSdkResult {
+        opentelemetry_sdk::logs::LogProcessor::shutdown_with_timeout(self, Duration::from_secs(5))
+    }
+}
+
+impl<P: Switchable> Switch<P> {
+    /// Records go to `new` from now on; the processor before is returned,
+    /// for the caller to shut down (it flushes what it holds).
+    pub fn replace(&self, new: Option<P>) -> Option<Arc<P>> {
+        let new = new.map(|mut p| {
+            if let Some(r) = self.inner.resource.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                p.resource(r);
+            }
+            Arc::new(p)
+        });
+        self.inner.on.store(new.is_some(), Ordering::Relaxed);
+        std::mem::replace(&mut *self.inner.current.write().unwrap_or_else(|e| e.into_inner()), new)
+    }
+
+    /// Something to export to.
+    pub fn is_on(&self) -> bool {
+        self.inner.on.load(Ordering::Relaxed)
+    }
+
+    fn current(&self) -> Option<Arc<P>> {
+        self.inner.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn flush(&self, f: impl FnOnce(&P) -> OTelSdkResult) -> OTelSdkResult {
+        self.current().map_or(Ok(()), |p| f(&p))
+    }
+
+    fn set_provider_resource(&self, resource: &Resource) {
+        *self.inner.resource.lock().unwrap_or_else(|e| e.into_inner()) = Some(resource.clone());
+    }
+
+    fn stop(&self) -> OTelSdkResult {
+        self.replace(None).map_or(Ok(()), |p| p.stop())
+    }
+}
+
+impl opentelemetry_sdk::trace::SpanProcessor for Switch<opentelemetry_sdk::trace::BatchSpanProcessor> {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &opentelemetry::Context) {
+        if let Some(p) = self.current() {
+            p.on_start(span, cx);
+        }
+    }
+    fn on_end(&self, span: opentelemetry_sdk::trace::SpanData) {
+        if let Some(p) = self.current() {
+            p.on_end(span);
+        }
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        self.flush(|p| p.force_flush())
+    }
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        self.stop()
+    }
+    fn set_resource(&mut self, resource: &Resource) {
+        self.set_provider_resource(resource);
+    }
+}
+
+impl opentelemetry_sdk::logs::LogProcessor for Switch<opentelemetry_sdk::logs::BatchLogProcessor> {
+    fn emit(
+        &self,
+        data: &mut opentelemetry_sdk::logs::SdkLogRecord,
+        instrumentation: &opentelemetry::InstrumentationScope,
+    ) {
+        if let Some(p) = self.current() {
+            p.emit(data, instrumentation);
+        }
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        self.flush(|p| p.force_flush())
+    }
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        self.stop()
+    }
+    fn event_enabled(&self, _level: opentelemetry::logs::Severity, _target: &str, _name: Option<&str>) -> bool {
+        self.is_on()
+    }
+    fn set_resource(&mut self, resource: &Resource) {
+        self.set_provider_resource(resource);
     }
 }
 

@@ -1,30 +1,44 @@
 //! The one OpenTelemetry pipeline: a meter provider whose readers are the
-//! Prometheus registry behind /metrics (and, when configured, OTLP).
-//! Signals register their own instruments on the meter it hands out.
+//! Prometheus registry behind /metrics and the OTLP reader. Signals register
+//! their own instruments on the meter it hands out. The OTLP export (metrics,
+//! and the agent's own spans and logs) is built from `[otlp]` and the
+//! standard environment at start, and rebuilt on SIGHUP when they resolve to
+//! other settings; the providers, instruments and tracing layers stay.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use hyper::body::Bytes;
 use opentelemetry::metrics::{Meter, MeterProvider};
+use opentelemetry_sdk::logs::BatchLogProcessor;
 use opentelemetry_sdk::metrics::{Instrument, SdkMeterProvider, Stream};
+use opentelemetry_sdk::trace::BatchSpanProcessor;
 use opentelemetry_sdk::Resource;
 use prometheus::proto::{MetricFamily, MetricType};
 use prometheus::{Encoder, TextEncoder};
 
-use crate::config::Config;
+use crate::config::{Config, OtlpProtocol};
+use crate::otlp::{MetricExport, OtlpSettings, Switch};
 
-/// The agent's own spans and logs over OTLP, when an endpoint is set: kept
-/// to be flushed at the end (`shutdown_logging`).
+/// The agent's own spans and logs over OTLP: the providers the tracing
+/// layers write to, built once, each with a switch that the start and each
+/// reload point at a collector (or at none).
 struct OtelLogging {
     tracer: opentelemetry_sdk::trace::SdkTracerProvider,
     logger: opentelemetry_sdk::logs::SdkLoggerProvider,
-    /// drives the gRPC channels (the batch processors export on threads of their own)
-    _runtime: Option<tokio::runtime::Runtime>,
+    spans: Switch<BatchSpanProcessor>,
+    logs: Switch<BatchLogProcessor>,
+    /// drives the span and log exporters' gRPC channels (the batch
+    /// processors export on threads of their own); made at the first need
+    runtime: OnceLock<tokio::runtime::Runtime>,
 }
 
-static OTEL_LOGGING: std::sync::Mutex<Option<OtelLogging>> = std::sync::Mutex::new(None);
+static OTEL_LOGGING: OnceLock<OtelLogging> = OnceLock::new();
+
+/// The span and log exporters of one `[otlp]` setting, not running yet.
+type LoggingExporters = (opentelemetry_otlp::SpanExporter, opentelemetry_otlp::LogExporter);
 
 /// Logging to stderr (text or `[log] format = "json"`, colour only on a
 /// terminal) and, when OTLP is configured, the agent's spans (collection
@@ -32,6 +46,7 @@ static OTEL_LOGGING: std::sync::Mutex<Option<OtelLogging>> = std::sync::Mutex::n
 /// collector through `tracing-opentelemetry` and the log bridge. Events of
 /// the export machinery itself never go to OTLP (no feedback loop).
 pub fn init_logging(config: &Config) {
+    use opentelemetry::trace::TracerProvider;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
@@ -45,129 +60,177 @@ pub fn init_logging(config: &Config) {
         crate::config::LogFormat::Json => fmt.json().boxed(),
         crate::config::LogFormat::Text => fmt.boxed(),
     };
-    let (otel, problem) = match otel_logging(config) {
-        Ok(Some(o)) => (Some(o), None),
-        Ok(None) => (None, None),
-        Err(e) => (None, Some(e)),
+    let env = crate::otlp::process_env;
+    let mut problem = None;
+    let attributes = crate::otlp::resource_attributes(&env).unwrap_or_else(|e| {
+        problem = Some(e);
+        Vec::new()
+    });
+    let resource = Resource::builder_empty()
+        .with_detector(Box::new(opentelemetry_sdk::resource::TelemetryResourceDetector))
+        .with_attributes(attributes)
+        .build();
+    let (spans, logs) = (Switch::default(), Switch::default());
+    let otel = OtelLogging {
+        tracer: opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_resource(resource.clone())
+            .with_span_processor(spans.clone())
+            .build(),
+        logger: opentelemetry_sdk::logs::SdkLoggerProvider::builder()
+            .with_resource(resource)
+            .with_log_processor(logs.clone())
+            .build(),
+        spans,
+        logs,
+        runtime: OnceLock::new(),
     };
-    let not_export = tracing_subscriber::filter::filter_fn(|m| {
+    // what goes to OTLP: not the export machinery's own events, and nothing
+    // while no collector is set (asked at each span and event: a reload
+    // turns it on and off)
+    fn exported(m: &tracing::Metadata<'_>) -> bool {
         let t = m.target();
         !["opentelemetry", "tonic", "h2", "hyper", "reqwest", "tower", "nodescope::otlp"]
             .iter()
             .any(|p| t.starts_with(p))
-    });
-    let spans = otel.as_ref().map(|o| {
-        use opentelemetry::trace::TracerProvider;
-        tracing_opentelemetry::layer().with_tracer(o.tracer.tracer("nodescope")).with_filter(not_export.clone())
-    });
-    let logs = otel.as_ref().map(|o| {
-        opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(&o.logger).with_filter(not_export)
-    });
+    }
+    let on = otel.spans.clone();
+    let spans = tracing_opentelemetry::layer()
+        .with_tracer(otel.tracer.tracer("nodescope"))
+        .with_filter(tracing_subscriber::filter::dynamic_filter_fn(move |m, _| on.is_on() && exported(m)));
+    let on = otel.logs.clone();
+    let logs = opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(&otel.logger)
+        .with_filter(tracing_subscriber::filter::dynamic_filter_fn(move |m, _| on.is_on() && exported(m)));
     tracing_subscriber::registry().with(filter).with(fmt).with(spans).with(logs).init();
+    let otel = OTEL_LOGGING.get_or_init(|| otel);
+    if problem.is_none() {
+        match crate::otlp::resolve(&config.otlp, &env).and_then(|s| s.map(|s| logging_exporters(otel, &s)).transpose())
+        {
+            Ok(exporters) => switch_logging(otel, exporters),
+            Err(e) => problem = Some(e),
+        }
+    }
     if let Some(e) = problem {
         tracing::warn!("spans and logs not exported over OTLP: {e}");
     }
-    *OTEL_LOGGING.lock().unwrap_or_else(|e| e.into_inner()) = otel;
 }
 
 /// Flushes and stops the span and log export.
 pub fn shutdown_logging() {
-    if let Some(o) = OTEL_LOGGING.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    if let Some(o) = OTEL_LOGGING.get() {
         let _ = o.tracer.shutdown();
         let _ = o.logger.shutdown();
     }
 }
 
-fn otel_logging(config: &Config) -> Result<Option<OtelLogging>, String> {
-    use crate::config::OtlpProtocol;
-    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
-    let env = crate::otlp::process_env;
-    let Some(otlp) = crate::otlp::resolve(&config.otlp, &env)? else { return Ok(None) };
-    let resource = Resource::builder_empty()
-        .with_detector(Box::new(opentelemetry_sdk::resource::TelemetryResourceDetector))
-        .with_attributes(crate::otlp::resource_attributes(&env)?)
-        .build();
-    let traces = crate::otlp::signal_endpoint(&otlp, "traces", &env)?;
-    let logs = crate::otlp::signal_endpoint(&otlp, "logs", &env)?;
-    let headers: std::collections::HashMap<String, String> = otlp.headers.clone().into_iter().collect();
-    let err = |e: opentelemetry_otlp::ExporterBuildError| e.to_string();
-    let (runtime, span_exporter, log_exporter) = match otlp.protocol {
-        OtlpProtocol::HttpProtobuf => (
-            None,
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_endpoint(traces)
-                .with_timeout(otlp.timeout)
-                .with_headers(headers.clone())
-                .build()
-                .map_err(err)?,
-            opentelemetry_otlp::LogExporter::builder()
-                .with_http()
-                .with_endpoint(logs)
-                .with_timeout(otlp.timeout)
-                .with_headers(headers)
-                .build()
-                .map_err(err)?,
-        ),
-        OtlpProtocol::Grpc => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("nodescope-otlp")
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
-            let metadata = || -> Result<tonic::metadata::MetadataMap, String> {
-                let mut m = tonic::metadata::MetadataMap::new();
-                for (k, v) in &otlp.headers {
-                    let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
-                        .map_err(|e| format!("header {k:?}: {e}"))?;
-                    m.insert(key, v.parse().map_err(|e| format!("header {k:?}: {e}"))?);
-                }
-                Ok(m)
-            };
-            let _entered = runtime.enter();
-            let spans = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(traces)
-                .with_timeout(otlp.timeout)
-                .with_metadata(metadata()?)
-                .build()
-                .map_err(err)?;
-            let logs = opentelemetry_otlp::LogExporter::builder()
-                .with_tonic()
-                .with_endpoint(logs)
-                .with_timeout(otlp.timeout)
-                .with_metadata(metadata()?)
-                .build()
-                .map_err(err)?;
-            drop(_entered);
-            (Some(runtime), spans, logs)
-        }
+/// Spans and logs go to `exporters` from now on (None: nowhere); the batch
+/// processors before flush what they hold to their collector and stop, on a
+/// thread of their own.
+fn switch_logging(otel: &OtelLogging, exporters: Option<LoggingExporters>) {
+    let (spans, logs) = match exporters {
+        Some((s, l)) => (Some(BatchSpanProcessor::builder(s).build()), Some(BatchLogProcessor::builder(l).build())),
+        None => (None, None),
     };
-    let tracer = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_resource(resource.clone())
-        .with_batch_exporter(span_exporter)
-        .build();
-    let logger = opentelemetry_sdk::logs::SdkLoggerProvider::builder()
-        .with_resource(resource)
-        .with_batch_exporter(log_exporter)
-        .build();
-    Ok(Some(OtelLogging { tracer, logger, _runtime: runtime }))
+    let old_spans = otel.spans.replace(spans);
+    let old_logs = otel.logs.replace(logs);
+    if old_spans.is_some() || old_logs.is_some() {
+        let stop = move || {
+            use crate::otlp::Switchable;
+            if let Some(p) = old_spans {
+                let _ = p.stop();
+            }
+            if let Some(p) = old_logs {
+                let _ = p.stop();
+            }
+        };
+        if let Err(e) = std::thread::Builder::new().name("nodescope-otlp-stop".into()).spawn(stop) {
+            tracing::warn!("stopping the span and log export before the reload: {e}");
+        }
+    }
 }
 
-/// The OTLP reader for `otlp`: HTTP/protobuf through the blocking client, or
-/// gRPC over a channel that `runtime` drives.
-fn otlp_reader(
-    otlp: &crate::otlp::OtlpSettings,
+/// gRPC metadata of `headers` (keys lower-cased, as HTTP/2 has them).
+fn grpc_metadata(headers: &std::collections::BTreeMap<String, String>) -> Result<tonic::metadata::MetadataMap, String> {
+    let mut m = tonic::metadata::MetadataMap::new();
+    for (k, v) in headers {
+        let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+            .map_err(|e| format!("header {k:?}: {e}"))?;
+        m.insert(key, v.parse().map_err(|e| format!("header {k:?}: {e}"))?);
+    }
+    Ok(m)
+}
+
+/// The span and log exporters for `otlp`: the same protocol and headers,
+/// to `/v1/traces` and `/v1/logs` beside the metrics path for HTTP (or the
+/// signal's own OTEL_EXPORTER_OTLP_*_ENDPOINT).
+fn logging_exporters(otel: &OtelLogging, otlp: &OtlpSettings) -> Result<LoggingExporters, String> {
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+    let env = crate::otlp::process_env;
+    let traces = crate::otlp::signal_endpoint(otlp, "traces", &env)?;
+    let logs = crate::otlp::signal_endpoint(otlp, "logs", &env)?;
+    let err = |e: opentelemetry_otlp::ExporterBuildError| e.to_string();
+    match otlp.protocol {
+        OtlpProtocol::HttpProtobuf => {
+            let headers: HashMap<String, String> = otlp.headers.clone().into_iter().collect();
+            Ok((
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_endpoint(traces)
+                    .with_timeout(otlp.timeout)
+                    .with_headers(headers.clone())
+                    .build()
+                    .map_err(err)?,
+                opentelemetry_otlp::LogExporter::builder()
+                    .with_http()
+                    .with_endpoint(logs)
+                    .with_timeout(otlp.timeout)
+                    .with_headers(headers)
+                    .build()
+                    .map_err(err)?,
+            ))
+        }
+        OtlpProtocol::Grpc => {
+            if otel.runtime.get().is_none() {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("nodescope-otlp")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let _ = otel.runtime.set(runtime);
+            }
+            let runtime = otel.runtime.get().ok_or("no runtime for the gRPC channels")?;
+            // the channels' connection tasks live on the runtime
+            let _entered = runtime.enter();
+            Ok((
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(traces)
+                    .with_timeout(otlp.timeout)
+                    .with_metadata(grpc_metadata(&otlp.headers)?)
+                    .build()
+                    .map_err(err)?,
+                opentelemetry_otlp::LogExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(logs)
+                    .with_timeout(otlp.timeout)
+                    .with_metadata(grpc_metadata(&otlp.headers)?)
+                    .build()
+                    .map_err(err)?,
+            ))
+        }
+    }
+}
+
+/// The metric exporter for `otlp`: HTTP/protobuf through the blocking
+/// client, or gRPC over a channel that `runtime` drives; counting outcomes
+/// into `counts`.
+fn metric_exporter(
+    otlp: &OtlpSettings,
     counts: Arc<crate::otlp::ExportCounts>,
     runtime: &tokio::runtime::Handle,
-) -> Result<
-    opentelemetry_sdk::metrics::PeriodicReader<impl opentelemetry_sdk::metrics::exporter::PushMetricExporter>,
-    TelemetryError,
-> {
-    use crate::config::OtlpProtocol;
+) -> Result<MetricExport, String> {
     use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
-    let err = |e: opentelemetry_otlp::ExporterBuildError| TelemetryError::Otlp(format!("{}: {e}", otlp.endpoint));
+    let err = |e: opentelemetry_otlp::ExporterBuildError| format!("{}: {e}", otlp.endpoint);
     let exporter = match otlp.protocol {
         OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
             .with_http()
@@ -177,13 +240,7 @@ fn otlp_reader(
             .build()
             .map_err(err)?,
         OtlpProtocol::Grpc => {
-            let mut metadata = tonic::metadata::MetadataMap::new();
-            for (k, v) in &otlp.headers {
-                let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
-                    .map_err(|e| TelemetryError::Otlp(format!("header {k:?}: {e}")))?;
-                let value = v.parse().map_err(|e| TelemetryError::Otlp(format!("header {k:?}: {e}")))?;
-                metadata.insert(key, value);
-            }
+            let metadata = grpc_metadata(&otlp.headers)?;
             // the channel's connection task lives on the runtime
             let _entered = runtime.enter();
             opentelemetry_otlp::MetricExporter::builder()
@@ -195,8 +252,35 @@ fn otlp_reader(
                 .map_err(err)?
         }
     };
-    let exporter = crate::otlp::CountedExporter::new(exporter, otlp.endpoint.clone(), counts);
-    Ok(opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).with_interval(otlp.interval).build())
+    Ok(crate::otlp::CountedExporter::new(exporter, otlp.endpoint.clone(), counts))
+}
+
+/// The exporters of another `[otlp]` setting, built and not running yet
+/// (`Telemetry::prepare_otlp`, then `apply_otlp`).
+pub struct OtlpChange {
+    settings: Option<OtlpSettings>,
+    metrics: Option<MetricExport>,
+    logging: Option<LoggingExporters>,
+}
+
+impl OtlpChange {
+    /// What the export becomes, for the reload's log line.
+    pub fn describe(&self) -> String {
+        match &self.settings {
+            None => "OTLP export off".into(),
+            Some(s) => format!(
+                "OTLP export ({}) to {} every {:?}{}",
+                s.protocol.as_str(),
+                s.endpoint,
+                s.interval,
+                if s.headers.is_empty() {
+                    String::new()
+                } else {
+                    format!(" with headers {:?}", s.headers.keys().collect::<Vec<_>>())
+                }
+            ),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +304,15 @@ pub struct Telemetry {
     /// collection time, so a scrape only copies a buffer.
     asked: [AtomicU64; Variant::COUNT],
     epoch: Instant,
+    /// The meter provider's OTLP reader, exporting where the settings say.
+    otlp: crate::otlp::OtlpReader,
+    /// The `[otlp]` settings (environment over the TOML) now exported to.
+    otlp_settings: Mutex<Option<OtlpSettings>>,
+    export_counts: Arc<crate::otlp::ExportCounts>,
+    /// Set once OTLP has been on: nodescope_otlp_exports_total is shown from then.
+    otlp_seen: Arc<AtomicBool>,
+    /// Drives the gRPC metric exporter's channel.
+    runtime: tokio::runtime::Handle,
 }
 
 /// The /metrics formats: the Prometheus text format (0.0.4) and OpenMetrics
@@ -306,7 +399,7 @@ impl Exposition {
 }
 
 impl Telemetry {
-    /// `runtime` drives the gRPC exporter's connection (the periodic reader
+    /// `runtime` drives the gRPC exporter's connection (the OTLP reader
     /// runs exports on a thread of its own).
     pub fn new(config: &Config, runtime: &tokio::runtime::Handle) -> Result<Telemetry, TelemetryError> {
         let registry = prometheus::Registry::new();
@@ -319,21 +412,20 @@ impl Telemetry {
         // series per target: let them, the SDK default of 2000 would fold
         // real peers into its overflow series.
         let per_peer_limit = (config.limits.top_peers + 1) * 4 * crate::bpf::abi::MAX_TARGETS;
-        let mut builder = SdkMeterProvider::builder();
         let env = crate::otlp::process_env;
         let otlp = crate::otlp::resolve(&config.otlp, &env).map_err(TelemetryError::Otlp)?;
         let export_counts = Arc::new(crate::otlp::ExportCounts::default());
-        if let Some(otlp) = &otlp {
-            builder = builder.with_reader(otlp_reader(otlp, export_counts.clone(), runtime)?);
-            tracing::info!(
-                "exporting metrics over OTLP ({}) to {} every {:?}",
-                otlp.protocol.as_str(),
-                otlp.endpoint,
-                otlp.interval
-            );
-        }
+        let metrics = otlp
+            .as_ref()
+            .map(|o| metric_exporter(o, export_counts.clone(), runtime))
+            .transpose()
+            .map_err(TelemetryError::Otlp)?;
+        // registered whether OTLP is set or not, so a reload can set it
+        let reader = crate::otlp::OtlpReader::new()
+            .map_err(|e| TelemetryError::Otlp(format!("starting the export thread: {e}")))?;
         let attributes = crate::otlp::resource_attributes(&env).map_err(TelemetryError::Otlp)?;
-        let provider = builder
+        let provider = SdkMeterProvider::builder()
+            .with_reader(reader.clone())
             .with_resource(
                 Resource::builder_empty()
                     .with_detector(Box::new(opentelemetry_sdk::resource::TelemetryResourceDetector))
@@ -349,25 +441,82 @@ impl Telemetry {
                 }
             })
             .build();
-        if otlp.is_some() {
-            let c = export_counts;
-            provider
-                .meter("nodescope")
-                .u64_observable_counter("nodescope.otlp.exports")
-                .with_description("OTLP exports by outcome (ok, failed): a failed one is logged at most every 30 s and the next goes out at its time")
-                .with_callback(move |o| {
+        let otlp_seen = Arc::new(AtomicBool::new(false));
+        let (c, seen) = (export_counts.clone(), otlp_seen.clone());
+        provider
+            .meter("nodescope")
+            .u64_observable_counter("nodescope.otlp.exports")
+            .with_description("OTLP exports by outcome (ok, failed): a failed one is logged at most every 30 s and the next goes out at its time")
+            .with_callback(move |o| {
+                if seen.load(Ordering::Relaxed) {
                     o.observe(c.ok.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("result", "ok")]);
                     o.observe(c.failed.load(Ordering::Relaxed), &[opentelemetry::KeyValue::new("result", "failed")]);
-                })
-                .build();
-        }
-        Ok(Telemetry {
+                }
+            })
+            .build();
+        let telemetry = Telemetry {
             provider,
             registry,
             exposition: RwLock::new(None),
             asked: Default::default(),
             epoch: Instant::now(),
-        })
+            otlp: reader,
+            otlp_settings: Mutex::new(None),
+            export_counts,
+            otlp_seen,
+            runtime: runtime.clone(),
+        };
+        if let Some(settings) = otlp {
+            telemetry.apply_otlp(OtlpChange { settings: Some(settings), metrics, logging: None }, false);
+        }
+        Ok(telemetry)
+    }
+
+    /// The exporters for `config`'s `[otlp]` (the standard environment over
+    /// it, as at start), built but not running; None when that resolves to
+    /// the settings exported to now (nothing is rebuilt). An error (a value
+    /// the environment or an exporter refuses) leaves the running export as
+    /// it is.
+    pub fn prepare_otlp(&self, config: &Config) -> Result<Option<OtlpChange>, String> {
+        let settings =
+            crate::otlp::resolve(&config.otlp, &crate::otlp::process_env).map_err(|e| format!("otlp: {e}"))?;
+        if *self.otlp_settings.lock().unwrap_or_else(|e| e.into_inner()) == settings {
+            return Ok(None);
+        }
+        let Some(s) = &settings else { return Ok(Some(OtlpChange { settings, metrics: None, logging: None })) };
+        let metrics =
+            metric_exporter(s, self.export_counts.clone(), &self.runtime).map_err(|e| format!("otlp: {e}"))?;
+        let logging = match OTEL_LOGGING.get() {
+            Some(otel) => Some(logging_exporters(otel, s).map_err(|e| format!("otlp (spans and logs): {e}"))?),
+            None => None,
+        };
+        Ok(Some(OtlpChange { settings, metrics: Some(metrics), logging }))
+    }
+
+    /// Exports (metrics, and spans and logs with `logging`) go where
+    /// `change` says from now on; the exporters before are shut down once
+    /// the new ones are in place. Instruments and their values stay.
+    pub fn apply_otlp(&self, change: OtlpChange, logging: bool) {
+        let OtlpChange { settings, metrics, logging: exporters } = change;
+        match (&settings, metrics) {
+            (Some(s), Some(m)) => {
+                self.otlp_seen.store(true, Ordering::Relaxed);
+                tracing::info!(
+                    "exporting metrics over OTLP ({}) to {} every {:?}",
+                    s.protocol.as_str(),
+                    s.endpoint,
+                    s.interval
+                );
+                self.otlp.set(Some((m, s.interval)));
+            }
+            _ => self.otlp.set(None),
+        }
+        if logging {
+            if let Some(otel) = OTEL_LOGGING.get() {
+                switch_logging(otel, exporters);
+            }
+        }
+        *self.otlp_settings.lock().unwrap_or_else(|e| e.into_inner()) = settings;
     }
 
     pub fn meter(&self) -> Meter {
