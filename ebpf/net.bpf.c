@@ -4,13 +4,20 @@
  *
  * Two programs share the record map:
  *  - on_tcp_state (tp_btf/inet_sock_set_state) sees every state change of
- *    every TCP socket, keeps the watched ones and records connects and
- *    establishment; a close or failure goes to user space at once through a
- *    ring buffer with the final byte counts, and the record is deleted.
+ *    every TCP socket and keeps the watched ones. A connect makes a record
+ *    (it needs the connecting task, gone by the time of any later state
+ *    change); an accepted connection only sends an "opened" event through
+ *    the ring buffer, its record is made by the next iterator pass (writing
+ *    a new map record costs about a microsecond of cold memory per
+ *    connection, most of the program's time on a busy node, and most inbound
+ *    connections of a busy node are short). A close or failure goes to user
+ *    space at once through the ring buffer with the final byte counts read
+ *    from the socket, and the record, if any, is deleted.
  *  - tcp_iter (iter/tcp) is run by the agent once per interval in each
  *    watched network namespace (an iterator lists the namespace it was made
  *    in): it copies the live byte counters of open connections into their
- *    records, and adopts connections that were open before the agent started.
+ *    records, and makes the records of watched connections that have none:
+ *    accepted since the last pass, or open before the agent started.
  * Bytes come from the kernel's own per-socket counters, so no per-packet hook
  * is needed and the agent only reads one map per interval.
  *
@@ -158,22 +165,64 @@ static __always_inline void track(struct sock *sk, __u64 cookie, __u32 target,
 		stat_inc(NS_NET_STAT_CONN_DROPPED);
 }
 
-/* A closed or failed connection goes to user space now, whole; when the
- * ring buffer is full the record stays in the map as a tombstone that the
- * next read collects instead (counted). */
-static __always_inline void finish(__u64 cookie, struct ns_conn *c)
+/* Sends a connection to user space now, whole; 0 when the ring buffer is
+ * full (counted: the caller keeps it as a map record for the next read). */
+static __always_inline int send_event(__u64 cookie, struct ns_conn *c)
 {
 	struct ns_conn_event *e = bpf_ringbuf_reserve(&ns_conn_events, sizeof(*e), 0);
 	if (!e) {
 		stat_inc(NS_NET_STAT_EVENTS_FULL);
-		return;
+		return 0;
 	}
 	e->cookie = cookie;
 	__builtin_memcpy(&e->conn, c, sizeof(*c));
 	/* the agent drains it once per interval and never sleeps on it: no
-	 * wakeup (which would queue an irq_work on every close) */
+	 * wakeup (which would queue an irq_work on every event) */
 	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
-	bpf_map_delete_elem(&ns_conns, &cookie);
+	return 1;
+}
+
+/* A closed or failed connection goes to user space now; when the ring
+ * buffer is full the record stays in the map as a tombstone that the next
+ * read collects instead. */
+static __always_inline void finish(__u64 cookie, struct ns_conn *c)
+{
+	if (send_event(cookie, c))
+		bpf_map_delete_elem(&ns_conns, &cookie);
+}
+
+/* An accepted connection: an "opened" event, no record (the next iterator
+ * pass makes it). The record is made now only when the event finds no room. */
+static __always_inline void accepted(struct sock *sk, __u32 target)
+{
+	struct ns_conn c = {};
+	__u64 cookie = bpf_get_socket_cookie(sk);
+	c.target = target;
+	c.netns = sock_netns(sk);
+	c.direction = NS_DIR_INBOUND;
+	c.state = NS_CONN_ESTABLISHED;
+	c.start_ns = bpf_ktime_get_boot_ns();
+	fill_endpoints(&c, sk);
+	if (!send_event(cookie, &c) && bpf_map_update_elem(&ns_conns, &cookie, &c, BPF_NOEXIST))
+		stat_inc(NS_NET_STAT_CONN_DROPPED);
+}
+
+/* A watched connection closed before any iterator pass made its record: its
+ * final figures, read from the socket. Direction and start time were in its
+ * "opened" event; a full ring buffer leaves a tombstone record instead. */
+static __always_inline void closed_untracked(struct sock *sk, struct tcp_sock *tp, __u64 cookie, __u32 target,
+					     int oldstate)
+{
+	struct ns_conn c = {};
+	c.target = target;
+	c.netns = sock_netns(sk);
+	c.direction = NS_DIR_UNKNOWN;
+	c.state = NS_CONN_CLOSED;
+	fill_endpoints(&c, sk);
+	read_counters(&c, tp, sk, oldstate);
+	c.end_ns = bpf_ktime_get_boot_ns();
+	if (!send_event(cookie, &c) && bpf_map_update_elem(&ns_conns, &cookie, &c, BPF_NOEXIST))
+		stat_inc(NS_NET_STAT_CONN_DROPPED);
 }
 
 SEC("tp_btf/inet_sock_set_state")
@@ -195,16 +244,25 @@ int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 		return 0;
 	}
 
-	/* Every tracked socket got its cookie when it was tracked; a socket
+	/* Every watched socket got its cookie when it was first seen; a socket
 	 * without one is not ours, and asking for it would make one (a global
 	 * atomic) for every socket on the host. */
 	__u64 cookie = sk->__sk_common.skc_cookie.counter;
-	struct ns_conn *c = cookie ? bpf_map_lookup_elem(&ns_conns, &cookie) : NULL;
-	if (!c) {
+	if (!cookie) {
 		/* accepted: the child socket, in softirq */
 		if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV && match_target(sk, 0, &target))
-			track(sk, bpf_get_socket_cookie(sk), target, NS_DIR_INBOUND, NS_CONN_ESTABLISHED,
-			      bpf_ktime_get_boot_ns(), 0);
+			accepted(sk, target);
+		return 0;
+	}
+	struct ns_conn *c = bpf_map_lookup_elem(&ns_conns, &cookie);
+	if (!c) {
+		/* an accepted connection closing before its first iterator pass
+		 * (or a socket of someone else's that has a cookie) */
+		if (newstate == TCP_CLOSE && match_target(sk, 0, &target)) {
+			struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+			if (tp)
+				closed_untracked(sk, tp, cookie, target, oldstate);
+		}
 		return 0;
 	}
 
@@ -246,17 +304,20 @@ int tcp_iter(struct bpf_iter__tcp *ctx)
 	if (st == TCP_LISTEN || st == TCP_CLOSE || st == TCP_SYN_SENT || st == TCP_SYN_RECV)
 		return 0;
 
-	__u64 cookie = bpf_get_socket_cookie(skc);
-	struct ns_conn *c = bpf_map_lookup_elem(&ns_conns, &cookie);
+	/* a socket without a cookie has no record; asking for one would give
+	 * every socket in the namespace a cookie */
+	__u64 cookie = sk->__sk_common.skc_cookie.counter;
+	struct ns_conn *c = cookie ? bpf_map_lookup_elem(&ns_conns, &cookie) : NULL;
 	if (c) {
 		if (c->state == NS_CONN_ESTABLISHED)
 			read_counters(c, tp, sk, st);
 		return 0;
 	}
-	/* Open before nodescope attached: adopt it, with its totals so far. */
+	/* Accepted since the last pass, or open before nodescope attached: make
+	 * its record, with its totals so far (its "opened" event, if any, told
+	 * the agent its direction and start). Half-closed ones too: an accepted
+	 * connection whose peer already sent its FIN is still the node's. */
 	__u32 target;
-	if (st != TCP_ESTABLISHED)
-		return 0;
 	if (!match_target(sk, 0, &target)) {
 		struct socket *sock = sk->sk_socket;
 		__u64 ino = sock ? sock->file->f_inode->i_ino : 0;
@@ -265,6 +326,7 @@ int tcp_iter(struct bpf_iter__tcp *ctx)
 			return 0;
 		target = *t;
 	}
+	cookie = bpf_get_socket_cookie(skc);
 	struct ns_conn n = {};
 	n.target = target;
 	n.direction = NS_DIR_UNKNOWN;

@@ -104,8 +104,11 @@ struct ns_conn {
 #define NS_CONN_F_FIN_SENT 1     /* the node queued its FIN: bytes_sent + 1 */
 #define NS_CONN_F_FIN_RECEIVED 2 /* the peer's FIN arrived: bytes_received + 1 */
 
-/* A connection that closed or failed, sent to user space through the ring
- * buffer as it happens, so no later state change can overwrite it. */
+/* A connection sent to user space through the ring buffer as it happens:
+ * accepted (state ESTABLISHED: the "opened" event, with its direction and
+ * start), or closed or failed (with its final figures, so no later state
+ * change can overwrite them; direction UNKNOWN and start 0 when it closed
+ * before it had a record: the agent has both from its "opened" event). */
 struct ns_conn_event {
 	__u64 cookie;
 	struct ns_conn conn;
@@ -113,7 +116,7 @@ struct ns_conn_event {
 
 /* Indices of the per-CPU stats array of net.bpf.c. */
 #define NS_NET_STAT_CONN_DROPPED 0  /* connection not tracked: conns map full */
-#define NS_NET_STAT_EVENTS_FULL 1   /* close event kept as a map record: ring buffer full */
+#define NS_NET_STAT_EVENTS_FULL 1   /* event kept as a map record instead: ring buffer full */
 #define NS_NET_STAT_MAX 2
 
 /* ---- disk signal (disk.bpf.c, disk_syscalls.bpf.c) ---------------------- */

@@ -159,6 +159,9 @@ struct Tracked {
     service: Service,
     network: PeerNetwork,
     counted_open: bool,
+    /// CLOCK_BOOTTIME at establishment, from whichever of its record or
+    /// events had it; 0 for connections open before the agent.
+    start_ns: u64,
     last: Bytes,
 }
 
@@ -237,11 +240,19 @@ impl NetSignal {
             seen: HashSet::new(),
             now,
         };
-        for (cookie, rec) in read.records {
-            self.fold(cookie, rec, &by_index, plan, &mut fold);
+        // "Opened" events first: they carry the direction and start of
+        // accepted connections whose record (made by the iterator) or close
+        // event may be in this same read.
+        let (opened, ended): (Vec<_>, Vec<_>) =
+            read.events.into_iter().partition(|e| e.conn.state == abi::CONN_ESTABLISHED);
+        for event in opened {
+            self.fold(event.cookie, event.conn, Source::Opened, &by_index, plan, &mut fold);
         }
-        for event in read.closed {
-            self.fold(event.cookie, event.conn, &by_index, plan, &mut fold);
+        for (cookie, rec) in read.records {
+            self.fold(cookie, rec, Source::Record, &by_index, plan, &mut fold);
+        }
+        for event in ended {
+            self.fold(event.cookie, event.conn, Source::Ended, &by_index, plan, &mut fold);
         }
         let Fold { mut open, mut lifetimes, mut inbound, seen, .. } = fold;
         // Records that vanished with no close event: their target was
@@ -296,12 +307,13 @@ impl NetSignal {
         Ok(snapshot)
     }
 
-    /// Folds one kernel record (from the map, or a close event) into the
-    /// totals of its target.
+    /// Folds one kernel record (from the map, or an event) into the totals
+    /// of its target.
     fn fold(
         &mut self,
         cookie: u64,
         rec: abi::Conn,
+        source: Source,
         by_index: &HashMap<u32, &Target>,
         plan: &ScopePlan,
         fold: &mut Fold,
@@ -357,6 +369,8 @@ impl NetSignal {
         // node runs and its ports are known: a close read after the node
         // died keeps what the connection was.
         let (direction, service, network) = match self.tracked.get(&cookie) {
+            // an accepted connection's record and close carry no direction of
+            // their own: its "opened" event had it
             Some(t) => (t.key.1, t.service, t.network),
             None => {
                 let direction = match rec.direction {
@@ -376,12 +390,25 @@ impl NetSignal {
                 per.peers.open(&key, now);
                 per.netgroups.open(&netgroup, now);
             }
-            Tracked { target: index, key, netgroup, service, network, counted_open: false, last: Bytes::default() }
+            Tracked {
+                target: index,
+                key,
+                netgroup,
+                service,
+                network,
+                counted_open: false,
+                start_ns: 0,
+                last: Bytes::default(),
+            }
         });
-        if !tracked.counted_open && rec.start_ns != 0 {
+        if tracked.start_ns == 0 {
+            tracked.start_ns = rec.start_ns;
+        }
+        let start_ns = tracked.start_ns;
+        if !tracked.counted_open && start_ns != 0 {
             per.churn.entry((direction, service)).or_default().opened += 1;
             let (d, s) = (direction.as_str(), service.as_str());
-            events::conn(rec.start_ns, "open", &target.name, d, s, remote, rec.rport, rec.lport, json!({}));
+            events::conn(start_ns, "open", &target.name, d, s, remote, rec.rport, rec.lport, json!({}));
             if direction == Direction::Inbound && service.is_peer() {
                 *fold.inbound.entry(index).or_default().entry(tracked.netgroup.clone()).or_default() += 1;
             }
@@ -409,13 +436,15 @@ impl NetSignal {
                 per.peers.close(&tracked.key, now);
                 per.netgroups.close(&tracked.netgroup, now);
             }
-            if rec.start_ns != 0 && rec.end_ns >= rec.start_ns {
-                let secs = Duration::from_nanos(rec.end_ns - rec.start_ns).as_secs_f64();
+            if start_ns != 0 && rec.end_ns >= start_ns {
+                let secs = Duration::from_nanos(rec.end_ns - start_ns).as_secs_f64();
                 fold.lifetimes.entry(index).or_default().push((direction, service, secs));
             }
             self.tracked.remove(&cookie);
             fold.open.entry(index).or_default().retain(|c: &Connection| c.cookie != cookie);
-        } else {
+        } else if source == Source::Record {
+            // an open connection is listed from its record (an "opened" event
+            // whose record the iterator has not made yet shows next read)
             fold.open.entry(index).or_default().push(Connection {
                 cookie,
                 address: remote.to_string(),
@@ -426,11 +455,22 @@ impl NetSignal {
                 network,
                 bytes_sent: bytes.sent,
                 bytes_received: bytes.received,
-                connected_since: boot_ns_to_unix(rec.start_ns),
+                connected_since: boot_ns_to_unix(start_ns),
                 netgroup: tracked.netgroup.clone(),
             });
         }
     }
+}
+
+/// Where a folded record came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The ring buffer's event for an accepted connection.
+    Opened,
+    /// The record map (open connections, and tombstones).
+    Record,
+    /// The ring buffer's event for a close or a failure.
+    Ended,
 }
 
 /// What one collection gathers while folding records.

@@ -28,23 +28,23 @@ pub struct NetProbe {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KernelStats {
     pub conn_dropped: u64,
-    /// Close events kept as map records because the ring buffer was full.
+    /// Events kept as map records because the ring buffer was full.
     pub events_full: u64,
     pub scope: ScopeStats,
 }
 
 /// What one read returns: the records in the map (open connections, and
-/// tombstones of closes the ring buffer had no room for), then the closes
-/// and failures that happened since the last read, in order.
+/// tombstones of events the ring buffer had no room for), then the
+/// connections accepted, closed and failed since the last read, in order.
 pub struct NetRead {
     pub records: Vec<(u64, abi::Conn)>,
-    pub closed: Vec<abi::ConnEvent>,
+    pub events: Vec<abi::ConnEvent>,
 }
 
-/// Ring buffer size for close events: room for every tracked connection to
-/// close within one interval, a power of two as the kernel requires.
+/// Ring buffer size: room for every tracked connection to be accepted and
+/// to close within one interval, a power of two as the kernel requires.
 fn events_size(max_connections: u32) -> u32 {
-    let want = (max_connections as usize).saturating_mul(std::mem::size_of::<abi::ConnEvent>() + 8);
+    let want = (max_connections as usize).saturating_mul(2 * (std::mem::size_of::<abi::ConnEvent>() + 8));
     want.clamp(64 * 1024, 64 << 20).next_power_of_two() as u32
 }
 
@@ -107,7 +107,7 @@ impl NetProbe {
     /// Runs the iterator in the agent's own network namespace and in each
     /// of `netns_pids` (a process in each other namespace to watch), then
     /// returns every record, deletes the tombstones it returned, and drains
-    /// the close events. Events are drained after the map is read: a record
+    /// the events. Events are drained after the map is read: a record
     /// missing from the map was deleted after its event was written, so its
     /// event is in this drain.
     pub fn read(&mut self, netns_pids: &[u32]) -> Result<NetRead, BpfError> {
@@ -127,16 +127,16 @@ impl NetProbe {
                 let _ = conns.remove(cookie);
             }
         }
-        let mut closed = Vec::new();
+        let mut events = Vec::new();
         while let Some(item) = self.events.next() {
             if item.len() >= std::mem::size_of::<abi::ConnEvent>() {
                 // SAFETY: the kernel wrote a whole ns_conn_event (size checked
                 // above); read_unaligned because ring buffer records are only
                 // 8-byte aligned by contract, not by type.
-                closed.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<abi::ConnEvent>()) });
+                events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<abi::ConnEvent>()) });
             }
         }
-        Ok(NetRead { records, closed })
+        Ok(NetRead { records, events })
     }
 
     /// One pass of the TCP iterator. An iterator lists the sockets of the
