@@ -93,11 +93,25 @@ fn metrics_reach_an_otlp_collector() {
 
 /// rotel-agent listening on both OTLP ports, printing what it receives to `log`.
 fn start_rotel(dir: &std::path::Path, http_port: u16, grpc_port: u16, log: &std::path::Path) -> std::process::Child {
-    Command::new(pytool("rotel-agent"))
-        .args(["start", "--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
+    start_rotel_logging(dir, http_port, grpc_port, log, &["metrics"])
+}
+
+/// rotel-agent printing the `signals` (metrics, traces, logs) it receives.
+fn start_rotel_logging(
+    dir: &std::path::Path,
+    http_port: u16,
+    grpc_port: u16,
+    log: &std::path::Path,
+    signals: &[&str],
+) -> std::process::Child {
+    let mut cmd = Command::new(pytool("rotel-agent"));
+    cmd.args(["start", "--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
         .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc_port}")])
-        .args(["--exporter", "blackhole", "--debug-log", "metrics", "--debug-log-verbosity", "detailed"])
-        .args(["--pid-file", dir.join(format!("rotel-{grpc_port}.pid")).to_str().unwrap()])
+        .args(["--exporter", "blackhole", "--debug-log-verbosity", "detailed"]);
+    for s in signals {
+        cmd.args(["--debug-log", s]);
+    }
+    cmd.args(["--pid-file", dir.join(format!("rotel-{grpc_port}.pid")).to_str().unwrap()])
         .stdout(std::fs::File::create(log).unwrap())
         .stderr(Stdio::null())
         .spawn()
@@ -419,4 +433,156 @@ fn spans_and_logs_reach_the_collector() {
         drop(agent);
         stop_child(&mut collector, Duration::from_secs(5));
     }
+}
+
+/// SIGHUP moves the export: from collector A over HTTP to collector B over
+/// gRPC (another header), then off. B gets the metrics /metrics shows,
+/// counted from the agent's start (nothing reset), and the agent's spans and
+/// logs; A gets nothing after the switch, B nothing after the export is
+/// removed. A reload with the same [otlp] rebuilds nothing, and an [otlp]
+/// whose exporter cannot be built is refused with the export going on.
+#[test]
+fn sighup_moves_the_export_to_another_collector() {
+    require_root();
+    let t0 = std::time::Instant::now();
+    let dir = TempDir::new("otlp-reload");
+    let signals = ["metrics", "traces", "logs"];
+    let (a_http, a_grpc, b_http, b_grpc) = (free_port(), free_port(), free_port(), free_port());
+    let (a_log, b_log) = (dir.path().join("rotel-a.log"), dir.path().join("rotel-b.log"));
+    let mut a = start_rotel_logging(dir.path(), a_http, a_grpc, &a_log, &signals);
+    let mut b = start_rotel_logging(dir.path(), b_http, b_grpc, &b_log, &signals);
+    let counted = Counted::start(dir.path());
+    wait_for("server listening", Duration::from_secs(10), || {
+        std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], counted.port).into(), Duration::from_secs(1))
+            .ok()
+            .map(drop)
+    });
+    let body = |otlp: &str| {
+        format!(
+            "[agent]\ninterval = \"500ms\"\ndiscover = false\n{otlp}\n[[targets]]\nname = \"otlp-reload\"\ncgroup = \"{}\"\n",
+            counted.cgroup.path.display()
+        )
+    };
+    let to_a = format!(
+        "[otlp]\nendpoint = \"http://127.0.0.1:{a_http}/v1/metrics\"\ninterval = \"1s\"\ntimeout = \"1s\"\n[otlp.headers]\nx-tenant = \"t1\"\n"
+    );
+    let to_b = format!(
+        "[otlp]\nendpoint = \"http://127.0.0.1:{b_grpc}\"\nprotocol = \"grpc\"\ninterval = \"1s\"\ntimeout = \"1s\"\n[otlp.headers]\nx-tenant = \"t2\"\n"
+    );
+    let agent = start_agent_with_env(&body(&to_a), &[("OTEL_SERVICE_NAME", "reloaded".to_string())]);
+    let config = agent.dir.path().join("nodescope.toml");
+    let write_config = |otlp: &str| {
+        std::fs::write(&config, format!("[http]\nlisten = \"127.0.0.1:{}\"\n{}", agent.port, body(otlp))).unwrap()
+    };
+    let hup = || {
+        // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+        assert_eq!(unsafe { libc::kill(agent.child.id() as libc::pid_t, libc::SIGHUP) }, 0);
+    };
+    let reloads = |result: &str| metric_sum(&agent.metrics(), "nodescope_config_reloads_total", &[("result", result)]);
+    let prom_attrs = [("nodescope_target", "otlp-reload"), ("nodescope_connection_direction", "inbound")];
+    let attrs = [("nodescope.target", "otlp-reload"), ("nodescope.connection.direction", "inbound")];
+    let closed = || metric_sum(&agent.metrics(), "nodescope_connection_closed_total", &prom_attrs);
+    let at = |log: &std::path::Path| {
+        rotel_values(&std::fs::read_to_string(log).unwrap_or_default(), "nodescope.connection.closed", &attrs)
+            .last()
+            .copied()
+    };
+    let len = |log: &std::path::Path| std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
+    // the collector's last value equal to /metrics' once the count stands still
+    let until_equal = |what: &str, log: &std::path::Path, made: f64| {
+        wait_for(what, Duration::from_secs(20), || (at(log) == Some(made) && closed() == made).then_some(()))
+    };
+
+    // A receives the target's connection count over HTTP
+    let first = wait_for("the target's connections counted", Duration::from_secs(20), || {
+        counted.connect(1);
+        std::thread::sleep(Duration::from_millis(600));
+        let n = closed();
+        (n > 0.0).then_some(n)
+    });
+    counted.connect(4);
+    let mut made = first + 4.0;
+    until_equal("A's count equal to /metrics", &a_log, made);
+
+    // SIGHUP: to B over gRPC (listening by then)
+    wait_for("B listening", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", b_grpc)).ok());
+    write_config(&to_b);
+    let switched = std::time::Instant::now();
+    hup();
+    wait_for("the reload applied", Duration::from_secs(10), || (reloads("applied") == 1.0).then_some(()));
+    counted.connect(5);
+    made += 5.0;
+    let first_at_b = wait_for("exports at B", Duration::from_secs(10), || {
+        rotel_values(&std::fs::read_to_string(&b_log).unwrap_or_default(), "nodescope.build_info", &[])
+            .first()
+            .map(|_| switched.elapsed())
+    });
+    // counted from the start: the connections made before the switch included
+    until_equal("B's count equal to /metrics", &b_log, made);
+    eprintln!("first export at B {first_at_b:?} after SIGHUP (otlp.interval 1 s); B has {made} connections");
+    assert!(
+        first_at_b <= Duration::from_secs(6),
+        "first export at B {first_at_b:?} after SIGHUP:\n{}",
+        agent.log().lines().filter(|l| l.contains("OTLP") || l.contains("SIGHUP")).collect::<Vec<_>>().join("\n")
+    );
+    // A: nothing more, over two export intervals (the spans and logs A's
+    // batch processors held went out at the switch, before B's first export)
+    let a_len = len(&a_log);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(len(&a_log), a_len, "A received more after the switch:\n{}", {
+        let log = std::fs::read_to_string(&a_log).unwrap();
+        log[a_len as usize..].chars().take(2000).collect::<String>()
+    });
+    assert_eq!(at(&a_log), Some(first + 4.0), "A's last count");
+    // the agent's spans and logs follow: B has collection spans and the reload's own log line
+    let b_text = wait_for("spans and logs at B", Duration::from_secs(15), || {
+        let log = std::fs::read_to_string(&b_log).unwrap_or_default();
+        (log.contains("Name           : collection") && log.contains("Body: Str(SIGHUP: config reloaded from"))
+            .then_some(log)
+    });
+    assert!(b_text.contains("-> service.name: Str(reloaded)"), "the resource at B");
+    let agent_log = agent.log();
+    assert!(
+        agent_log
+            .contains(&format!("OTLP export (grpc) to http://127.0.0.1:{b_grpc} every 1s with headers [\"x-tenant\"]")),
+        "{agent_log}"
+    );
+
+    // the same file again: nothing rebuilt
+    hup();
+    wait_for("the second reload applied", Duration::from_secs(10), || (reloads("applied") == 2.0).then_some(()));
+    assert_eq!(agent.log().matches("SIGHUP: [otlp] changed").count(), 1, "{}", agent.log());
+    assert_eq!(agent.log().matches("exporting metrics over OTLP").count(), 2, "{}", agent.log());
+
+    // a header gRPC cannot carry: refused, B goes on receiving
+    write_config(&to_b.replace("x-tenant = \"t2\"", "\"bad key\" = \"t3\""));
+    hup();
+    wait_for("the refusal", Duration::from_secs(10), || {
+        agent.log().lines().find(|l| l.contains("SIGHUP: config error: otlp:") && l.contains("bad key")).map(drop)
+    });
+    wait_for("the refusal counted", Duration::from_secs(5), || (reloads("rejected") == 1.0).then_some(()));
+    counted.connect(3);
+    made += 3.0;
+    until_equal("B's count after the refused reload", &b_log, made);
+
+    // SIGHUP without [otlp]: no more exports anywhere
+    write_config("");
+    hup();
+    wait_for("the third reload applied", Duration::from_secs(10), || (reloads("applied") == 3.0).then_some(()));
+    // what B's span and log processors held goes out as they stop
+    std::thread::sleep(Duration::from_millis(1500));
+    let (b_len, ok) = (len(&b_log), metric_sum(&agent.metrics(), "nodescope_otlp_exports_total", &[("result", "ok")]));
+    counted.connect(2);
+    made += 2.0;
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(len(&b_log), b_len, "B received more after the export was removed");
+    assert_eq!(len(&a_log), a_len, "A received more after the export was removed");
+    let m = agent.metrics();
+    assert_eq!(metric_sum(&m, "nodescope_otlp_exports_total", &[("result", "ok")]), ok);
+    // and /metrics counted on through all three reloads
+    wait_for("/metrics' count", Duration::from_secs(10), || (closed() == made).then_some(()));
+    eprintln!("sighup_moves_the_export_to_another_collector: {:?}", t0.elapsed());
+    drop(agent);
+    stop_child(&mut a, Duration::from_secs(5));
+    stop_child(&mut b, Duration::from_secs(5));
 }
