@@ -62,3 +62,23 @@ median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a
 agent_prog_ids() {
     grep -h '^prog_id:' /proc/"$agent"/fdinfo/* 2>/dev/null | awk '{print $2}' | sort -un | paste -sd, -
 }
+
+# The ids of the BPF programs any process PID holds (its fds' fdinfo),
+# comma-separated: agent_prog_ids for another observer (bpftrace).
+prog_ids_of() {
+    grep -h '^prog_id:' /proc/"$1"/fdinfo/* 2>/dev/null | awk '{print $2}' | sort -un | paste -sd, -
+}
+
+# CPU clock ticks a process spent, user + system, its reaped children's
+# included (a poller's ss or RPC client): fields 14 to 17 of /proc/PID/stat.
+proc_cpu_ticks() {
+    sed 's/.*) //' /proc/"$1"/stat 2>/dev/null | awk '{print $12 + $13 + $14 + $15}'
+}
+
+# Peak resident set size of a process, KiB (VmHWM).
+proc_hwm_kib() { awk '/^VmHWM:/ {print $2}' /proc/"$1"/status 2>/dev/null; }
+
+# One line naming the machine: CPUs, kernel, CPU model, load.
+machine_line() {
+    echo "machine: $(nproc) CPUs, kernel $(uname -r), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+}

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask build-ebpf | lint | test | run | bench <net|disk> | image`.
+//! Project tasks: `cargo xtask build-ebpf | lint | test | run | bench <net|disk|http|compare> | image`.
 //! Each installs the Debian packages it needs when they are missing, so the
 //! README's commands work on a fresh machine.
 
@@ -37,7 +37,7 @@ enum Task {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Measure what the agent costs: a script of tests/bench (`net`, `disk`, `http`, ...).
+    /// Measure what the agent costs: a script of tests/bench (`net`, `disk`, `http`, `compare`, ...).
     Bench { which: String },
     /// Build the OCI image (deploy/Containerfile's runtime stage) from the
     /// locally built agent, offline, with podman or buildah.
@@ -101,7 +101,7 @@ const LINT_COMPONENTS: &[(&str, &str)] = &[("fmt", "rustfmt"), ("clippy", "clipp
 /// litecoind itself, only when it starts the demo network.
 const RUN_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc"];
 const BENCH_PACKAGES: &[&str] =
-    &["clang", "llvm", "libbpf-dev", "gcc", "iperf3", "bpftool", "fio", "procps", "bpftrace"];
+    &["clang", "llvm", "libbpf-dev", "gcc", "iperf3", "bpftool", "fio", "procps", "bpftrace", "litecoind"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
@@ -329,7 +329,7 @@ mod tests {
     #[test]
     fn bench_names_are_the_scripts_without_the_shared_one() {
         let names = bench_names(&root());
-        for wanted in ["disk", "http", "net"] {
+        for wanted in ["compare", "disk", "http", "net"] {
             assert!(names.iter().any(|n| n == wanted), "{wanted} missing from {names:?}");
         }
         assert!(!names.iter().any(|n| n == "common"), "{names:?}");
