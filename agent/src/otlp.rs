@@ -612,6 +612,51 @@ mod tests {
         assert!(bad.contains("http://"), "{bad}");
     }
 
+    /// Span names an exporter received.
+    #[derive(Debug, Clone, Default)]
+    struct Names(Arc<Mutex<Vec<String>>>);
+
+    impl opentelemetry_sdk::trace::SpanExporter for Names {
+        async fn export(&self, batch: Vec<opentelemetry_sdk::trace::SpanData>) -> OTelSdkResult {
+            self.0.lock().unwrap().extend(batch.into_iter().map(|s| s.name.to_string()));
+            Ok(())
+        }
+    }
+
+    impl Names {
+        fn get(&self) -> Vec<String> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    #[test]
+    fn spans_go_where_the_switch_points_last() {
+        use opentelemetry::trace::{Tracer, TracerProvider};
+        use opentelemetry_sdk::trace::BatchSpanProcessor;
+        let switch = Switch::<BatchSpanProcessor>::default();
+        let provider =
+            opentelemetry_sdk::trace::SdkTracerProvider::builder().with_span_processor(switch.clone()).build();
+        let tracer = provider.tracer("t");
+        tracer.in_span("nowhere", |_| {});
+        assert!(!switch.is_on());
+        let (a, b) = (Names::default(), Names::default());
+        assert!(switch.replace(Some(BatchSpanProcessor::builder(a.clone()).build())).is_none());
+        assert!(switch.is_on());
+        tracer.in_span("to-a", |_| {});
+        let old = switch.replace(Some(BatchSpanProcessor::builder(b.clone()).build())).unwrap();
+        tracer.in_span("to-b", |_| {});
+        // the processor replaced sends what it held as it stops
+        old.stop().unwrap();
+        assert_eq!(a.get(), ["to-a"]);
+        opentelemetry_sdk::trace::SpanProcessor::force_flush(&switch).unwrap();
+        assert_eq!(b.get(), ["to-b"]);
+        let old = switch.replace(None).unwrap();
+        old.stop().unwrap();
+        tracer.in_span("off", |_| {});
+        provider.shutdown().unwrap();
+        assert_eq!((a.get(), b.get()), (vec!["to-a".to_string()], vec!["to-b".to_string()]));
+    }
+
     #[test]
     fn resource_from_the_environment() {
         let attrs = |vars: &[(&str, &str)]| -> BTreeMap<String, String> {
