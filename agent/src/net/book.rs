@@ -36,7 +36,8 @@ pub struct ByteBook<K> {
     entries: HashMap<K, Entry>,
     max_entries: usize,
     other: Bytes,
-    /// Keys refused because the book was full; their bytes went to "other".
+    /// Connections opened to keys refused because the book was full (their
+    /// bytes went to "other"): counted once each at open, not at every add.
     pub overflowed: u64,
 }
 
@@ -47,8 +48,9 @@ impl<K: Hash + Eq + Clone + Ord> ByteBook<K> {
 
     /// A connection to `key` opened (or was first seen).
     pub fn open(&mut self, key: &K, now: Instant) {
-        if let Some(e) = self.entry(key, now) {
-            e.open += 1;
+        match self.entry(key, now) {
+            Some(e) => e.open += 1,
+            None => self.overflowed += 1,
         }
     }
 
@@ -76,7 +78,6 @@ impl<K: Hash + Eq + Clone + Ord> ByteBook<K> {
     fn entry(&mut self, key: &K, now: Instant) -> Option<&mut Entry> {
         if !self.entries.contains_key(key) {
             if self.entries.len() >= self.max_entries {
-                self.overflowed += 1;
                 return None;
             }
             let fresh = Entry { bytes: Bytes::default(), exported: Bytes::default(), open: 0, last_closed: now };
@@ -143,6 +144,7 @@ mod tests {
         let t0 = Instant::now();
         let mut book = ByteBook::new(1);
         book.open(&"a", t0);
+        book.open(&"b", t0);
         book.add(&"b", b(7, 7), t0);
         assert_eq!(book.overflowed, 1);
         assert_eq!(book.export(5), vec![(Some("a"), b(0, 0)), (None, b(7, 7))]);
@@ -151,5 +153,25 @@ mod tests {
         assert_eq!(book.entries.len(), 1);
         book.expire(Duration::from_secs(60), t0 + Duration::from_secs(61));
         assert_eq!(book.entries.len(), 0);
+    }
+
+    #[test]
+    fn an_overflowed_connection_counts_once() {
+        // one connection to a peer past the bound: opened, bytes added in
+        // several reads, closed; it is one overflow, not one per read
+        let now = Instant::now();
+        let mut book = ByteBook::new(1);
+        book.open(&"kept", now);
+        book.open(&"late", now);
+        for _ in 0..3 {
+            book.add(&"late", b(1, 2), now);
+        }
+        book.close(&"late", now);
+        assert_eq!(book.overflowed, 1);
+        assert_eq!(book.export(1), vec![(Some("kept"), b(0, 0)), (None, b(3, 6))]);
+        // a second connection of that peer while the book is still full
+        book.open(&"late", now);
+        book.add(&"late", b(0, 0), now);
+        assert_eq!(book.overflowed, 2);
     }
 }
