@@ -156,11 +156,13 @@ pub fn route(state: &AppState, method: &Method, path: &str, variant: Variant) ->
     }
 }
 
-/// Every open P2P connection of every target, not cut to the top N.
+/// Every open P2P connection of every target, not cut to the top N;
+/// `truncated` when the kernel's table (`limits.max_connections`) could not
+/// track some connection since the previous read, so some may be missing.
 pub fn peers(net: &NetSnapshot) -> serde_json::Value {
     let targets: Vec<_> =
         net.targets.iter().map(|t| json!({ "name": t.name, "peers": t.p2p_peers().collect::<Vec<_>>() })).collect();
-    json!({ "targets": targets })
+    json!({ "targets": targets, "truncated": net.truncated })
 }
 
 /// The endpoints a liveness or readiness probe asks (/health/agent is the
@@ -860,6 +862,14 @@ async fn connection(stream: TcpStream, ip: IpAddr, act: Arc<Activity>, place: Pl
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peers_says_when_the_kernel_table_cut_it_short() {
+        let mut net = NetSnapshot::default();
+        assert_eq!(peers(&net), json!({ "targets": [], "truncated": false }));
+        net.truncated = true;
+        assert_eq!(peers(&net)["truncated"], true);
+    }
 
     #[test]
     fn content_negotiation() {

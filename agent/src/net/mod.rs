@@ -145,6 +145,10 @@ impl TargetNet {
 pub struct NetSnapshot {
     pub targets: Vec<TargetNet>,
     pub kernel: KernelStats,
+    /// The kernel could not track some connection since the previous read
+    /// (its table held `limits.max_connections` records): open connections
+    /// may be missing from `connections`.
+    pub truncated: bool,
 }
 
 /// Bytes per peer are kept by address, direction and network: peers behind
@@ -178,6 +182,8 @@ pub struct NetSignal {
     limits: Limits,
     tracked: HashMap<u64, Tracked>,
     targets: BTreeMap<u32, PerTarget>,
+    /// The kernel's dropped-connection count at the previous read.
+    last_dropped: u64,
 }
 
 impl NetSignal {
@@ -187,6 +193,7 @@ impl NetSignal {
             limits: limits.clone(),
             tracked: HashMap::new(),
             targets: BTreeMap::new(),
+            last_dropped: 0,
         })
     }
 
@@ -271,7 +278,9 @@ impl NetSignal {
         }
 
         let kernel = self.probe.kernel_stats()?;
-        let mut snapshot = NetSnapshot { targets: Vec::new(), kernel };
+        let truncated = kernel.conn_dropped > self.last_dropped;
+        self.last_dropped = kernel.conn_dropped;
+        let mut snapshot = NetSnapshot { targets: Vec::new(), kernel, truncated };
         for t in targets {
             let per = self.targets.get_mut(&t.index).expect("inserted above");
             per.peers.expire(self.limits.peer_ttl, now);
