@@ -385,6 +385,33 @@ impl Agent {
         agent
     }
 
+    /// Like `start`, with more environment variables for the agent.
+    pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Agent {
+        let dir = TempDir::new("agent");
+        let port = free_port();
+        let config = dir.path().join("nodescope.toml");
+        let body = body.strip_prefix("[http]\n").unwrap_or(body);
+        std::fs::write(&config, format!("[http]\nlisten = \"127.0.0.1:{port}\"\n{body}")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_nodescope"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "nodescope=debug,info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("agent.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("agent.err")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut agent = Agent { child, port, dir };
+        wait_for("nodescope /metrics", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = agent.child.try_wait() {
+                panic!("nodescope exited with {st}: {}", agent.log());
+            }
+            http_get(port, "/metrics").ok().filter(|(s, _)| *s == 200)
+        });
+        agent
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.err")).unwrap_or_default()
     }
@@ -449,4 +476,168 @@ pub fn assert_promtool_ok(m: &str, dir: &Path) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A TCP connection to 127.0.0.1:`port` whose source address is `ip`
+/// (bound before the connect; any 127/8 address is local on loopback).
+pub fn connect_from(ip: std::net::Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let sockaddr = |addr: std::net::Ipv4Addr, port: u16| {
+        // SAFETY: sockaddr_in is plain data; all zeroes is a valid value.
+        let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        sa.sin_family = libc::AF_INET as u16;
+        sa.sin_port = port.to_be();
+        sa.sin_addr.s_addr = u32::from_ne_bytes(addr.octets());
+        sa
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    // SAFETY: a fresh socket, owned at once so it is closed on every path.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket() and is owned by nothing else.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let local = sockaddr(ip, 0);
+    // SAFETY: bind and connect with valid sockaddr_in pointers and lengths.
+    if unsafe { libc::bind(fd, &local as *const _ as *const libc::sockaddr, len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let remote = sockaddr(std::net::Ipv4Addr::LOCALHOST, port);
+    // SAFETY: as above.
+    if unsafe { libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(TcpStream::from(owned))
+}
+
+/// VmRSS of /proc/PID/status, in KiB.
+pub fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// Series per metric name in a Prometheus text scrape.
+pub fn series_per_metric(text: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for l in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let name = l.split(['{', ' ']).next().unwrap_or("");
+        *out.entry(name.to_string()).or_default() += 1;
+    }
+    out
+}
+
+/// The label sets of one metric's series (the text between the braces).
+pub fn series_of<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{')?.split_once('}').map(|(labels, _)| labels))
+        .collect()
+}
+
+/// The open P2P connections /peers lists for target `name`.
+pub fn peers_of_target(agent: &Agent, name: &str) -> Vec<Value> {
+    let v = agent.json("/peers");
+    v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .map(|t| t["peers"].as_array().unwrap().clone())
+        .unwrap_or_default()
+}
+
+/// A process the test started, stopped by pid when dropped (pass or fail):
+/// declare it after the Cgroup it runs in, so it is stopped first.
+pub struct Stopped(pub Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        stop_child(&mut self.0, Duration::from_secs(10));
+    }
+}
+
+/// A valid mainnet address (the Monero project's donation address);
+/// monerod --regtest accepts it for generateblocks.
+pub const MONERO_ADDRESS: &str =
+    "44AFFq5kSiGBoZ4NMDwYtN18obc8AemS33DBLWs3H7otXft3XjrpDtQGv7SqSsaBYBb98uNbr2VBBEt7f2wfn3RVGQBEP3A";
+
+/// A monerod regtest node on loopback (common::monerod_regtest_args), in
+/// `cgroup` or where the test runs, stopped by pid when dropped. At
+/// `--log-level 1`, so that its log names every block it adds.
+pub struct MonerodNode {
+    pub child: Child,
+    pub dir: TempDir,
+    pub p2p_port: u16,
+    pub rpc_port: u16,
+}
+
+impl MonerodNode {
+    /// On `p2p_port`, dialing only `peer` (`--add-exclusive-node`), or no
+    /// one and offline when None.
+    pub fn start(cgroup: Option<&Cgroup>, p2p_port: u16, peer: Option<u16>) -> MonerodNode {
+        require_tool("monerod", "monero");
+        let dir = TempDir::new("xmr");
+        let rpc_port = free_port();
+        let mut args = monerod_regtest_args(dir.path(), p2p_port, rpc_port);
+        args.extend(["--log-level".into(), "1".into()]);
+        match peer {
+            Some(port) => args.extend(["--add-exclusive-node".into(), format!("127.0.0.1:{port}")]),
+            None => args.push("--offline".into()),
+        }
+        let child = spawn_in(cgroup, "monerod", &args, &dir.path().join("stdout.log"));
+        let mut node = MonerodNode { child, dir, p2p_port, rpc_port };
+        wait_for("monerod RPC", Duration::from_secs(120), || {
+            if let Ok(Some(st)) = node.child.try_wait() {
+                panic!("monerod exited with {st}");
+            }
+            node.rpc("get_info", "{}").ok().filter(|v| v["result"]["status"] == "OK")
+        });
+        node
+    }
+
+    /// A JSON-RPC call on its RPC port: the whole answer.
+    pub fn rpc(&self, method: &str, params: &str) -> Result<Value, String> {
+        let body = format!("{{\"jsonrpc\":\"2.0\",\"id\":\"0\",\"method\":\"{method}\",\"params\":{params}}}");
+        let mut s = TcpStream::connect(("127.0.0.1", self.rpc_port)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
+        write!(
+            s,
+            "POST /json_rpc HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .map_err(|e| e.to_string())?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+        let json = resp.split_once("\r\n\r\n").map(|(_, b)| b).ok_or("no body")?;
+        serde_json::from_str(json).map_err(|e| format!("{e}: {resp}"))
+    }
+
+    /// `get_connections`: its P2P connections, each with `recv_count` and
+    /// `send_count`, the bytes it read from and wrote to the socket.
+    pub fn connections(&self) -> Vec<Value> {
+        let v = self.rpc("get_connections", "{}").unwrap_or_else(|e| panic!("get_connections: {e}"));
+        v["result"]["connections"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn mine(&self, blocks: u32) {
+        let params = format!("{{\"amount_of_blocks\":{blocks},\"wallet_address\":\"{MONERO_ADDRESS}\"}}");
+        let v = self.rpc("generateblocks", &params).unwrap_or_else(|e| panic!("generateblocks: {e}"));
+        assert_eq!(v["result"]["status"], "OK", "generateblocks: {v}");
+    }
+
+    /// get_info.height: the number of blocks.
+    pub fn height(&self) -> u64 {
+        let v = self.rpc("get_info", "{}").unwrap();
+        v["result"]["height"].as_u64().unwrap_or_else(|| panic!("get_info: {v}"))
+    }
+}
+
+impl Drop for MonerodNode {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(30));
+    }
 }
