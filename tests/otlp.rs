@@ -439,8 +439,9 @@ fn spans_and_logs_reach_the_collector() {
 /// gRPC (another header), then off. B gets the metrics /metrics shows,
 /// counted from the agent's start (nothing reset), and the agent's spans and
 /// logs; A gets nothing after the switch, B nothing after the export is
-/// removed. A reload with the same [otlp] rebuilds nothing, and an [otlp]
-/// whose exporter cannot be built is refused with the export going on.
+/// removed; set again (to A), A gets the count from the start. A reload
+/// with the same [otlp] rebuilds nothing, and an [otlp] whose exporter
+/// cannot be built is refused with the export going on.
 #[test]
 fn sighup_moves_the_export_to_another_collector() {
     require_root();
@@ -581,6 +582,13 @@ fn sighup_moves_the_export_to_another_collector() {
     assert_eq!(metric_sum(&m, "nodescope_otlp_exports_total", &[("result", "ok")]), ok);
     // and /metrics counted on through all three reloads
     wait_for("/metrics' count", Duration::from_secs(10), || (closed() == made).then_some(()));
+
+    // back to A over HTTP: the count from the start, the time without export included
+    write_config(&to_a);
+    hup();
+    wait_for("the fourth reload applied", Duration::from_secs(10), || (reloads("applied") == 4.0).then_some(()));
+    until_equal("A's count after the export is back", &a_log, made);
+    assert_eq!(len(&b_log), b_len, "B received more after the export went back to A");
     eprintln!("sighup_moves_the_export_to_another_collector: {:?}", t0.elapsed());
     drop(agent);
     stop_child(&mut a, Duration::from_secs(5));
