@@ -157,8 +157,9 @@ pub fn route(state: &AppState, method: &Method, path: &str, variant: Variant) ->
 }
 
 /// Every open P2P connection of every target, not cut to the top N;
-/// `truncated` when the kernel's table (`limits.max_connections`) could not
-/// track some connection since the previous read, so some may be missing.
+/// `truncated` when the kernel's table (`limits.max_connections`) was full
+/// or could not track some connection since the previous read, so some may
+/// be missing.
 pub fn peers(net: &NetSnapshot) -> serde_json::Value {
     let targets: Vec<_> =
         net.targets.iter().map(|t| json!({ "name": t.name, "peers": t.p2p_peers().collect::<Vec<_>>() })).collect();

@@ -145,9 +145,9 @@ impl TargetNet {
 pub struct NetSnapshot {
     pub targets: Vec<TargetNet>,
     pub kernel: KernelStats,
-    /// The kernel could not track some connection since the previous read
-    /// (its table held `limits.max_connections` records): open connections
-    /// may be missing from `connections`.
+    /// The kernel's table held `limits.max_connections` records at this read,
+    /// or could not track some connection since the previous one: open
+    /// connections may be missing from `connections`.
     pub truncated: bool,
 }
 
@@ -222,6 +222,7 @@ impl NetSignal {
             }
         }
         let read = self.probe.read(&netns_pids.into_values().collect::<Vec<_>>())?;
+        let records = read.records.len();
         let now = Instant::now();
         let by_index: HashMap<u32, &Target> = targets.iter().map(|t| (t.index, t)).collect();
         for t in targets {
@@ -278,7 +279,7 @@ impl NetSignal {
         }
 
         let kernel = self.probe.kernel_stats()?;
-        let truncated = kernel.conn_dropped > self.last_dropped;
+        let truncated = truncated(records, self.limits.max_connections, kernel.conn_dropped, self.last_dropped);
         self.last_dropped = kernel.conn_dropped;
         let mut snapshot = NetSnapshot { targets: Vec::new(), kernel, truncated };
         for t in targets {
@@ -471,6 +472,13 @@ impl NetSignal {
     }
 }
 
+/// Whether open connections may be missing from a read: the kernel's table
+/// was full (`records` of `max` at the read, so a connection left out stays
+/// out while it lasts), or it refused some connection since the last read.
+fn truncated(records: usize, max: u32, dropped: u64, dropped_before: u64) -> bool {
+    records >= max as usize || dropped > dropped_before
+}
+
 /// Where a folded record came from.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Source {
@@ -562,6 +570,14 @@ mod tests {
             ip(libc::AF_INET as u16, &[192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).to_string(),
             "192.0.2.1"
         );
+    }
+
+    #[test]
+    fn truncated_while_the_table_is_full_or_refused_one() {
+        assert!(!truncated(10, 64, 5, 5));
+        assert!(truncated(10, 64, 6, 5), "a connection refused since the last read");
+        assert!(truncated(64, 64, 5, 5), "full: the connections it refused are still out");
+        assert!(!truncated(63, 64, 5, 5));
     }
 
     #[test]
