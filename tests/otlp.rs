@@ -450,8 +450,9 @@ fn sighup_moves_the_export_to_another_collector() {
     let signals = ["metrics", "traces", "logs"];
     let (a_http, a_grpc, b_http, b_grpc) = (free_port(), free_port(), free_port(), free_port());
     let (a_log, b_log) = (dir.path().join("rotel-a.log"), dir.path().join("rotel-b.log"));
-    let mut a = start_rotel_logging(dir.path(), a_http, a_grpc, &a_log, &signals);
-    let mut b = start_rotel_logging(dir.path(), b_http, b_grpc, &b_log, &signals);
+    // stopped when dropped, after the agent, whether the test passes or not
+    let _a = Stopped(start_rotel_logging(dir.path(), a_http, a_grpc, &a_log, &signals));
+    let _b = Stopped(start_rotel_logging(dir.path(), b_http, b_grpc, &b_log, &signals));
     let counted = Counted::start(dir.path());
     wait_for("server listening", Duration::from_secs(10), || {
         std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], counted.port).into(), Duration::from_secs(1))
@@ -590,7 +591,4 @@ fn sighup_moves_the_export_to_another_collector() {
     until_equal("A's count after the export is back", &a_log, made);
     assert_eq!(len(&b_log), b_len, "B received more after the export went back to A");
     eprintln!("sighup_moves_the_export_to_another_collector: {:?}", t0.elapsed());
-    drop(agent);
-    stop_child(&mut a, Duration::from_secs(5));
-    stop_child(&mut b, Duration::from_secs(5));
 }
