@@ -29,8 +29,11 @@ use serde_json::Value;
 type Conn = (String, u16, &'static str, u64, u64);
 
 fn ltc_view(node: &Litecoind) -> Vec<Conn> {
-    let mut out: Vec<Conn> = node
-        .peers()
+    getpeerinfo_view(&node.peers())
+}
+
+fn getpeerinfo_view(peers: &[Value]) -> Vec<Conn> {
+    let mut out: Vec<Conn> = peers
         .iter()
         .map(|p| {
             let (ip, port) = p["addr"].as_str().unwrap().rsplit_once(':').unwrap();
@@ -284,4 +287,68 @@ fn litecoind_and_monerod_watched_at_once_each_on_its_own() {
     // stop order: agent and peers first, then the nodes, then their cgroups
     drop((agent, xmr_peer, ltc_peer, xmr, ltc));
     drop((ltc_cg, xmr_cg));
+}
+
+/// The same with the litecoind in a podman container (its own network
+/// namespace, its peers arriving from the bridge's gateway), found by its
+/// container's name, beside the monerod on the host in its cgroup.
+#[test]
+fn a_litecoind_in_a_container_and_a_monerod_on_the_host() {
+    use common::container::{require_podman, ContainerNode, Storage, P2P_PORT};
+    require_root();
+    require_podman();
+    let xmr_cg = Cgroup::new();
+    let ltc = ContainerNode::start("multi", Storage::Overlay, &[]);
+    let ltc_peer = Litecoind::start(None, &[format!("-connect={}", ltc.addr())]);
+    let (xmr_port, xmr_peer_port) = (free_port(), free_port());
+    let xmr = MonerodNode::start(Some(&xmr_cg), xmr_port, Some(xmr_peer_port));
+    let xmr_peer = MonerodNode::start(None, xmr_peer_port, Some(xmr_port));
+    ltc.wait_peers(1);
+    wait_for("a monerod connection", Duration::from_secs(90), || (!xmr.connections().is_empty()).then_some(()));
+
+    let agent = Agent::start(&format!(
+        "[agent]\ninterval = \"500ms\"\n\n[[targets]]\nname = \"ltc\"\ncontainer = \"{}\"\nchain = \"litecoin\"\n\n{}",
+        ltc.c.name,
+        target_config("xmr", "monero", &xmr_cg, xmr.dir.path(), xmr_port, xmr.rpc_port)
+    ));
+    ltc.mine(20);
+    xmr.mine(10);
+    wait_for("the monerod peer at the tip", Duration::from_secs(60), || {
+        (xmr_peer.height() == xmr.height()).then_some(())
+    });
+    wait_for("the host litecoind at the container's tip", Duration::from_secs(60), || {
+        (ltc_peer.cli(&["getblockcount"]) == ltc.cli(&["getblockcount"])).then_some(())
+    });
+
+    let ltc_conns = assert_matches_at_rest(&agent, "ltc", &|| getpeerinfo_view(&ltc.peers()));
+    let xmr_conns = assert_matches_at_rest(&agent, "xmr", &|| xmr_view(&xmr));
+    let xmr_ports: BTreeSet<u16> = [xmr_port, xmr_peer_port].into();
+    for p in peers_of_target(&agent, "ltc") {
+        assert_eq!(p["local_port"], P2P_PORT, "ltc lists a connection not on its node's P2P port: {p}");
+        assert_eq!(p["address"], ltc.c.gateway(), "ltc's peers arrive from the bridge's gateway: {p}");
+    }
+    for p in peers_of_target(&agent, "xmr") {
+        let port = p["port"].as_u64().unwrap() as u16;
+        let local = p["local_port"].as_u64().unwrap() as u16;
+        assert!(xmr_ports.contains(&port) || xmr_ports.contains(&local), "xmr lists a connection not its node's: {p}");
+        assert_ne!(p["address"], ltc.c.gateway(), "xmr lists a connection of the container: {p}");
+    }
+    let m = agent.metrics();
+    let io = |target: &str, dir: &str| {
+        metric_sum(&m, "nodescope_peer_io_bytes_total", &[("nodescope_target", target), ("network_io_direction", dir)])
+            as u64
+    };
+    assert_eq!(io("ltc", "transmit"), ltc_conns.iter().map(|c| c.3).sum::<u64>(), "ltc bytes sent in /metrics");
+    assert_eq!(io("ltc", "receive"), ltc_conns.iter().map(|c| c.4).sum::<u64>(), "ltc bytes received in /metrics");
+    assert!(io("xmr", "transmit") >= xmr_conns.iter().map(|c| c.3).sum::<u64>(), "xmr bytes sent in /metrics");
+    let d = agent.json("/health/detailed");
+    for (target, conns) in [("ltc", &ltc_conns), ("xmr", &xmr_conns)] {
+        assert_eq!(rule(&d, target, "no_peers")["state"], "ok", "{target}: {d}");
+        let t = d["targets"].as_array().unwrap().iter().find(|t| t["name"] == target).unwrap();
+        assert_eq!(t["network"]["peers_connected"], conns.len(), "{target}: {t}");
+        let (code, body) = agent.get(&format!("/health/targets/{target}"));
+        assert!(code == 200 || code == 503, "{target}: {code} {body}");
+    }
+    drop((agent, xmr_peer, ltc_peer, xmr, ltc));
+    drop(xmr_cg);
 }
