@@ -313,10 +313,14 @@ fn bounds_hold_under_100k_distinct_peers() {
 
     let opened = inbound(&m, "nodescope_connection_opened_total");
     let closed = inbound(&m, "nodescope_connection_closed_total");
-    // A few accepted connections reach the agent with local port 0 (their
-    // close read from the socket), so it infers them outbound: closed with
-    // no open. Said here, not judged; counted below so that every peer the
-    // agent tracked is.
+    // A few accepted connections reach the agent with local port 0, so it
+    // infers them outbound: closed with no open. Those whose "opened" event
+    // found the ring buffer full and whose close was read from the socket:
+    // at TCP_CLOSE, tcp_set_state releases the port (inet_num = 0) before the
+    // state store that fires inet_sock_set_state (seen on 6.18 with
+    // bpftrace: skc_num is 0 at every TCP_CLOSE), so skc_num no longer holds
+    // it (inet_sport still does). Said here, not judged; counted below so
+    // that every peer the agent tracked is.
     let misread = p2p_closed(&m) - closed;
     let overflowed = target_sum(&m, "nodescope_peer_overflowed_total", &[]);
     let dropped = metric_sum(&m, "nodescope_net_connections_dropped_total", &[]) as u64;
