@@ -82,3 +82,21 @@ proc_hwm_kib() { awk '/^VmHWM:/ {print $2}' /proc/"$1"/status 2>/dev/null; }
 machine_line() {
     echo "machine: $(nproc) CPUs, kernel $(uname -r), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 }
+
+# A free loopback port below the kernel's ephemeral range, for a listener
+# that observers filter by port: no client socket on the host (another
+# test's churn) gets it as its own local port.
+free_listen_port() {
+    python3 -c '
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+for _ in range(1000):
+    p = random.randrange(10000, low)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); print(p); break
+    except OSError:
+        pass
+    finally:
+        s.close()'
+}

@@ -71,7 +71,7 @@ compare_cleanup() {
 }
 trap compare_cleanup EXIT
 
-fail() { echo "bench compare: FAILED: $*"; exit 1; }
+fail() { echo "bench compare: FAILED: $*" >&2; exit 1; }
 now() { date +%s.%N; }
 sub() { awk -v a="$1" -v b="$2" -v d="${3:-3}" 'BEGIN {printf "%.*f", d, a - b}'; } # A - B, D decimals
 
@@ -79,7 +79,10 @@ sub() { awk -v a="$1" -v b="$2" -v d="${3:-3}" 'BEGIN {printf "%.*f", d, a - b}'
 # left mounted: other tools on the host may use it by then)
 mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
 
-port_a=$(free_port) rpc_a=$(free_port) port_b=$(free_port) rpc_b=$(free_port) port_i=$(free_port)
+# listeners below the ephemeral range: bpftrace and ss tell the workload's
+# sockets by port, and other work on the host churns through that range
+port_a=$(free_listen_port) rpc_a=$(free_listen_port) port_b=$(free_listen_port) rpc_b=$(free_listen_port)
+port_i=$(free_listen_port) http_port=$(free_listen_port)
 cgid=$(stat -c %i "$cg")
 rpc_auth=(-regtest -rpcuser=bench -rpcpassword=bench)
 cli_a() { litecoin-cli "${rpc_auth[@]}" -rpcport="$rpc_a" "$@"; }
@@ -176,7 +179,7 @@ stop_observer() {
     esac
     obs_pid=""
 }
-snapshot() { # what the observer has counted so far (compare_obs.py)
+snapshot() { # OBSERVER: what it has counted so far (compare_obs.py)
     case $1 in
         none) echo '{}' ;;
         nodescope) python3 "$here/compare_obs.py" nodescope "http://127.0.0.1:$http_port/metrics" bench ;;
@@ -218,7 +221,13 @@ record() {
         "$round" "$obs" "$1" "$2" "$(sub "$4" "$3")" "$(($6 - $5))" "${7:-null}" >>"$results"
 }
 # seen GROUP: the observer's counts now, for the group of scenarios just run
-seen() { printf '{"round": "%s", "obs": "%s", "seen": "%s", "counts": %s}\n' "$round" "$obs" "$1" "$(snapshot "$obs")" >>"$results"; }
+# (and its peak RSS so far, KiB)
+seen() { # GROUP
+    local counts
+    counts=$(snapshot "$obs")
+    printf '{"round": "%s", "obs": "%s", "seen": "%s", "counts": %s, "hwm_kib": %s}\n' \
+        "$round" "$obs" "$1" "$counts" "$([ -n "$obs_pid" ] && proc_hwm_kib "$obs_pid" || echo 0)" >>"$results"
+}
 
 run_pass() { # OBSERVER
     obs=$1
@@ -226,6 +235,7 @@ run_pass() { # OBSERVER
     start_observer "$obs"
     local pass0 t0 c0 c1 g b g2 b2 r0 storm n0 n1 iops fbytes fsyncs
     pass0=$(now)
+    # (the first read also waits out the observer's start-up: two reports)
     seen start
     bpf_snap "$obs.start"
 
@@ -270,7 +280,9 @@ run_pass() { # OBSERVER
 
     local hwm=0
     [ -n "$obs_pid" ] && hwm=$(proc_hwm_kib "$obs_pid")
-    echo "{\"round\": \"$round\", \"obs\": \"$obs\", \"hwm_kib\": $hwm, \"pass_wall\": $(sub "$(now)" "$pass0"), \"pass_cpu_ticks\": $(cpu)}" >>"$results"
+    local rss=0
+    [ -n "$obs_pid" ] && rss=$(awk '/^VmRSS:/ {print $2}' /proc/"$obs_pid"/status)
+    echo "{\"round\": \"$round\", \"obs\": \"$obs\", \"hwm_kib\": $hwm, \"rss_kib\": $rss, \"pass_wall\": $(sub "$(now)" "$pass0"), \"pass_cpu_ticks\": $(cpu)}" >>"$results"
     stop_observer "$obs"
     stop_a
 }

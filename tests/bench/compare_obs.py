@@ -26,7 +26,7 @@ def fail(msg):
 
 
 def wait_for(get, grown):
-    first = get()
+    first = get() or 0  # (poll.py's first poll may not be written yet)
     while time.monotonic() < DEADLINE:
         now = get()
         if now is not None and first is not None and now >= first + grown:
