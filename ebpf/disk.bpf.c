@@ -138,18 +138,21 @@ static __always_inline int fs_write(struct inode *inode, struct dentry *d, __u64
 SEC("tp_btf/ext4_da_write_end")
 int BPF_PROG(on_ext4_da_write_end, struct inode *inode, long long pos, unsigned int len, unsigned int copied)
 {
+	NS_ONLY_ACTIVE();
 	return fs_write(inode, NULL, pos, copied);
 }
 
 SEC("tp_btf/ext4_write_end")
 int BPF_PROG(on_ext4_write_end, struct inode *inode, long long pos, unsigned int len, unsigned int copied)
 {
+	NS_ONLY_ACTIVE();
 	return fs_write(inode, NULL, pos, copied);
 }
 
 SEC("tp_btf/ext4_journalled_write_end")
 int BPF_PROG(on_ext4_journalled_write_end, struct inode *inode, long long pos, unsigned int len, unsigned int copied)
 {
+	NS_ONLY_ACTIVE();
 	return fs_write(inode, NULL, pos, copied);
 }
 
@@ -162,6 +165,7 @@ static __always_inline int iocb_write(struct kiocb *iocb, struct iov_iter *from)
 SEC("tp_btf/xfs_file_buffered_write")
 int BPF_PROG(on_xfs_buffered_write, struct kiocb *iocb, struct iov_iter *from)
 {
+	NS_ONLY_ACTIVE();
 	return iocb_write(iocb, from);
 }
 
@@ -169,6 +173,7 @@ int BPF_PROG(on_xfs_buffered_write, struct kiocb *iocb, struct iov_iter *from)
 SEC("tp_btf/iomap_dio_rw_begin")
 int BPF_PROG(on_iomap_dio_rw_begin, struct kiocb *iocb, struct iov_iter *iter, unsigned int dio_flags, unsigned long done_before)
 {
+	NS_ONLY_ACTIVE();
 	if (!iter->data_source)
 		return 0;
 	return iocb_write(iocb, iter);
@@ -181,6 +186,7 @@ int BPF_PROG(on_iomap_dio_rw_begin, struct kiocb *iocb, struct iov_iter *iter, u
 SEC("tp_btf/writeback_dirty_folio")
 int BPF_PROG(on_dirty_folio, struct folio *folio, struct address_space *mapping)
 {
+	NS_ONLY_ACTIVE();
 	/* first the cheaper test: most folios are dirtied by buffered writes */
 	struct task_struct *task = bpf_get_current_task_btf();
 	if ((task->flags & PF_IO_WORKER) || syscall_nr(task) != ~0UL)
@@ -211,6 +217,7 @@ int BPF_PROG(on_dirty_folio, struct folio *folio, struct address_space *mapping)
 SEC("tp_btf/ext4_sync_file_enter")
 int BPF_PROG(on_ext4_sync_enter, struct file *file, int datasync)
 {
+	NS_ONLY_ACTIVE();
 	struct task_struct *task = bpf_get_current_task_btf();
 	__u32 tgid = task->tgid, target;
 	struct ns_disk_task *t;
@@ -226,6 +233,7 @@ int BPF_PROG(on_ext4_sync_enter, struct file *file, int datasync)
 SEC("tp_btf/ext4_sync_file_exit")
 int BPF_PROG(on_ext4_sync_exit, struct inode *inode, int ret)
 {
+	NS_ONLY_ACTIVE();
 	struct ns_disk_task *t = disk_task();
 	if (!t || !t->call)
 		return 0;
@@ -255,11 +263,13 @@ static __always_inline int xfs_sync(struct xfs_inode *ip)
 SEC("tp_btf/xfs_file_fsync")
 int BPF_PROG(on_xfs_file_fsync, struct xfs_inode *ip)
 {
+	NS_ONLY_ACTIVE();
 	return xfs_sync(ip);
 }
 
 SEC("tp_btf/xfs_dir_fsync")
 int BPF_PROG(on_xfs_dir_fsync, struct xfs_inode *ip)
 {
+	NS_ONLY_ACTIVE();
 	return xfs_sync(ip);
 }

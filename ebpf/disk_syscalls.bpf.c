@@ -96,24 +96,25 @@ static __always_inline int file_kind(struct file *file)
 }
 
 SEC("tracepoint/syscalls/sys_enter_write")
-int on_write_enter(struct ns_sys_enter_ctx *ctx) { return enter(ctx, NS_DISK_WRITE); }
+int on_write_enter(struct ns_sys_enter_ctx *ctx) { NS_ONLY_ACTIVE(); return enter(ctx, NS_DISK_WRITE); }
 
 SEC("tracepoint/syscalls/sys_enter_pwrite64")
-int on_pwrite64_enter(struct ns_sys_enter_ctx *ctx) { return enter(ctx, NS_DISK_PWRITE64); }
+int on_pwrite64_enter(struct ns_sys_enter_ctx *ctx) { NS_ONLY_ACTIVE(); return enter(ctx, NS_DISK_PWRITE64); }
 
 SEC("tracepoint/syscalls/sys_enter_writev")
-int on_writev_enter(struct ns_sys_enter_ctx *ctx) { return enter(ctx, NS_DISK_WRITEV); }
+int on_writev_enter(struct ns_sys_enter_ctx *ctx) { NS_ONLY_ACTIVE(); return enter(ctx, NS_DISK_WRITEV); }
 
 SEC("tracepoint/syscalls/sys_enter_pwritev")
-int on_pwritev_enter(struct ns_sys_enter_ctx *ctx) { return enter(ctx, NS_DISK_PWRITEV); }
+int on_pwritev_enter(struct ns_sys_enter_ctx *ctx) { NS_ONLY_ACTIVE(); return enter(ctx, NS_DISK_PWRITEV); }
 
 SEC("tracepoint/syscalls/sys_enter_pwritev2")
-int on_pwritev2_enter(struct ns_sys_enter_ctx *ctx) { return enter(ctx, NS_DISK_PWRITEV2); }
+int on_pwritev2_enter(struct ns_sys_enter_ctx *ctx) { NS_ONLY_ACTIVE(); return enter(ctx, NS_DISK_PWRITEV2); }
 
 /* Attached to the exit of every write syscall above. */
 SEC("tracepoint/syscalls/sys_exit_write")
 int on_write_exit(struct ns_sys_exit_ctx *ctx)
 {
+	NS_ONLY_ACTIVE();
 	struct inflight in;
 	if (!take(&in))
 		return 0;
@@ -137,16 +138,16 @@ int on_write_exit(struct ns_sys_exit_ctx *ctx)
 }
 
 SEC("tracepoint/syscalls/sys_enter_fsync")
-int on_fsync_enter(struct ns_sys_enter_ctx *ctx) { return enter(ctx, SYNC_BIT | NS_DISK_FSYNC); }
+int on_fsync_enter(struct ns_sys_enter_ctx *ctx) { NS_ONLY_ACTIVE(); return enter(ctx, SYNC_BIT | NS_DISK_FSYNC); }
 
 SEC("tracepoint/syscalls/sys_enter_fdatasync")
-int on_fdatasync_enter(struct ns_sys_enter_ctx *ctx) { return enter(ctx, SYNC_BIT | NS_DISK_FDATASYNC); }
+int on_fdatasync_enter(struct ns_sys_enter_ctx *ctx) { NS_ONLY_ACTIVE(); return enter(ctx, SYNC_BIT | NS_DISK_FDATASYNC); }
 
 SEC("tracepoint/syscalls/sys_enter_msync")
-int on_msync_enter(struct ns_sys_enter_ctx *ctx) { return enter(ctx, SYNC_BIT | NS_DISK_MSYNC); }
+int on_msync_enter(struct ns_sys_enter_ctx *ctx) { NS_ONLY_ACTIVE(); return enter(ctx, SYNC_BIT | NS_DISK_MSYNC); }
 
 SEC("tracepoint/syscalls/sys_enter_sync_file_range")
-int on_sync_file_range_enter(struct ns_sys_enter_ctx *ctx) { return enter(ctx, SYNC_BIT | NS_DISK_SYNC_FILE_RANGE); }
+int on_sync_file_range_enter(struct ns_sys_enter_ctx *ctx) { NS_ONLY_ACTIVE(); return enter(ctx, SYNC_BIT | NS_DISK_SYNC_FILE_RANGE); }
 
 struct vma_file {
 	__u64 addr;
@@ -163,6 +164,7 @@ static long vma_file_cb(struct task_struct *task, struct vm_area_struct *vma, st
 SEC("tracepoint/syscalls/sys_exit_fsync")
 int on_sync_exit(struct ns_sys_exit_ctx *ctx)
 {
+	NS_ONLY_ACTIVE();
 	struct inflight in;
 	if (!take(&in) || !(in.call & SYNC_BIT))
 		return 0;

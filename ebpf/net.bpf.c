@@ -228,6 +228,7 @@ static __always_inline void closed_untracked(struct sock *sk, struct tcp_sock *t
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 {
+	NS_ONLY_ACTIVE();
 	/* Runs for every TCP socket on the host: leave early and cheaply for the
 	 * transitions and sockets that are not ours. */
 	const __u32 wanted = 1u << TCP_SYN_SENT | 1u << TCP_ESTABLISHED | 1u << TCP_CLOSE;

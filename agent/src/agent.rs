@@ -23,13 +23,29 @@ use crate::snapshot::{LoopStatus, Shared};
 use crate::target::Targets;
 use crate::telemetry::Telemetry;
 
-pub fn run(config: Config) -> anyhow::Result<()> {
+pub fn run(config: Config, fresh: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("nodescope-io")
         .build()
         .context("starting the async runtime")?;
+
+    // Across restarts (crate::state, bpf::pins): what the last agent left.
+    let (state_file, mut saved) = match &config.agent.state_dir {
+        Some(dir) => {
+            let (file, saved) = crate::state::StateFile::open(dir, fresh)?;
+            (Some(file), saved)
+        }
+        None => (None, None),
+    };
+    let pins = state_file.as_ref().and_then(|_| {
+        crate::bpf::pins::Pins::prepare(&config.agent.pin_dir, fresh)
+            .inspect_err(|e| {
+                tracing::warn!("kernel side not kept across restarts: {e}; connections that open and close while no agent runs are not counted")
+            })
+            .ok()
+    });
 
     let telemetry = Arc::new(Telemetry::new(&config, runtime.handle())?);
     let meter = telemetry.meter();
@@ -46,7 +62,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let disk_snapshot = Shared::<DiskSnapshot>::default();
     let resources_snapshot = Shared::<ResourceSnapshot>::default();
     let chain_snapshot = Shared::<crate::chainlog::ChainSnapshot>::default();
-    let net = crate::net::start(&config.limits, &meter, net_snapshot.clone());
+    let kept_net = pins.as_ref().map(|p| p.object("net.bpf.o"));
+    let net = crate::net::start(&config.limits, &meter, net_snapshot.clone(), kept_net.as_ref());
     let probes_attached = net.is_some();
     let mut signals: Vec<Box<dyn Signal>> = net
         .into_iter()
@@ -69,6 +86,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
     let cgroup2 = mounts.v2.clone();
     let mut targets = Targets::new(&config, mounts);
+    if let Some(saved) = saved.as_mut() {
+        targets.restore_slots(&saved.slots);
+        for signal in signals.iter_mut() {
+            if let Some(part) = saved.signals.remove(signal.name()) {
+                signal.restore(part);
+            }
+        }
+    }
+    let mut last_save_error: Option<String> = None;
     if targets.is_discovering() {
         tracing::info!("no [[targets]] configured: looking for bitcoind, litecoind and monerod on this host");
     }
@@ -164,6 +190,29 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let current = targets.current();
         for signal in signals.iter_mut() {
             signal.collect(current, &plan);
+        }
+        // before this collection's figures are served: whoever sees them
+        // can count on the next agent going on from them
+        if let Some(state) = &state_file {
+            let saved = crate::state::Saved {
+                layout: crate::bpf::abi::LAYOUT_VERSION,
+                saved_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                slots: targets.slots().clone(),
+                signals: signals.iter().filter_map(|s| Some((s.name().to_string(), s.save()?))).collect(),
+            };
+            match state.save(&saved) {
+                Ok(()) => last_save_error = None,
+                Err(e) => {
+                    let msg = e.to_string();
+                    if last_save_error.as_deref() != Some(msg.as_str()) {
+                        tracing::error!("saving the state file in agent.state_dir: {msg}");
+                        last_save_error = Some(msg);
+                    }
+                }
+            }
         }
         // after every signal has published this interval's snapshot
         let verdicts = tracing::info_span!("health").in_scope(|| {

@@ -142,6 +142,10 @@ struct ChainLogSignal {
 }
 
 impl Signal for ChainLogSignal {
+    fn name(&self) -> &'static str {
+        "chain"
+    }
+
     fn collect(&mut self, targets: &[Target], _plan: &ScopePlan) {
         let now = unix_now();
         let mut out = Vec::with_capacity(targets.len());

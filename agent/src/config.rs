@@ -121,6 +121,14 @@ pub struct AgentConfig {
     /// (node_down firing) before it is forgotten.
     #[serde(with = "humantime_serde")]
     pub forget_absent_after: Duration,
+    /// Where the agent keeps its totals across restarts (a small state
+    /// file, written after each collection). Set, the kernel side is kept
+    /// too, pinned under `pin_dir`, and counters go on across restarts and
+    /// upgrades; unset, each start counts from zero and leaves nothing
+    /// behind (docs/operations.md, "Across restarts").
+    pub state_dir: Option<PathBuf>,
+    /// Where the kernel side is pinned when `state_dir` is set (bpffs).
+    pub pin_dir: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -129,6 +137,8 @@ impl Default for AgentConfig {
             interval: Duration::from_secs(5),
             discover: true,
             forget_absent_after: Duration::from_secs(86400),
+            state_dir: None,
+            pin_dir: PathBuf::from("/sys/fs/bpf/nodescope"),
         }
     }
 }
@@ -532,6 +542,14 @@ impl Config {
         }
         if self.agent.interval > Duration::from_secs(3600) {
             return Err(ConfigError::invalid("agent.interval", "must be at most 1h"));
+        }
+        if let Some(dir) = &self.agent.state_dir {
+            if !dir.is_absolute() {
+                return Err(ConfigError::invalid("agent.state_dir", "must be an absolute path"));
+            }
+        }
+        if !self.agent.pin_dir.is_absolute() || !self.agent.pin_dir.starts_with("/sys/fs/bpf") {
+            return Err(ConfigError::invalid("agent.pin_dir", "must be a directory under /sys/fs/bpf"));
         }
         if self.agent.forget_absent_after > Duration::from_secs(30 * 86400) {
             return Err(ConfigError::invalid("agent.forget_absent_after", "must be at most 30 days"));

@@ -23,6 +23,7 @@ mod selfmetrics;
 mod settings;
 mod signal;
 mod snapshot;
+mod state;
 mod target;
 mod telemetry;
 mod top;
@@ -56,6 +57,10 @@ enum Command {
         /// with hostPID), so nodes' cgroup paths are the host's.
         #[arg(long, value_name = "NS_FILE")]
         cgroupns: Option<PathBuf>,
+        /// Start every counter from zero: drop the state file and the
+        /// kernel state a previous agent left (see `agent.state_dir`).
+        #[arg(long)]
+        fresh: bool,
     },
     /// Validate a config file: exit 0, or 2 naming the bad key.
     CheckConfig { file: PathBuf },
@@ -106,7 +111,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config, cgroupns } => {
+        Command::Run { config, cgroupns, fresh } => {
             let config = match settings::load(config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
@@ -117,7 +122,7 @@ fn main() -> ExitCode {
             init_logging(&config);
             // before any thread starts: a namespace switch is per thread
             caps::check_at_start(cgroupns.as_deref());
-            match agent::run(config) {
+            match agent::run(config, fresh) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

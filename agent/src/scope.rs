@@ -46,18 +46,8 @@ const MAX_PIDS: usize = 4096;
 const MAX_PORTS: usize = 1024;
 
 /// Loads and attaches the scope programs of an object.
-pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<(), BpfError> {
-    for &(program, hook) in HOOKS {
-        let p: &mut aya::programs::BtfTracePoint = ebpf
-            .program_mut(program)
-            .ok_or(BpfError::MissingProgram(program))?
-            .try_into()
-            .map_err(|source| BpfError::Program { program, source })?;
-        let err = |source| BpfError::Program { program, source };
-        p.load(hook, btf).map_err(err)?;
-        p.attach().map_err(err)?;
-    }
-    Ok(())
+pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Vec<(&'static str, aya::programs::links::FdLink)>, BpfError> {
+    HOOKS.iter().map(|&(program, hook)| bpf::attach_btf(ebpf, btf, program, hook)).collect()
 }
 
 /// The kernel's counters for the scope maps of one object.

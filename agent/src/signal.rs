@@ -22,4 +22,16 @@ pub trait Signal {
 
     /// One interval: read what was counted and publish the snapshot.
     fn collect(&mut self, targets: &[Target], plan: &ScopePlan);
+
+    /// The name its part of the state file is kept under.
+    fn name(&self) -> &'static str;
+
+    /// What it keeps across agent restarts (crate::state), after a
+    /// collection; None: nothing.
+    fn save(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// What an earlier agent saved, handed over before the first collection.
+    fn restore(&mut self, _saved: serde_json::Value) {}
 }

@@ -103,7 +103,7 @@ pub struct Target {
     pub onion_ports: Vec<(u16, PeerNetwork)>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Inbound,
@@ -121,7 +121,7 @@ impl Direction {
 
 const TOR_CONTROL_PORT: u16 = 9051;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Service {
     P2p,
@@ -270,6 +270,23 @@ impl Targets {
         self.specs = config.targets.iter().map(TargetSpec::from).collect();
         self.discover = config.targets.is_empty() && config.agent.discover;
         self.absent_ttl = config.agent.forget_absent_after;
+    }
+
+    /// Target name -> index, as the kernel's records carry it.
+    pub fn slots(&self) -> &BTreeMap<String, u32> {
+        &self.slots
+    }
+
+    /// The indexes an earlier agent gave its targets (crate::state), so the
+    /// records its kernel side kept name the same nodes; before the first
+    /// refresh.
+    pub fn restore_slots(&mut self, slots: &BTreeMap<String, u32>) {
+        let mut used = std::collections::BTreeSet::new();
+        for (name, index) in slots {
+            if (*index as usize) < MAX_TARGETS && used.insert(*index) {
+                self.slots.insert(name.clone(), *index);
+            }
+        }
     }
 
     pub fn is_discovering(&self) -> bool {

@@ -18,6 +18,12 @@
  * every signal's target maps. */
 #define NS_MAX_TARGETS 64
 
+/* The layout of every map the agent keeps pinned across its restarts
+ * (/sys/fs/bpf/nodescope/v<N>/): raise it whenever a pinned map's key,
+ * value, size or meaning changes, so that a new agent replaces the pins of
+ * an old one instead of misreading them. */
+#define NS_LAYOUT_VERSION 1
+
 /* ---- scope (scope.bpf.h, compiled into each signal's object) ----------- */
 
 /* Target value of a process the kernel saw exec under a node's process name

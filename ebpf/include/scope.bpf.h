@@ -75,6 +75,35 @@ struct {
 	__type(value, __u64);
 } ns_scope_stats SEC(".maps");
 
+/* Handover between two agents (docs/architecture.md, "Across restarts"):
+ * the programs of the agent that owns the pinned maps run; those of an
+ * older agent, still attached for the instant a new one takes over, leave
+ * at once. Each object is loaded with its own generation; the agent writes
+ * it to ns_active once its programs are attached, then lets the old ones
+ * go: no change is counted twice and none is missed. */
+const volatile __u32 ns_generation = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} ns_active SEC(".maps");
+
+/* An array lookup the verifier inlines: a load and a compare. */
+static __always_inline int ns_is_active(void)
+{
+	__u32 zero = 0;
+	__u32 *g = bpf_map_lookup_elem(&ns_active, &zero);
+	return g && *g == ns_generation;
+}
+
+#define NS_ONLY_ACTIVE()           \
+	do {                       \
+		if (!ns_is_active()) \
+			return 0;  \
+	} while (0)
+
 static __always_inline void scope_stat_inc(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&ns_scope_stats, &idx);
@@ -106,6 +135,7 @@ static __always_inline int scope_match_task(__u32 tgid, __u32 *target)
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(scope_fork, struct task_struct *parent, struct task_struct *child)
 {
+	NS_ONLY_ACTIVE();
 	__u32 ptgid = parent->tgid;
 	__u32 ctgid = child->tgid;
 	if (ptgid == ctgid)
@@ -125,6 +155,7 @@ int BPF_PROG(scope_fork, struct task_struct *parent, struct task_struct *child)
 SEC("tp_btf/sched_process_exec")
 int BPF_PROG(scope_exec, struct task_struct *p, int old_pid, struct linux_binprm *bprm)
 {
+	NS_ONLY_ACTIVE();
 	__u32 tgid = p->tgid;
 	struct ns_comm comm = {};
 	bpf_get_current_comm(comm.name, sizeof(comm.name));
@@ -152,6 +183,7 @@ int BPF_PROG(scope_exec, struct task_struct *p, int old_pid, struct linux_binprm
 SEC("tp_btf/sched_process_exit")
 int BPF_PROG(scope_exit, struct task_struct *p)
 {
+	NS_ONLY_ACTIVE();
 	if (p->pid != p->tgid)
 		return 0;
 	__u32 tgid = p->tgid;
@@ -165,6 +197,7 @@ int BPF_PROG(scope_exit, struct task_struct *p)
 SEC("tp_btf/cgroup_mkdir")
 int BPF_PROG(scope_cgroup_mkdir, struct cgroup *cgrp, const char *path)
 {
+	NS_ONLY_ACTIVE();
 	if (cgrp->root->hierarchy_id != 0)
 		return 0;
 	int level = cgrp->level;
@@ -192,6 +225,7 @@ int BPF_PROG(scope_cgroup_mkdir, struct cgroup *cgrp, const char *path)
 SEC("tp_btf/cgroup_rmdir")
 int BPF_PROG(scope_cgroup_rmdir, struct cgroup *cgrp, const char *path)
 {
+	NS_ONLY_ACTIVE();
 	if (cgrp->root->hierarchy_id != 0)
 		return 0;
 	__u64 id = cgrp->kn->id;

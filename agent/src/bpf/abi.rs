@@ -14,6 +14,9 @@ mod layout {
 /// NS_MAX_TARGETS: targets one agent watches.
 pub const MAX_TARGETS: usize = 64;
 
+/// NS_LAYOUT_VERSION: the layout of the maps kept pinned across restarts.
+pub const LAYOUT_VERSION: u32 = 1;
+
 pub const DIR_INBOUND: u8 = 1;
 pub const DIR_OUTBOUND: u8 = 2;
 
@@ -74,6 +77,7 @@ const _: () = {
     assert!(offset_of!(Conn, flags) == layout::ns_conn_flags);
     assert!(offset_of!(Conn, error) == layout::ns_conn_error);
     assert!(MAX_TARGETS == layout::NS_MAX_TARGETS as usize);
+    assert!(LAYOUT_VERSION == layout::NS_LAYOUT_VERSION);
     assert!(DIR_INBOUND as u32 == layout::NS_DIR_INBOUND && DIR_OUTBOUND as u32 == layout::NS_DIR_OUTBOUND);
     assert!(CONN_ESTABLISHED as u32 == layout::NS_CONN_ESTABLISHED);
     assert!(CONN_CLOSED as u32 == layout::NS_CONN_CLOSED && CONN_FAILED as u32 == layout::NS_CONN_FAILED);

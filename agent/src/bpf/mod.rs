@@ -3,6 +3,7 @@
 //! Each signal loads and reads its own object in its own module.
 
 pub mod abi;
+pub mod pins;
 
 use std::path::Path;
 
@@ -35,6 +36,8 @@ pub enum BpfError {
     Mount(String),
     #[error("running the iterator: {0}")]
     Iter(String),
+    #[error("pinning under bpffs: {0}")]
+    Pin(String),
 }
 
 /// An error and the errors under it, as one line: aya's "failed to create
@@ -57,13 +60,66 @@ pub fn kernel_btf() -> Result<Btf, BpfError> {
     Ok(Btf::from_sys_fs()?)
 }
 
-/// Loads an object, sizing maps as the caller asks.
-pub fn load(object: &'static str, bytes: &[u8], max_entries: &[(&'static str, u32)]) -> Result<Ebpf, BpfError> {
+/// Loads an object, sizing maps as the caller asks. Its programs count
+/// nothing until `pins::activate` makes their generation (returned here)
+/// the active one. With `kept`, its maps are the pinned ones of an earlier
+/// agent when there are (made and pinned otherwise), and a map pinned with
+/// another size than asked drops all of them, logged.
+pub fn load(
+    object: &'static str,
+    bytes: &[u8],
+    max_entries: &[(&'static str, u32)],
+    kept: Option<&pins::Kept>,
+) -> Result<(Ebpf, u32), BpfError> {
     let mut loader = EbpfLoader::new();
     for (map, n) in max_entries {
         loader.map_max_entries(map, *n);
     }
-    loader.load(bytes).map_err(|source| BpfError::Load { object, source })
+    let mut generation = 1;
+    let names = kept.map(|_| pins::map_names(bytes)).unwrap_or_default();
+    let paths: Vec<(&str, std::path::PathBuf)> = match kept {
+        Some(kept) => {
+            let resized = kept.resized(max_entries);
+            if !resized.is_empty() {
+                let what: Vec<String> =
+                    resized.iter().map(|(m, old, new)| format!("{m} {old} -> {new} entries")).collect();
+                tracing::warn!(
+                    "{object}: pinned maps resized by [limits] ({}): their records are dropped and counting starts afresh",
+                    what.join(", ")
+                );
+                kept.clear()?;
+            }
+            if let Some(g) = kept.active_generation() {
+                generation = g.wrapping_add(1).max(1);
+            }
+            kept.prepare_maps()?;
+            names.iter().map(|n| (n.as_str(), kept.map_path(n))).collect()
+        }
+        None => Vec::new(),
+    };
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.override_global("ns_generation", &generation, true);
+    let ebpf = loader.load(bytes).map_err(|source| BpfError::Load { object, source })?;
+    Ok((ebpf, generation))
+}
+
+/// Loads a tp_btf program of `ebpf` on `hook` and attaches it; the link is
+/// the caller's (see `pins::activate`).
+pub fn attach_btf(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    program: &'static str,
+    hook: &str,
+) -> Result<(&'static str, aya::programs::links::FdLink), BpfError> {
+    let err = |source| BpfError::Program { program, source };
+    let p: &mut aya::programs::BtfTracePoint =
+        ebpf.program_mut(program).ok_or(BpfError::MissingProgram(program))?.try_into().map_err(err)?;
+    p.load(hook, btf).map_err(err)?;
+    let id = p.attach().map_err(err)?;
+    let link = p.take_link(id).map_err(err)?;
+    Ok((program, aya::programs::links::FdLink::from(link)))
 }
 
 /// A hash map of a loaded object, with its key and value types.

@@ -177,6 +177,10 @@ struct Running {
 }
 
 impl Signal for Running {
+    fn name(&self) -> &'static str {
+        "disk"
+    }
+
     fn set_scope(&mut self, plan: &ScopePlan, _targets: &[Target]) {
         if let Err(e) = self.signal.set_scope(plan) {
             tracing::error!("disk signal: writing the watched set to the kernel: {e}");

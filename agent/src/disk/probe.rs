@@ -118,6 +118,8 @@ pub struct DiskProbe {
     refused: Vec<(String, String)>,
     /// What ns_disk_scope_gen holds.
     scope_gen: u64,
+    /// The scope programs' attachments.
+    _links: Vec<bpf::pins::HeldLink>,
 }
 
 /// The kernel side's loss counters (summed over CPUs).
@@ -146,12 +148,17 @@ fn object(method: DiskMethod) -> (&'static str, &'static [u8]) {
 /// Loads the method's object with maps sized from the config. Its task
 /// storage map (the per-task scope verdicts) is one aya 0.14 creates but
 /// has no user-space type for, which the agent never reads anyway.
+/// The disk signal's maps are not kept across restarts (its counts since the
+/// last read are lost with the agent): one generation, always active.
+const DISK_GENERATION: u32 = 1;
+
 fn load_object(method: DiskMethod, config: &DiskConfig) -> Result<Ebpf, BpfError> {
     let (object, bytes) = object(method);
     aya::EbpfLoader::new()
         .map_max_entries(FILES, 2 * config.max_files)
         .map_max_entries(COUNTS, 2 * config.max_files)
         .map_max_entries(SYNCS, config.max_syncs)
+        .override_global("ns_generation", &DISK_GENERATION, true)
         .allow_unsupported_maps()
         .load(bytes)
         .map_err(|source| BpfError::Load { object, source })
@@ -272,16 +279,26 @@ impl DiskProbe {
                 Hooked { ext4: true, xfs: true, any: true }
             }
         };
-        crate::scope::attach(&mut ebpf, &btf)?;
+        let links = crate::scope::attach(&mut ebpf, &btf)?;
         for &(program, hook) in SCOPE_HOOKS {
             attach_btf(&mut ebpf, &btf, program, hook)
                 .map_err(|reason| DiskError::Hook { hook: format!("tp_btf/{hook}"), reason })?;
         }
+        // every hook attached: the programs count from here
+        let links = bpf::pins::activate(&mut ebpf, DISK_GENERATION, None, links)?;
         let barrier = bpf::RcuBarrier::new()
             .inspect_err(|e| tracing::warn!("disk signal: no RCU barrier ({e}); waiting {QUIESCE:?} per read instead"))
             .ok();
-        let mut probe =
-            DiskProbe { ebpf, round: 0, barrier, per_half: config.max_files, hooked, refused, scope_gen: 0 };
+        let mut probe = DiskProbe {
+            ebpf,
+            round: 0,
+            barrier,
+            per_half: config.max_files,
+            hooked,
+            refused,
+            scope_gen: 0,
+            _links: links,
+        };
         probe.set_alloc(abi::DISK_ALLOC_PER_HALF, u64::from(config.max_files))?;
         probe.set_round(1)?;
         Ok(probe)

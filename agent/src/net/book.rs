@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Bytes {
     pub sent: u64,
     pub received: u64,
@@ -91,6 +91,44 @@ impl<K: Hash + Eq + Clone + Ord> ByteBook<K> {
         self.entries.retain(|_, e| e.open > 0 || now.duration_since(e.last_closed) < ttl);
     }
 
+    /// The book as the state file keeps it (crate::state).
+    pub fn save(&self, now: Instant) -> SavedBook<K> {
+        let mut entries: Vec<SavedEntry<K>> = self
+            .entries
+            .iter()
+            .map(|(key, e)| SavedEntry {
+                key: key.clone(),
+                bytes: e.bytes,
+                exported: e.exported,
+                open: e.open,
+                closed_secs_ago: now.duration_since(e.last_closed).as_secs(),
+            })
+            .collect();
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        SavedBook { entries, other: self.other, overflowed: self.overflowed }
+    }
+
+    /// A book as an earlier agent saved it, within this agent's bound (the
+    /// keys with the most bytes kept; the rest folded into "other").
+    pub fn restore(saved: SavedBook<K>, max_entries: usize, now: Instant) -> Self {
+        let mut book = ByteBook::new(max_entries);
+        book.other = saved.other;
+        book.overflowed = saved.overflowed;
+        let mut entries = saved.entries;
+        entries.sort_by(|a, b| b.bytes.total().cmp(&a.bytes.total()).then_with(|| a.key.cmp(&b.key)));
+        for e in entries {
+            if book.entries.len() >= max_entries {
+                // its bytes were exported under its own series or "other"
+                // already; what it gains from now on goes to "other"
+                book.overflowed += 1;
+                continue;
+            }
+            let last_closed = now.checked_sub(Duration::from_secs(e.closed_secs_ago)).unwrap_or(now);
+            book.entries.insert(e.key, Entry { bytes: e.bytes, exported: e.exported, open: e.open, last_closed });
+        }
+        book
+    }
+
     /// The series to export: the `top` keys by total bytes, then "other"
     /// (None) when any bytes ever went there.
     pub fn export(&mut self, top: usize) -> Vec<(Option<K>, Bytes)> {
@@ -112,6 +150,23 @@ impl<K: Hash + Eq + Clone + Ord> ByteBook<K> {
         }
         out
     }
+}
+
+/// A `ByteBook` in the state file.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SavedBook<K> {
+    entries: Vec<SavedEntry<K>>,
+    other: Bytes,
+    overflowed: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct SavedEntry<K> {
+    key: K,
+    bytes: Bytes,
+    exported: Bytes,
+    open: u32,
+    closed_secs_ago: u64,
 }
 
 #[cfg(test)]
@@ -137,6 +192,28 @@ mod tests {
         book.add(&2, b(5, 0), now);
         let e = book.export(2);
         assert_eq!(e, vec![(Some(1), b(100, 0)), (Some(3), b(80, 0)), (None, b(15, 0))]);
+    }
+
+    #[test]
+    fn saved_and_restored_exports_the_same() {
+        let now = Instant::now();
+        let mut book = ByteBook::new(10);
+        for (k, n) in [(1, 100), (2, 50), (3, 10)] {
+            book.open(&k, now);
+            book.add(&k, b(n, 1), now);
+        }
+        let before = book.export(2);
+        let json = serde_json::to_string(&book.save(now)).unwrap();
+        let mut back = ByteBook::<i32>::restore(serde_json::from_str(&json).unwrap(), 10, now);
+        assert_eq!(back.export(2), before);
+        // later bytes of a key outside the top still go to "other", counted once
+        back.add(&3, b(5, 0), now);
+        assert_eq!(back.export(2).last(), Some(&(None, b(15, 1))));
+        // a smaller bound keeps the biggest keys
+        let small = ByteBook::<i32>::restore(serde_json::from_str(&json).unwrap(), 1, now);
+        assert_eq!(small.entries.len(), 1);
+        assert!(small.entries.contains_key(&1));
+        assert_eq!(small.overflowed, 2);
     }
 
     #[test]

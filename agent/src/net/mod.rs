@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::bpf::{abi, boot_ns_to_unix, BpfError};
@@ -23,7 +23,7 @@ use crate::scope::ScopePlan;
 use crate::signal::Signal;
 use crate::snapshot::Shared;
 use crate::target::{Direction, Service, Target};
-use book::{ByteBook, Bytes};
+use book::{ByteBook, Bytes, SavedBook};
 use metrics::NetMetrics;
 use probe::{KernelStats, NetProbe};
 
@@ -34,9 +34,10 @@ pub fn start(
     limits: &Limits,
     meter: &opentelemetry::metrics::Meter,
     snapshot: Shared<NetSnapshot>,
+    kept: Option<&crate::bpf::pins::Kept>,
 ) -> Option<Box<dyn Signal>> {
     let metrics = NetMetrics::register(meter, snapshot.clone());
-    match NetSignal::load(limits) {
+    match NetSignal::load(limits, kept) {
         Ok(signal) => Some(Box::new(Running { signal, metrics, snapshot })),
         Err(e) => {
             tracing::error!("network signal off: {e}");
@@ -53,6 +54,23 @@ struct Running {
 }
 
 impl Signal for Running {
+    fn name(&self) -> &'static str {
+        "net"
+    }
+
+    fn save(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self.signal.save()).ok()
+    }
+
+    fn restore(&mut self, saved: serde_json::Value) {
+        match serde_json::from_value(saved) {
+            Ok(saved) => self.signal.restore(saved),
+            Err(e) => {
+                tracing::warn!("network signal: the saved state is unreadable ({e}); its counters start from zero")
+            }
+        }
+    }
+
     fn set_scope(&mut self, plan: &ScopePlan, targets: &[Target]) {
         if let Err(e) = self.signal.set_scope(plan, targets) {
             tracing::error!("network signal: writing the watched set to the kernel: {e}");
@@ -184,17 +202,132 @@ pub struct NetSignal {
     targets: BTreeMap<u32, PerTarget>,
     /// The kernel's dropped-connection count at the previous read.
     last_dropped: u64,
+    /// What an earlier agent saved, by target name, taken when the target
+    /// is first collected.
+    restored: HashMap<String, SavedTarget>,
+    /// Its open connections, taken at the first collection.
+    restored_conns: Vec<SavedConn>,
+}
+
+/// What the network signal keeps across agent restarts (crate::state).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SavedNet {
+    /// The boot the socket cookies below belong to: cookies start over at
+    /// each boot, so after a reboot the connections are not looked for.
+    boot_id: String,
+    targets: Vec<SavedTarget>,
+    /// The open connections and what was counted of each, by socket
+    /// cookie (the kernel's, fixed for a socket's life): a connection still
+    /// open after the restart goes on from there, one that closed meanwhile
+    /// is finished from its close event.
+    connections: Vec<SavedConn>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedTarget {
+    name: String,
+    /// (direction, service, opened, closed)
+    churn: Vec<(Direction, Service, u64, u64)>,
+    failed: Vec<(Service, String, u64)>,
+    peers: SavedBook<PeerKey>,
+    netgroups: SavedBook<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedConn {
+    cookie: u64,
+    target: String,
+    key: PeerKey,
+    netgroup: String,
+    service: Service,
+    network: PeerNetwork,
+    counted_open: bool,
+    start_ns: u64,
+    last: Bytes,
+}
+
+/// Values of failure_reason(), to take a saved one back as `&'static str`.
+const FAILURE_REASONS: [&str; 5] = ["refused", "timeout", "reset", "unreachable", "other"];
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 impl NetSignal {
-    pub fn load(limits: &Limits) -> Result<NetSignal, BpfError> {
+    pub fn load(limits: &Limits, kept: Option<&crate::bpf::pins::Kept>) -> Result<NetSignal, BpfError> {
         Ok(NetSignal {
-            probe: NetProbe::load(limits.max_connections)?,
+            probe: NetProbe::load(limits.max_connections, kept)?,
             limits: limits.clone(),
             tracked: HashMap::new(),
             targets: BTreeMap::new(),
             last_dropped: 0,
+            restored: HashMap::new(),
+            restored_conns: Vec::new(),
         })
+    }
+
+    /// Totals per target and the open connections, for the state file.
+    pub fn save(&self) -> SavedNet {
+        let now = Instant::now();
+        let targets = self
+            .targets
+            .values()
+            .map(|per| SavedTarget {
+                name: per.name.clone(),
+                churn: per.churn.iter().map(|((d, s), c)| (*d, *s, c.opened, c.closed)).collect(),
+                failed: per.failed.iter().map(|((s, r), n)| (*s, r.to_string(), *n)).collect(),
+                peers: per.peers.save(now),
+                netgroups: per.netgroups.save(now),
+            })
+            // targets not seen again yet keep what was restored for them
+            .chain(self.restored.values().cloned())
+            .collect();
+        let connections = self
+            .tracked
+            .iter()
+            .filter_map(|(cookie, t)| {
+                Some(SavedConn {
+                    cookie: *cookie,
+                    target: self.targets.get(&t.target)?.name.clone(),
+                    key: t.key,
+                    netgroup: t.netgroup.clone(),
+                    service: t.service,
+                    network: t.network,
+                    counted_open: t.counted_open,
+                    start_ns: t.start_ns,
+                    last: t.last,
+                })
+            })
+            .collect();
+        SavedNet { boot_id: boot_id(), targets, connections }
+    }
+
+    /// Takes over what an earlier agent saved; applied as targets are
+    /// collected.
+    pub fn restore(&mut self, saved: SavedNet) {
+        let same_boot = saved.boot_id == boot_id();
+        let mut conns = saved.connections;
+        let mut targets: HashMap<String, SavedTarget> =
+            saved.targets.into_iter().map(|t| (t.name.clone(), t)).collect();
+        if !same_boot {
+            // every connection ended with the boot: closed, with what was counted
+            for c in conns.drain(..) {
+                if let Some(t) = targets.get_mut(&c.target) {
+                    match t.churn.iter_mut().find(|(d, s, _, _)| (*d, *s) == (c.key.1, c.service)) {
+                        Some(entry) => entry.3 += 1,
+                        None => t.churn.push((c.key.1, c.service, 0, 1)),
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            "network signal: counters of {} target(s) and {} open connection(s) taken over from the state file{}",
+            targets.len(),
+            conns.len(),
+            if same_boot { "" } else { " (after a reboot: its connections counted closed)" }
+        );
+        self.restored = targets;
+        self.restored_conns = conns;
     }
 
     /// Writes the scope plan to the kernel, with the socket inodes of nodes
@@ -228,14 +361,33 @@ impl NetSignal {
         for t in targets {
             // a slot freed by a forgotten target and taken by a new one starts afresh
             if self.targets.get(&t.index).is_none_or(|p| p.name != t.name) {
-                self.targets.insert(
-                    t.index,
-                    PerTarget {
+                let per = match self.restored.remove(&t.name) {
+                    Some(saved) => PerTarget::restore(saved, self.limits.max_peers, now),
+                    None => PerTarget {
                         name: t.name.clone(),
                         churn: BTreeMap::new(),
                         failed: BTreeMap::new(),
                         peers: ByteBook::new(self.limits.max_peers),
                         netgroups: ByteBook::new(self.limits.max_peers),
+                    },
+                };
+                self.targets.insert(t.index, per);
+            }
+        }
+        // the connections an earlier agent had open, under this agent's indexes
+        for c in std::mem::take(&mut self.restored_conns) {
+            if let Some(t) = targets.iter().find(|t| t.name == c.target) {
+                self.tracked.insert(
+                    c.cookie,
+                    Tracked {
+                        target: t.index,
+                        key: c.key,
+                        netgroup: c.netgroup,
+                        service: c.service,
+                        network: c.network,
+                        counted_open: c.counted_open,
+                        start_ns: c.start_ns,
+                        last: c.last,
                     },
                 );
             }
@@ -477,6 +629,29 @@ impl NetSignal {
 /// out while it lasts), or it refused some connection since the last read.
 fn truncated(records: usize, max: u32, dropped: u64, dropped_before: u64) -> bool {
     records >= max as usize || dropped > dropped_before
+}
+
+impl PerTarget {
+    fn restore(saved: SavedTarget, max_peers: usize, now: Instant) -> PerTarget {
+        let mut churn: BTreeMap<(Direction, Service), Churn> = BTreeMap::new();
+        for (d, s, opened, closed) in saved.churn {
+            let c = churn.entry((d, s)).or_default();
+            c.opened += opened;
+            c.closed += closed;
+        }
+        let mut failed = BTreeMap::new();
+        for (s, reason, n) in saved.failed {
+            let reason = FAILURE_REASONS.iter().find(|r| **r == reason).copied().unwrap_or("other");
+            *failed.entry((s, reason)).or_default() += n;
+        }
+        PerTarget {
+            name: saved.name,
+            churn,
+            failed,
+            peers: ByteBook::restore(saved.peers, max_peers, now),
+            netgroups: ByteBook::restore(saved.netgroups, max_peers, now),
+        }
+    }
 }
 
 /// Where a folded record came from.

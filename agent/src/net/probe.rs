@@ -7,7 +7,7 @@ use aya::maps::{MapData, RingBuf};
 use aya::programs::{BtfTracePoint, Iter};
 use aya::Ebpf;
 
-use crate::bpf::{self, abi, BpfError, HookStatus};
+use crate::bpf::{self, abi, pins, BpfError, HookStatus};
 use crate::scope::{self, ScopePlan, ScopeStats};
 use crate::target::Scope;
 
@@ -22,6 +22,7 @@ const EVENTS: &str = "ns_conn_events";
 pub struct NetProbe {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
+    _links: Vec<pins::HeldLink>,
 }
 
 /// The kernel side's own counters (summed over CPUs).
@@ -59,22 +60,21 @@ where
 }
 
 impl NetProbe {
-    /// Loads both programs and attaches the state tracepoint. The iterator
-    /// is attached for each read.
-    pub fn load(max_connections: u32) -> Result<NetProbe, BpfError> {
+    /// Loads both programs and attaches the state tracepoint (the
+    /// iterator is attached for each read). With `kept`, the maps and links
+    /// of an earlier agent are taken over (bpf::pins).
+    pub fn load(max_connections: u32, kept: Option<&pins::Kept>) -> Result<NetProbe, BpfError> {
         let btf = bpf::kernel_btf()?;
         let sizes = [("ns_conns", max_connections), (EVENTS, events_size(max_connections))];
-        let mut ebpf = bpf::load("net.bpf.o", bpf::NET_OBJ, &sizes)?;
-        scope::attach(&mut ebpf, &btf)?;
-        let state: &mut BtfTracePoint = prog(&mut ebpf, STATE_PROG)?;
-        let err = |source| BpfError::Program { program: STATE_PROG, source };
-        state.load(STATE_HOOK, &btf).map_err(err)?;
-        state.attach().map_err(err)?;
+        let (mut ebpf, generation) = bpf::load("net.bpf.o", bpf::NET_OBJ, &sizes, kept)?;
+        let mut links = scope::attach(&mut ebpf, &btf)?;
+        links.push(bpf::attach_btf(&mut ebpf, &btf, STATE_PROG, STATE_HOOK)?);
         let iter: &mut Iter = prog(&mut ebpf, ITER_PROG)?;
         iter.load("tcp", &btf).map_err(|source| BpfError::Program { program: ITER_PROG, source })?;
+        let links = pins::activate(&mut ebpf, generation, kept, links)?;
         let events = ebpf.take_map(EVENTS).ok_or(BpfError::MissingMap(EVENTS))?;
         let events = RingBuf::try_from(events).map_err(|source| BpfError::Map { map: EVENTS, source })?;
-        Ok(NetProbe { ebpf, events })
+        Ok(NetProbe { ebpf, events, _links: links })
     }
 
     /// The ring buffer of the scope programs' exec events, for a watcher
@@ -196,7 +196,7 @@ pub fn probe_hooks() -> Vec<HookStatus> {
     let attempt = |program: &'static str,
                    load: &dyn Fn(&mut Ebpf, &aya::Btf) -> Result<(), aya::programs::ProgramError>| {
         let btf = bpf::kernel_btf()?;
-        let mut ebpf = bpf::load("net.bpf.o", bpf::NET_OBJ, &[])?;
+        let (mut ebpf, _) = bpf::load("net.bpf.o", bpf::NET_OBJ, &[], None)?;
         load(&mut ebpf, &btf).map_err(|source| BpfError::Program { program, source })
     };
     let state = attempt(STATE_PROG, &|ebpf, btf| {

@@ -180,6 +180,10 @@ struct Running {
 }
 
 impl Signal for Running {
+    fn name(&self) -> &'static str {
+        "resources"
+    }
+
     fn collect(&mut self, targets: &[Target], _plan: &ScopePlan) {
         self.snapshot.publish(self.signal.collect(targets));
     }

@@ -1,0 +1,182 @@
+//! Counters across agent restarts (`agent.state_dir`): the agent is killed
+//! while its node has peers, the node's traffic goes on and a connection
+//! opens and closes while no agent runs, then a new agent starts. Every
+//! per-peer byte counter afterwards is its value before plus what the node's
+//! own getpeerinfo says moved meanwhile, to the byte, and no counter went
+//! backwards. Then the pins of another map layout are replaced, logged.
+//!
+//! Peers listen on their own loopback addresses (127.0.0.2...) and the node
+//! dials them, so each peer has its own `network_peer_address` series.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// A bpffs directory for this test's pins, removed when dropped.
+struct PinDir(PathBuf);
+
+impl PinDir {
+    fn new() -> PinDir {
+        let dir = PathBuf::from(format!("/sys/fs/bpf/nodescope-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        PinDir(dir)
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        // the links pinned there go with it: the programs detach
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// (sent, received) payload bytes of the node's connection(s) to `ip`, by its getpeerinfo.
+fn node_bytes(node: &Litecoind, ip: &str) -> (u64, u64) {
+    node.peers()
+        .iter()
+        .filter(|p| p["addr"].as_str().is_some_and(|a| a.starts_with(&format!("{ip}:"))))
+        .fold((0, 0), |(s, r), p| (s + p["bytessent"].as_u64().unwrap(), r + p["bytesrecv"].as_u64().unwrap()))
+}
+
+/// (sent, received) as the agent's per-peer counters say.
+fn agent_bytes(m: &str, ip: &str) -> (u64, u64) {
+    let get = |dir: &str| {
+        metric_sum(
+            m,
+            "nodescope_peer_io_bytes_total",
+            &[("nodescope_target", "ltc"), ("network_peer_address", ip), ("network_io_direction", dir)],
+        ) as u64
+    };
+    (get("transmit"), get("receive"))
+}
+
+/// Every counter sample of a scrape: series -> value.
+fn counters(m: &str) -> std::collections::BTreeMap<String, f64> {
+    m.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| series.split('{').next().is_some_and(|n| n.ends_with("_total")))
+        .filter_map(|(series, v)| Some((series.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+/// The network signal's counters, which the state file keeps.
+const NET_COUNTERS: [&str; 4] =
+    ["nodescope_peer_io", "nodescope_netgroup_io", "nodescope_connection_", "nodescope_peer_overflowed"];
+
+/// The node's P2P connections out (RPC clients are connections too).
+const P2P_OUTBOUND: [(&str, &str); 3] =
+    [("nodescope_target", "ltc"), ("nodescope_service", "p2p"), ("nodescope_connection_direction", "outbound")];
+
+fn collections(agent: &Agent) -> f64 {
+    metric_sum(&agent.metrics(), "nodescope_collection_duration_seconds_count", &[])
+}
+
+/// Kills the agent (SIGKILL) just after a collection, when its state file
+/// has been written (docs/architecture.md: a kill during a collection loses
+/// what that collection read).
+fn kill_after_collection(mut agent: Agent) {
+    let n = collections(&agent);
+    wait_for("a collection", Duration::from_secs(5), || (collections(&agent) > n).then_some(()));
+    let _ = agent.child.kill();
+    let _ = agent.child.wait();
+}
+
+#[test]
+fn counters_continue_across_a_kill_and_the_connections_of_the_gap_are_counted() {
+    require_root();
+    require_tool("bpftool", "bpftool");
+    let pins = PinDir::new();
+    let state = TempDir::new("nodescope-state");
+    let cgroup = Cgroup::new();
+    let node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string()]);
+    let ips = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
+    let peers: Vec<Litecoind> =
+        ips.iter().map(|ip| Litecoind::start(None, &["-connect=0".to_string(), format!("-bind={ip}")])).collect();
+    for (ip, p) in ips.iter().zip(&peers).take(2) {
+        node.cli(&["addnode", &format!("{ip}:{}", p.port), "add"]);
+    }
+    node.wait_peers(2);
+    let config = format!(
+        "[agent]\ninterval = \"500ms\"\nstate_dir = \"{}\"\npin_dir = \"{}\"\n\n[[targets]]\nname = \"ltc\"\ncgroup = \"{}\"\nchain = \"litecoin\"\np2p_ports = [{}]\nrpc_ports = [{}]\n",
+        state.path().display(),
+        pins.0.display(),
+        cgroup.path.display(),
+        node.port,
+        node.rpcport
+    );
+    let agent = Agent::start(&config);
+    node.mine(5);
+    // at rest, the agent agrees with the node for both peers
+    let before = wait_for("the agent's per-peer bytes to equal getpeerinfo", Duration::from_secs(30), || {
+        let m = agent.metrics();
+        let ok = ips[..2].iter().all(|ip| agent_bytes(&m, ip) == node_bytes(&node, ip) && agent_bytes(&m, ip).0 > 0);
+        ok.then_some(m)
+    });
+    let churn = |m: &str, what: &str| metric_sum(m, &format!("nodescope_connection_{what}_total"), &P2P_OUTBOUND);
+    let (opened_before, closed_before) = (churn(&before, "opened"), churn(&before, "closed"));
+    kill_after_collection(agent);
+    assert!(pins.0.join("v1/net/links").is_dir(), "nothing pinned under {}", pins.0.display());
+
+    // The gap: blocks relayed to both peers, and a third peer that connects,
+    // takes a block and is disconnected.
+    node.mine(3);
+    let c = &peers[2];
+    let c_addr = format!("{}:{}", ips[2], c.port);
+    node.cli(&["addnode", &c_addr, "onetry"]);
+    node.wait_peers(3);
+    node.mine(1);
+    let c_bytes = wait_for("the third peer at rest", Duration::from_secs(20), || {
+        let a = node_bytes(&node, ips[2]);
+        std::thread::sleep(Duration::from_millis(500));
+        (a.0 > 0 && node_bytes(&node, ips[2]) == a).then_some(a)
+    });
+    node.cli(&["disconnectnode", &c_addr]);
+    wait_for("the third peer gone", Duration::from_secs(10), || (node_bytes(&node, ips[2]) == (0, 0)).then_some(()));
+    eprintln!("during the gap: the third peer exchanged {c_bytes:?} (sent, received) and was disconnected");
+
+    let agent = Agent::start(&config);
+    let log = agent.log();
+    assert!(log.contains("taken over from the state file"), "{log}");
+    let after = wait_for("the agent's per-peer bytes to equal getpeerinfo again", Duration::from_secs(30), || {
+        let m = agent.metrics();
+        let ok = ips[..2].iter().all(|ip| agent_bytes(&m, ip) == node_bytes(&node, ip));
+        (ok && agent_bytes(&m, ips[2]) == c_bytes).then_some(m)
+    });
+    for ip in &ips[..2] {
+        let (was, now) = (agent_bytes(&before, ip), agent_bytes(&after, ip));
+        eprintln!("{ip}: before the kill {was:?}, after the restart {now:?} (getpeerinfo {:?})", node_bytes(&node, ip));
+        assert!(now.0 > was.0 && now.1 >= was.1, "{ip}: no traffic over the gap?");
+    }
+    // the third connection: opened and closed while no agent ran
+    assert_eq!((churn(&after, "opened"), churn(&after, "closed")), (opened_before + 1.0, closed_before + 1.0));
+    // no counter of the network signal went backwards
+    let now = counters(&after);
+    for (series, was) in counters(&before) {
+        if NET_COUNTERS.iter().any(|p| series.starts_with(p)) {
+            let v = now.get(&series).copied();
+            assert!(v.is_some_and(|v| v >= was), "{series}: {was} before the kill, {v:?} after");
+        }
+    }
+
+    // An upgrade to a build of another map layout: its pins replaced, logged.
+    drop(agent);
+    let old = pins.0.join("v0");
+    std::fs::create_dir_all(&old).unwrap();
+    let st = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(old.join("old_map"))
+        .args(["type", "array", "key", "4", "value", "4", "entries", "1", "name", "old_map"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "bpftool map create");
+    let agent = Agent::start(&config);
+    wait_for("the old layout's pins removed", Duration::from_secs(10), || (!old.exists()).then_some(()));
+    let log = agent.log();
+    assert!(log.contains("pinned by a nodescope of another map layout (v0"), "{log}");
+    drop(agent);
+}
