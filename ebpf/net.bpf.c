@@ -84,11 +84,20 @@ static __always_inline __u32 sock_netns(struct sock *sk)
 	return sk->__sk_common.skc_net.net->ns.inum;
 }
 
+/* The socket's local port. By the time a socket turns TCP_CLOSE the kernel
+ * has released its port (skc_num is 0); inet_sport still holds it. */
+static __always_inline __u16 local_port(struct sock *sk, struct tcp_sock *tp)
+{
+	__u16 port = sk->__sk_common.skc_num;
+	return port ? port : bpf_ntohs(tp->inet_conn.icsk_inet.inet_sport);
+}
+
 /* Which target, if any, owns this socket. in_task: the caller runs in the
- * context of the process that acts on the socket (connect()).
+ * context of the process that acts on the socket (connect()); lport: its
+ * local port (see local_port()).
  * Reads go straight through the BTF-typed socket pointer: the verifier turns
  * them into guarded loads, cheaper than a probe-read helper call each. */
-static __always_inline int match_target(struct sock *sk, int in_task, __u32 *target)
+static __always_inline int match_target(struct sock *sk, int in_task, __u16 lport, __u32 *target)
 {
 	__u64 cgid = sk->sk_cgrp_data.cgroup->kn->id;
 	__u32 *t = bpf_map_lookup_elem(&ns_scope_cgroups, &cgid);
@@ -100,7 +109,7 @@ static __always_inline int match_target(struct sock *sk, int in_task, __u32 *tar
 		__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 		t = bpf_map_lookup_elem(&ns_scope_pids, &tgid);
 	} else {
-		struct ns_port_key pk = { .netns = sock_netns(sk), .port = sk->__sk_common.skc_num };
+		struct ns_port_key pk = { .netns = sock_netns(sk), .port = lport };
 		t = bpf_map_lookup_elem(&ns_scope_ports, &pk);
 	}
 	if (t) {
@@ -219,6 +228,7 @@ static __always_inline void closed_untracked(struct sock *sk, struct tcp_sock *t
 	c.direction = NS_DIR_UNKNOWN;
 	c.state = NS_CONN_CLOSED;
 	fill_endpoints(&c, sk);
+	c.lport = local_port(sk, tp);
 	read_counters(&c, tp, sk, oldstate);
 	c.end_ns = bpf_ktime_get_boot_ns();
 	if (!send_event(cookie, &c) && bpf_map_update_elem(&ns_conns, &cookie, &c, BPF_NOEXIST))
@@ -239,7 +249,7 @@ int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 	if (newstate == TCP_SYN_SENT) {
 		/* connect(), in the connecting task: a new attempt. A socket may
 		 * connect again after a failed attempt; that one's event is out. */
-		if (match_target(sk, 1, &target))
+		if (match_target(sk, 1, sk->__sk_common.skc_num, &target))
 			track(sk, bpf_get_socket_cookie(sk), target, NS_DIR_OUTBOUND, NS_CONN_CONNECTING,
 			      bpf_ktime_get_boot_ns(), bpf_get_current_pid_tgid() >> 32);
 		return 0;
@@ -251,7 +261,8 @@ int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 	__u64 cookie = sk->__sk_common.skc_cookie.counter;
 	if (!cookie) {
 		/* accepted: the child socket, in softirq */
-		if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV && match_target(sk, 0, &target))
+		if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV &&
+		    match_target(sk, 0, sk->__sk_common.skc_num, &target))
 			accepted(sk, target);
 		return 0;
 	}
@@ -259,11 +270,11 @@ int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 	if (!c) {
 		/* an accepted connection closing before its first iterator pass
 		 * (or a socket of someone else's that has a cookie) */
-		if (newstate == TCP_CLOSE && match_target(sk, 0, &target)) {
-			struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
-			if (tp)
-				closed_untracked(sk, tp, cookie, target, oldstate);
-		}
+		if (newstate != TCP_CLOSE)
+			return 0;
+		struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+		if (tp && match_target(sk, 0, local_port(sk, tp), &target))
+			closed_untracked(sk, tp, cookie, target, oldstate);
 		return 0;
 	}
 
@@ -319,7 +330,7 @@ int tcp_iter(struct bpf_iter__tcp *ctx)
 	 * the agent its direction and start). Half-closed ones too: an accepted
 	 * connection whose peer already sent its FIN is still the node's. */
 	__u32 target;
-	if (!match_target(sk, 0, &target)) {
+	if (!match_target(sk, 0, sk->__sk_common.skc_num, &target)) {
 		struct socket *sock = sk->sk_socket;
 		__u64 ino = sock ? sock->file->f_inode->i_ino : 0;
 		__u32 *t = ino ? bpf_map_lookup_elem(&ns_target_inodes, &ino) : NULL;

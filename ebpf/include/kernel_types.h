@@ -81,7 +81,16 @@ struct sock {
 	__u8 sk_shutdown;
 };
 
+struct inet_sock {
+	__be16 inet_sport; /* the local port, network order */
+};
+
+struct inet_connection_sock {
+	struct inet_sock icsk_inet;
+};
+
 struct tcp_sock {
+	struct inet_connection_sock inet_conn;
 	__u64 bytes_received;
 	__u64 bytes_acked;
 	__u32 write_seq; /* one past the last byte the process queued */
