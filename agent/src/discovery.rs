@@ -21,7 +21,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use procfs::net::TcpState;
 use procfs::process::FDTarget;
 
 use crate::chain::{Chain, Network, PeerNetwork, Ports};
@@ -149,21 +148,36 @@ pub fn listening_ports(proc_root: &Path, pid: u32) -> Result<Vec<u16>, Discovery
     if inodes.is_empty() {
         return Ok(ports);
     }
-    for (table, rows) in [("net/tcp", process.tcp()), ("net/tcp6", process.tcp6())] {
-        match rows {
-            Ok(rows) => ports.extend(
-                rows.iter()
-                    .filter(|row| row.state == TcpState::Listen && inodes.contains(&row.inode))
-                    .map(|row| row.local_address.port()),
-            ),
+    for table in ["net/tcp", "net/tcp6"] {
+        let path = pid_dir(proc_root, pid).join(table);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => ports.extend(listen_rows(&text).filter(|(inode, _)| inodes.contains(inode)).map(|(_, p)| p)),
             // tcp6 is absent when the kernel has IPv6 disabled.
-            Err(procfs::ProcError::NotFound(_)) => {}
-            Err(source) => return Err(DiscoveryError::Proc { path: pid_dir(proc_root, pid).join(table), source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DiscoveryError::Proc { path, source: procfs::ProcError::Io(e, None) }),
         }
     }
     ports.sort_unstable();
     ports.dedup();
     Ok(ports)
+}
+
+/// (socket inode, local port) of the LISTEN rows of a /proc/net/tcp or tcp6
+/// table. Only a row's state column is looked at before the row is read: a
+/// namespace after a connection flood holds 100,000 TIME_WAIT rows, which a
+/// parser of every row (procfs's) takes seconds over each interval.
+fn listen_rows(text: &str) -> impl Iterator<Item = (u64, u16)> + '_ {
+    const LISTEN: &str = "0A";
+    text.lines().skip(1).filter_map(|line| {
+        let mut cols = line.split_whitespace();
+        let local = cols.nth(1)?;
+        if cols.nth(1)? != LISTEN {
+            return None;
+        }
+        let port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
+        let inode = cols.nth(5)?.parse().ok()?;
+        Some((inode, port))
+    })
 }
 
 /// Process start time in whole seconds since boot (stat field 22, starttime,
@@ -913,6 +927,20 @@ fn monero_proxies(options: &MoneroArgs) -> ProxySetup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_rows_of_tcp_tables() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:4CE3 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 123456 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:4CE3 0100007F:D2F0 06 00000000:00000000 03:00000F2A 00000000     0        0 0 3 0000000000000000
+   2: 0100007F:4CE3 0100007F:D2F2 01 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 20 4 30 10 -1
+";
+        assert_eq!(listen_rows(tcp).collect::<Vec<_>>(), vec![(123456, 0x4ce3)]);
+        let tcp6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000000000000:4CE3 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 98765 1 0000000000000000 100 0 0 10 0
+";
+        assert_eq!(listen_rows(tcp6).collect::<Vec<_>>(), vec![(98765, 19683)]);
+    }
     use std::os::unix::fs::symlink;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
