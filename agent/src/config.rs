@@ -73,8 +73,9 @@ pub struct Config {
 pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Connections served at once. Past it a connection is taken into the
-    /// probe room, where only /health, /health/live and /health/ready are
-    /// answered (others get 503), one request per connection.
+    /// probe room, where only /health, /health/live, /health/ready and
+    /// /health/agent are answered (others get 503), one request per
+    /// connection.
     pub max_connections: usize,
     /// Room kept for probes past `max_connections`; when it is full, the
     /// oldest of its connections that has sent nothing yet makes way.

@@ -116,7 +116,9 @@ pub const RULES: &[RuleDef] = &[
     rule("disk_full_soon", Warning, K::Days, T::Value(7.0), secs(300), secs(600), None),
     rule("memory_high", Warning, K::Percent, T::Value(80.0), secs(300), secs(300), None),
     rule("fds_high", Warning, K::Percent, T::Value(80.0), secs(300), secs(300), None),
-    rule("fsync_slow", Warning, K::Seconds, T::Value(1.0), secs(0), secs(300), Some(secs(300))),
+    // for: a single slow burst (a backup, a compaction) inside the window
+    // is not a slow disk; 2 minutes of it is
+    rule("fsync_slow", Warning, K::Seconds, T::Value(1.0), secs(120), secs(300), Some(secs(300))),
     rule("rpc_exposed", Critical, K::None, T::None, secs(0), secs(60), None),
     // threshold: inbound peer connections per minute, averaged over the window
     rule("inbound_flood", Warning, K::Rate, T::Value(60.0), secs(0), secs(300), Some(secs(60))),
