@@ -681,7 +681,9 @@ fn kubernetes_manifests_validate() {
         c["volumeMounts"].as_array().unwrap().iter().map(|v| (v["mountPath"].as_str().unwrap(), v)).collect();
     let volumes: BTreeMap<&str, &Value> =
         spec["volumes"].as_array().unwrap().iter().map(|v| (v["name"].as_str().unwrap(), v)).collect();
-    for (path, read_only) in [("/sys/fs/cgroup", true), ("/etc/nodescope", true)] {
+    for (path, read_only) in
+        [("/sys/fs/cgroup", true), ("/etc/nodescope", true), ("/var/lib/nodescope", false), ("/sys/fs/bpf", false)]
+    {
         let mount = mounts.get(path).unwrap_or_else(|| panic!("no volume mounted at {path}"));
         assert_eq!(mount["readOnly"].as_bool().unwrap_or(false), read_only, "{path} readOnly");
         let volume = volumes[mount["name"].as_str().unwrap()];
@@ -699,8 +701,11 @@ fn kubernetes_manifests_validate() {
         "hostPID: /proc/PID/root of the node's pod"
     );
     assert!(!m.config_toml().lines().any(|l| l.trim().starts_with("datadir")), "no host data dir in the config");
-    let node_volumes: Vec<&str> =
-        mounts.keys().copied().filter(|p| !["/sys/fs/cgroup", "/etc/nodescope"].contains(p)).collect();
+    let node_volumes: Vec<&str> = mounts
+        .keys()
+        .copied()
+        .filter(|p| !["/sys/fs/cgroup", "/etc/nodescope", "/var/lib/nodescope", "/sys/fs/bpf"].contains(p))
+        .collect();
     assert!(node_volumes.is_empty(), "node volumes mounted into the agent: {node_volumes:?}");
     // The command reads the ConfigMap's key where it is mounted.
     let cm_volume =
@@ -862,6 +867,9 @@ fn daemonset_command_runs_in_the_hosts_cgroup_namespace() {
     for (k, v) in m.env_with_pod_ip("127.0.0.1") {
         child.env(k, v.replace(":9464", &format!(":{port}")));
     }
+    // the state the DaemonSet keeps on the host goes where this test cleans up
+    let pins = TempDir(PathBuf::from(format!("/sys/fs/bpf/nodescope-test-{}", std::process::id())));
+    child.env("NODESCOPE_AGENT_STATE_DIR", dir.path().join("state")).env("NODESCOPE_AGENT_PIN_DIR", pins.path());
     let mut agent = Guard(child.spawn().unwrap());
     let log = || read(&dir.path().join("err.log"));
     let (status, body) = wait_for("/health/live of the DaemonSet's command", Duration::from_secs(30), || {
