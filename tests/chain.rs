@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -181,19 +179,7 @@ impl Monerod {
     }
 
     fn rpc(&self, method: &str, params: &str) -> Result<Value, String> {
-        let body = format!("{{\"jsonrpc\":\"2.0\",\"id\":\"0\",\"method\":\"{method}\",\"params\":{params}}}");
-        let mut s = TcpStream::connect(("127.0.0.1", self.rpc_port)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
-        write!(
-            s,
-            "POST /json_rpc HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .map_err(|e| e.to_string())?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
-        let json = resp.split_once("\r\n\r\n").map(|(_, b)| b).ok_or("no body")?;
-        serde_json::from_str(json).map_err(|e| format!("{e}: {resp}"))
+        monerod_rpc(self.rpc_port, method, params)
     }
 
     /// get_info.height: the number of blocks, one more than the tip's height.

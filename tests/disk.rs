@@ -15,8 +15,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -1326,19 +1325,7 @@ impl Monerod {
     }
 
     fn rpc(&self, method: &str, params: &str) -> Result<serde_json::Value, String> {
-        let body = format!("{{\"jsonrpc\":\"2.0\",\"id\":\"0\",\"method\":\"{method}\",\"params\":{params}}}");
-        let mut s = TcpStream::connect(("127.0.0.1", self.rpc_port)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
-        write!(
-            s,
-            "POST /json_rpc HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .map_err(|e| e.to_string())?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
-        let json = resp.split_once("\r\n\r\n").map(|(_, b)| b).ok_or("no body")?;
-        serde_json::from_str(json).map_err(|e| format!("{e}: {resp}"))
+        monerod_rpc(self.rpc_port, method, params)
     }
 
     fn mine(&self, blocks: u32) {

@@ -121,29 +121,10 @@ fn start_rotel_logging(
 /// The agent with `env` set (and the config's [http] listen), like
 /// `Agent::start`.
 fn start_agent_with_env(body: &str, env: &[(&str, String)]) -> Agent {
-    let dir = TempDir::new("agent");
-    let port = free_port();
-    let config = dir.path().join("nodescope.toml");
-    std::fs::write(&config, format!("[http]\nlisten = \"127.0.0.1:{port}\"\n{body}")).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodescope"));
-    cmd.args(["run", "--config"]).arg(&config).env("RUST_LOG", "info");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(dir.path().join("agent.log")).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("agent.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut agent = Agent { child, port, dir };
-    wait_for("nodescope /metrics", Duration::from_secs(30), || {
-        if let Ok(Some(st)) = agent.child.try_wait() {
-            panic!("nodescope exited with {st}: {}", agent.log());
-        }
-        http_get(port, "/metrics").ok().filter(|(s, _)| *s == 200)
-    });
-    agent
+    // info, not debug: the agent's log records go to the collector too
+    let mut all = vec![("RUST_LOG", "info")];
+    all.extend(env.iter().map(|(k, v)| (*k, v.as_str())));
+    Agent::start_with_env(body, &all)
 }
 
 /// The resource attributes of the last batch in rotel's log: key -> value.

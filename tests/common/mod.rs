@@ -217,6 +217,24 @@ pub fn monerod_regtest_args(datadir: &Path, p2p_port: u16, rpc_port: u16) -> Vec
     args
 }
 
+/// One call of monerod's JSON-RPC at 127.0.0.1:`port`: its reply, or why not.
+pub fn monerod_rpc(port: u16, method: &str, params: &str) -> Result<Value, String> {
+    use std::io::{Read, Write};
+    let body = format!("{{\"jsonrpc\":\"2.0\",\"id\":\"0\",\"method\":\"{method}\",\"params\":{params}}}");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "POST /json_rpc HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+    let json = resp.split_once("\r\n\r\n").map(|(_, b)| b).ok_or("no body")?;
+    serde_json::from_str(json).map_err(|e| format!("{e}: {resp}"))
+}
+
 /// A litecoind regtest node on loopback.
 /// litecoin-cli against a regtest node's RPC at `host:port` (the test
 /// nodes' credentials): its trimmed output, or its error text.
@@ -359,30 +377,7 @@ impl Agent {
     /// `body`: config TOML; this sets http.listen (a body may open with more
     /// [http] keys).
     pub fn start(body: &str) -> Agent {
-        let dir = TempDir::new("agent");
-        let port = free_port();
-        let config = dir.path().join("nodescope.toml");
-        // a body that opens with its own [http] keys continues this table
-        let body = body.strip_prefix("[http]\n").unwrap_or(body);
-        std::fs::write(&config, format!("[http]\nlisten = \"127.0.0.1:{port}\"\n{body}")).unwrap();
-        let log = dir.path().join("agent.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_nodescope"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "nodescope=debug,info")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("agent.err")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut agent = Agent { child, port, dir };
-        wait_for("nodescope /metrics", Duration::from_secs(30), || {
-            if let Ok(Some(st)) = agent.child.try_wait() {
-                panic!("nodescope exited with {st}: {}", agent.log());
-            }
-            http_get(port, "/metrics").ok().filter(|(s, _)| *s == 200)
-        });
-        agent
+        Self::start_with_env(body, &[])
     }
 
     /// Like `start`, with more environment variables for the agent.
@@ -601,19 +596,7 @@ impl MonerodNode {
 
     /// A JSON-RPC call on its RPC port: the whole answer.
     pub fn rpc(&self, method: &str, params: &str) -> Result<Value, String> {
-        let body = format!("{{\"jsonrpc\":\"2.0\",\"id\":\"0\",\"method\":\"{method}\",\"params\":{params}}}");
-        let mut s = TcpStream::connect(("127.0.0.1", self.rpc_port)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
-        write!(
-            s,
-            "POST /json_rpc HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .map_err(|e| e.to_string())?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
-        let json = resp.split_once("\r\n\r\n").map(|(_, b)| b).ok_or("no body")?;
-        serde_json::from_str(json).map_err(|e| format!("{e}: {resp}"))
+        monerod_rpc(self.rpc_port, method, params)
     }
 
     /// `get_connections`: its P2P connections, each with `recv_count` and
