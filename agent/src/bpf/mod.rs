@@ -68,10 +68,13 @@ pub fn kernel_btf() -> Result<Btf, BpfError> {
 pub fn load(
     object: &'static str,
     bytes: &[u8],
+    btf: &Btf,
     max_entries: &[(&'static str, u32)],
     kept: Option<&pins::Kept>,
 ) -> Result<(Ebpf, u32), BpfError> {
     let mut loader = EbpfLoader::new();
+    // the caller's parse of the kernel's BTF, not a second one of the loader's
+    loader.btf(Some(btf));
     for (map, n) in max_entries {
         loader.map_max_entries(map, *n);
     }

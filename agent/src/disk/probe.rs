@@ -152,13 +152,16 @@ fn object(method: DiskMethod) -> (&'static str, &'static [u8]) {
 /// last read are lost with the agent): one generation, always active.
 const DISK_GENERATION: u32 = 1;
 
-fn load_object(method: DiskMethod, config: &DiskConfig) -> Result<Ebpf, BpfError> {
+/// `btf`: the kernel's, parsed once for the loader and the attaches (a
+/// parse is ~10 MiB at its peak; two alive at once set the agent's high-water mark).
+fn load_object(method: DiskMethod, config: &DiskConfig, btf: &aya::Btf) -> Result<Ebpf, BpfError> {
     let (object, bytes) = object(method);
     aya::EbpfLoader::new()
         .map_max_entries(FILES, 2 * config.max_files)
         .map_max_entries(COUNTS, 2 * config.max_files)
         .map_max_entries(SYNCS, config.max_syncs)
         .override_global("ns_generation", &DISK_GENERATION, true)
+        .btf(Some(btf))
         .allow_unsupported_maps()
         .load(bytes)
         .map_err(|source| BpfError::Load { object, source })
@@ -248,7 +251,7 @@ impl DiskProbe {
     /// partial set would count some calls and not others).
     pub fn load(config: &DiskConfig) -> Result<DiskProbe, DiskError> {
         let btf = bpf::kernel_btf()?;
-        let mut ebpf = load_object(config.method, config)?;
+        let mut ebpf = load_object(config.method, config, &btf)?;
         let mut refused = Vec::new();
         let hooked = match config.method {
             DiskMethod::Filesystem => {
@@ -459,7 +462,10 @@ pub fn probe_hooks() -> Vec<HookStatus> {
     let mut out = Vec::new();
     let config = DiskConfig::default();
 
-    let fs = bpf::kernel_btf().and_then(|btf| Ok((btf, load_object(DiskMethod::Filesystem, &config)?)));
+    let fs = bpf::kernel_btf().and_then(|btf| {
+        let ebpf = load_object(DiskMethod::Filesystem, &config, &btf)?;
+        Ok((btf, ebpf))
+    });
     match fs {
         Err(e) => {
             for &(program, hook, _) in FS_HOOKS {
@@ -500,7 +506,10 @@ pub fn probe_hooks() -> Vec<HookStatus> {
         supported: r.is_ok(),
         detail: r.err().unwrap_or_else(|| "loaded and attached (disk.method = \"syscalls\")".into()),
     };
-    match bpf::ensure_tracefs().and_then(|()| load_object(DiskMethod::Syscalls, &config)) {
+    let syscalls = bpf::ensure_tracefs()
+        .and_then(|()| bpf::kernel_btf())
+        .and_then(|btf| load_object(DiskMethod::Syscalls, &config, &btf));
+    match syscalls {
         Err(e) => {
             for &(program, category, name) in SYSCALL_HOOKS {
                 out.push(status(program, category, name, Err(e.to_string())));

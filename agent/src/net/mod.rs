@@ -173,9 +173,11 @@ pub struct NetSnapshot {
 /// one proxy share its address, and are never mixed with a direct peer there.
 pub type PeerKey = (IpAddr, Direction, PeerNetwork);
 
-/// What the agent remembers of one kernel record between reads.
-struct Tracked {
-    target: u32,
+/// What the agent remembers of one kernel record between reads: under its
+/// target's index, or in the state file under its name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Tracked<T = u32> {
+    target: T,
     key: PeerKey,
     netgroup: String,
     service: Service,
@@ -236,14 +238,15 @@ struct SavedTarget {
 #[derive(Debug, Serialize, Deserialize)]
 struct SavedConn {
     cookie: u64,
-    target: String,
-    key: PeerKey,
-    netgroup: String,
-    service: Service,
-    network: PeerNetwork,
-    counted_open: bool,
-    start_ns: u64,
-    last: Bytes,
+    #[serde(flatten)]
+    conn: Tracked<String>,
+}
+
+impl<T> Tracked<T> {
+    fn with_target<U>(self, target: U) -> Tracked<U> {
+        let Tracked { target: _, key, netgroup, service, network, counted_open, start_ns, last } = self;
+        Tracked { target, key, netgroup, service, network, counted_open, start_ns, last }
+    }
 }
 
 /// Values of failure_reason(), to take a saved one back as `&'static str`.
@@ -286,17 +289,8 @@ impl NetSignal {
             .tracked
             .iter()
             .filter_map(|(cookie, t)| {
-                Some(SavedConn {
-                    cookie: *cookie,
-                    target: self.targets.get(&t.target)?.name.clone(),
-                    key: t.key,
-                    netgroup: t.netgroup.clone(),
-                    service: t.service,
-                    network: t.network,
-                    counted_open: t.counted_open,
-                    start_ns: t.start_ns,
-                    last: t.last,
-                })
+                let name = self.targets.get(&t.target)?.name.clone();
+                Some(SavedConn { cookie: *cookie, conn: t.clone().with_target(name) })
             })
             .collect();
         SavedNet { boot_id: boot_id(), targets, connections }
@@ -312,6 +306,7 @@ impl NetSignal {
         if !same_boot {
             // every connection ended with the boot: closed, with what was counted
             for c in conns.drain(..) {
+                let c = c.conn;
                 if let Some(t) = targets.get_mut(&c.target) {
                     match t.churn.iter_mut().find(|(d, s, _, _)| (*d, *s) == (c.key.1, c.service)) {
                         Some(entry) => entry.3 += 1,
@@ -376,20 +371,8 @@ impl NetSignal {
         }
         // the connections an earlier agent had open, under this agent's indexes
         for c in std::mem::take(&mut self.restored_conns) {
-            if let Some(t) = targets.iter().find(|t| t.name == c.target) {
-                self.tracked.insert(
-                    c.cookie,
-                    Tracked {
-                        target: t.index,
-                        key: c.key,
-                        netgroup: c.netgroup,
-                        service: c.service,
-                        network: c.network,
-                        counted_open: c.counted_open,
-                        start_ns: c.start_ns,
-                        last: c.last,
-                    },
-                );
+            if let Some(t) = targets.iter().find(|t| t.name == c.conn.target) {
+                self.tracked.insert(c.cookie, c.conn.with_target(t.index));
             }
         }
 

@@ -66,7 +66,7 @@ impl NetProbe {
     pub fn load(max_connections: u32, kept: Option<&pins::Kept>) -> Result<NetProbe, BpfError> {
         let btf = bpf::kernel_btf()?;
         let sizes = [("ns_conns", max_connections), (EVENTS, events_size(max_connections))];
-        let (mut ebpf, generation) = bpf::load("net.bpf.o", bpf::NET_OBJ, &sizes, kept)?;
+        let (mut ebpf, generation) = bpf::load("net.bpf.o", bpf::NET_OBJ, &btf, &sizes, kept)?;
         let mut links = scope::attach(&mut ebpf, &btf)?;
         links.push(bpf::attach_btf(&mut ebpf, &btf, STATE_PROG, STATE_HOOK)?);
         let iter: &mut Iter = prog(&mut ebpf, ITER_PROG)?;
@@ -196,7 +196,7 @@ pub fn probe_hooks() -> Vec<HookStatus> {
     let attempt = |program: &'static str,
                    load: &dyn Fn(&mut Ebpf, &aya::Btf) -> Result<(), aya::programs::ProgramError>| {
         let btf = bpf::kernel_btf()?;
-        let (mut ebpf, _) = bpf::load("net.bpf.o", bpf::NET_OBJ, &[], None)?;
+        let (mut ebpf, _) = bpf::load("net.bpf.o", bpf::NET_OBJ, &btf, &[], None)?;
         load(&mut ebpf, &btf).map_err(|source| BpfError::Program { program, source })
     };
     let state = attempt(STATE_PROG, &|ebpf, btf| {
