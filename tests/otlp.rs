@@ -35,15 +35,18 @@ fn metrics_reach_an_otlp_collector() {
     let dir = TempDir::new("otlp");
     let (http_port, grpc_port) = (free_port(), free_port());
     let log_path = dir.path().join("rotel.log");
-    let mut collector = Command::new(&rotel)
-        .args(["start", "--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
-        .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc_port}")])
-        .args(["--exporter", "blackhole", "--debug-log", "metrics", "--debug-log-verbosity", "detailed"])
-        .args(["--pid-file", dir.path().join("rotel.pid").to_str().unwrap()])
-        .stdout(std::fs::File::create(&log_path).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // stopped by pid when dropped, also when the test fails
+    let collector = Stopped(
+        Command::new(&rotel)
+            .args(["start", "--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
+            .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--exporter", "blackhole", "--debug-log", "metrics", "--debug-log-verbosity", "detailed"])
+            .args(["--pid-file", dir.path().join("rotel.pid").to_str().unwrap()])
+            .stdout(std::fs::File::create(&log_path).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
 
     // a server in a watched cgroup, and connections to it that the test counts
     let cgroup = Cgroup::new();
@@ -51,7 +54,7 @@ fn metrics_reach_an_otlp_collector() {
     let server_py = format!(
         "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1',{port})); s.listen(64)\nwhile True:\n    c,_=s.accept(); c.recv(8); c.close()\n"
     );
-    let mut server = spawn_in(Some(&cgroup), "python3", &["-c".into(), server_py], &dir.path().join("server.log"));
+    let server = Stopped(spawn_in(Some(&cgroup), "python3", &["-c".into(), server_py], &dir.path().join("server.log")));
     let agent = Agent::start(&format!(
         "[agent]\ninterval = \"500ms\"\n[otlp]\nendpoint = \"http://127.0.0.1:{http_port}/v1/metrics\"\ninterval = \"1s\"\ntimeout = \"1s\"\n\n[[targets]]\nname = \"otlp-test\"\ncgroup = \"{}\"\n",
         cgroup.path.display()
@@ -85,9 +88,7 @@ fn metrics_reach_an_otlp_collector() {
         MADE as f64
     );
 
-    drop(agent);
-    stop_child(&mut server, Duration::from_secs(5));
-    stop_child(&mut collector, Duration::from_secs(5));
+    drop((agent, server, collector));
     drop(cgroup);
 }
 
