@@ -152,16 +152,16 @@ fn object(method: DiskMethod) -> (&'static str, &'static [u8]) {
 /// last read are lost with the agent): one generation, always active.
 const DISK_GENERATION: u32 = 1;
 
-/// `btf`: the kernel's, parsed once for the loader and the attaches (a
-/// parse is ~10 MiB at its peak; two alive at once set the agent's high-water mark).
-fn load_object(method: DiskMethod, config: &DiskConfig, btf: &aya::Btf) -> Result<Ebpf, BpfError> {
+/// `btf`: the kernel's, parsed once for the loader and the attaches; None
+/// when the kernel has none (the syscall method's tracepoints load without).
+fn load_object(method: DiskMethod, config: &DiskConfig, btf: Option<&aya::Btf>) -> Result<Ebpf, BpfError> {
     let (object, bytes) = object(method);
     aya::EbpfLoader::new()
         .map_max_entries(FILES, 2 * config.max_files)
         .map_max_entries(COUNTS, 2 * config.max_files)
         .map_max_entries(SYNCS, config.max_syncs)
         .override_global("ns_generation", &DISK_GENERATION, true)
-        .btf(Some(btf))
+        .btf(btf)
         .allow_unsupported_maps()
         .load(bytes)
         .map_err(|source| BpfError::Load { object, source })
@@ -251,7 +251,7 @@ impl DiskProbe {
     /// partial set would count some calls and not others).
     pub fn load(config: &DiskConfig) -> Result<DiskProbe, DiskError> {
         let btf = bpf::kernel_btf()?;
-        let mut ebpf = load_object(config.method, config, &btf)?;
+        let mut ebpf = load_object(config.method, config, Some(&btf))?;
         let mut refused = Vec::new();
         let hooked = match config.method {
             DiskMethod::Filesystem => {
@@ -463,7 +463,7 @@ pub fn probe_hooks() -> Vec<HookStatus> {
     let config = DiskConfig::default();
 
     let fs = bpf::kernel_btf().and_then(|btf| {
-        let ebpf = load_object(DiskMethod::Filesystem, &config, &btf)?;
+        let ebpf = load_object(DiskMethod::Filesystem, &config, Some(&btf))?;
         Ok((btf, ebpf))
     });
     match fs {
@@ -506,9 +506,8 @@ pub fn probe_hooks() -> Vec<HookStatus> {
         supported: r.is_ok(),
         detail: r.err().unwrap_or_else(|| "loaded and attached (disk.method = \"syscalls\")".into()),
     };
-    let syscalls = bpf::ensure_tracefs()
-        .and_then(|()| bpf::kernel_btf())
-        .and_then(|btf| load_object(DiskMethod::Syscalls, &config, &btf));
+    let btf = bpf::kernel_btf().ok();
+    let syscalls = bpf::ensure_tracefs().and_then(|()| load_object(DiskMethod::Syscalls, &config, btf.as_ref()));
     match syscalls {
         Err(e) => {
             for &(program, category, name) in SYSCALL_HOOKS {
