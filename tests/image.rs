@@ -35,6 +35,9 @@ use common::*;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nodescope");
+
+/// The DaemonSet's host paths for the agent's own state across restarts.
+const AGENT_STATE: [&str; 2] = ["/var/lib/nodescope", "/sys/fs/bpf"];
 const IMAGE_REPO: &str = "localhost/nodescope-test-agent";
 
 /// The image of the binary under test, built once per test process by the
@@ -259,6 +262,18 @@ impl AgentContainer {
         // RuntimeDefault: podman's own profile, unless `extra` names one
         assert_eq!(pod.seccomp, "RuntimeDefault");
         for (host, inside, ro) in &pod.host_paths {
+            // the agent's own state goes where this test cleans up (the
+            // DaemonSet keeps it on the host); its pins in the container's
+            // own bpffs, gone with the container
+            let host = match inside.as_str() {
+                "/var/lib/nodescope" => {
+                    let state = dir.path().join("state");
+                    std::fs::create_dir_all(&state).unwrap();
+                    state.display().to_string()
+                }
+                "/sys/fs/bpf" => continue,
+                _ => host.clone(),
+            };
             args.extend(["--volume".into(), format!("{host}:{inside}:{}", if *ro { "ro" } else { "rw" })]);
         }
         let mut mounted: Vec<String> = Vec::new();
@@ -570,7 +585,8 @@ fn probes_in_the_image_report_every_hook() {
         "--read-only".into(),
         "--pid=host".into(),
     ];
-    for (h, inside, _) in &pod.host_paths {
+    // (not the agent's own state: `probes` keeps none)
+    for (h, inside, _) in pod.host_paths.iter().filter(|(_, inside, _)| !AGENT_STATE.contains(&inside.as_str())) {
         args.extend(["--volume".into(), format!("{h}:{inside}:ro")]);
     }
     args.extend([agent_image().to_string(), "probes".into(), "--json".into()]);

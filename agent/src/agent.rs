@@ -33,10 +33,16 @@ pub fn run(config: Config, fresh: bool) -> anyhow::Result<()> {
 
     // Across restarts (crate::state, bpf::pins): what the last agent left.
     let (state_file, mut saved) = match &config.agent.state_dir {
-        Some(dir) => {
-            let (file, saved) = crate::state::StateFile::open(dir, fresh)?;
-            (Some(file), saved)
-        }
+        Some(dir) => match crate::state::StateFile::open(dir, fresh) {
+            Ok((file, saved)) => (Some(file), saved),
+            // two agents on one state would both take the kernel side over
+            Err(e @ crate::state::StateError::Locked(_)) => return Err(e.into()),
+            // a directory it cannot write: it runs, counting from zero at each start
+            Err(e) => {
+                tracing::error!("{e}; counters are not kept across restarts");
+                (None, None)
+            }
+        },
         None => (None, None),
     };
     let pins = state_file.as_ref().and_then(|_| {
