@@ -94,14 +94,7 @@ fn node_down_state(agent: &Agent) -> Option<String> {
 }
 
 fn peers_of(agent: &Agent) -> Vec<Value> {
-    let v = agent.json("/peers");
-    v["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == TARGET)
-        .map(|t| t["peers"].as_array().unwrap().clone())
-        .unwrap_or_default()
+    peers_of_target(agent, TARGET)
 }
 
 /// The target's lines of the scrape that a failure message needs.

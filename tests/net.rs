@@ -21,9 +21,7 @@ fn agent_config(node: &Litecoind, cgroup: &Cgroup) -> String {
 }
 
 fn peers_of(agent: &Agent) -> Vec<Value> {
-    let v = agent.json("/peers");
-    let t = v["targets"].as_array().unwrap().iter().find(|t| t["name"] == "ltc").cloned();
-    t.map(|t| t["peers"].as_array().unwrap().clone()).unwrap_or_default()
+    peers_of_target(agent, "ltc")
 }
 
 /// Waits until the node's counters stop moving, then compares every peer.
@@ -371,17 +369,6 @@ while True:\n    c,_=s.accept(); threading.Thread(target=serve, args=(c,), daemo
     drop(agent);
     stop_child(&mut server, Duration::from_secs(5));
     drop(cgroup);
-}
-
-fn peers_of_target(agent: &Agent, name: &str) -> Vec<Value> {
-    let v = agent.json("/peers");
-    v["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == name)
-        .map(|t| t["peers"].as_array().unwrap().clone())
-        .unwrap_or_default()
 }
 
 /// A TCP client whose source address is `ip` (any 127/8 address works on loopback).
