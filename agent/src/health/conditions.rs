@@ -691,6 +691,11 @@ mod tests {
         }
     }
 
+    /// A view with the network signal's figures only.
+    fn net_view<'a>(target: &'a Target, net: &'a TargetNet) -> View<'a> {
+        View { target, net: Some(net), disk: None, resources: None, now_unix: 0.0, alive_since_unix: None, chain: None }
+    }
+
     fn params(id: &str, window: u64) -> RuleParams {
         let mut p = RuleParams::resolve(definition(id).unwrap(), Chain::Litecoin, &[]);
         p.window = Duration::from_secs(window);
@@ -710,15 +715,7 @@ mod tests {
             .enumerate()
             .map(|(i, ports)| {
                 let n = net(&ports.iter().map(|p| (*p, Direction::Inbound)).collect::<Vec<_>>());
-                let v = View {
-                    target: &t,
-                    net: Some(&n),
-                    disk: None,
-                    resources: None,
-                    now_unix: 0.0,
-                    alive_since_unix: None,
-                    chain: None,
-                };
+                let v = net_view(&t, &n);
                 h.record(s(i as u64), &v, p.window, p.window * PARTITION_CONNECT_WINDOWS);
                 matches!(check("partition_suspected", &p, &v, &h, s(i as u64)), Outcome::Holds(_))
             })
@@ -761,27 +758,11 @@ mod tests {
         let mut h = History::default();
         let before = net(&[(1, Direction::Inbound), (2, Direction::Inbound), (3, Direction::Outbound)]);
         for i in 0..20 {
-            let v = View {
-                target: &t1,
-                net: Some(&before),
-                disk: None,
-                resources: None,
-                now_unix: 0.0,
-                alive_since_unix: None,
-                chain: None,
-            };
+            let v = net_view(&t1, &before);
             h.record(s(i), &v, p.window, p.window * 5);
         }
         let after = net(&[(7, Direction::Inbound), (8, Direction::Inbound), (3, Direction::Outbound)]);
-        let v = View {
-            target: &t2,
-            net: Some(&after),
-            disk: None,
-            resources: None,
-            now_unix: 0.0,
-            alive_since_unix: None,
-            chain: None,
-        };
+        let v = net_view(&t2, &after);
         h.record(s(20), &v, p.window, p.window * 5);
         assert!(matches!(check("partition_suspected", &p, &v, &h, s(20)), Outcome::Clear(_)));
     }
@@ -798,15 +779,7 @@ mod tests {
             n.churn
                 .insert((Direction::Outbound, Service::P2p), Churn { opened: i.min(30), closed: i.min(30), open: 0 });
             n.failed.insert((Service::P2p, "refused"), i.saturating_sub(30));
-            let v = View {
-                target: &t,
-                net: Some(&n),
-                disk: None,
-                resources: None,
-                now_unix: 0.0,
-                alive_since_unix: None,
-                chain: None,
-            };
+            let v = net_view(&t, &n);
             h.record(s(i), &v, p.window, p.window * PARTITION_CONNECT_WINDOWS);
             fired.push(matches!(check("partition_suspected", &p, &v, &h, s(i)), Outcome::Holds(_)));
         }
@@ -827,15 +800,7 @@ mod tests {
             let mut n = net(&outbound);
             n.churn.insert((Direction::Outbound, Service::P2p), Churn { opened: 8, closed: 0, open: 8 });
             n.failed.insert((Service::P2p, "refused"), i.saturating_sub(5));
-            let v = View {
-                target: &t,
-                net: Some(&n),
-                disk: None,
-                resources: None,
-                now_unix: 0.0,
-                alive_since_unix: None,
-                chain: None,
-            };
+            let v = net_view(&t, &n);
             h.record(s(i), &v, p.window, p.window * PARTITION_CONNECT_WINDOWS);
             out.push(check("partition_suspected", &p, &v, &h, s(i)));
         }
@@ -1184,15 +1149,7 @@ mod tests {
         (0..secs)
             .map(|i| {
                 let n = make(i);
-                let v = View {
-                    target: &t,
-                    net: Some(&n),
-                    disk: None,
-                    resources: None,
-                    now_unix: 0.0,
-                    alive_since_unix: None,
-                    chain: None,
-                };
+                let v = net_view(&t, &n);
                 h.record(s(i), &v, Duration::from_secs(60), p.window);
                 check(id, p, &v, &h, s(i))
             })
@@ -1216,15 +1173,7 @@ mod tests {
             let n = TargetNet { name: "t".into(), connections: conns, ..Default::default() };
             let mut p = params("rpc_exposed", 0);
             p.allow = allow.iter().map(|a| crate::health::rules::parse_allow(a).unwrap()).collect();
-            let v = View {
-                target: &t,
-                net: Some(&n),
-                disk: None,
-                resources: None,
-                now_unix: 0.0,
-                alive_since_unix: None,
-                chain: None,
-            };
+            let v = net_view(&t, &n);
             check("rpc_exposed", &p, &v, &h, s(0))
         };
         assert!(matches!(eval(vec![rpc("127.0.0.1"), rpc("::1")], &[]), Outcome::Clear(_)));
@@ -1246,15 +1195,7 @@ mod tests {
         assert!(matches!(eval(vec![out], &[]), Outcome::Clear(_)));
         let no_rpc = target(Some(1));
         let n = net(&[]);
-        let v = View {
-            target: &no_rpc,
-            net: Some(&n),
-            disk: None,
-            resources: None,
-            now_unix: 0.0,
-            alive_since_unix: None,
-            chain: None,
-        };
+        let v = net_view(&no_rpc, &n);
         assert!(matches!(check("rpc_exposed", &params("rpc_exposed", 0), &v, &h, s(0)), Outcome::Unknown(_)));
     }
 
@@ -1356,15 +1297,7 @@ mod tests {
         let n = net(&[(1, Direction::Inbound)]);
         let mut h = History::default();
         for i in 0..(MAX_SAMPLES as u64 + 100) {
-            let v = View {
-                target: &t,
-                net: Some(&n),
-                disk: None,
-                resources: None,
-                now_unix: 0.0,
-                alive_since_unix: None,
-                chain: None,
-            };
+            let v = net_view(&t, &n);
             h.record(Duration::from_millis(i), &v, Duration::from_secs(1), Duration::from_secs(3600));
         }
         assert_eq!(h.samples.len(), MAX_SAMPLES);
