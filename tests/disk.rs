@@ -834,7 +834,9 @@ fn writers_are_counted_exactly(exe: &Path, base: &Path, fs: &str, method: Method
 
     // /health/detailed says what the signal sees of each data dir
     let detailed = agent.json("/health/detailed");
-    for t in detailed["targets"].as_array().unwrap() {
+    let listed = detailed["targets"].as_array().unwrap();
+    assert!(!listed.is_empty(), "no target in /health/detailed: {detailed:#}");
+    for t in listed {
         let d = &t["disk"];
         assert_eq!(
             (d["method"].as_str(), d["filesystem"].as_str(), d["covered"].as_bool()),
@@ -939,7 +941,7 @@ fn btrfs_data_dir_is_reported_and_the_syscall_method_counts_it() {
     let dir = loopfs.subdir("node");
     let cgroup = Cgroup::new();
     // something in the group, so the target resolves
-    let mut sleeper = spawn_in(Some(&cgroup), "sleep", &["600".to_string()], &work.path().join("sleep.log"));
+    let mut sleeper = Stopped(spawn_in(Some(&cgroup), "sleep", &["600".to_string()], &work.path().join("sleep.log")));
     let config = format!(
         "[agent]\ninterval = \"500ms\"\n{}",
         target_toml("node", &format!("cgroup = \"{}\"", cgroup.path.display()), &dir)
@@ -957,7 +959,12 @@ fn btrfs_data_dir_is_reported_and_the_syscall_method_counts_it() {
         "{m}"
     );
     assert_eq!(metric_sum(&m, "nodescope_disk_covered", &labels), 0.0, "{m}");
-    let detailed = agent.json("/health/detailed");
+    // the health verdicts are published after the signals' figures, later
+    // in the same collection
+    let detailed = wait_for("the target in /health/detailed", Duration::from_secs(10), || {
+        let d = agent.json("/health/detailed");
+        d["targets"][0]["disk"].is_object().then_some(d)
+    });
     let disk = &detailed["targets"][0]["disk"];
     assert_eq!((disk["filesystem"].as_str(), disk["covered"].as_bool()), (Some("btrfs"), Some(false)), "{detailed:#}");
     assert!(disk["detail"].as_str().unwrap().contains("method = \"syscalls\""), "says what to do: {disk}");
@@ -1190,7 +1197,7 @@ fn a_process_moved_in_and_out_of_the_watched_group_counts_only_inside() {
     let datadir = work.path().join("ltc");
     std::fs::create_dir_all(datadir.join("blocks")).unwrap();
     let cgroup = Cgroup::new();
-    let mut sleeper = spawn_in(Some(&cgroup), "sleep", &["600".to_string()], &work.path().join("sleep.log"));
+    let mut sleeper = Stopped(spawn_in(Some(&cgroup), "sleep", &["600".to_string()], &work.path().join("sleep.log")));
     // a long interval: the agent's own rewrite of the scope each interval
     // must not be what makes the move seen
     let agent = Agent::start(&format!(

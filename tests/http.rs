@@ -794,7 +794,8 @@ fn bpf_self_telemetry_matches_bpftool() {
     let server_py = format!(
         "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1',{port})); s.listen(64)\nwhile True:\n    c,_=s.accept(); c.recv(8); c.close()\n"
     );
-    let mut server = spawn_in(Some(&cgroup), "python3", &["-c".into(), server_py], &dir.path().join("server.log"));
+    let mut server =
+        Stopped(spawn_in(Some(&cgroup), "python3", &["-c".into(), server_py], &dir.path().join("server.log")));
     let agent = Agent::start(&format!(
         "[agent]\ninterval = \"500ms\"\ndiscover = false\n\n[[targets]]\nname = \"selfbpf\"\ncgroup = \"{}\"\n",
         cgroup.path.display()

@@ -130,12 +130,12 @@ fn peers_match_the_nodes_own_counters() {
         .sum();
     let port = free_port();
     let dir = TempDir::new("iperf");
-    let mut server = spawn_in(
+    let mut server = Stopped(spawn_in(
         None,
         "iperf3",
         &["-s".into(), "-1".into(), "-B".into(), "127.0.0.1".into(), "-p".into(), port.to_string()],
         &dir.path().join("s.log"),
-    );
+    ));
     std::thread::sleep(Duration::from_millis(500));
     let client =
         Command::new("iperf3").args(["-c", "127.0.0.1", "-p", &port.to_string(), "-n", "512M"]).output().unwrap();
@@ -316,7 +316,8 @@ fn top_peers_cut_and_ttl() {
 def serve(c):\n    while c.recv(65536): pass\n    c.close()\n\
 while True:\n    c,_=s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()\n"
     );
-    let mut server = spawn_in(Some(&cgroup), "python3", &["-c".into(), server_py], &dir.path().join("server.log"));
+    let mut server =
+        Stopped(spawn_in(Some(&cgroup), "python3", &["-c".into(), server_py], &dir.path().join("server.log")));
     let agent = Agent::start(&format!(
         "[agent]\ninterval = \"300ms\"\n[limits]\ntop_peers = 1\npeer_ttl = \"3s\"\n\n[[targets]]\nname = \"topn\"\ncgroup = \"{}\"\np2p_ports = [{port}]\n",
         cgroup.path.display()

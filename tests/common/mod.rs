@@ -555,6 +555,19 @@ impl Drop for Stopped {
     }
 }
 
+impl std::ops::Deref for Stopped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Stopped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// A valid mainnet address (the Monero project's donation address);
 /// monerod --regtest accepts it for generateblocks.
 pub const MONERO_ADDRESS: &str =
