@@ -1,39 +1,14 @@
 //! nodescope: watches a blockchain node from the outside with eBPF, procfs
 //! and cgroups, and serves what it sees as metrics and health verdicts.
 
-mod agent;
-mod bpf;
-mod caps;
-mod cgroup;
-mod chain;
-mod chainlog;
-mod config;
-mod container;
-mod discovery;
-mod disk;
-mod events;
-mod health;
-mod http;
-mod mountinfo;
-mod net;
-mod otlp;
-mod resources;
-mod scope;
-mod selfmetrics;
-mod settings;
-mod signal;
-mod snapshot;
-mod state;
-mod target;
-mod telemetry;
-mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use config::Config;
+use nodescope::config::Config;
+use nodescope::{agent, bpf, caps, disk, net, resources, settings, telemetry, top};
 
 #[derive(Parser)]
 #[command(
