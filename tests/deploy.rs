@@ -1457,81 +1457,6 @@ fn slug(heading: &str) -> String {
         .collect()
 }
 
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// A real Prometheus scraping the agent every second, with alerts.yml loaded.
-struct Prometheus {
-    child: Child,
-    port: u16,
-    dir: TempDir,
-}
-
-impl Prometheus {
-    fn start(agent_port: u16) -> Prometheus {
-        require_tool("prometheus", "prometheus");
-        let dir = TempDir::new("prometheus");
-        let port = free_port();
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: nodescope\n    static_configs:\n      - targets: [\"127.0.0.1:{agent_port}\"]\n",
-                deploy("prometheus/alerts.yml").display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let p = Prometheus { child, port, dir };
-        wait_for("prometheus ready", Duration::from_secs(30), || {
-            http_get(port, "/-/ready").ok().filter(|(s, _)| *s == 200)
-        });
-        p
-    }
-
-    fn api(&self, path: &str) -> Value {
-        let (status, body) = http_get(self.port, path).unwrap();
-        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {status} {e}: {body}"));
-        assert_eq!(v["status"], "success", "{path}: {body}");
-        v
-    }
-
-    fn query(&self, expr: &str) -> Vec<Value> {
-        self.api(&format!("/api/v1/query?query={}", urlencode(expr)))["data"]["result"].as_array().unwrap().clone()
-    }
-
-    /// Every pending and firing alert: labels, state, activeAt, value.
-    fn alerts(&self) -> Vec<Value> {
-        self.api("/api/v1/alerts")["data"]["alerts"].as_array().unwrap().clone()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        stop_child(&mut self.child, Duration::from_secs(10));
-        if std::thread::panicking() {
-            eprintln!(
-                "--- prometheus log ---\n{}",
-                std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
-            );
-        }
-    }
-}
-
 /// Series the scene cannot make, and why; every other dashboard query must
 /// return data from the live agent.
 const NOT_IN_SCENE: &[(&str, &str)] = &[
@@ -1549,7 +1474,7 @@ fn queries_match_a_live_agent() {
     require_root();
     let scene = Scene::start(&[], &[]);
     scene.assert_signals_work();
-    let prom = Prometheus::start(scene.agent.port);
+    let prom = Prometheus::start(scene.agent.port, Some(&deploy("prometheus/alerts.yml")));
     wait_for("nodescope scraped", Duration::from_secs(30), || {
         prom.query("up{job=\"nodescope\"} == 1").len().eq(&1).then_some(())
     });
@@ -1970,7 +1895,7 @@ fn no_peers_alert_follows_the_agents_rule_config() {
         target("slow", &slow_cg, &slow)
     );
     let agent = Agent::start(&body);
-    let prom = Prometheus::start(agent.port);
+    let prom = Prometheus::start(agent.port, Some(&deploy("prometheus/alerts.yml")));
     let no_peers = |alerts: &[Value], target: &str| -> Option<Value> {
         alerts
             .iter()

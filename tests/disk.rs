@@ -54,59 +54,6 @@ class = "lmdb"
 paths = ["lmdb/**"]
 "#;
 
-/// A filesystem of `kind` in a sparse image file, loop-mounted for one
-/// test; unmounted (freeing the loop device) and removed when dropped.
-struct LoopFs {
-    dir: TempDir,
-    mnt: PathBuf,
-}
-
-impl LoopFs {
-    fn new(kind: &str) -> LoopFs {
-        let (mkfs, package, args): (&str, &str, &[&str]) = match kind {
-            "ext4" => ("mkfs.ext4", "e2fsprogs", &["-q", "-F"]),
-            "xfs" => ("mkfs.xfs", "xfsprogs", &["-q", "-f"]),
-            "btrfs" => ("mkfs.btrfs", "btrfs-progs", &["-q", "-f"]),
-            other => panic!("no mkfs for {other}"),
-        };
-        require_tool(mkfs, package);
-        require_tool("mount", "mount");
-        let dir = TempDir::new(&format!("disk-{kind}"));
-        let image = dir.path().join("fs.img");
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        // xfs wants 300 MB at least; sparse, so it costs what is written
-        std::fs::File::create(&image).unwrap().set_len(512 << 20).unwrap();
-        let run = |cmd: &mut Command| {
-            let out = cmd.output().unwrap();
-            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        run(Command::new(mkfs).args(args).arg(&image));
-        run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mnt));
-        LoopFs { dir, mnt }
-    }
-
-    /// A directory on it, removed with it.
-    fn subdir(&self, name: &str) -> PathBuf {
-        let d = self.mnt.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if Command::new("umount").arg(&self.mnt).status().is_ok_and(|s| s.success()) {
-                let _ = &self.dir; // removed by its own drop, after this
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-    }
-}
-
 /// Which hooks the agent counts with (`[disk] method`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Method {

@@ -127,91 +127,24 @@ fn start_agent(extra: &str) -> Agent {
     Agent::start(&format!("[agent]\ninterval = \"500ms\"\ndiscover = false\n{extra}"))
 }
 
-/// Debian's Prometheus server scraping the agent every second, with its
-/// data in a temp dir; stopped by pid when dropped.
-struct Prometheus {
-    child: std::process::Child,
-    port: u16,
-    _dir: TempDir,
-}
-
-impl Prometheus {
-    fn start(agent_port: u16) -> Prometheus {
-        require_tool("prometheus", "prometheus");
-        let dir = TempDir::new("prometheus");
-        let port = free_port();
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!("global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n  - job_name: nodescope\n    static_configs:\n      - targets: ['127.0.0.1:{agent_port}']\n"),
-        )
-        .unwrap();
-        let child = std::process::Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut p = Prometheus { child, port, _dir: dir };
-        wait_for("prometheus ready", Duration::from_secs(30), || {
-            if let Ok(Some(st)) = p.child.try_wait() {
-                panic!("prometheus exited with {st}");
-            }
-            http_get(port, "/-/ready").ok().filter(|r| r.0 == 200)
-        });
-        // its first scrapes
-        wait_for("prometheus scraping", Duration::from_secs(30), || {
-            p.value("count_over_time(up[1m])", None).filter(|v| *v >= 2.0)
-        });
-        p
-    }
-
-    /// The single value of `query` at `at` (unix seconds; now when None).
-    fn value(&self, query: &str, at: Option<f64>) -> Option<f64> {
-        let enc: String = query
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"_.-".contains(&b) {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-        let time = at.map(|t| format!("&time={t:.3}")).unwrap_or_default();
-        let (status, body) = http_get(self.port, &format!("/api/v1/query?query={enc}{time}")).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        (status == 200).then_some(())?;
-        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
-    }
-
-    /// Asserts every scrape between `from` and `to` (unix seconds) came
-    /// back: one sample of `up` a second, all 1.
-    fn assert_no_missed_scrape(&self, what: &str, from: f64, to: f64) {
-        // what Prometheus has for the window, once it has scraped past its end
-        std::thread::sleep(Duration::from_secs(2));
-        let secs = (to - from).floor() as u64;
-        let count = self.value(&format!("count_over_time(up{{job=\"nodescope\"}}[{secs}s])"), Some(to)).unwrap_or(0.0);
-        let min = self.value(&format!("min_over_time(up{{job=\"nodescope\"}}[{secs}s])"), Some(to)).unwrap_or(0.0);
-        let slowest = self
-            .value(&format!("max_over_time(scrape_duration_seconds{{job=\"nodescope\"}}[{secs}s])"), Some(to))
-            .unwrap_or(f64::NAN);
-        eprintln!(
-            "{what}: Prometheus scraped {count} times in {secs} s, up min {min}, slowest scrape {:.1} ms",
-            slowest * 1e3
-        );
-        assert!(count >= secs as f64 - 1.0, "{what}: {count} scrapes in {secs} s");
-        assert_eq!(min, 1.0, "{what}: a scrape failed");
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        stop_child(&mut self.child, Duration::from_secs(10));
-    }
+/// Asserts every scrape between `from` and `to` (unix seconds) came
+/// back: one sample of `up` a second, all 1.
+fn assert_no_missed_scrape(prometheus: &Prometheus, what: &str, from: f64, to: f64) {
+    // what Prometheus has for the window, once it has scraped past its end
+    std::thread::sleep(Duration::from_secs(2));
+    let secs = (to - from).floor() as u64;
+    let count =
+        prometheus.value(&format!("count_over_time(up{{job=\"nodescope\"}}[{secs}s])"), Some(to)).unwrap_or(0.0);
+    let min = prometheus.value(&format!("min_over_time(up{{job=\"nodescope\"}}[{secs}s])"), Some(to)).unwrap_or(0.0);
+    let slowest = prometheus
+        .value(&format!("max_over_time(scrape_duration_seconds{{job=\"nodescope\"}}[{secs}s])"), Some(to))
+        .unwrap_or(f64::NAN);
+    eprintln!(
+        "{what}: Prometheus scraped {count} times in {secs} s, up min {min}, slowest scrape {:.1} ms",
+        slowest * 1e3
+    );
+    assert!(count >= secs as f64 - 1.0, "{what}: {count} scrapes in {secs} s");
+    assert_eq!(min, 1.0, "{what}: a scrape failed");
 }
 
 fn unix_now() -> f64 {
@@ -240,7 +173,7 @@ fn idle_connection_flood() {
     let agent = start_agent("");
     let pid = agent.child.id();
     let port = agent.port;
-    let prometheus = Prometheus::start(port);
+    let prometheus = Prometheus::start(port, None);
     let before = rss_kib(pid);
     let mut flood = Flood::new();
     let flood_from = unix_now();
@@ -276,7 +209,7 @@ fn idle_connection_flood() {
     let scrapes = scrapes.join().unwrap();
     let flood_to = unix_now();
     let connects = flood.finish();
-    prometheus.assert_no_missed_scrape("idle flood", flood_from, flood_to);
+    assert_no_missed_scrape(&prometheus, "idle flood", flood_from, flood_to);
     eprintln!("idle flood: {connects} connections made; RSS before {before} KiB; scrapes on new connections from 127.0.0.2 {scrapes:?}");
     assert!(scrapes.iter().all(|s| *s == 200), "scrapes past 130 idle connections: {scrapes:?}");
     assert!(max_rss < RSS_BOUND_KIB, "RSS {max_rss} KiB");
@@ -292,7 +225,7 @@ fn pipelining_client_that_never_reads() {
     let agent = start_agent("");
     let pid = agent.child.id();
     let port = agent.port;
-    let prometheus = Prometheus::start(port);
+    let prometheus = Prometheus::start(port, None);
     let before = rss_kib(pid);
     let mut flood = Flood::new();
     let flood_from = unix_now();
@@ -340,7 +273,7 @@ fn pipelining_client_that_never_reads() {
     let (_, rss2) = probes_during("pipelining flood, after the write timeout", pid, port);
     let flood_to = unix_now();
     let connects = flood.finish();
-    prometheus.assert_no_missed_scrape("pipelining flood", flood_from, flood_to);
+    assert_no_missed_scrape(&prometheus, "pipelining flood", flood_from, flood_to);
     eprintln!("pipelining flood: {connects} connections made, {closed} closed at the write timeout; RSS before {before} KiB, max {} KiB; scrapes on new connections from 127.0.0.2 {scrapes:?}", max_rss.max(rss2));
     assert!(scrapes.iter().all(|s| *s == 200), "another client's scrapes past 128 pipelining connections: {scrapes:?}");
     assert!(max_rss.max(rss2) < RSS_BOUND_KIB, "RSS {} KiB", max_rss.max(rss2));
@@ -419,7 +352,7 @@ fn one_client_at_1000_requests_per_second() {
     let agent = start_agent("");
     let pid = agent.child.id();
     let port = agent.port;
-    let prometheus = Prometheus::start(port);
+    let prometheus = Prometheus::start(port, None);
     let statuses: Arc<std::sync::Mutex<std::collections::BTreeMap<u16, u64>>> = Arc::default();
     let retry_after = Arc::new(AtomicU64::new(0));
     let mut flood = Flood::new();
@@ -489,7 +422,7 @@ fn one_client_at_1000_requests_per_second() {
     let elapsed = flood_started.elapsed();
     let flood_to = unix_now();
     let connects = flood.finish();
-    prometheus.assert_no_missed_scrape("1000 requests/s", flood_from, flood_to);
+    assert_no_missed_scrape(&prometheus, "1000 requests/s", flood_from, flood_to);
     let statuses = statuses.lock().unwrap().clone();
     let answered: u64 = statuses.values().sum();
     let limited = statuses.get(&429).copied().unwrap_or(0);
@@ -724,7 +657,7 @@ fn prometheus_scrapes_openmetrics_gzip_and_holds_every_series() {
     require_root();
     let _serial = serial();
     let agent = Agent::start("[agent]\ninterval = \"500ms\"\ndiscover = false\n");
-    let prometheus = Prometheus::start(agent.port);
+    let prometheus = Prometheus::start(agent.port, None);
     wait_for("Prometheus' OpenMetrics gzip scrapes counted", Duration::from_secs(20), || {
         prometheus
             .value(

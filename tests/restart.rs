@@ -16,6 +16,10 @@ use std::time::Duration;
 
 use common::*;
 
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
 /// A bpffs directory for this test's pins, removed when dropped.
 struct PinDir(PathBuf);
 
@@ -109,7 +113,10 @@ fn counters_continue_across_a_kill_and_the_connections_of_the_gap_are_counted() 
         node.port,
         node.rpcport
     );
-    let agent = Agent::start(&config);
+    // a real Prometheus scrapes the agents where they serve, across the kill
+    let port = free_port();
+    let agent = Agent::start_at(&config, &[], port);
+    let prometheus = Prometheus::start(port, None);
     node.mine(5);
     // at rest, the agent agrees with the node for both peers
     let before = wait_for("the agent's per-peer bytes to equal getpeerinfo", Duration::from_secs(30), || {
@@ -119,6 +126,9 @@ fn counters_continue_across_a_kill_and_the_connections_of_the_gap_are_counted() 
     });
     let churn = |m: &str, what: &str| metric_sum(m, &format!("nodescope_connection_{what}_total"), &P2P_OUTBOUND);
     let (opened_before, closed_before) = (churn(&before, "opened"), churn(&before, "closed"));
+    // at rest: Prometheus's sample at `t0` is `before`'s
+    std::thread::sleep(Duration::from_millis(1500));
+    let t0 = unix_now();
     kill_after_collection(agent);
     assert!(pins.0.join("v1/net/links").is_dir(), "nothing pinned under {}", pins.0.display());
 
@@ -139,7 +149,7 @@ fn counters_continue_across_a_kill_and_the_connections_of_the_gap_are_counted() 
     wait_for("the third peer gone", Duration::from_secs(10), || (node_bytes(&node, ips[2]) == (0, 0)).then_some(()));
     eprintln!("during the gap: the third peer exchanged {c_bytes:?} (sent, received) and was disconnected");
 
-    let agent = Agent::start(&config);
+    let agent = Agent::start_at(&config, &[], port);
     let log = agent.log();
     assert!(log.contains("taken over from the state file"), "{log}");
     let after = wait_for("the agent's per-peer bytes to equal getpeerinfo again", Duration::from_secs(30), || {
@@ -163,6 +173,40 @@ fn counters_continue_across_a_kill_and_the_connections_of_the_gap_are_counted() 
         }
     }
 
+    // What Prometheus made of it: no reset of any of these counters over the
+    // kill (so increase() adds nothing of its own), and each peer's counter
+    // moved by exactly what getpeerinfo says moved.
+    std::thread::sleep(Duration::from_millis(1500));
+    let t1 = unix_now();
+    let window = (t1 - t0).ceil() as u64 + 5;
+    let names: std::collections::BTreeSet<String> = counters(&before)
+        .keys()
+        .map(|series| series.split('{').next().unwrap().to_string())
+        .filter(|name| NET_COUNTERS.iter().any(|p| name.starts_with(p)))
+        .collect();
+    assert!(names.len() >= 4, "{names:?}");
+    for name in &names {
+        let resets = prometheus.value(&format!("sum(resets({name}[{window}s]))"), Some(t1));
+        assert_eq!(resets, Some(0.0), "Prometheus saw {name} reset over the restart");
+    }
+    for ip in &ips[..2] {
+        for (i, dir) in ["transmit", "receive"].iter().enumerate() {
+            let series = format!(
+                "nodescope_peer_io_bytes_total{{nodescope_target=\"ltc\",network_peer_address=\"{ip}\",network_io_direction=\"{dir}\"}}"
+            );
+            let (at0, at1) = (prometheus.value(&series, Some(t0)), prometheus.value(&series, Some(t1)));
+            let node_now = node_bytes(&node, ip);
+            let was = agent_bytes(&before, ip);
+            let moved = [node_now.0 - was.0, node_now.1 - was.1][i];
+            eprintln!("{ip} {dir}: Prometheus {at0:?} -> {at1:?}; getpeerinfo moved {moved}");
+            assert_eq!(
+                at1.zip(at0).map(|(b, a)| (b - a) as u64),
+                Some(moved),
+                "{ip} {dir}: Prometheus's increase over the restart"
+            );
+        }
+    }
+
     // An upgrade to a build of another map layout: its pins replaced, logged.
     drop(agent);
     let old = pins.0.join("v0");
@@ -179,4 +223,79 @@ fn counters_continue_across_a_kill_and_the_connections_of_the_gap_are_counted() 
     let log = agent.log();
     assert!(log.contains("pinned by a nodescope of another map layout (v0"), "{log}");
     drop(agent);
+}
+
+/// Writes `calls` appends of `size` bytes to `file` and fsyncs it `syncs`
+/// times, from a process inside `cgroup`; the bytes its write calls
+/// returned, as it counted them.
+fn write_in(cgroup: &Cgroup, file: &std::path::Path, calls: u32, size: u32, syncs: u32) -> u64 {
+    let script = "import os, sys\nfd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)\ncalls, size, syncs = map(int, sys.argv[2:5])\nn = sum(os.write(fd, b'x' * size) for _ in range(calls))\nfor _ in range(syncs):\n    os.fsync(fd)\nprint(n)\n";
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo $$ > '{}/cgroup.procs' && exec python3 -c \"$0\" \"$@\"", cgroup.path.display()))
+        .arg(script)
+        .arg(file)
+        .args([calls.to_string(), size.to_string(), syncs.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "writer: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// The disk signal's totals go on across a kill: bytes and calls by class,
+/// sync calls and the sync latency histogram's count (ext4 times its
+/// syncs). Its kernel maps are not pinned, so nothing is written during the
+/// gap here (what would be is not counted: docs/architecture.md).
+#[test]
+fn disk_totals_continue_across_a_kill() {
+    require_root();
+    let pins = PinDir::new();
+    let state = TempDir::new("nodescope-state");
+    let fs = LoopFs::new("ext4");
+    let datadir = fs.subdir("node");
+    let cgroup = Cgroup::new();
+    let _sleeper = Stopped(spawn_in(Some(&cgroup), "sleep", &["600".to_string()], &state.path().join("sleep.log")));
+    let config = format!(
+        "[agent]\ninterval = \"500ms\"\ndiscover = false\nstate_dir = \"{}\"\npin_dir = \"{}\"\n\n[[targets]]\nname = \"w\"\ncgroup = \"{}\"\ndatadir = \"{}\"\n",
+        state.path().join("state").display(),
+        pins.0.display(),
+        cgroup.path.display(),
+        datadir.display()
+    );
+    let file = datadir.join("probe.dat");
+    let labels = [("nodescope_target", "w"), ("nodescope_file_class", "other"), ("nodescope_write_call", "write")];
+    let sync_labels = [("nodescope_target", "w"), ("nodescope_file_class", "other"), ("nodescope_sync_call", "fsync")];
+    // (written bytes, write calls, fsync calls, timed fsync calls)
+    let totals = |m: &str| {
+        (
+            metric_sum(m, "nodescope_file_written_bytes_total", &labels) as u64,
+            metric_sum(m, "nodescope_file_writes_total", &labels) as u64,
+            metric_sum(m, "nodescope_file_syncs_total", &sync_labels) as u64,
+            metric_sum(m, "nodescope_file_sync_duration_seconds_count", &sync_labels) as u64,
+        )
+    };
+
+    let agent = Agent::start(&config);
+    wait_for("the target watched", Duration::from_secs(30), || {
+        agent.metrics().contains("nodescope_disk_covered{").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let first = write_in(&cgroup, &file, 10, 4096, 3);
+    let want = (first, 10, 3, 3);
+    wait_for("the first writes counted", Duration::from_secs(20), || (totals(&agent.metrics()) == want).then_some(()));
+    kill_after_collection(agent);
+
+    let agent = Agent::start(&config);
+    let log = agent.log();
+    assert!(log.contains("disk signal: counters of 1 target(s) taken over from the state file"), "{log}");
+    // before anything new is written: the totals are back
+    wait_for("the totals restored", Duration::from_secs(20), || (totals(&agent.metrics()) == want).then_some(()));
+    let second = write_in(&cgroup, &file, 5, 1000, 2);
+    let want = (first + second, 15, 5, 5);
+    let got = wait_for("the totals going on", Duration::from_secs(20), || {
+        let t = totals(&agent.metrics());
+        (t == want).then_some(t)
+    });
+    eprintln!("written {first} + {second} bytes; nodescope after the restart: {got:?}");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), first + second, "the file's own size");
 }

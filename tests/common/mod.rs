@@ -3,6 +3,10 @@
 #![allow(dead_code)]
 
 pub mod container;
+pub mod prometheus;
+
+#[allow(unused_imports)]
+pub use prometheus::Prometheus;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -382,8 +386,13 @@ impl Agent {
 
     /// Like `start`, with more environment variables for the agent.
     pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Agent {
+        Self::start_at(body, env, free_port())
+    }
+
+    /// Like `start_with_env`, listening on `port` (an agent started again
+    /// where the last one served, for the Prometheus that scraped it).
+    pub fn start_at(body: &str, env: &[(&str, &str)], port: u16) -> Agent {
         let dir = TempDir::new("agent");
-        let port = free_port();
         let config = dir.path().join("nodescope.toml");
         let body = body.strip_prefix("[http]\n").unwrap_or(body);
         std::fs::write(&config, format!("[http]\nlisten = \"127.0.0.1:{port}\"\n{body}")).unwrap();
@@ -635,5 +644,58 @@ impl MonerodNode {
 impl Drop for MonerodNode {
     fn drop(&mut self) {
         stop_child(&mut self.child, Duration::from_secs(30));
+    }
+}
+
+/// A filesystem of `kind` in a sparse image file, loop-mounted for one
+/// test; unmounted (freeing the loop device) and removed when dropped.
+pub struct LoopFs {
+    dir: TempDir,
+    pub mnt: PathBuf,
+}
+
+impl LoopFs {
+    pub fn new(kind: &str) -> LoopFs {
+        let (mkfs, package, args): (&str, &str, &[&str]) = match kind {
+            "ext4" => ("mkfs.ext4", "e2fsprogs", &["-q", "-F"]),
+            "xfs" => ("mkfs.xfs", "xfsprogs", &["-q", "-f"]),
+            "btrfs" => ("mkfs.btrfs", "btrfs-progs", &["-q", "-f"]),
+            other => panic!("no mkfs for {other}"),
+        };
+        require_tool(mkfs, package);
+        require_tool("mount", "mount");
+        let dir = TempDir::new(&format!("disk-{kind}"));
+        let image = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        // xfs wants 300 MB at least; sparse, so it costs what is written
+        std::fs::File::create(&image).unwrap().set_len(512 << 20).unwrap();
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(Command::new(mkfs).args(args).arg(&image));
+        run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mnt));
+        LoopFs { dir, mnt }
+    }
+
+    /// A directory on it, removed with it.
+    pub fn subdir(&self, name: &str) -> PathBuf {
+        let d = self.mnt.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if Command::new("umount").arg(&self.mnt).status().is_ok_and(|s| s.success()) {
+                let _ = &self.dir; // removed by its own drop, after this
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
     }
 }

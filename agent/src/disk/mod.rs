@@ -15,6 +15,8 @@ pub mod probe;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use serde::{Deserialize, Serialize};
+
 use crate::bpf::abi;
 use crate::config::{DiskConfig, DiskMethod};
 use crate::scope::ScopePlan;
@@ -25,7 +27,8 @@ use classes::{Classifier, OTHER};
 use coverage::{Coverage, CoverageTracker};
 use probe::{DiskError, DiskProbe, KernelStats};
 
-/// Cumulative since the agent started, per target.
+/// Cumulative per target, since the agent started or, with
+/// `[agent] state_dir`, since the first agent that kept them.
 #[derive(Debug, Clone, Default)]
 pub struct DiskSnapshot {
     pub targets: Vec<TargetDisk>,
@@ -72,8 +75,23 @@ pub struct SyncLatency {
     pub bounds_seconds: Vec<f64>,
     /// per bucket (not cumulative); last entry is +Inf
     pub bucket_counts: Vec<u64>,
+    /// per bucket, nanoseconds: what a restarted agent feeds its histogram
+    /// with to go on from these figures
+    pub bucket_sum_ns: Vec<u64>,
     pub sum_seconds: f64,
     pub count: u64,
+}
+
+impl SyncLatency {
+    pub fn empty() -> SyncLatency {
+        SyncLatency {
+            bounds_seconds: bucket_bounds_seconds(),
+            bucket_counts: vec![0; abi::DISK_SYNC_SLOTS],
+            bucket_sum_ns: vec![0; abi::DISK_SYNC_SLOTS],
+            sum_seconds: 0.0,
+            count: 0,
+        }
+    }
 }
 
 /// `count` calls of `call` on files of `class` that fell in histogram slot
@@ -144,6 +162,106 @@ pub struct DiskSignal {
     targets: BTreeMap<u32, PerTarget>,
     target_gone: u64,
     unattributed: u64,
+    /// The kernel's loss counters of earlier agents (this one's maps start at 0).
+    kernel_base: KernelStats,
+    /// Totals an earlier agent saved for targets not collected yet, by name.
+    restored: HashMap<String, SavedTarget>,
+}
+
+/// What the disk signal keeps across agent restarts (crate::state): the
+/// totals it exports. Its kernel maps are not pinned, so writes made while
+/// no agent runs are not counted (docs/architecture.md, "Across restarts").
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SavedDisk {
+    targets: Vec<SavedTarget>,
+    target_gone: u64,
+    unattributed: u64,
+    kernel: KernelStats,
+}
+
+/// One target's totals, by class and call name.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct SavedTarget {
+    name: String,
+    /// (class, write call, bytes, calls)
+    writes: Vec<(String, String, u64, u64)>,
+    /// (class, sync call, calls)
+    syncs: Vec<(String, String, u64)>,
+    /// (class, sync call, calls that failed)
+    sync_errors: Vec<(String, String, u64)>,
+    /// (class, sync call, calls per kernel slot, nanoseconds per kernel slot)
+    latency: Vec<(String, String, Vec<u64>, Vec<u64>)>,
+    /// (class, unix seconds of its last growth)
+    last_write: Vec<(String, u64)>,
+}
+
+/// A call name of the state file as this build names it; None: a call this
+/// build does not count (its figure is dropped).
+fn known(calls: &'static [&'static str], name: &str) -> Option<&'static str> {
+    calls.iter().find(|c| **c == name).copied()
+}
+
+impl PerTarget {
+    fn save(&self) -> SavedTarget {
+        SavedTarget {
+            name: self.name.clone(),
+            writes: self
+                .writes_by_call
+                .iter()
+                .map(|((c, k), w)| (c.clone(), k.to_string(), w.bytes, w.calls))
+                .collect(),
+            syncs: self.sync_counts.iter().map(|((c, k), n)| (c.clone(), k.to_string(), *n)).collect(),
+            sync_errors: self.sync_errors.iter().map(|((c, k), n)| (c.clone(), k.to_string(), *n)).collect(),
+            latency: self
+                .syncs
+                .iter()
+                .map(|((c, k), l)| (c.clone(), k.to_string(), l.bucket_counts.clone(), l.bucket_sum_ns.clone()))
+                .collect(),
+            last_write: self.last_write_unix.iter().map(|(c, t)| (c.clone(), *t)).collect(),
+        }
+    }
+
+    /// Goes on from `saved`; its latency histograms are handed to this
+    /// agent's histogram instrument with the first snapshot, as if the
+    /// calls were new, so the exported histogram goes on too.
+    fn restore(saved: SavedTarget) -> PerTarget {
+        let mut per = PerTarget { name: saved.name, ..PerTarget::default() };
+        for (class, call, bytes, calls) in saved.writes {
+            if let Some(call) = known(&WRITE_CALLS, &call) {
+                per.writes_by_call.insert((class, call), ClassWrites { bytes, calls });
+            }
+        }
+        for (class, call, n) in saved.syncs {
+            if let Some(call) = known(&SYNC_CALLS, &call) {
+                per.sync_counts.insert((class, call), n);
+            }
+        }
+        for (class, call, n) in saved.sync_errors {
+            if let Some(call) = known(&SYNC_CALLS, &call) {
+                per.sync_errors.insert((class, call), n);
+            }
+        }
+        for (class, call, counts, sums) in saved.latency {
+            let Some(call) = known(&SYNC_CALLS, &call) else { continue };
+            // a build with other slots cannot go on from these
+            if counts.len() != abi::DISK_SYNC_SLOTS || sums.len() != abi::DISK_SYNC_SLOTS {
+                continue;
+            }
+            let mut lat = SyncLatency::empty();
+            for (slot, (&count, &sum_ns)) in counts.iter().zip(&sums).enumerate() {
+                lat.bucket_counts[slot] = count;
+                lat.bucket_sum_ns[slot] = sum_ns;
+                lat.count += count;
+                lat.sum_seconds += sum_ns as f64 * 1e-9;
+                if count > 0 {
+                    per.new_syncs.push(SyncSlotDelta { class: class.clone(), call, slot, count, sum_ns });
+                }
+            }
+            per.syncs.insert((class, call), lat);
+        }
+        per.last_write_unix = saved.last_write.into_iter().collect();
+        per
+    }
 }
 
 /// Starts the signal for the collection loop, its instruments registered on
@@ -179,6 +297,17 @@ struct Running {
 impl Signal for Running {
     fn name(&self) -> &'static str {
         "disk"
+    }
+
+    fn save(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(self.signal.save()).ok()
+    }
+
+    fn restore(&mut self, saved: serde_json::Value) {
+        match serde_json::from_value(saved) {
+            Ok(saved) => self.signal.restore(saved),
+            Err(e) => tracing::warn!("disk signal: the saved state is unreadable ({e}); its counters start from zero"),
+        }
     }
 
     fn set_scope(&mut self, plan: &ScopePlan, _targets: &[Target]) {
@@ -235,7 +364,37 @@ impl DiskSignal {
             targets: BTreeMap::new(),
             target_gone: 0,
             unattributed: 0,
+            kernel_base: KernelStats::default(),
+            restored: HashMap::new(),
         })
+    }
+
+    /// Every total, for the state file.
+    pub fn save(&self) -> SavedDisk {
+        let mut targets: BTreeMap<&str, SavedTarget> =
+            self.restored.iter().map(|(name, t)| (name.as_str(), t.clone())).collect();
+        for per in self.targets.values() {
+            targets.insert(&per.name, per.save());
+        }
+        SavedDisk {
+            targets: targets.into_values().collect(),
+            target_gone: self.target_gone,
+            unattributed: self.unattributed,
+            kernel: self.kernel_base + self.probe.kernel_stats().unwrap_or_default(),
+        }
+    }
+
+    /// Takes over what an earlier agent saved; a target's totals are
+    /// applied when it is first collected.
+    pub fn restore(&mut self, saved: SavedDisk) {
+        tracing::info!(
+            "disk signal: counters of {} target(s) taken over from the state file (writes made while no agent ran are not counted)",
+            saved.targets.len()
+        );
+        self.target_gone += saved.target_gone;
+        self.unattributed += saved.unattributed;
+        self.kernel_base = saved.kernel;
+        self.restored = saved.targets.into_iter().map(|t| (t.name.clone(), t)).collect();
     }
 
     /// Writes the scope plan to the kernel.
@@ -254,7 +413,11 @@ impl DiskSignal {
         for t in targets {
             // a slot freed by a forgotten target and taken by a new one starts afresh
             if self.targets.get(&t.index).is_none_or(|p| p.name != t.name) {
-                self.targets.insert(t.index, PerTarget { name: t.name.clone(), ..PerTarget::default() });
+                let per = match self.restored.remove(&t.name) {
+                    Some(saved) => PerTarget::restore(saved),
+                    None => PerTarget { name: t.name.clone(), ..PerTarget::default() },
+                };
+                self.targets.insert(t.index, per);
             }
         }
         let drained = self.probe.drain()?;
@@ -266,7 +429,7 @@ impl DiskSignal {
             available: true,
             method: self.method.as_str(),
             dropped: Dropped {
-                kernel: self.probe.kernel_stats()?,
+                kernel: self.kernel_base + self.probe.kernel_stats()?,
                 target_gone: self.target_gone,
                 unattributed: self.unattributed,
             },
@@ -354,18 +517,14 @@ impl DiskSignal {
             // records map refused it (counted by the kernel as files_full)
             let (class, named) =
                 class_of.get(&file_id(&key.file)).cloned().unwrap_or_else(|| (OTHER.to_string(), false));
-            let lat = per.syncs.entry((class.clone(), call)).or_insert_with(|| SyncLatency {
-                bounds_seconds: bucket_bounds_seconds(),
-                bucket_counts: vec![0; abi::DISK_SYNC_SLOTS],
-                sum_seconds: 0.0,
-                count: 0,
-            });
+            let lat = per.syncs.entry((class.clone(), call)).or_insert_with(SyncLatency::empty);
             for slot in 0..abi::DISK_SYNC_SLOTS {
                 let (count, sum_ns) = (hist.count[slot], hist.sum_ns[slot]);
                 if count == 0 {
                     continue;
                 }
                 lat.bucket_counts[slot] += count;
+                lat.bucket_sum_ns[slot] += sum_ns;
                 lat.count += count;
                 lat.sum_seconds += sum_ns as f64 * 1e-9;
                 per.new_syncs.push(SyncSlotDelta { class: class.clone(), call, slot, count, sum_ns });
@@ -402,5 +561,46 @@ mod tests {
         }
         f.depth = 4;
         assert_eq!(f.components(), vec!["regtest", "blocks", "blk00000.dat"]);
+    }
+
+    #[test]
+    fn saved_totals_come_back_and_the_histogram_is_replayed() {
+        let mut per = PerTarget { name: "ltc".into(), ..PerTarget::default() };
+        per.writes_by_call.insert(("blocks".into(), "pwrite64"), ClassWrites { bytes: 4096, calls: 2 });
+        per.sync_counts.insert(("blocks".into(), "fdatasync"), 7);
+        per.sync_errors.insert(("log".into(), "fsync"), 1);
+        let mut lat = SyncLatency::empty();
+        lat.bucket_counts[3] = 5;
+        lat.bucket_sum_ns[3] = 5 * 12_000;
+        lat.count = 5;
+        per.syncs.insert(("blocks".into(), "fdatasync"), lat);
+        per.last_write_unix.insert("blocks".into(), 1_700_000_000);
+        let json = serde_json::to_string(&per.save()).unwrap();
+        let back = PerTarget::restore(serde_json::from_str(&json).unwrap());
+        assert_eq!(back.writes_by_call, per.writes_by_call);
+        assert_eq!(back.sync_counts, per.sync_counts);
+        assert_eq!(back.sync_errors, per.sync_errors);
+        assert_eq!(back.last_write_unix, per.last_write_unix);
+        let l = &back.syncs[&("blocks".to_string(), "fdatasync")];
+        assert_eq!((l.count, l.bucket_counts[3], l.bucket_sum_ns[3]), (5, 5, 60_000));
+        assert!((l.sum_seconds - 60e-6).abs() < 1e-12);
+        // what the histogram instrument is fed with the first snapshot
+        assert_eq!(
+            back.new_syncs,
+            vec![SyncSlotDelta { class: "blocks".into(), call: "fdatasync", slot: 3, count: 5, sum_ns: 60_000 }]
+        );
+    }
+
+    #[test]
+    fn calls_this_build_does_not_know_are_dropped() {
+        let saved = SavedTarget {
+            name: "t".into(),
+            writes: vec![("blocks".into(), "write".into(), 10, 1), ("blocks".into(), "teleport".into(), 99, 9)],
+            latency: vec![("blocks".into(), "fsync".into(), vec![1, 2], vec![3, 4])],
+            ..SavedTarget::default()
+        };
+        let back = PerTarget::restore(saved);
+        assert_eq!(back.writes_by_call.len(), 1);
+        assert!(back.syncs.is_empty(), "a histogram of other slots is not taken");
     }
 }

@@ -123,11 +123,22 @@ pub struct DiskProbe {
 }
 
 /// The kernel side's loss counters (summed over CPUs).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelStats {
     pub files_full: u64,
     pub syncs_full: u64,
     pub inflight_full: u64,
+}
+
+impl std::ops::Add for KernelStats {
+    type Output = KernelStats;
+    fn add(self, o: KernelStats) -> KernelStats {
+        KernelStats {
+            files_full: self.files_full + o.files_full,
+            syncs_full: self.syncs_full + o.syncs_full,
+            inflight_full: self.inflight_full + o.inflight_full,
+        }
+    }
 }
 
 /// What one read took from the kernel: every file and histogram of the

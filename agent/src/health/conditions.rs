@@ -1093,6 +1093,7 @@ mod tests {
             SyncLatency {
                 bounds_seconds: bounds,
                 bucket_counts: counts.to_vec(),
+                bucket_sum_ns: vec![0; counts.len()],
                 sum_seconds: 0.0,
                 count: counts.iter().sum(),
             },
