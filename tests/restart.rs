@@ -58,12 +58,17 @@ fn agent_bytes(m: &str, ip: &str) -> (u64, u64) {
     (get("transmit"), get("receive"))
 }
 
-/// Every counter sample of a scrape: series -> value.
+/// Every counter sample of a scrape, histograms' included: series -> value.
 fn counters(m: &str) -> std::collections::BTreeMap<String, f64> {
     m.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(series, _)| series.split('{').next().is_some_and(|n| n.ends_with("_total")))
+        .filter(|(series, _)| {
+            series
+                .split('{')
+                .next()
+                .is_some_and(|n| ["_total", "_count", "_sum", "_bucket"].iter().any(|s| n.ends_with(s)))
+        })
         .filter_map(|(series, v)| Some((series.to_string(), v.parse().ok()?)))
         .collect()
 }
@@ -164,6 +169,12 @@ fn counters_continue_across_a_kill_and_the_connections_of_the_gap_are_counted() 
     }
     // the third connection: opened and closed while no agent ran
     assert_eq!((churn(&after, "opened"), churn(&after, "closed")), (opened_before + 1.0, closed_before + 1.0));
+    // and its lifetime, in the histogram that went on from the last agent's
+    let lifetimes = |m: &str| metric_sum(m, "nodescope_connection_duration_seconds_count", &P2P_OUTBOUND);
+    assert_eq!(lifetimes(&after), lifetimes(&before) + 1.0);
+    let rpc = [("nodescope_target", "ltc"), ("nodescope_service", "rpc")];
+    let rpc_lifetimes = |m: &str| metric_sum(m, "nodescope_connection_duration_seconds_count", &rpc);
+    assert!(rpc_lifetimes(&before) > 0.0 && rpc_lifetimes(&after) > rpc_lifetimes(&before), "RPC calls' lifetimes");
     // no counter of the network signal went backwards
     let now = counters(&after);
     for (series, was) in counters(&before) {

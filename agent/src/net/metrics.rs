@@ -17,9 +17,6 @@ const NETGROUP: &str = "nodescope.netgroup";
 const PEER_NETWORK: &str = "nodescope.network";
 const ERROR_TYPE: &str = "error.type";
 
-/// Bucket bounds for connection lifetimes: seconds to a week.
-const LIFETIME_BUCKETS: &[f64] = &[1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0, 604800.0];
-
 /// Instruments whose attribute sets grow with peers; views raise their
 /// cardinality limit to what `limits.top_peers` allows.
 pub const PER_PEER_INSTRUMENTS: &[&str] = &["nodescope.peer.io", "nodescope.netgroup.io"];
@@ -213,7 +210,7 @@ impl NetMetrics {
             .f64_histogram("nodescope.connection.duration")
             .with_unit("s")
             .with_description("Lifetime of TCP connections at close, from establishment")
-            .with_boundaries(LIFETIME_BUCKETS.to_vec())
+            .with_boundaries(super::LIFETIME_BUCKETS.to_vec())
             .build();
         NetMetrics { lifetime }
     }
@@ -221,15 +218,15 @@ impl NetMetrics {
     /// Feeds what a new snapshot adds to synchronous instruments.
     pub fn record(&self, snap: &NetSnapshot) {
         for t in &snap.targets {
-            for (dir, svc, secs) in &t.closed_lifetimes {
-                self.lifetime.record(
-                    *secs,
-                    &[
-                        KeyValue::new(TARGET, t.name.clone()),
-                        KeyValue::new(CONN_DIRECTION, dir.as_str()),
-                        KeyValue::new(SERVICE, svc.as_str()),
-                    ],
-                );
+            for (dir, svc, secs, n) in &t.closed_lifetimes {
+                let attrs = [
+                    KeyValue::new(TARGET, t.name.clone()),
+                    KeyValue::new(CONN_DIRECTION, dir.as_str()),
+                    KeyValue::new(SERVICE, svc.as_str()),
+                ];
+                for _ in 0..*n {
+                    self.lifetime.record(*secs, &attrs);
+                }
             }
         }
     }

@@ -146,8 +146,10 @@ pub struct TargetNet {
     pub netgroups: BTreeMap<Direction, u64>,
     /// Peers whose bytes were folded into "other" because the book was full.
     pub peers_overflowed: u64,
-    /// Lifetimes (seconds) of the connections that closed this interval.
-    pub closed_lifetimes: Vec<(Direction, Service, f64)>,
+    /// Lifetimes (seconds) of the connections that closed this interval,
+    /// each with how many closed with it (more than one only for what an
+    /// earlier agent counted, handed over in the first snapshot).
+    pub closed_lifetimes: Vec<(Direction, Service, f64, u64)>,
     /// Inbound peer connections opened this interval, by netgroup.
     pub inbound_opened_netgroups: BTreeMap<String, u64>,
 }
@@ -195,6 +197,40 @@ struct PerTarget {
     failed: BTreeMap<(Service, &'static str), u64>,
     peers: ByteBook<PeerKey>,
     netgroups: ByteBook<String>,
+    /// Every lifetime at close so far, by histogram bucket, to save.
+    lifetimes: BTreeMap<(Direction, Service), LifetimeTotals>,
+    /// Lifetimes an earlier agent counted, for the first snapshot.
+    replay: Vec<(Direction, Service, f64, u64)>,
+}
+
+/// Bucket bounds (seconds) of the connection lifetime histogram: seconds to a week.
+pub const LIFETIME_BUCKETS: &[f64] = &[1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0, 604800.0];
+
+/// Lifetimes at close per histogram bucket (`LIFETIME_BUCKETS`, then +Inf):
+/// how many, and their sum in seconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct LifetimeTotals {
+    counts: Vec<u64>,
+    sums: Vec<f64>,
+}
+
+impl LifetimeTotals {
+    fn add(&mut self, secs: f64, n: u64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; LIFETIME_BUCKETS.len() + 1];
+            self.sums = vec![0.0; LIFETIME_BUCKETS.len() + 1];
+        }
+        // the histogram's buckets hold (lower, upper]
+        let i = LIFETIME_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(LIFETIME_BUCKETS.len());
+        self.counts[i] += n;
+        self.sums[i] += secs * n as f64;
+    }
+
+    /// Each bucket's mean, as often as it was seen: what the histogram is
+    /// fed to go on from these figures.
+    fn replay(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
+        self.counts.iter().zip(&self.sums).filter(|(n, _)| **n > 0).map(|(n, s)| (s / *n as f64, *n))
+    }
 }
 
 pub struct NetSignal {
@@ -233,6 +269,9 @@ struct SavedTarget {
     failed: Vec<(Service, String, u64)>,
     peers: SavedBook<PeerKey>,
     netgroups: SavedBook<String>,
+    /// (direction, service, lifetimes per bucket)
+    #[serde(default)]
+    lifetimes: Vec<(Direction, Service, LifetimeTotals)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -281,6 +320,7 @@ impl NetSignal {
                 failed: per.failed.iter().map(|((s, r), n)| (*s, r.to_string(), *n)).collect(),
                 peers: per.peers.save(now),
                 netgroups: per.netgroups.save(now),
+                lifetimes: per.lifetimes.iter().map(|((d, s), l)| (*d, *s, l.clone())).collect(),
             })
             // targets not seen again yet keep what was restored for them
             .chain(self.restored.values().cloned())
@@ -364,6 +404,8 @@ impl NetSignal {
                         failed: BTreeMap::new(),
                         peers: ByteBook::new(self.limits.max_peers),
                         netgroups: ByteBook::new(self.limits.max_peers),
+                        lifetimes: BTreeMap::new(),
+                        replay: Vec::new(),
                     },
                 };
                 self.targets.insert(t.index, per);
@@ -435,6 +477,10 @@ impl NetSignal {
                 .into_iter()
                 .map(|d| (d, netgroups.get(&d).map_or(0, |s| s.len() as u64)))
                 .collect();
+            let closed = lifetimes.remove(&t.index).unwrap_or_default();
+            for (d, s, secs, n) in &closed {
+                per.lifetimes.entry((*d, *s)).or_default().add(*secs, *n);
+            }
             snapshot.targets.push(TargetNet {
                 name: t.name.clone(),
                 churn,
@@ -443,7 +489,7 @@ impl NetSignal {
                 netgroup_io: per.netgroups.export(self.limits.top_peers),
                 netgroups,
                 peers_overflowed: per.peers.overflowed,
-                closed_lifetimes: lifetimes.remove(&t.index).unwrap_or_default(),
+                closed_lifetimes: std::mem::take(&mut per.replay).into_iter().chain(closed).collect(),
                 inbound_opened_netgroups: inbound.remove(&t.index).unwrap_or_default(),
                 connections,
             });
@@ -583,7 +629,7 @@ impl NetSignal {
             }
             if start_ns != 0 && rec.end_ns >= start_ns {
                 let secs = Duration::from_nanos(rec.end_ns - start_ns).as_secs_f64();
-                fold.lifetimes.entry(index).or_default().push((direction, service, secs));
+                fold.lifetimes.entry(index).or_default().push((direction, service, secs, 1));
             }
             self.tracked.remove(&cookie);
             fold.open.entry(index).or_default().retain(|c: &Connection| c.cookie != cookie);
@@ -627,12 +673,24 @@ impl PerTarget {
             let reason = FAILURE_REASONS.iter().find(|r| **r == reason).copied().unwrap_or("other");
             *failed.entry((s, reason)).or_default() += n;
         }
+        let mut lifetimes = BTreeMap::new();
+        let mut replay = Vec::new();
+        for (d, s, l) in saved.lifetimes {
+            // a build with other buckets cannot go on from these
+            if l.counts.len() != LIFETIME_BUCKETS.len() + 1 || l.sums.len() != l.counts.len() {
+                continue;
+            }
+            replay.extend(l.replay().map(|(secs, n)| (d, s, secs, n)));
+            lifetimes.insert((d, s), l);
+        }
         PerTarget {
             name: saved.name,
             churn,
             failed,
             peers: ByteBook::restore(saved.peers, max_peers, now),
             netgroups: ByteBook::restore(saved.netgroups, max_peers, now),
+            lifetimes,
+            replay,
         }
     }
 }
@@ -651,7 +709,7 @@ enum Source {
 /// What one collection gathers while folding records.
 struct Fold {
     open: HashMap<u32, Vec<Connection>>,
-    lifetimes: HashMap<u32, Vec<(Direction, Service, f64)>>,
+    lifetimes: HashMap<u32, Vec<(Direction, Service, f64, u64)>>,
     /// Inbound peer connections opened, by target and netgroup.
     inbound: HashMap<u32, BTreeMap<String, u64>>,
     seen: HashSet<u64>,
@@ -709,6 +767,30 @@ pub fn netgroup(addr: IpAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lifetimes_go_on_across_a_restore() {
+        let now = Instant::now();
+        let mut l = LifetimeTotals::default();
+        for secs in [0.5, 1.0, 1.5, 9.0, 1e7] {
+            l.add(secs, 1);
+        }
+        assert_eq!(l.counts, vec![2, 2, 0, 0, 0, 0, 0, 0, 0, 1], "(lower, upper] buckets");
+        let (d, s) = (Direction::Inbound, Service::P2p);
+        let saved = SavedTarget {
+            name: "t".into(),
+            churn: vec![],
+            failed: vec![],
+            peers: ByteBook::<PeerKey>::new(4).save(now),
+            netgroups: ByteBook::<String>::new(4).save(now),
+            lifetimes: vec![(d, s, l.clone())],
+        };
+        let json = serde_json::to_string(&saved).unwrap();
+        let per = PerTarget::restore(serde_json::from_str(&json).unwrap(), 4, now);
+        assert_eq!(per.lifetimes[&(d, s)], l);
+        // each bucket's mean, in its own bucket, as often as it was seen
+        assert_eq!(per.replay, vec![(d, s, 0.75, 2), (d, s, 5.25, 2), (d, s, 1e7, 1)]);
+    }
 
     #[test]
     fn netgroups() {
