@@ -65,16 +65,17 @@ pub fn kernel_btf() -> Result<Btf, BpfError> {
 /// the active one. With `kept`, its maps are the pinned ones of an earlier
 /// agent when there are (made and pinned otherwise), and a map pinned with
 /// another size than asked drops all of them, logged.
+///
+/// The loader parses the kernel's BTF itself (`EbpfLoader::new`), and it is
+/// freed on return: a caller parses its own for attaching only after this,
+/// so two parses (about 13 MB each) are never held at once.
 pub fn load(
     object: &'static str,
     bytes: &[u8],
-    btf: &Btf,
     max_entries: &[(&'static str, u32)],
     kept: Option<&pins::Kept>,
 ) -> Result<(Ebpf, u32), BpfError> {
     let mut loader = EbpfLoader::new();
-    // the caller's parse of the kernel's BTF, not a second one of the loader's
-    loader.btf(Some(btf));
     for (map, n) in max_entries {
         loader.map_max_entries(map, *n);
     }

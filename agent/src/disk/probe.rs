@@ -163,16 +163,16 @@ fn object(method: DiskMethod) -> (&'static str, &'static [u8]) {
 /// last read are lost with the agent): one generation, always active.
 const DISK_GENERATION: u32 = 1;
 
-/// `btf`: the kernel's, parsed once for the loader and the attaches; None
-/// when the kernel has none (the syscall method's tracepoints load without).
-fn load_object(method: DiskMethod, config: &DiskConfig, btf: Option<&aya::Btf>) -> Result<Ebpf, BpfError> {
+/// The loader parses the kernel's BTF itself and frees it on return (a
+/// kernel without BTF still loads the syscall method's tracepoints): the
+/// caller parses its own for attaching after this, never both at once.
+fn load_object(method: DiskMethod, config: &DiskConfig) -> Result<Ebpf, BpfError> {
     let (object, bytes) = object(method);
     aya::EbpfLoader::new()
         .map_max_entries(FILES, 2 * config.max_files)
         .map_max_entries(COUNTS, 2 * config.max_files)
         .map_max_entries(SYNCS, config.max_syncs)
         .override_global("ns_generation", &DISK_GENERATION, true)
-        .btf(btf)
         .allow_unsupported_maps()
         .load(bytes)
         .map_err(|source| BpfError::Load { object, source })
@@ -261,8 +261,8 @@ impl DiskProbe {
     /// least one filesystem's; the syscall method needs every hook (a
     /// partial set would count some calls and not others).
     pub fn load(config: &DiskConfig) -> Result<DiskProbe, DiskError> {
+        let mut ebpf = load_object(config.method, config)?;
         let btf = bpf::kernel_btf()?;
-        let mut ebpf = load_object(config.method, config, Some(&btf))?;
         let mut refused = Vec::new();
         let hooked = match config.method {
             DiskMethod::Filesystem => {
@@ -473,10 +473,7 @@ pub fn probe_hooks() -> Vec<HookStatus> {
     let mut out = Vec::new();
     let config = DiskConfig::default();
 
-    let fs = bpf::kernel_btf().and_then(|btf| {
-        let ebpf = load_object(DiskMethod::Filesystem, &config, Some(&btf))?;
-        Ok((btf, ebpf))
-    });
+    let fs = load_object(DiskMethod::Filesystem, &config).and_then(|ebpf| Ok((bpf::kernel_btf()?, ebpf)));
     match fs {
         Err(e) => {
             for &(program, hook, _) in FS_HOOKS {
@@ -517,8 +514,7 @@ pub fn probe_hooks() -> Vec<HookStatus> {
         supported: r.is_ok(),
         detail: r.err().unwrap_or_else(|| "loaded and attached (disk.method = \"syscalls\")".into()),
     };
-    let btf = bpf::kernel_btf().ok();
-    let syscalls = bpf::ensure_tracefs().and_then(|()| load_object(DiskMethod::Syscalls, &config, btf.as_ref()));
+    let syscalls = bpf::ensure_tracefs().and_then(|()| load_object(DiskMethod::Syscalls, &config));
     match syscalls {
         Err(e) => {
             for &(program, category, name) in SYSCALL_HOOKS {

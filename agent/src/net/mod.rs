@@ -36,8 +36,12 @@ pub fn start(
     snapshot: Shared<NetSnapshot>,
     kept: Option<&crate::bpf::pins::Kept>,
 ) -> Option<Box<dyn Signal>> {
+    let loaded = NetSignal::load(limits, kept);
+    // after the load: the per-peer instruments' tables (several MB, sized
+    // for every target's top peers) take memory the load's BTF parse freed,
+    // instead of adding to it at the agent's peak
     let metrics = NetMetrics::register(meter, snapshot.clone());
-    match NetSignal::load(limits, kept) {
+    match loaded {
         Ok(signal) => Some(Box::new(Running { signal, metrics, snapshot })),
         Err(e) => {
             tracing::error!("network signal off: {e}");

@@ -64,9 +64,10 @@ impl NetProbe {
     /// iterator is attached for each read). With `kept`, the maps and links
     /// of an earlier agent are taken over (bpf::pins).
     pub fn load(max_connections: u32, kept: Option<&pins::Kept>) -> Result<NetProbe, BpfError> {
-        let btf = bpf::kernel_btf()?;
         let sizes = [("ns_conns", max_connections), (EVENTS, events_size(max_connections))];
-        let (mut ebpf, generation) = bpf::load("net.bpf.o", bpf::NET_OBJ, &btf, &sizes, kept)?;
+        let (mut ebpf, generation) = bpf::load("net.bpf.o", bpf::NET_OBJ, &sizes, kept)?;
+        // after the load, whose own parse is freed by now (bpf::load)
+        let btf = bpf::kernel_btf()?;
         let mut links = scope::attach(&mut ebpf, &btf)?;
         links.push(bpf::attach_btf(&mut ebpf, &btf, STATE_PROG, STATE_HOOK)?);
         let iter: &mut Iter = prog(&mut ebpf, ITER_PROG)?;
@@ -195,8 +196,8 @@ impl NetProbe {
 pub fn probe_hooks() -> Vec<HookStatus> {
     let attempt = |program: &'static str,
                    load: &dyn Fn(&mut Ebpf, &aya::Btf) -> Result<(), aya::programs::ProgramError>| {
+        let (mut ebpf, _) = bpf::load("net.bpf.o", bpf::NET_OBJ, &[], None)?;
         let btf = bpf::kernel_btf()?;
-        let (mut ebpf, _) = bpf::load("net.bpf.o", bpf::NET_OBJ, &btf, &[], None)?;
         load(&mut ebpf, &btf).map_err(|source| BpfError::Program { program, source })
     };
     let state = attempt(STATE_PROG, &|ebpf, btf| {
