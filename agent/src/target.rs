@@ -391,13 +391,19 @@ impl Targets {
         let gone: Vec<String> = self.slots.keys().filter(|n| !specs.iter().any(|s| &s.name == *n)).cloned().collect();
         let ttl = self.absent_ttl;
         for name in gone {
+            let Some(prev) = self.current.iter().find(|t| t.name == name) else {
+                // a slot the state file kept for a node that is not running
+                // now: its counters wait, by name, for it to come back
+                tracing::info!(target_name = %name, "discovered node of the last agent not running: not listed");
+                self.slots.remove(&name);
+                continue;
+            };
             let since = *self.absent_since.entry(name.clone()).or_insert_with(|| {
                 tracing::warn!(target_name = %name, "discovered node gone: listed as down (node_down) for {}, then forgotten", humantime_serde::re::humantime::format_duration(ttl));
                 now
             });
-            let prev = self.current.iter().find(|t| t.name == name);
-            match prev {
-                Some(prev) if now.duration_since(since) < ttl => specs.push(TargetSpec {
+            if now.duration_since(since) < ttl {
+                specs.push(TargetSpec {
                     name: name.clone(),
                     selector: Selector::Pid(0),
                     chain: prev.chain,
@@ -405,13 +411,12 @@ impl Targets {
                     p2p_ports: prev.p2p_ports.clone(),
                     rpc_ports: prev.rpc_ports.clone(),
                     proxies: Vec::new(),
-                }),
-                _ => {
-                    tracing::info!(target_name = %name, "forgetting node that has been gone for {} (agent.forget_absent_after)", humantime_serde::re::humantime::format_duration(ttl));
-                    self.slots.remove(&name);
-                    self.absent_since.remove(&name);
-                    self.last_state.remove(&name);
-                }
+                });
+            } else {
+                tracing::info!(target_name = %name, "forgetting node that has been gone for {} (agent.forget_absent_after)", humantime_serde::re::humantime::format_duration(ttl));
+                self.slots.remove(&name);
+                self.absent_since.remove(&name);
+                self.last_state.remove(&name);
             }
         }
         for s in &specs {
