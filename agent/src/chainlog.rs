@@ -633,32 +633,8 @@ fn line_time(line: &str) -> Option<f64> {
 
 /// `YYYY-MM-DD[T ]HH:MM:SS[.fraction][Z]` as UTC, to unix seconds.
 fn unix_time(s: &str) -> Option<f64> {
-    let s = s.trim().trim_end_matches('Z');
-    let (date, time) = s.split_once(['T', ' '])?;
-    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
-    let (y, mo, da) = (d.next()??, d.next()??, d.next()??);
-    let (hms, frac) = match time.split_once('.') {
-        Some((hms, frac)) => (hms, format!("0.{frac}").parse::<f64>().ok()?),
-        None => (time, 0.0),
-    };
-    let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
-    let (h, mi, se) = (t.next()??, t.next()??, t.next()??);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    let days = days_from_civil(y, mo, da);
-    Some((days * 86400 + h * 3600 + mi * 60 + se) as f64 + frac)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146097 + doe - 719468
+    let at = humantime_serde::re::humantime::parse_rfc3339_weak(s.trim()).ok()?;
+    Some(at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64())
 }
 
 #[cfg(test)]
