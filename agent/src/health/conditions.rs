@@ -130,6 +130,30 @@ impl SyncTotals {
 }
 
 /// The samples of one target, oldest first.
+/// How far back the rules read each part of a sample (engine.rs derives
+/// them from the rules' windows).
+#[derive(Debug, Clone, Copy)]
+pub struct Lookbacks {
+    /// Peer identities: partition_suspected's window.
+    pub peers: Duration,
+    /// The sync latency histogram: fsync_slow's.
+    pub syncs: Duration,
+    /// Failed connects by reason: connect_failures_high's.
+    pub failed_reasons: Duration,
+    /// Inbound connections by netgroup: inbound_flood's.
+    pub netgroups: Duration,
+    /// The longest any rule reads: samples older than its baseline go.
+    pub longest: Duration,
+}
+
+impl Lookbacks {
+    /// Every part kept as long as the longest window.
+    #[cfg(test)]
+    pub fn keep_all(peers: Duration, longest: Duration) -> Lookbacks {
+        Lookbacks { peers, syncs: longest, failed_reasons: longest, netgroups: longest, longest }
+    }
+}
+
 #[derive(Default)]
 pub struct History {
     samples: VecDeque<Sample>,
@@ -140,8 +164,9 @@ pub struct History {
 impl History {
     /// Records this interval. `lookbacks` are the windows rules will ask
     /// about: older samples go, except the newest one at or before each
-    /// window's start (the baseline it compares with).
-    pub fn record(&mut self, now: Duration, v: &View, peer_lookback: Duration, longest_lookback: Duration) {
+    /// window's start (the baseline it compares with), and a sample older
+    /// than a part's lookback sheds that part.
+    pub fn record(&mut self, now: Duration, v: &View, lookbacks: &Lookbacks) {
         let peers = v.net.map(|n| n.p2p_peers().map(|c| (c.address.clone(), c.port, c.direction)).collect());
         let outbound = v.net.map(|n| {
             let opened = [Service::P2p, Service::Proxy]
@@ -187,7 +212,7 @@ impl History {
             peer_churn: peer_churn(&[Direction::Inbound, Direction::Outbound]),
         });
 
-        let keep_from = now.saturating_sub(longest_lookback);
+        let keep_from = now.saturating_sub(lookbacks.longest);
         while self.samples.len() > 1 && self.samples[1].at <= keep_from {
             self.samples.pop_front();
         }
@@ -195,13 +220,21 @@ impl History {
             self.samples.pop_front();
             self.dropped += 1;
         }
-        let peers_from = now.saturating_sub(peer_lookback);
-        let baseline = self.samples.iter().rposition(|s| s.at <= peers_from).unwrap_or(0);
-        for s in self.samples.iter_mut().take(baseline).rev() {
-            if s.peers.take().is_none() {
-                break;
-            }
-        }
+        // The parts only shorter windows read are most of a sample's size
+        // (peer identities, netgroup names, histograms): the longest
+        // window's hour of samples keeps only the cumulative counts.
+        self.shed(now, lookbacks.peers, |s| s.peers = None);
+        self.shed(now, lookbacks.syncs, |s| s.syncs = None);
+        self.shed(now, lookbacks.failed_reasons, |s| s.failed_reasons.clear());
+        self.shed(now, lookbacks.netgroups, |s| s.inbound_netgroups.clear());
+    }
+
+    /// Clears a part of the samples before the baseline of `lookback` (the
+    /// newest at or before its start, which keeps it).
+    fn shed(&mut self, now: Duration, lookback: Duration, clear: impl Fn(&mut Sample)) {
+        let from = now.saturating_sub(lookback);
+        let baseline = self.samples.iter().rposition(|s| s.at <= from).unwrap_or(0);
+        self.samples.iter_mut().take(baseline).for_each(clear);
     }
 
     fn latest(&self) -> Option<&Sample> {
@@ -716,7 +749,7 @@ mod tests {
             .map(|(i, ports)| {
                 let n = net(&ports.iter().map(|p| (*p, Direction::Inbound)).collect::<Vec<_>>());
                 let v = net_view(&t, &n);
-                h.record(s(i as u64), &v, p.window, p.window * PARTITION_CONNECT_WINDOWS);
+                h.record(s(i as u64), &v, &Lookbacks::keep_all(p.window, p.window * PARTITION_CONNECT_WINDOWS));
                 matches!(check("partition_suspected", &p, &v, &h, s(i as u64)), Outcome::Holds(_))
             })
             .collect()
@@ -759,11 +792,11 @@ mod tests {
         let before = net(&[(1, Direction::Inbound), (2, Direction::Inbound), (3, Direction::Outbound)]);
         for i in 0..20 {
             let v = net_view(&t1, &before);
-            h.record(s(i), &v, p.window, p.window * 5);
+            h.record(s(i), &v, &Lookbacks::keep_all(p.window, p.window * 5));
         }
         let after = net(&[(7, Direction::Inbound), (8, Direction::Inbound), (3, Direction::Outbound)]);
         let v = net_view(&t2, &after);
-        h.record(s(20), &v, p.window, p.window * 5);
+        h.record(s(20), &v, &Lookbacks::keep_all(p.window, p.window * 5));
         assert!(matches!(check("partition_suspected", &p, &v, &h, s(20)), Outcome::Clear(_)));
     }
 
@@ -780,7 +813,7 @@ mod tests {
                 .insert((Direction::Outbound, Service::P2p), Churn { opened: i.min(30), closed: i.min(30), open: 0 });
             n.failed.insert((Service::P2p, "refused"), i.saturating_sub(30));
             let v = net_view(&t, &n);
-            h.record(s(i), &v, p.window, p.window * PARTITION_CONNECT_WINDOWS);
+            h.record(s(i), &v, &Lookbacks::keep_all(p.window, p.window * PARTITION_CONNECT_WINDOWS));
             fired.push(matches!(check("partition_suspected", &p, &v, &h, s(i)), Outcome::Holds(_)));
         }
         assert!(!fired[..80].iter().any(|f| *f), "the window must lie wholly after the last success");
@@ -801,7 +834,7 @@ mod tests {
             n.churn.insert((Direction::Outbound, Service::P2p), Churn { opened: 8, closed: 0, open: 8 });
             n.failed.insert((Service::P2p, "refused"), i.saturating_sub(5));
             let v = net_view(&t, &n);
-            h.record(s(i), &v, p.window, p.window * PARTITION_CONNECT_WINDOWS);
+            h.record(s(i), &v, &Lookbacks::keep_all(p.window, p.window * PARTITION_CONNECT_WINDOWS));
             out.push(check("partition_suspected", &p, &v, &h, s(i)));
         }
         assert!(!holds(&out).iter().any(|f| *f), "{out:?}");
@@ -828,7 +861,7 @@ mod tests {
                 alive_since_unix: None,
                 chain: Some(chain),
             };
-            h.record(s(i), &v, p.window, p.window * PARTITION_CONNECT_WINDOWS);
+            h.record(s(i), &v, &Lookbacks::keep_all(p.window, p.window * PARTITION_CONNECT_WINDOWS));
             check("partition_suspected", &p, &v, &h, s(i))
         };
         for i in 0..12 {
@@ -1120,7 +1153,7 @@ mod tests {
                 alive_since_unix: None,
                 chain: None,
             };
-            h.record(s(i), &v, Duration::ZERO, p.window);
+            h.record(s(i), &v, &Lookbacks::keep_all(Duration::ZERO, p.window));
             fired.push(matches!(check("fsync_slow", &p, &v, &h, s(i)), Outcome::Holds(_)));
         }
         assert!(!fired[..21].iter().any(|f| *f), "{fired:?}");
@@ -1151,7 +1184,7 @@ mod tests {
             .map(|i| {
                 let n = make(i);
                 let v = net_view(&t, &n);
-                h.record(s(i), &v, Duration::from_secs(60), p.window);
+                h.record(s(i), &v, &Lookbacks::keep_all(Duration::from_secs(60), p.window));
                 check(id, p, &v, &h, s(i))
             })
             .collect()
@@ -1299,12 +1332,42 @@ mod tests {
         let mut h = History::default();
         for i in 0..(MAX_SAMPLES as u64 + 100) {
             let v = net_view(&t, &n);
-            h.record(Duration::from_millis(i), &v, Duration::from_secs(1), Duration::from_secs(3600));
+            h.record(
+                Duration::from_millis(i),
+                &v,
+                &Lookbacks::keep_all(Duration::from_secs(1), Duration::from_secs(3600)),
+            );
         }
         assert_eq!(h.samples.len(), MAX_SAMPLES);
         assert_eq!(h.dropped, 100);
         // identities kept only from the partition baseline on
         let with_peers = h.samples.iter().filter(|s| s.peers.is_some()).count();
         assert!((1000..=1002).contains(&with_peers), "{with_peers}");
+    }
+
+    #[test]
+    fn old_samples_shed_what_only_shorter_windows_read() {
+        let t = target(Some(1));
+        let mut n = net(&[(1, Direction::Inbound)]);
+        n.inbound_opened_netgroups = [("10.1.0.0/16".to_string(), 1)].into();
+        let d = hist(&[1, 0, 0, 0, 0, 0]);
+        let lookbacks =
+            Lookbacks { peers: s(5), syncs: s(10), failed_reasons: s(10), netgroups: s(20), longest: s(3600) };
+        let mut h = History::default();
+        for i in 0..100 {
+            let v = View { disk: Some(&d), ..net_view(&t, &n) };
+            h.record(s(i), &v, &lookbacks);
+        }
+        assert_eq!(h.samples.len(), 100, "the hour's samples stay");
+        let since = |f: fn(&Sample) -> bool| h.samples.iter().position(f).map(|i| h.samples[i].at);
+        // each part from its window's baseline on (99 s now)
+        assert_eq!(since(|x| x.peers.is_some()), Some(s(94)));
+        assert_eq!(since(|x| x.syncs.is_some()), Some(s(89)));
+        assert_eq!(since(|x| !x.inbound_netgroups.is_empty()), Some(s(79)));
+        assert!(h.samples.iter().all(|x| x.peer_churn.is_some() && x.inbound_opened.is_some()), "counts kept");
+        // inbound_flood over its window still sums every interval's netgroups
+        let out = inbound_flood(&net_view(&t, &n), &h, s(99), s(20), 1e9);
+        let Outcome::Clear(ev) = out else { panic!("{out:?}") };
+        assert_eq!(ev["top_netgroups"][0]["connections"], 20, "{ev}");
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use super::conditions::{check, History, View};
+use super::conditions::{check, History, Lookbacks, View};
 use super::rules::{RuleMachine, RuleParams, Severity, State, Transition, PARTITION_CONNECT_WINDOWS, RULES};
 use super::{HealthSnapshot, RuleStatus, Status, TargetHealth};
 use crate::chain::Chain;
@@ -143,7 +143,14 @@ impl HealthEngine {
             let partition_window = window_of("partition_suspected");
             let longest =
                 params.iter().map(|p| p.window).fold(partition_window * PARTITION_CONNECT_WINDOWS, Duration::max);
-            state.history.record(now, &view, partition_window, longest);
+            let lookbacks = Lookbacks {
+                peers: partition_window,
+                syncs: window_of("fsync_slow"),
+                failed_reasons: window_of("connect_failures_high"),
+                netgroups: window_of("inbound_flood"),
+                longest,
+            };
+            state.history.record(now, &view, &lookbacks);
 
             let mut rules = Vec::with_capacity(RULES.len());
             for (i, def) in RULES.iter().enumerate() {
