@@ -32,7 +32,13 @@ Exits 1 with one line naming the failed check when RSS or fds grew by more
 than 5 % from the first row after warm-up to the last, a check failed, or the
 agent died.
 
+With the default rule windows the health history grows by one sample an
+interval for an hour (peer_churn_high's window) before it holds steady:
+--short-rule-windows sets 2 s windows, so that what RSS shows after the
+warm-up is the rest of the agent.
+
 usage: soak.py --agent BIN --rotel ROTEL_AGENT [--minutes N] [--every M]
+               [--warmup MIN] [--churn-rate N] [--short-rule-windows]
 """
 import argparse
 import json
@@ -61,6 +67,8 @@ RELOAD_SECS = 120
 MINE_SECS = 5
 WRITE_SECS = 0.5
 GROWTH_LIMIT = 0.05
+# The rules that take a window (agent/src/health/rules.rs).
+WINDOWED_RULES = ["partition_suspected", "fsync_slow", "inbound_flood", "connect_failures_high", "peer_churn_high"]
 
 
 def log(msg):
@@ -233,7 +241,16 @@ chain = "litecoin"
 datadir = "{self.a_dir}"
 p2p_ports = [{self.a_port}]
 rpc_ports = [{self.a_rpc}]
-"""
+""" + self.rule_windows()
+
+    def rule_windows(self):
+        """With --short-rule-windows: every rule that takes a window gets one
+        of 2 s, so the health history (one sample per interval, kept for the
+        longest window: peer_churn_high's hour by default) stays a few
+        samples long and RSS shows what the rest of the agent holds."""
+        if not self.args.short_rule_windows:
+            return ""
+        return "".join(f'\n[rules.{r}]\nwindow = "2s"\n' for r in WINDOWED_RULES)
 
     def setup(self):
         a = self.args
@@ -588,7 +605,8 @@ rpc_ports = [{self.a_rpc}]
         log(f"soak: {a.minutes} min, a row every {a.every} min after a {a.warmup} min warm-up; agent pid "
             f"{self.agent_pid()}, target {TARGET} (litecoind pid {self.procs['litecoind-a'].pid}), churn "
             f"{a.churn_rate}/s from {CHURN_POOL} addresses, a block every {MINE_SECS} s, a reload every "
-            f"{RELOAD_SECS} s, work dir {self.work}")
+            f"{RELOAD_SECS} s, {'2 s rule windows' if a.short_rule_windows else 'default rule windows'}, "
+            f"work dir {self.work}")
         threads = [threading.Thread(target=f, daemon=True)
                    for f in (self.churn_loop, self.miner_loop, self.scrape_loop, self.reload_loop)]
         for t in threads:
@@ -692,6 +710,8 @@ def main():
     ap.add_argument("--every", type=float, default=5, help="minutes between rows")
     ap.add_argument("--warmup", type=float, default=2, help="minutes before the baseline row")
     ap.add_argument("--churn-rate", type=float, default=50, help="connections a second into A's P2P port")
+    ap.add_argument("--short-rule-windows", action="store_true",
+                    help="2 s windows for the windowed health rules: the health history stays short")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("soak: loads eBPF programs and makes cgroups: run it as root")
