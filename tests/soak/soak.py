@@ -105,7 +105,11 @@ def regtest_args(datadir, port, rpcport, bind):
     return ["-regtest", f"-datadir={datadir}", f"-port={port}", f"-rpcport={rpcport}", "-rpcuser=u",
             "-rpcpassword=p", "-listen=1", f"-bind={bind}", "-rpcbind=127.0.0.1", "-rpcallowip=127.0.0.1",
             "-discover=0", "-listenonion=0", "-dnsseed=0", "-fallbackfee=0.0002", "-printtoconsole=0",
-            "-daemon=0", "-connect=0"]
+            "-daemon=0", "-connect=0",
+            # MWEB never activates (its deployment times out at once): on
+            # regtest it would at height 432, after which generatetoaddress
+            # fails (bad-txns-vin-empty) and the miner would stop relaying
+            "-vbparams=mweb:0:1"]
 
 
 def cli(rpcport, *args, timeout=60):
