@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask build-ebpf | lint | test | run | bench <net|disk|http|compare> | image`.
+//! Project tasks: `cargo xtask build-ebpf | lint | test | run | bench <net|disk|http|compare> | soak | image`.
 //! Each installs the Debian packages it needs when they are missing, so the
 //! README's commands work on a fresh machine.
 
@@ -39,6 +39,20 @@ enum Task {
     },
     /// Measure what the agent costs: a script of tests/bench (`net`, `disk`, `http`, `compare`, ...).
     Bench { which: String },
+    /// A long run under churn, traffic, disk writes, scrapes, reloads and
+    /// OTLP export together (tests/soak/soak.py): RSS, CPU, fds, map fill and
+    /// lost-data checks at the start and every few minutes.
+    Soak {
+        /// How long the run lasts, warm-up included.
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// Minutes between the rows it prints.
+        #[arg(long, default_value_t = 5.0)]
+        every: f64,
+        /// More arguments for the script (`--warmup 1`, `--churn-rate 20`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build the OCI image (deploy/Containerfile's runtime stage) from the
     /// locally built agent, offline, with podman or buildah.
     Image {
@@ -102,6 +116,12 @@ const LINT_COMPONENTS: &[(&str, &str)] = &[("fmt", "rustfmt"), ("clippy", "clipp
 const RUN_PACKAGES: &[&str] = &["clang", "llvm", "libbpf-dev", "gcc"];
 const BENCH_PACKAGES: &[&str] =
     &["clang", "llvm", "libbpf-dev", "gcc", "iperf3", "bpftool", "fio", "procps", "bpftrace", "litecoind"];
+/// The soak run: the agent's build, two litecoind nodes, bpftool for the map
+/// fill, python3 for the driver and python3-venv for rotel's environment.
+const SOAK_PACKAGES: &[&str] =
+    &["clang", "llvm", "libbpf-dev", "gcc", "bpftool", "litecoind", "python3", "python3-venv"];
+/// The soak's OTLP receiver: rotel-agent, as the tests pin it.
+const SOAK_PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "0.0.1a15")];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
@@ -115,6 +135,7 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::Run { config } => run(config),
         Task::Bench { which } => bench(&which),
+        Task::Soak { minutes, every, args } => soak(minutes, every, &args),
         Task::Image { args } => image::image(&args),
     };
     match result {
@@ -306,6 +327,26 @@ fn bench(which: &str) -> Result<(), String> {
     }
     status(cargo().current_dir(&root).args(["build", "--release", "-p", "nodescope"]))?;
     status(Command::new("bash").arg(script).arg(root.join("target/release/nodescope")))
+}
+
+/// Builds the agent and becomes tests/soak/soak.py, so that Ctrl-C (or a
+/// SIGTERM to this pid) reaches the script, which stops what it started.
+fn soak(minutes: f64, every: f64, args: &[String]) -> Result<(), String> {
+    require_root("the soak run")?;
+    ensure_packages(SOAK_PACKAGES)?;
+    let root = root();
+    ensure_pytools(&root, SOAK_PIP_PACKAGES, TEST_PIP_PROGRAMS)?;
+    status(cargo().current_dir(&root).args(["build", "--release", "-p", "nodescope"]))?;
+    let mut cmd = Command::new("python3");
+    cmd.arg(root.join("tests/soak/soak.py"))
+        .arg("--agent")
+        .arg(root.join("target/release/nodescope"))
+        .arg("--rotel")
+        .arg(pytools_dir(&root).join("bin/rotel-agent"))
+        .args(["--minutes", &minutes.to_string(), "--every", &every.to_string()])
+        .args(args);
+    use std::os::unix::process::CommandExt;
+    Err(format!("exec {cmd:?}: {}", cmd.exec()))
 }
 
 /// The benchmarks `cargo xtask bench` runs: the scripts of tests/bench, less
