@@ -643,7 +643,11 @@ pub fn unix_time(s: &str) -> Option<f64> {
     };
     let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
     let (h, mi, se) = (t.next()??, t.next()??, t.next()??);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || h > 23 || mi > 59 || se > 60 {
+    // a node logs four-digit years; past them the day count would overflow
+    if !(0..=9999).contains(&y) || !(1..=12).contains(&mo) || !(1..=31).contains(&da) {
+        return None;
+    }
+    if !(0..=23).contains(&h) || !(0..=59).contains(&mi) || !(0..=60).contains(&se) {
         return None;
     }
     let days = days_from_civil(y, mo, da);
@@ -719,6 +723,10 @@ mod tests {
         assert_eq!(line_time("2026-11-29T14:36:48.123456Z foo"), unix_time("2026-11-29T14:36:48.123456Z"));
         assert_eq!(line_time("no time here"), None);
         assert_eq!(unix_time("2024-13-01T00:00:00Z"), None);
+        // years past four digits overflowed the day count (a panic in a debug build)
+        assert_eq!(unix_time("99999999999999999-01-01T00:00:00Z"), None);
+        assert_eq!(unix_time("-9223372036854775807-01-01 00:00:00"), None);
+        assert_eq!(unix_time("2024-01-01T-1:00:00Z"), None);
     }
 
     struct Tmp(PathBuf);
