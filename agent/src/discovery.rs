@@ -366,7 +366,7 @@ pub fn uid_inside(uid_map: &str, uid: u32) -> u32 {
             let fields: Vec<u64> = line.split_whitespace().filter_map(|f| f.parse().ok()).collect();
             let &[inside, outside, count] = fields.as_slice() else { return None };
             let offset = u64::from(uid).checked_sub(outside).filter(|&o| o < count)?;
-            u32::try_from(inside + offset).ok()
+            u32::try_from(inside.checked_add(offset)?).ok()
         })
         .unwrap_or(uid)
 }
@@ -1562,6 +1562,13 @@ mod tests {
         assert_eq!(home_from_passwd(passwd, 998), Some(PathBuf::from("/var/lib/bitcoind")));
         assert_eq!(home_from_passwd(passwd, 0), Some(PathBuf::from("/root")));
         assert_eq!(home_from_passwd(passwd, 1000), None);
+    }
+
+    #[test]
+    fn uid_map_ranges_past_u64_are_no_mapping() {
+        assert_eq!(uid_inside("0 1000 10\n", 1003), 3);
+        // inside + offset overflowed (a panic in a debug build)
+        assert_eq!(uid_inside("18446744073709551615 0 10\n", 5), 5);
     }
 
     /// Gives `pid` a mount namespace other than the agent's, with `root` as
