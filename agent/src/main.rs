@@ -1,7 +1,6 @@
 //! nodescope: watches a blockchain node from the outside with eBPF, procfs
 //! and cgroups, and serves what it sees as metrics and health verdicts.
 
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
