@@ -638,7 +638,11 @@ pub fn unix_time(s: &str) -> Option<f64> {
     let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
     let (y, mo, da) = (d.next()??, d.next()??, d.next()??);
     let (hms, frac) = match time.split_once('.') {
-        Some((hms, frac)) => (hms, format!("0.{frac}").parse::<f64>().ok()?),
+        // digits only: f64's parser also takes an exponent ("0.9E999" is infinite)
+        Some((hms, frac)) if !frac.is_empty() && frac.bytes().all(|b| b.is_ascii_digit()) => {
+            (hms, format!("0.{frac}").parse::<f64>().ok()?)
+        }
+        Some(_) => return None,
         None => (time, 0.0),
     };
     let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
@@ -727,6 +731,10 @@ mod tests {
         assert_eq!(unix_time("99999999999999999-01-01T00:00:00Z"), None);
         assert_eq!(unix_time("-9223372036854775807-01-01 00:00:00"), None);
         assert_eq!(unix_time("2024-01-01T-1:00:00Z"), None);
+        // the fraction is digits: an exponent made the time infinite (found by the chainlog fuzz target)
+        assert_eq!(unix_time("1999-02-28 23:59:60.999E999"), None);
+        assert_eq!(line_time("1999-02-28 23:59:60.999E999 Loaded best chain: height=1"), None);
+        assert_eq!(unix_time("2024-01-01T00:00:00.5e3Z"), None);
     }
 
     struct Tmp(PathBuf);
