@@ -23,7 +23,10 @@ const INPUT_TIMEOUT: u64 = 10;
 /// What one target's run did.
 struct Outcome {
     target: String,
+    /// Wall time of the run, build check included.
     seconds: f64,
+    /// Seconds libFuzzer says it fuzzed for (none after a crash).
+    fuzzed: Option<u64>,
     executions: Option<u64>,
     exec_per_sec: Option<u64>,
     corpus: Option<u64>,
@@ -90,9 +93,9 @@ pub fn fuzz(root: &Path, seconds: u64, wanted: &[String]) -> Result<(), String> 
         eprintln!("xtask: fuzzing {target} for {seconds} s");
         let o = run_target(root, target, seconds)?;
         println!(
-            "{:<10} {:>6.0} s  {:>11} execs  {:>7} exec/s  corpus {:>5}{}",
+            "{:<10} {:>6} s  {:>11} execs  {:>7} exec/s  corpus {:>5}{}",
             o.target,
-            o.seconds,
+            o.fuzzed.unwrap_or(o.seconds.round() as u64),
             shown(o.executions),
             shown(o.exec_per_sec),
             shown(o.corpus),
@@ -146,6 +149,7 @@ fn run_target(root: &Path, target: &str, seconds: u64) -> Result<Outcome, String
     let mut o = Outcome {
         target: target.to_string(),
         seconds: 0.0,
+        fuzzed: None,
         executions: None,
         exec_per_sec: None,
         corpus: None,
@@ -181,6 +185,9 @@ fn read_line(line: &str, o: &mut Outcome) {
         o.executions = Some(v);
     } else if let Some(v) = stat("stat::average_exec_per_sec:") {
         o.exec_per_sec = Some(v);
+    } else if let Some(secs) = line.strip_prefix("Done ").and_then(|r| r.split(" runs in ").nth(1)) {
+        // libFuzzer's own time, without the build before it
+        o.fuzzed = secs.split(' ').next().and_then(|s| s.parse().ok());
     } else if let Some(i) = line.find("Test unit written to ") {
         o.crash = Some(line[i + "Test unit written to ".len()..].trim().to_string());
     }
@@ -201,6 +208,7 @@ mod tests {
         let mut o = Outcome {
             target: "t".into(),
             seconds: 0.0,
+            fuzzed: None,
             executions: None,
             exec_per_sec: None,
             corpus: None,
@@ -219,6 +227,7 @@ mod tests {
             read_line(line, &mut o);
         }
         assert_eq!((o.executions, o.exec_per_sec, o.corpus), (Some(51234), Some(8539), Some(42)));
+        assert_eq!(o.fuzzed, Some(6));
         assert_eq!(o.crash.as_deref(), Some("/r/agent/fuzz/artifacts/config/crash-ab12"));
     }
 
