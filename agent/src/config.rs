@@ -531,7 +531,8 @@ impl Config {
             let reason = e.into_inner().to_string();
             // one line: the deserializer's messages may end in or contain newlines
             let reason = reason.split_whitespace().collect::<Vec<_>>().join(" ");
-            ConfigError::invalid(if key == "." { "config".into() } else { key }, reason)
+            // "." is the document itself, "" a key spelled `""` at its top
+            ConfigError::invalid(if key == "." || key.is_empty() { "config".into() } else { key }, reason)
         })?;
         config.validate()?;
         Ok(config)
@@ -886,6 +887,8 @@ mod tests {
         // tracing-subscriber 0.3's directive parser sliced a multi-byte
         // character apart (a panic, found by the config fuzz target)
         assert_eq!(err_key("[log]\nlevel = \" é=info\""), "log.level");
+        // an empty top-level key gave an error naming no key (found by the config fuzz target)
+        assert_eq!(err_key("\"\" = 1"), "config");
         assert_eq!(err_key(&format!("{target}process = \"x\"\np2p_ports = [1]\ndatadir = \"/d\"\n[targets.rules.\"a\\u0000\"]\nenabled = true")), "targets[0].rules.a\\0");
         let env = vec![("NODESCOPE_HTTP_LISTEN".to_string(), "127.0.0.1:1\0".to_string())];
         assert!(
