@@ -200,7 +200,7 @@ struct TipState {
 
 /// What one log line says.
 #[derive(Debug, Clone, PartialEq)]
-enum Event {
+pub enum Event {
     /// A new tip.
     Tip { height: u64, block_time: Option<f64>, progress: Option<f64> },
     /// Core left initial block download.
@@ -570,7 +570,7 @@ fn core_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 /// Core's `UpdateTip: new best=... height=N ... date='...' progress=P ...`
 /// and `Loaded best chain: hashBestChain=... height=N date=... progress=P`,
 /// whatever precedes them (timestamps, thread names, source locations).
-fn parse_core_line(line: &str) -> Option<Event> {
+pub fn parse_core_line(line: &str) -> Option<Event> {
     if line.contains("Leaving InitialBlockDownload") {
         return Some(Event::LeftIbd);
     }
@@ -595,7 +595,7 @@ fn parse_core_line(line: &str) -> Option<Event> {
 
 /// monerod's `HEIGHT N, difficulty:` (one line of its block-added record),
 /// `Synced N/M` and `You are now synchronized with the network`.
-fn parse_monero_line(line: &str) -> Option<Event> {
+pub fn parse_monero_line(line: &str) -> Option<Event> {
     // what monerod logs at level 0 as it stops (exit, stop_daemon, SIGTERM)
     const STOPPING: &[&str] = &["p2p net loop stopped", "Node stopped.", "Deinitializing p2p...", "Stop signal sent"];
     if STOPPING.iter().any(|s| line.ends_with(s)) {
@@ -625,14 +625,14 @@ fn parse_monero_line(line: &str) -> Option<Event> {
 
 /// The timestamp a log line starts with: Core's `2024-01-02T03:04:05Z`
 /// (or with microseconds), monerod's `2024-01-02 03:04:05.678` (UTC).
-fn line_time(line: &str) -> Option<f64> {
+pub fn line_time(line: &str) -> Option<f64> {
     let head = line.get(..line.len().min(32))?;
     let end = head.find(['Z', '\t']).or_else(|| head.match_indices(' ').nth(1).map(|(i, _)| i))?;
     unix_time(&head[..end])
 }
 
 /// `YYYY-MM-DD[T ]HH:MM:SS[.fraction][Z]` as UTC, to unix seconds.
-fn unix_time(s: &str) -> Option<f64> {
+pub fn unix_time(s: &str) -> Option<f64> {
     let at = humantime_serde::re::humantime::parse_rfc3339_weak(s.trim()).ok()?;
     Some(at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64())
 }
@@ -695,6 +695,14 @@ mod tests {
         assert_eq!(line_time("2026-11-29T14:36:48.123456Z foo"), unix_time("2026-11-29T14:36:48.123456Z"));
         assert_eq!(line_time("no time here"), None);
         assert_eq!(unix_time("2024-13-01T00:00:00Z"), None);
+        // years past four digits overflowed the day count (a panic in a debug build)
+        assert_eq!(unix_time("99999999999999999-01-01T00:00:00Z"), None);
+        assert_eq!(unix_time("-9223372036854775807-01-01 00:00:00"), None);
+        assert_eq!(unix_time("2024-01-01T-1:00:00Z"), None);
+        // the fraction is digits: an exponent made the time infinite (found by the chainlog fuzz target)
+        assert_eq!(unix_time("1999-02-28 23:59:60.999E999"), None);
+        assert_eq!(line_time("1999-02-28 23:59:60.999E999 Loaded best chain: height=1"), None);
+        assert_eq!(unix_time("2024-01-01T00:00:00.5e3Z"), None);
     }
 
     struct Tmp(PathBuf);

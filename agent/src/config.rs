@@ -531,7 +531,8 @@ impl Config {
             let reason = e.into_inner().to_string();
             // one line: the deserializer's messages may end in or contain newlines
             let reason = reason.split_whitespace().collect::<Vec<_>>().join(" ");
-            ConfigError::invalid(if key == "." { "config".into() } else { key }, reason)
+            // "." is the document itself, "" a key spelled `""` at its top
+            ConfigError::invalid(if key == "." || key.is_empty() { "config".into() } else { key }, reason)
         })?;
         config.validate()?;
         Ok(config)
@@ -598,6 +599,11 @@ impl Config {
         }
         if self.otlp.timeout.is_zero() || self.otlp.timeout > self.otlp.interval {
             return Err(ConfigError::invalid("otlp.timeout", "must be greater than zero and at most otlp.interval"));
+        }
+        // tracing-subscriber 0.3 slices a directive at positions in its
+        // trimmed text: past a leading space, a multi-byte character panics it
+        if !self.log.level.is_ascii() {
+            return Err(ConfigError::invalid("log.level", "ASCII only (directives such as info,nodescope=debug)"));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError::invalid("log.level", e.to_string()));
@@ -878,6 +884,11 @@ mod tests {
         assert_eq!(err_key(&format!("{target}pid_file = \"/x\\u0000y\"")), "targets[0].pid_file");
         assert_eq!(err_key(&format!("{target}process = \"ab\\u0000\"")), "targets[0].process");
         assert_eq!(err_key("[log]\nlevel = \"info\\u0000\""), "log.level");
+        // tracing-subscriber 0.3's directive parser sliced a multi-byte
+        // character apart (a panic, found by the config fuzz target)
+        assert_eq!(err_key("[log]\nlevel = \" é=info\""), "log.level");
+        // an empty top-level key gave an error naming no key (found by the config fuzz target)
+        assert_eq!(err_key("\"\" = 1"), "config");
         assert_eq!(err_key(&format!("{target}process = \"x\"\np2p_ports = [1]\ndatadir = \"/d\"\n[targets.rules.\"a\\u0000\"]\nenabled = true")), "targets[0].rules.a\\0");
         let env = vec![("NODESCOPE_HTTP_LISTEN".to_string(), "127.0.0.1:1\0".to_string())];
         assert!(

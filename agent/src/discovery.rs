@@ -166,7 +166,7 @@ pub fn listening_ports(proc_root: &Path, pid: u32) -> Result<Vec<u16>, Discovery
 /// table. Only a row's state column is looked at before the row is read: a
 /// namespace after a connection flood holds 100,000 TIME_WAIT rows, which a
 /// parser of every row (procfs's) takes seconds over each interval.
-fn listen_rows(text: &str) -> impl Iterator<Item = (u64, u16)> + '_ {
+pub fn listen_rows(text: &str) -> impl Iterator<Item = (u64, u16)> + '_ {
     const LISTEN: &str = "0A";
     text.lines().skip(1).filter_map(|line| {
         let mut cols = line.split_whitespace();
@@ -345,11 +345,11 @@ impl Process {
 
 /// Splits cmdline/environ contents, whose entries each end in NUL. An empty
 /// file (kernel thread, zombie) has no entries rather than one empty one.
-fn nul_separated(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub fn nul_separated(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
     raw.split_inclusive(|&b| b == 0).map(|entry| entry.strip_suffix(&[0]).unwrap_or(entry))
 }
 
-fn home_from_environ(environ: &[u8]) -> Option<PathBuf> {
+pub fn home_from_environ(environ: &[u8]) -> Option<PathBuf> {
     // getenv() returns the first match, so we do too.
     let home = nul_separated(environ).find_map(|var| var.strip_prefix(b"HOME="))?;
     (!home.is_empty()).then(|| PathBuf::from(OsStr::from_bytes(home)))
@@ -359,19 +359,19 @@ fn home_from_environ(environ: &[u8]) -> Option<PathBuf> {
 /// the agent sees: uid_map lines are `inside outside count`, with `outside`
 /// in the reader's namespace. Unmapped, the number is kept (what the kernel
 /// shows for it inside is the overflow uid, which no passwd entry has).
-fn uid_inside(uid_map: &str, uid: u32) -> u32 {
+pub fn uid_inside(uid_map: &str, uid: u32) -> u32 {
     uid_map
         .lines()
         .find_map(|line| {
             let fields: Vec<u64> = line.split_whitespace().filter_map(|f| f.parse().ok()).collect();
             let &[inside, outside, count] = fields.as_slice() else { return None };
             let offset = u64::from(uid).checked_sub(outside).filter(|&o| o < count)?;
-            u32::try_from(inside + offset).ok()
+            u32::try_from(inside.checked_add(offset)?).ok()
         })
         .unwrap_or(uid)
 }
 
-fn home_from_passwd(passwd: &str, uid: u32) -> Option<PathBuf> {
+pub fn home_from_passwd(passwd: &str, uid: u32) -> Option<PathBuf> {
     passwd.lines().find_map(|line| {
         // name:password:uid:gid:gecos:home:shell
         let fields: Vec<&str> = line.split(':').collect();
@@ -766,6 +766,52 @@ fn socket_addr(text: &str, default_port: u16) -> Option<SocketAddr> {
         None => (text, default_port),
     };
     (host == "localhost").then(|| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+}
+
+/// What a node's command line and config file text say of its network,
+/// ports, proxies and onion listeners, with no file read (includes are not
+/// followed, paths are not resolved): the parsing `inspect` does, callable
+/// on its own (the fuzz targets do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSettings {
+    pub network: Network,
+    pub p2p_port: Option<u16>,
+    pub rpc_ports: Vec<u16>,
+    pub proxies: Vec<(SocketAddr, PeerNetwork)>,
+    pub onion_ports: Vec<(u16, PeerNetwork)>,
+}
+
+/// `args` is the command line without the program name; `config` the text
+/// of the node's config file (bitcoin.conf, litecoin.conf or bitmonero.conf).
+pub fn parse_node_settings(chain: Chain, args: &[String], config: &str) -> NodeSettings {
+    if chain == Chain::Monero {
+        let mut options = MoneroArgs::from_cmdline(args);
+        options.add_config(config);
+        let network = options.network();
+        let defaults = chain.default_ports(network);
+        let rpc = options.port("rpc-bind-port").or(defaults.map(|d| d.rpc));
+        let (proxies, onion_ports) = monero_proxies(&options);
+        return NodeSettings {
+            network,
+            p2p_port: options.port("p2p-bind-port").or(defaults.map(|d| d.p2p)),
+            rpc_ports: rpc.into_iter().chain(options.port("rpc-restricted-bind-port")).collect(),
+            proxies,
+            onion_ports,
+        };
+    }
+    let mut settings = CoreArgs::from_cmdline(args);
+    settings.config = parse_core_config(config);
+    let net = settings.chain().to_owned();
+    let (network, _, defaults) = core_layout(chain, &net);
+    let port = |key| settings.get(key, &net).and_then(CoreSetting::text).and_then(parse_port);
+    let (proxies, onion_ports) = core_proxies(&settings, &net, defaults);
+    NodeSettings {
+        network,
+        p2p_port: port("port").or(defaults.map(|d| d.p2p)),
+        rpc_ports: port("rpcport").or(defaults.map(|d| d.rpc)).into_iter().collect(),
+        proxies,
+        onion_ports,
+    }
 }
 
 // ---- Monero ---------------------------------------------------------------
@@ -1516,6 +1562,13 @@ mod tests {
         assert_eq!(home_from_passwd(passwd, 998), Some(PathBuf::from("/var/lib/bitcoind")));
         assert_eq!(home_from_passwd(passwd, 0), Some(PathBuf::from("/root")));
         assert_eq!(home_from_passwd(passwd, 1000), None);
+    }
+
+    #[test]
+    fn uid_map_ranges_past_u64_are_no_mapping() {
+        assert_eq!(uid_inside("0 1000 10\n", 1003), 3);
+        // inside + offset overflowed (a panic in a debug build)
+        assert_eq!(uid_inside("18446744073709551615 0 10\n", 5), 5);
     }
 
     /// Gives `pid` a mount namespace other than the agent's, with `root` as

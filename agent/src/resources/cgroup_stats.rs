@@ -231,7 +231,8 @@ fn working_set(usage: Option<u64>, inactive_file: Option<u64>) -> Option<u64> {
     Some(usage?.saturating_sub(inactive_file?))
 }
 
-fn flat_key(text: &str, key: &str) -> Option<u64> {
+/// The value of `key` in a flat-keyed file (`key value` lines: cpu.stat, memory.stat).
+pub fn flat_key(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| {
         let (k, v) = l.split_once(' ')?;
         (k == key).then(|| v.trim().parse().ok()).flatten()
