@@ -265,6 +265,17 @@ fn non_utf8_environment() {
     assert!(err.contains("NODESCOPE_"), "{err}");
 }
 
+/// A RUST_LOG that tracing-subscriber's parser would panic on (a
+/// multi-byte character after a leading space, found by fuzzing log.level):
+/// the agent says it ignores it and runs with log.level.
+#[test]
+fn non_ascii_rust_log_is_ignored_not_a_crash() {
+    common::require_root();
+    let agent = common::Agent::start_with_env("[agent]\ndiscover = false\n", &[("RUST_LOG", " \u{e9}=info")]);
+    assert_eq!(agent.get("/health/live").0, 200);
+    assert!(agent.log().contains("RUST_LOG ignored: ASCII only"), "{}", agent.log());
+}
+
 /// The config path must name a regular file of at most 1 MiB: a FIFO, a
 /// device, a directory or a huge file are refused at once with one line.
 #[test]

@@ -50,8 +50,17 @@ pub fn init_logging(config: &Config) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    // RUST_LOG when it parses; tracing-subscriber 0.3's directive parser
+    // panics on some non-ASCII text (config.rs checks log.level the same way)
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if v.is_ascii() => tracing_subscriber::EnvFilter::try_new(v).ok(),
+        Ok(_) => {
+            eprintln!("nodescope: RUST_LOG ignored: ASCII only; log.level applies");
+            None
+        }
+        Err(_) => None,
+    }
+    .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log.level));
     use std::io::IsTerminal;
     // colour codes only on a terminal: journald and log files get plain text
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
