@@ -150,11 +150,27 @@ pub fn listening_ports(proc_root: &Path, pid: u32) -> Result<Vec<u16>, Discovery
     }
     for table in ["net/tcp", "net/tcp6"] {
         let path = pid_dir(proc_root, pid).join(table);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => ports.extend(listen_rows(&text).filter(|(inode, _)| inodes.contains(inode)).map(|(_, p)| p)),
+        let proc_error = |path: PathBuf, e| DiscoveryError::Proc { path, source: procfs::ProcError::Io(e, None) };
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
             // tcp6 is absent when the kernel has IPv6 disabled.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(DiscoveryError::Proc { path, source: procfs::ProcError::Io(e, None) }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(proc_error(path, e)),
+        };
+        // Row by row through one buffer: after a connection flood the table
+        // is tens of MB (100,000 TIME_WAIT rows), which a whole read would
+        // hold at once.
+        let mut reader = std::io::BufReader::new(file);
+        let mut line = String::new();
+        let mut header = true;
+        loop {
+            line.clear();
+            match std::io::BufRead::read_line(&mut reader, &mut line) {
+                Ok(0) => break,
+                Ok(_) if std::mem::take(&mut header) => {}
+                Ok(_) => ports.extend(listen_row(&line).filter(|(inode, _)| inodes.contains(inode)).map(|(_, p)| p)),
+                Err(e) => return Err(proc_error(path, e)),
+            }
         }
     }
     ports.sort_unstable();
@@ -167,17 +183,21 @@ pub fn listening_ports(proc_root: &Path, pid: u32) -> Result<Vec<u16>, Discovery
 /// namespace after a connection flood holds 100,000 TIME_WAIT rows, which a
 /// parser of every row (procfs's) takes seconds over each interval.
 pub fn listen_rows(text: &str) -> impl Iterator<Item = (u64, u16)> + '_ {
+    text.lines().skip(1).filter_map(listen_row)
+}
+
+/// (socket inode, local port) of one row of such a table, when it is a
+/// LISTEN row.
+pub fn listen_row(line: &str) -> Option<(u64, u16)> {
     const LISTEN: &str = "0A";
-    text.lines().skip(1).filter_map(|line| {
-        let mut cols = line.split_whitespace();
-        let local = cols.nth(1)?;
-        if cols.nth(1)? != LISTEN {
-            return None;
-        }
-        let port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
-        let inode = cols.nth(5)?.parse().ok()?;
-        Some((inode, port))
-    })
+    let mut cols = line.split_whitespace();
+    let local = cols.nth(1)?;
+    if cols.nth(1)? != LISTEN {
+        return None;
+    }
+    let port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
+    let inode = cols.nth(5)?.parse().ok()?;
+    Some((inode, port))
 }
 
 /// Process start time in whole seconds since boot (stat field 22, starttime,
