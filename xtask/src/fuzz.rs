@@ -57,6 +57,23 @@ struct Outcome {
     log: PathBuf,
 }
 
+impl Outcome {
+    /// Nothing known yet of `target`'s run, whose output goes to `log`.
+    fn new(target: &str, log: PathBuf) -> Outcome {
+        Outcome {
+            target: target.to_string(),
+            seconds: 0.0,
+            fuzzed: None,
+            executions: None,
+            exec_per_sec: None,
+            corpus: None,
+            crash: None,
+            failed: false,
+            log,
+        }
+    }
+}
+
 fn fuzz_dir(root: &Path) -> PathBuf {
     root.join("agent/fuzz")
 }
@@ -174,17 +191,7 @@ fn run_target(root: &Path, target: &str, seconds: u64, build: Build) -> Result<O
         .stderr(Stdio::piped());
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(|e| format!("{cmd:?}: {e}"))?;
-    let mut o = Outcome {
-        target: target.to_string(),
-        seconds: 0.0,
-        fuzzed: None,
-        executions: None,
-        exec_per_sec: None,
-        corpus: None,
-        crash: None,
-        failed: false,
-        log: log_path.clone(),
-    };
+    let mut o = Outcome::new(target, log_path.clone());
     let stderr = child.stderr.take().expect("piped");
     for line in BufReader::new(stderr).lines() {
         let Ok(line) = line else { break };
@@ -233,17 +240,7 @@ mod tests {
 
     #[test]
     fn figures_from_libfuzzer_output() {
-        let mut o = Outcome {
-            target: "t".into(),
-            seconds: 0.0,
-            fuzzed: None,
-            executions: None,
-            exec_per_sec: None,
-            corpus: None,
-            crash: None,
-            failed: false,
-            log: PathBuf::new(),
-        };
+        let mut o = Outcome::new("t", PathBuf::new());
         for line in [
             "#2\tINITED cov: 120 ft: 121 corp: 5/310b exec/s: 0 rss: 40Mb",
             "#4096\tpulse  cov: 300 ft: 500 corp: 42/2048b lim: 43 exec/s: 2048 rss: 45Mb",
