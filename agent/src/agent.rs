@@ -23,6 +23,10 @@ use crate::snapshot::{LoopStatus, Shared};
 use crate::target::Targets;
 use crate::telemetry::Telemetry;
 
+/// Below this soft RLIMIT_NOFILE the start-up log warns: the signals'
+/// objects, the state files and the default connection bounds fit in it.
+const MIN_DESCRIPTORS: u64 = 512;
+
 pub fn run(config: Config, fresh: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -52,6 +56,22 @@ pub fn run(config: Config, fresh: bool) -> anyhow::Result<()> {
             })
             .ok()
     });
+
+    // The listener is bound before any eBPF object is loaded: each holds
+    // descriptors (about 90 for all signals), and under a low RLIMIT_NOFILE
+    // a signal the kernel cannot open is off and reported, whereas a
+    // listener that cannot bind leaves no probe to answer.
+    match http::raise_descriptor_limit() {
+        Some(limit) if limit < MIN_DESCRIPTORS => tracing::warn!(
+            "RLIMIT_NOFILE is {limit}: the eBPF signals hold about 90 descriptors and each HTTP connection one; \
+             some signals may be off and connections few (LimitNOFILE= in the unit raises it)"
+        ),
+        Some(_) => {}
+        None => tracing::warn!("RLIMIT_NOFILE unknown: getrlimit failed"),
+    }
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(config.http.listen))
+        .with_context(|| format!("http.listen: binding {}", config.http.listen))?;
 
     let telemetry = Arc::new(Telemetry::new(&config, runtime.handle())?);
     let meter = telemetry.meter();
@@ -110,9 +130,6 @@ pub fn run(config: Config, fresh: bool) -> anyhow::Result<()> {
         tracing::info!("no [[targets]] configured: looking for bitcoind, litecoind and monerod on this host");
     }
 
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(config.http.listen))
-        .with_context(|| format!("http.listen: binding {}", config.http.listen))?;
     // the port the kernel gave when http.listen asks for port 0
     let bound = listener.local_addr().unwrap_or(config.http.listen);
     tracing::info!("serving /metrics and /peers on http://{bound}");

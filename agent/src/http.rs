@@ -442,9 +442,10 @@ impl Bounds {
     }
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard one, and returns the number
-/// of descriptors still free for connections (None: unknown).
-fn free_descriptors() -> Option<usize> {
+/// Raises the soft RLIMIT_NOFILE to the hard one (as systemd and Go do for
+/// their services: the soft 1024 is for select(2), which nothing here uses)
+/// and returns the soft limit now in force (None: unknown).
+pub fn raise_descriptor_limit() -> Option<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
@@ -457,8 +458,14 @@ fn free_descriptors() -> Option<usize> {
             lim = raised;
         }
     }
+    Some(lim.rlim_cur)
+}
+
+/// The number of descriptors still free for connections (None: unknown).
+fn free_descriptors() -> Option<usize> {
+    let limit = raise_descriptor_limit()?;
     let open = std::fs::read_dir("/proc/self/fd").ok()?.count();
-    let limit = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     Some(limit.saturating_sub(open))
 }
 
