@@ -67,6 +67,13 @@ pub fn locate(
         .filter_map(|(ctrl, _)| {
             let mount = mounts.v1.get(*ctrl)?;
             let path = groups.v1.get(*ctrl)?;
+            // A node in a hierarchy's root group (a v1 controller that
+            // nothing on the host delegates) would be given the whole host's
+            // figures, which also go backwards when a device leaves the
+            // blkio sums: that controller's figures are off instead.
+            if path.trim_end_matches('/').is_empty() {
+                return None;
+            }
             Some((ctrl.to_string(), cgroup::join(mount, path)))
         })
         .collect();
@@ -411,5 +418,21 @@ mod tests {
         let forced = locate(CgroupVersion::V2, &hybrid, &[], Some(v2_dir), &groups);
         assert_eq!(forced, Some(CgroupSource::V2(v2_dir.to_path_buf())));
         assert_eq!(locate(CgroupVersion::V1, &Mounts::default(), &[], Some(v2_dir), &groups), None);
+    }
+
+    /// A controller whose group is the root (nothing delegates it) would
+    /// give the host's figures as the node's: it is left out, the others kept.
+    #[test]
+    fn a_root_v1_group_is_not_the_nodes() {
+        let hybrid = Mounts::parse(
+            "33 30 0:29 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n35 30 0:31 / /sys/fs/cgroup/blkio rw - cgroup cgroup rw,blkio\n",
+        );
+        let groups = ProcessCgroups::parse("5:blkio:/\n4:memory:/n\n0::/n\n");
+        let CgroupSource::V1(dirs) = locate(CgroupVersion::V1, &hybrid, &[], None, &groups).unwrap() else {
+            panic!("v1 asked for")
+        };
+        assert_eq!(dirs.keys().collect::<Vec<_>>(), ["memory"]);
+        let only_root = ProcessCgroups::parse("5:blkio:/\n0::/n\n");
+        assert_eq!(locate(CgroupVersion::V1, &hybrid, &[], None, &only_root), None);
     }
 }
