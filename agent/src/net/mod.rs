@@ -600,7 +600,12 @@ impl NetSignal {
             tracked.start_ns = rec.start_ns;
         }
         let start_ns = tracked.start_ns;
+        // A record the iterator made (start 0) can be read before the
+        // "opened" event of the same connection when that event waits in the
+        // ring buffer behind another CPU's uncommitted one: the open is
+        // counted when the event arrives, so it is only marked counted here.
         if !tracked.counted_open && start_ns != 0 {
+            tracked.counted_open = true;
             per.churn.entry((direction, service)).or_default().opened += 1;
             let (d, s) = (direction.as_str(), service.as_str());
             events::conn(start_ns, "open", &target.name, d, s, remote, rec.rport, rec.lport, json!({}));
@@ -608,7 +613,6 @@ impl NetSignal {
                 *fold.inbound.entry(index).or_default().entry(tracked.netgroup.clone()).or_default() += 1;
             }
         }
-        tracked.counted_open = true;
 
         let bytes = payload(&rec, direction);
         let delta = Bytes {
