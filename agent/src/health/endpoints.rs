@@ -83,9 +83,20 @@ pub fn respond(
             .target(name)
             .ok_or_else(|| (StatusCode::NOT_FOUND, json!({ "error": format!("no target named {name:?}") })))
     };
+    // Before the first evaluation nothing is known of any node: the
+    // node-level verdicts say so with 503 rather than a "healthy" that no
+    // figure backs (and a target's name is not yet known to be wrong).
+    let starting = (StatusCode::SERVICE_UNAVAILABLE, json!({ "status": "starting", "timestamp": now_unix }));
+    if !health.evaluated
+        && matches!(endpoint, Endpoint::Health | Endpoint::Detailed | Endpoint::Target(_) | Endpoint::TargetDetailed(_))
+    {
+        return starting;
+    }
+    // With no node found there is no node to call healthy.
+    let overall = |h: &HealthSnapshot| if h.targets.is_empty() { Status::Unhealthy } else { h.status() };
     let answer = match endpoint {
         Endpoint::Health => {
-            let s = health.status();
+            let s = overall(health);
             Ok((verdict(s), json!({ "status": s.as_str(), "timestamp": now_unix })))
         }
         Endpoint::Live => {
@@ -112,7 +123,7 @@ pub fn respond(
                 }),
             ))
         }
-        Endpoint::Detailed => Ok((verdict(health.status()), detailed(health))),
+        Endpoint::Detailed => Ok((verdict(overall(health)), detailed(health))),
         Endpoint::Target(name) => {
             target(name).map(|t| (verdict(t.status), json!({ "status": t.status.as_str(), "timestamp": now_unix })))
         }
@@ -237,7 +248,8 @@ fn target_section(t: &TargetHealth) -> Value {
 
 pub fn detailed(health: &HealthSnapshot) -> Value {
     let all: Vec<&TargetHealth> = health.targets.iter().collect();
-    let mut m = sections(health.status(), &all);
+    let status = if all.is_empty() { Status::Unhealthy } else { health.status() };
+    let mut m = sections(status, &all);
     let rules = health.targets.iter().flat_map(|t| t.rules.iter().map(|r| rule_json(Some(&t.name), r))).collect();
     m.insert("rules".into(), Value::Array(rules));
     m.insert("targets".into(), Value::Array(health.targets.iter().map(target_section).collect()));
@@ -324,6 +336,26 @@ mod tests {
         assert_eq!(get(&not_yet, "/health/targets/ltc/ready").0, 503);
         let empty = HealthSnapshot { evaluated: true, probes_attached: true, ..Default::default() };
         assert_eq!(get(&empty, "/health/ready").1["status"], "not_ready");
+    }
+
+    /// No verdict is claimed before the first evaluation, and no node is
+    /// not a healthy node.
+    #[test]
+    fn before_the_first_evaluation_and_without_targets() {
+        let mut first = snapshot(State::Ok, Severity::Critical);
+        first.evaluated = false;
+        for path in ["/health", "/health/detailed", "/health/targets/ltc", "/health/targets/ltc/detailed"] {
+            let (code, v) = get(&first, path);
+            assert_eq!((code, v["status"].as_str()), (503, Some("starting")), "{path}");
+        }
+        assert_eq!(get(&first, "/health/ready").0, 503);
+        assert_eq!(get(&first, "/health/live").0, 200, "liveness is the agent's, not the node's");
+        let empty = HealthSnapshot { evaluated: true, probes_attached: true, ..Default::default() };
+        for path in ["/health", "/health/detailed"] {
+            let (code, v) = get(&empty, path);
+            assert_eq!((code, v["status"].as_str()), (503, Some("unhealthy")), "{path}");
+        }
+        assert_eq!(get(&empty, "/health/detailed").1["targets"], json!([]));
     }
 
     #[test]
