@@ -69,6 +69,13 @@ sysctl -qw kernel.bpf_stats_enabled=1
 start_agent 1
 blocks=${BLOCKS:-6}
 per_block=${PER_BLOCK:-500}
+# beside it, an empty program on the same tracepoint (tests/bench/floor.py):
+# what running any program there costs in this VM state at this moment
+python3 "$(dirname "$0")/floor.py" inet_sock_set_state </dev/null >"$work/floor.id" &
+pids+=($!)
+for _ in $(seq 50); do [ -s "$work/floor.id" ] && break; sleep 0.1; done
+floor_id=$(cat "$work/floor.id")
+[ -n "$floor_id" ] || { echo "bench net: the empty program did not attach" >&2; exit 1; }
 bpftool prog show --json >"$work/progs.0.json"
 for b in $(seq "$blocks"); do
     python3 - "$churn_port" "$per_block" <<'PY'
@@ -91,11 +98,11 @@ stop_agent
 sysctl -qw kernel.bpf_stats_enabled="$stats_before"
 
 counted=$(echo "$metrics" | awk '/^nodescope_connection_opened_total/ && /nodescope_target="bench"/ {s+=$NF} END {print s+0}')
-python3 - "$work" "$blocks" "$prog_ids" "$counted" "$((blocks * per_block))" <<PY
+python3 - "$work" "$blocks" "$prog_ids" "$counted" "$((blocks * per_block))" "$floor_id" <<PY
 import json, statistics, sys
 work, blocks = sys.argv[1], int(sys.argv[2])
 counted, made = int(float(sys.argv[4])), int(sys.argv[5])
-ids = {int(i) for i in sys.argv[3].split(",") if i}
+ids = {int(i) for i in sys.argv[3].split(",") if i} | {int(sys.argv[6])}
 def load(tag):
     return [p for p in json.load(open(f"{work}/progs.{tag}.json")) if p["id"] in ids]
 def stat(progs, name):
@@ -116,16 +123,24 @@ for label, off, on, target in [("iperf3 bulk (Gbit/s, median)", bulk_off, bulk_o
     if on / off < target: failed.append(f"{label} ratio {on/off:.3f} < {target}")
 print("raw rounds: bulk off [$(echo ${res[bulk-off]})] on [$(echo ${res[bulk-on]})]")
 print("            1KiB off [$(echo ${res[small-off]})] on [$(echo ${res[small-on]})]")
-per_block = []
-for a, b in zip(snaps, snaps[1:]):
-    (t0, c0), (t1, c1) = stat(a, "on_tcp_state"), stat(b, "on_tcp_state")
-    if c1 > c0: per_block.append((t1 - t0) / (c1 - c0))
+def per_run(name):
+    out = []
+    for a, b in zip(snaps, snaps[1:]):
+        (t0, c0), (t1, c1) = stat(a, name), stat(b, name)
+        if c1 > c0: out.append((t1 - t0) / (c1 - c0))
+    return out
+per_block, floor = per_run("on_tcp_state"), per_run("bench_floor")
 if len(per_block) < blocks:
     failed.append("on_tcp_state did not run in every churn block: the probes were not attached")
+elif len(floor) < blocks:
+    failed.append("the empty program did not run in every churn block")
 else:
-    med = statistics.median(per_block)
+    med, fmed = statistics.median(per_block), statistics.median(floor)
     print(f"on_tcp_state    state tracepoint, per TCP state change   {med:8.0f} ns/run, median of {blocks} blocks "
           f"(min {min(per_block):.0f}, max {max(per_block):.0f})   target <= 150 ns")
+    print(f"bench_floor     an empty program, same tracepoint        {fmed:8.0f} ns/run, median of {blocks} blocks "
+          f"(min {min(floor):.0f}, max {max(floor):.0f}): the kernel's cost of any program there now")
+    print(f"                on_tcp_state's own work over that floor  {med - fmed:8.0f} ns/run")
     if med > 150: failed.append(f"on_tcp_state {med:.0f} ns/run > 150")
 for name, what in [("tcp_iter", "tcp iterator, per socket visited"),
                    ("scope_fork", "fork of any process (scope)"),
