@@ -138,16 +138,45 @@ pub fn inspect(proc_root: &Path, pid: u32, chain: Chain) -> Result<NodeInfo, Dis
 }
 
 /// TCP ports the process listens on: its socket inodes (from /proc/PID/fd)
-/// that appear as LISTEN rows in /proc/PID/net/tcp and tcp6. Those tables are
-/// per network namespace, so reading them through the pid sees the node's
-/// namespace rather than ours. Sorted, deduplicated.
+/// that are listening sockets of its network namespace. On the live /proc
+/// those come from a LISTEN-only sock_diag dump made in the node's namespace
+/// (sockdiag.rs: its cost does not grow with the namespace's connections);
+/// where that cannot be had (another proc root, no privilege to join the
+/// namespace) from the LISTEN rows of /proc/PID/net/tcp and tcp6, which are
+/// per namespace too. Sorted, deduplicated.
 pub fn listening_ports(proc_root: &Path, pid: u32) -> Result<Vec<u16>, DiscoveryError> {
     let process = proc_process(proc_root, pid)?;
     let inodes = socket_inodes_of(&process, &pid_dir(proc_root, pid))?;
-    let mut ports = Vec::new();
     if inodes.is_empty() {
-        return Ok(ports);
+        return Ok(Vec::new());
     }
+    if proc_root == Path::new("/proc") {
+        let dumped = if crate::netns::is_ours(pid) {
+            crate::sockdiag::listeners()
+        } else {
+            crate::netns::run_in(pid, crate::sockdiag::listeners).and_then(|r| r)
+        };
+        match dumped {
+            Ok(listeners) => {
+                let mut ports: Vec<u16> =
+                    listeners.into_iter().filter(|(inode, _)| inodes.contains(inode)).map(|(_, p)| p).collect();
+                ports.sort_unstable();
+                ports.dedup();
+                return Ok(ports);
+            }
+            Err(e) => tracing::debug!("listening sockets of pid {pid} by sock_diag: {e}; reading its TCP tables"),
+        }
+    }
+    listening_ports_from_tables(proc_root, pid, &inodes)
+}
+
+/// listening_ports from the LISTEN rows of /proc/PID/net/tcp and tcp6.
+fn listening_ports_from_tables(
+    proc_root: &Path,
+    pid: u32,
+    inodes: &std::collections::HashSet<u64>,
+) -> Result<Vec<u16>, DiscoveryError> {
+    let mut ports = Vec::new();
     for table in ["net/tcp", "net/tcp6"] {
         let path = pid_dir(proc_root, pid).join(table);
         let proc_error = |path: PathBuf, e| DiscoveryError::Proc { path, source: procfs::ProcError::Io(e, None) };
@@ -1729,6 +1758,10 @@ mod tests {
         if let Some(port) = port {
             assert!(ports.contains(&port), "{port} not in {ports:?}");
         }
+        // the sock_diag dump against the kernel's own TCP tables
+        let process = proc_process(proc_root, me).unwrap();
+        let inodes = socket_inodes_of(&process, &pid_dir(proc_root, me)).unwrap();
+        assert_eq!(ports, listening_ports_from_tables(proc_root, me, &inodes).unwrap());
         drop(listener);
         assert!(is_alive(proc_root, me));
         assert!(start_time_ticks(proc_root, me).is_some());

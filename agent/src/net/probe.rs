@@ -1,7 +1,6 @@
 //! Loads `net.bpf.c`, tells it which sockets to watch and reads its records.
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
 
 use aya::maps::{MapData, RingBuf};
 use aya::programs::{BtfTracePoint, Iter};
@@ -150,23 +149,9 @@ impl NetProbe {
         let link = iter.take_link(link_id).map_err(err)?;
         let mut file = match netns_of {
             None => link.into_file().map_err(|e| BpfError::Iter(e.to_string()))?,
-            Some(pid) => std::thread::scope(|s| {
-                s.spawn(move || -> Result<std::fs::File, BpfError> {
-                    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-                        .map_err(|e| BpfError::Iter(format!("opening /proc/{pid}/ns/net: {e}")))?;
-                    // SAFETY: setns on a valid namespace fd; it changes only
-                    // this thread, which ends right after.
-                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(BpfError::Iter(format!(
-                            "joining the network namespace of pid {pid}: {}",
-                            std::io::Error::last_os_error()
-                        )));
-                    }
-                    link.into_file().map_err(|e| BpfError::Iter(e.to_string()))
-                })
-                .join()
-                .map_err(|_| BpfError::Iter("network namespace thread panicked".into()))?
-            })?,
+            Some(pid) => crate::netns::run_in(pid, move || link.into_file())
+                .map_err(|e| BpfError::Iter(e.to_string()))?
+                .map_err(|e| BpfError::Iter(e.to_string()))?,
         };
         // The program prints nothing; reading to the end is what runs it.
         let mut sink = Vec::new();
