@@ -269,8 +269,13 @@ int BPF_PROG(on_tcp_state, struct sock *sk, int oldstate, int newstate)
 	struct ns_conn *c = bpf_map_lookup_elem(&ns_conns, &cookie);
 	if (!c) {
 		/* an accepted connection closing before its first iterator pass
-		 * (or a socket of someone else's that has a cookie) */
-		if (newstate != TCP_CLOSE)
+		 * (or a socket of someone else's that has a cookie). Cookies are
+		 * also given by anyone who asks (sock_diag dumps such as `ss` or
+		 * the agent's own listener lookup, SO_COOKIE): a listener, a
+		 * connect that never got through, or a handshake that never
+		 * completed was never a connection, and is not one at its close. */
+		if (newstate != TCP_CLOSE || oldstate == TCP_LISTEN || oldstate == TCP_SYN_SENT ||
+		    oldstate == TCP_SYN_RECV)
 			return 0;
 		struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
 		if (tp && match_target(sk, 0, local_port(sk, tp), &target))

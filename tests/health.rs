@@ -104,20 +104,6 @@ fn log_count(agent: &Agent, needle: &str) -> usize {
     agent.log().matches(needle).count()
 }
 
-/// The one sample of `name` with all of `labels`; None when there is none.
-fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut found = text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| {
-        let (series, value) = l.rsplit_once(' ')?;
-        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-        let rest = rest.trim_end_matches('}');
-        (n == name && labels.iter().all(|(k, v)| rest.split(',').any(|kv| kv == format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().unwrap())
-    });
-    let v = found.next();
-    assert!(found.next().is_none(), "more than one {name} series with {labels:?}");
-    v
-}
-
 fn labels<'a>(rule: &'a str, severity: &'a str) -> [(&'a str, &'a str); 3] {
     [("nodescope_target", "ltc"), ("nodescope_rule", rule), ("nodescope_rule_severity", severity)]
 }
@@ -252,9 +238,9 @@ fn assert_shapes(agent: &Agent, node: &Litecoind, disabled: &[&str]) {
     assert_eq!(agent.get("/peers").0, 200);
 
     let m = agent.metrics();
-    let status = metric_value(&m, "nodescope_health_status", &[("nodescope_target", "ltc")]);
+    let status = series(&m, "nodescope_health_status", &[("nodescope_target", "ltc")]);
     assert!(status == Some(0.0) || status == Some(1.0), "{m}");
-    assert_eq!(metric_value(&m, "nodescope_rule_state", &labels("no_peers", "critical")), Some(0.0), "{m}");
+    assert_eq!(series(&m, "nodescope_rule_state", &labels("no_peers", "critical")), Some(0.0), "{m}");
     for id in ALL_RULES.iter().filter(|r| !disabled.contains(r)) {
         assert!(m.contains(&format!("nodescope_rule=\"{id}\"")), "no nodescope_rule_state series for {id}");
     }
@@ -320,8 +306,8 @@ fn no_peers_fires_after_its_duration_and_clears_after_its_clear_duration() {
     assert!(since >= off_unix.floor() && since <= off_unix + 3.0, "condition since {since}, peers left at {off_unix}");
     assert!(r["since"].as_u64().unwrap() as f64 >= since + 4.0, "{r}");
     let m = agent.metrics();
-    assert_eq!(metric_value(&m, "nodescope_health_status", &[("nodescope_target", "ltc")]), Some(2.0));
-    assert_eq!(metric_value(&m, "nodescope_rule_state", &labels("no_peers", "critical")), Some(2.0));
+    assert_eq!(series(&m, "nodescope_health_status", &[("nodescope_target", "ltc")]), Some(2.0));
+    assert_eq!(series(&m, "nodescope_rule_state", &labels("no_peers", "critical")), Some(2.0));
     assert_eq!(log_count(&agent, "health rule no_peers firing"), 1, "{}", agent.log());
 
     // -- peers back: firing until clear_after has passed
@@ -842,8 +828,8 @@ fn no_blocks_while_connected_is_chain_stalled() {
     assert_eq!(code, 200, "a warning degrades, it does not fail /health: {body}");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["status"], "degraded");
     let m = agent.metrics();
-    assert_eq!(metric_value(&m, "nodescope_rule_state", &labels("chain_stalled", "warning")), Some(2.0));
-    assert_eq!(metric_value(&m, "nodescope_health_status", &[("nodescope_target", "ltc")]), Some(1.0));
+    assert_eq!(series(&m, "nodescope_rule_state", &labels("chain_stalled", "warning")), Some(2.0));
+    assert_eq!(series(&m, "nodescope_health_status", &[("nodescope_target", "ltc")]), Some(1.0));
 
     node.mine(1);
     wait_rule(&agent, "chain_stalled", "ok", Duration::from_secs(5));

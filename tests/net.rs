@@ -240,6 +240,50 @@ fn churn_counts_are_exact() {
     drop(cgroup);
 }
 
+/// A listening socket is not a connection, whoever gave it a socket cookie:
+/// after `ss` (a sock_diag dump, as an operator runs; the agent's own
+/// listener lookup is one too) lists the node's listeners, the node stops
+/// and its P2P and RPC listeners close, and no close is counted for them.
+/// The truth: the one inbound peer the test made, opened and closed once.
+#[test]
+fn listeners_closing_are_not_connections() {
+    require_root();
+    require_tool("ss", "iproute2");
+    let cgroup = Cgroup::new();
+    let node = Litecoind::start(Some(&cgroup), &["-connect=0".to_string()]);
+    let agent = Agent::start(&agent_config(&node, &cgroup));
+    let visitor = Litecoind::start(None, &[format!("-connect={}", node.addr())]);
+    node.wait_peers(1);
+    drop(visitor);
+    node.wait_peers(0);
+    let out = Command::new("ss").args(["-tlnH", &format!("sport = :{}", node.port)]).output().unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(listed.contains(&format!(":{}", node.port)), "ss did not list the node's P2P listener: {listed:?}");
+    let before = settled_metrics(&agent);
+    drop(node);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = settled_metrics(&agent);
+    let count = |m: &str, metric: &str, service: &str| {
+        let labels = [
+            ("nodescope_target", "ltc"),
+            ("nodescope_connection_direction", "inbound"),
+            ("nodescope_service", service),
+        ];
+        series(m, metric, &labels).unwrap_or_else(|| panic!("no {metric} series for inbound {service}:\n{m}"))
+    };
+    let report = format!("before:\n{before}\nafter:\n{after}");
+    for metric in ["nodescope_connection_opened_total", "nodescope_connection_closed_total"] {
+        assert_eq!(count(&before, metric, "p2p"), 1.0, "{metric}, the one visitor: {report}");
+        assert_eq!(count(&after, metric, "p2p"), 1.0, "{metric} after the node's listeners closed: {report}");
+    }
+    let rpc_closed = |m: &str| {
+        metric_sum(m, "nodescope_connection_closed_total", &[("nodescope_target", "ltc"), ("nodescope_service", "rpc")])
+    };
+    assert_eq!(rpc_closed(&after), rpc_closed(&before), "the RPC listener's close: {report}");
+    drop(agent);
+    drop(cgroup);
+}
+
 /// With no [[targets]], nodescope finds litecoind by itself and reads its P2P
 /// port from its command line: the watched node's inbound peer shows up as a
 /// P2P peer of a discovered target named after chain and network.

@@ -27,25 +27,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 // ---------------------------------------------------------------- helpers
 
-/// The value of the one series of `name` whose labels include `labels`;
-/// None when there is no such series.
-fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((head, value)) = line.rsplit_once(' ') else { continue };
-        let (n, rest) = match head.split_once('{') {
-            Some((n, r)) => (n, r.trim_end_matches('}')),
-            None => (head, ""),
-        };
-        if n != name || !labels.iter().all(|(k, v)| rest.split(',').any(|kv| kv == format!("{k}=\"{v}\""))) {
-            continue;
-        }
-        assert!(found.is_none(), "more than one {name} series for {labels:?}:\n{text}");
-        found = Some(value.parse::<f64>().unwrap());
-    }
-    found
-}
-
 fn of(agent: &Agent, name: &str, target: &str) -> Option<f64> {
     series(&agent.metrics(), name, &[("nodescope_target", target)])
 }

@@ -445,6 +445,25 @@ impl Drop for Agent {
     }
 }
 
+/// The value of the one series of `name` whose labels include `labels`;
+/// None when there is no such series.
+pub fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((head, value)) = line.rsplit_once(' ') else { continue };
+        let (n, rest) = match head.split_once('{') {
+            Some((n, r)) => (n, r.trim_end_matches('}')),
+            None => (head, ""),
+        };
+        if n != name || !labels.iter().all(|(k, v)| rest.split(',').any(|kv| kv == format!("{k}=\"{v}\""))) {
+            continue;
+        }
+        assert!(found.is_none(), "more than one {name} series for {labels:?}:\n{text}");
+        found = Some(value.parse::<f64>().unwrap());
+    }
+    found
+}
+
 /// Sum of a Prometheus metric's samples whose labels include all of `labels`.
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
