@@ -277,6 +277,13 @@ impl SelfMetrics {
         let counters = Arc::new(SelfCounters::default());
         let c = counters.clone();
         meter
+            .u64_observable_counter("nodescope.state.histograms_restarted")
+            .with_description(
+                "Saved histograms of a target that restarted from zero at start: more observations than the agent replays (crate::state::MAX_HISTOGRAM_REPLAY)",
+            )
+            .with_callback(|o| o.observe(crate::state::histograms_restarted(), &[]))
+            .build();
+        meter
             .u64_observable_counter("nodescope.config.reloads")
             .with_description(
                 "Config reloads on SIGHUP: applied, or rejected (the running config kept, the reason logged)",

@@ -20,6 +20,35 @@ const FILE: &str = "state.json";
 /// peers per target; a bigger one is not ours).
 const MAX_BYTES: u64 = 64 << 20;
 
+/// A restored histogram is handed to its instrument one observation at a
+/// time (OpenTelemetry's histograms take no count), so its replay is
+/// bounded: past this many observations (about 0.2 s of the first
+/// collection) a target's histogram restarts from zero instead, which
+/// Prometheus sees as a reset of that histogram only. Counted in
+/// `nodescope_state_histograms_restarted_total`.
+pub const MAX_HISTOGRAM_REPLAY: u64 = 1_000_000;
+
+static HISTOGRAMS_RESTARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether a restored histogram of `observations` is replayed; if not, the
+/// caller starts it from zero, and this counts and logs it.
+pub fn replay_histogram(signal: &str, target: &str, observations: u64) -> bool {
+    if observations <= MAX_HISTOGRAM_REPLAY {
+        return true;
+    }
+    HISTOGRAMS_RESTARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(
+        "{signal}: the saved histograms of target {target} hold {observations} observations, more than the \
+         {MAX_HISTOGRAM_REPLAY} replayed at start: they restart from zero (the counters go on)"
+    );
+    false
+}
+
+/// Restored histograms started from zero (replay_histogram).
+pub fn histograms_restarted() -> u64 {
+    HISTOGRAMS_RESTARTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("agent.state_dir {path}: {source}")]

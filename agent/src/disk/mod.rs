@@ -259,6 +259,10 @@ impl PerTarget {
             }
             per.syncs.insert((class, call), lat);
         }
+        if !crate::state::replay_histogram("disk", &per.name, per.new_syncs.iter().map(|d| d.count).sum()) {
+            per.new_syncs.clear();
+            per.syncs.clear();
+        }
         per.last_write_unix = saved.last_write.into_iter().collect();
         per
     }

@@ -691,6 +691,10 @@ impl PerTarget {
             replay.extend(l.replay().map(|(secs, n)| (d, s, secs, n)));
             lifetimes.insert((d, s), l);
         }
+        if !crate::state::replay_histogram("network", &saved.name, replay.iter().map(|r| r.3).sum()) {
+            replay.clear();
+            lifetimes.clear();
+        }
         PerTarget {
             name: saved.name,
             churn,
@@ -798,6 +802,16 @@ mod tests {
         assert_eq!(per.lifetimes[&(d, s)], l);
         // each bucket's mean, in its own bucket, as often as it was seen
         assert_eq!(per.replay, vec![(d, s, 0.75, 2), (d, s, 5.25, 2), (d, s, 1e7, 1)]);
+
+        // past the replay bound the histogram starts from zero, counted
+        let mut big = LifetimeTotals::default();
+        big.add(2.0, crate::state::MAX_HISTOGRAM_REPLAY + 1);
+        let before = crate::state::histograms_restarted();
+        let saved =
+            SavedTarget { name: "u".into(), lifetimes: vec![(d, s, big)], ..serde_json::from_str(&json).unwrap() };
+        let per = PerTarget::restore(saved, 4, now);
+        assert!(per.replay.is_empty() && per.lifetimes.is_empty());
+        assert_eq!(crate::state::histograms_restarted(), before + 1);
     }
 
     #[test]
