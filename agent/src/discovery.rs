@@ -723,16 +723,13 @@ fn inspect_core(process: &Process, pid: u32, chain: Chain, args: &[String]) -> N
     }
 
     let net = settings.chain().to_owned();
-    let (network, subdir, defaults) = core_layout(chain, &net);
+    let NodeSettings { network, p2p_port, rpc_ports, proxies, onion_ports } = NodeSettings::of_core(chain, &settings);
+    let (_, subdir, _) = core_layout(chain, &net);
     // A datadir= in the config moves the data, though not the config already read.
     let datadir = match settings.get("datadir", &net).and_then(CoreSetting::text) {
         Some(datadir) => Some(process.absolute(datadir)),
         None => base,
     };
-    let port = |key| settings.get(key, &net).and_then(CoreSetting::text).and_then(parse_port);
-    let p2p = port("port").or(defaults.map(|d| d.p2p));
-    let rpc = port("rpcport").or(defaults.map(|d| d.rpc));
-    let (proxies, onion_ports) = core_proxies(&settings, &net, defaults);
     let network_datadir = datadir.as_deref().map(|dir| with_subdir(dir, subdir));
     // -debuglogfile: relative to the network's data dir; -nodebuglogfile: no file
     let log_file = match settings.get("debuglogfile", &net) {
@@ -747,8 +744,8 @@ fn inspect_core(process: &Process, pid: u32, chain: Chain, args: &[String]) -> N
         network,
         network_datadir,
         datadir,
-        p2p_ports: p2p.into_iter().collect(),
-        rpc_ports: rpc.into_iter().collect(),
+        p2p_ports: p2p_port.into_iter().collect(),
+        rpc_ports,
         proxies,
         onion_ports,
         log_file,
@@ -836,30 +833,45 @@ pub fn parse_node_settings(chain: Chain, args: &[String], config: &str) -> NodeS
     if chain == Chain::Monero {
         let mut options = MoneroArgs::from_cmdline(args);
         options.add_config(config);
-        let network = options.network();
-        let defaults = chain.default_ports(network);
-        let rpc = options.port("rpc-bind-port").or(defaults.map(|d| d.rpc));
-        let (proxies, onion_ports) = monero_proxies(&options);
-        return NodeSettings {
-            network,
-            p2p_port: options.port("p2p-bind-port").or(defaults.map(|d| d.p2p)),
-            rpc_ports: rpc.into_iter().chain(options.port("rpc-restricted-bind-port")).collect(),
-            proxies,
-            onion_ports,
-        };
+        return NodeSettings::of_monero(&options);
     }
     let mut settings = CoreArgs::from_cmdline(args);
     settings.config = parse_core_config(config);
-    let net = settings.chain().to_owned();
-    let (network, _, defaults) = core_layout(chain, &net);
-    let port = |key| settings.get(key, &net).and_then(CoreSetting::text).and_then(parse_port);
-    let (proxies, onion_ports) = core_proxies(&settings, &net, defaults);
-    NodeSettings {
-        network,
-        p2p_port: port("port").or(defaults.map(|d| d.p2p)),
-        rpc_ports: port("rpcport").or(defaults.map(|d| d.rpc)).into_iter().collect(),
-        proxies,
-        onion_ports,
+    NodeSettings::of_core(chain, &settings)
+}
+
+impl NodeSettings {
+    /// From Core's settings, command line and config merged.
+    fn of_core(chain: Chain, settings: &CoreArgs) -> NodeSettings {
+        let net = settings.chain();
+        let (network, _, defaults) = core_layout(chain, net);
+        let port = |key| settings.get(key, net).and_then(CoreSetting::text).and_then(parse_port);
+        let (proxies, onion_ports) = core_proxies(settings, net, defaults);
+        NodeSettings {
+            network,
+            p2p_port: port("port").or(defaults.map(|d| d.p2p)),
+            rpc_ports: port("rpcport").or(defaults.map(|d| d.rpc)).into_iter().collect(),
+            proxies,
+            onion_ports,
+        }
+    }
+
+    /// From monerod's options, command line and config merged.
+    fn of_monero(options: &MoneroArgs) -> NodeSettings {
+        let network = options.network();
+        let defaults = Chain::Monero.default_ports(network);
+        let rpc = options.port("rpc-bind-port").or(defaults.map(|d| d.rpc));
+        // The restricted RPC server only runs when asked for; it has no default.
+        let mut rpc_ports: Vec<u16> = rpc.into_iter().chain(options.port("rpc-restricted-bind-port")).collect();
+        rpc_ports.dedup();
+        let (proxies, onion_ports) = monero_proxies(options);
+        NodeSettings {
+            network,
+            p2p_port: options.port("p2p-bind-port").or(defaults.map(|d| d.p2p)),
+            rpc_ports,
+            proxies,
+            onion_ports,
+        }
     }
 }
 
@@ -955,17 +967,8 @@ fn inspect_monero(process: &Process, pid: u32, args: &[String]) -> NodeInfo {
         options.add_config(&text);
     }
 
-    let network = options.network();
+    let NodeSettings { network, p2p_port, rpc_ports, proxies, onion_ports } = NodeSettings::of_monero(&options);
     let datadir = options.path(process, "data-dir").or(default_base);
-    let defaults = chain.default_ports(network);
-    let p2p = options.port("p2p-bind-port").or(defaults.map(|d| d.p2p));
-    let rpc = options.port("rpc-bind-port").or(defaults.map(|d| d.rpc));
-    // The restricted RPC server only runs when asked for; it has no default.
-    let restricted = options.port("rpc-restricted-bind-port");
-
-    let mut rpc_ports: Vec<u16> = rpc.into_iter().chain(restricted).collect();
-    rpc_ports.dedup();
-    let (proxies, onion_ports) = monero_proxies(&options);
     // monerod appends the network subdir even to an explicit --data-dir.
     let network_datadir = datadir.as_deref().map(|dir| with_subdir(dir, chain.network_subdir(network)));
     // bitmonero.log sits in that dir unless --log-file names another
@@ -977,7 +980,7 @@ fn inspect_monero(process: &Process, pid: u32, args: &[String]) -> NodeInfo {
         network,
         network_datadir,
         datadir,
-        p2p_ports: p2p.into_iter().collect(),
+        p2p_ports: p2p_port.into_iter().collect(),
         rpc_ports,
         proxies,
         onion_ports,
