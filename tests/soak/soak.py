@@ -106,10 +106,12 @@ def regtest_args(datadir, port, rpcport, bind):
             "-rpcpassword=p", "-listen=1", f"-bind={bind}", "-rpcbind=127.0.0.1", "-rpcallowip=127.0.0.1",
             "-discover=0", "-listenonion=0", "-dnsseed=0", "-fallbackfee=0.0002", "-printtoconsole=0",
             "-daemon=0", "-connect=0",
-            # MWEB never activates (its deployment times out at once): on
-            # regtest it would at height 432, after which generatetoaddress
-            # fails (bad-txns-vin-empty) and the miner would stop relaying
-            "-vbparams=mweb:0:1"]
+            # MWEB never activates: on regtest it does at height 432, after
+            # which generatetoaddress fails (bad-txns-vin-empty) and the
+            # miner stops relaying. A start time far in the future keeps the
+            # deployment "defined" (checked to height 450); a timeout in the
+            # past does not (litecoind locks it in at 288 all the same).
+            "-vbparams=mweb:999999999999:999999999999"]
 
 
 def cli(rpcport, *args, timeout=60):
