@@ -763,7 +763,10 @@ fn full_filesystem_is_disk_critical_and_not_ready() {
         let theirs = r["evidence"]["available_percent"].as_f64()?;
         (r["state"] == "firing" && (theirs - pct).abs() < 0.5).then_some(r)
     });
-    eprintln!("disk_critical evidence {} (df: {pct:.2}% available; it first fired with {})", r["evidence"], first["evidence"]);
+    eprintln!(
+        "disk_critical evidence {} (df: {pct:.2}% available; it first fired with {})",
+        r["evidence"], first["evidence"]
+    );
     assert_eq!(r["evidence"]["size_bytes"], size);
     assert_eq!(agent.get("/health").0, 503);
     let (code, body) = agent.get("/health/ready");
