@@ -1463,6 +1463,14 @@ const NOT_IN_SCENE: &[(&str, &str)] = &[
     ("nodescope_cgroup_memory_limit_bytes", "the test's cgroup has no memory limit"),
     ("nodescope_datadir_days_until_full", "a regtest data dir does not grow steadily enough for a forecast"),
     ("nodescope_file_sync_errors_total", "no sync call of the scene's node fails (the series appears with an error)"),
+    (
+        "nodescope_cgroup_cpu_throttled_seconds_total",
+        "on a hybrid host the scene's node is in no v1 cpu group of its own (the root is the host's), and cgroup2 carries no cpu controller",
+    ),
+    (
+        "nodescope_cgroup_cpu_throttled_periods_total",
+        "on a hybrid host the scene's node is in no v1 cpu group of its own (the root is the host's), and cgroup2 carries no cpu controller",
+    ),
 ];
 
 /// Against a live agent watching a real node, scraped by a real Prometheus

@@ -23,6 +23,10 @@ const V1_UNLIMITED: u64 = 1 << 62;
 pub const CONTROLLERS: &[(&str, &str)] =
     &[("cpu", "cpu"), ("cpuacct", "cpu"), ("memory", "memory"), ("blkio", "io"), ("pids", "pids")];
 
+/// The key, among a V1 source's controllers, of the node's cgroup2 group:
+/// its CPU time when the node's v1 cpuacct group is the root.
+pub const UNIFIED: &str = "unified";
+
 /// Which hierarchy to read; hybrid hosts have both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -78,6 +82,15 @@ pub fn locate(
         })
         .collect();
     let v2 = v2_dir.map(|d| CgroupSource::V2(d.to_path_buf()));
+    let mut v1 = v1;
+    // Every cgroup2 group has a cpu.stat with the group's CPU time, with or
+    // without the cpu controller: when the node's cpuacct group is the
+    // root, its CPU time is read there (see read_v1).
+    if !v1.is_empty() && !v1.contains_key("cpuacct") {
+        if let Some(d) = v2_dir {
+            v1.insert(UNIFIED.to_string(), d.to_path_buf());
+        }
+    }
     let v1 = (!v1.is_empty()).then_some(CgroupSource::V1(v1));
     match preference {
         CgroupVersion::V2 => v2,
@@ -189,7 +202,11 @@ fn read_v2(r: &mut Reader, dir: &Path) -> CgroupStats {
 
 fn read_v1(r: &mut Reader, dirs: &BTreeMap<String, PathBuf>) -> CgroupStats {
     let mut s = CgroupStats { version: "v1", ..Default::default() };
-    if let Some(d) = r.v1_dir(dirs, "cpuacct") {
+    if let Some(d) = dirs.get(UNIFIED).filter(|_| !dirs.contains_key("cpuacct")) {
+        let path = d.join("cpu.stat");
+        let text = r.read(&path);
+        s.cpu_usage_seconds = r.key(&path, text.as_deref(), "usage_usec").map(|us| us as f64 / 1e6);
+    } else if let Some(d) = r.v1_dir(dirs, "cpuacct") {
         s.cpu_usage_seconds = r.number(&d.join("cpuacct.usage")).map(|ns| ns as f64 / 1e9);
     }
     if let Some(d) = r.v1_dir(dirs, "cpu") {
@@ -434,5 +451,12 @@ mod tests {
         assert_eq!(dirs.keys().collect::<Vec<_>>(), ["memory"]);
         let only_root = ProcessCgroups::parse("5:blkio:/\n0::/n\n");
         assert_eq!(locate(CgroupVersion::V1, &hybrid, &[], None, &only_root), None);
+        // a root cpuacct group: the CPU time comes from the node's cgroup2 group
+        let v2_dir = Path::new("/sys/fs/cgroup/unified/n");
+        let CgroupSource::V1(dirs) = locate(CgroupVersion::V1, &hybrid, &[], Some(v2_dir), &groups).unwrap() else {
+            panic!("v1 asked for")
+        };
+        assert_eq!(dirs.keys().collect::<Vec<_>>(), ["memory", UNIFIED]);
+        assert_eq!(dirs[UNIFIED], v2_dir);
     }
 }
