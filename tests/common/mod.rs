@@ -407,11 +407,14 @@ impl Agent {
             .spawn()
             .unwrap();
         let mut agent = Agent { child, port, dir };
-        wait_for("nodescope /metrics", Duration::from_secs(30), || {
+        // Its first collection done (/health/agent 200), not only its
+        // listener up: the listener is bound before the signals load, so
+        // /metrics can answer before any figure is in.
+        wait_for("nodescope's first collection", Duration::from_secs(30), || {
             if let Ok(Some(st)) = agent.child.try_wait() {
                 panic!("nodescope exited with {st}: {}", agent.log());
             }
-            http_get(port, "/metrics").ok().filter(|(s, _)| *s == 200)
+            http_get(port, "/health/agent").ok().filter(|(s, _)| *s == 200)
         });
         agent
     }
