@@ -150,6 +150,18 @@ pub fn listening_ports(proc_root: &Path, pid: u32) -> Result<Vec<u16>, Discovery
     if inodes.is_empty() {
         return Ok(Vec::new());
     }
+    let listeners = listeners_in_netns_of(proc_root, pid)?;
+    let mut ports: Vec<u16> =
+        listeners.into_iter().filter(|(inode, _)| inodes.contains(inode)).map(|(_, p)| p).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
+}
+
+/// (socket inode, local port) of every TCP listener in the network
+/// namespace of `pid`: a sock_diag dump inside it on a live system, else (a
+/// test's /proc, or a failed dump) the LISTEN rows of its TCP tables.
+fn listeners_in_netns_of(proc_root: &Path, pid: u32) -> Result<Vec<(u64, u16)>, DiscoveryError> {
     if proc_root == Path::new("/proc") {
         let dumped = if crate::netns::is_ours(pid) {
             crate::sockdiag::listeners()
@@ -157,26 +169,16 @@ pub fn listening_ports(proc_root: &Path, pid: u32) -> Result<Vec<u16>, Discovery
             crate::netns::run_in(pid, crate::sockdiag::listeners).and_then(|r| r)
         };
         match dumped {
-            Ok(listeners) => {
-                let mut ports: Vec<u16> =
-                    listeners.into_iter().filter(|(inode, _)| inodes.contains(inode)).map(|(_, p)| p).collect();
-                ports.sort_unstable();
-                ports.dedup();
-                return Ok(ports);
-            }
+            Ok(listeners) => return Ok(listeners),
             Err(e) => tracing::debug!("listening sockets of pid {pid} by sock_diag: {e}; reading its TCP tables"),
         }
     }
-    listening_ports_from_tables(proc_root, pid, &inodes)
+    listeners_from_tables(proc_root, pid)
 }
 
-/// listening_ports from the LISTEN rows of /proc/PID/net/tcp and tcp6.
-fn listening_ports_from_tables(
-    proc_root: &Path,
-    pid: u32,
-    inodes: &std::collections::HashSet<u64>,
-) -> Result<Vec<u16>, DiscoveryError> {
-    let mut ports = Vec::new();
+/// The LISTEN rows of /proc/PID/net/tcp and tcp6.
+fn listeners_from_tables(proc_root: &Path, pid: u32) -> Result<Vec<(u64, u16)>, DiscoveryError> {
+    let mut listeners = Vec::new();
     for table in ["net/tcp", "net/tcp6"] {
         let path = pid_dir(proc_root, pid).join(table);
         let proc_error = |path: PathBuf, e| DiscoveryError::Proc { path, source: procfs::ProcError::Io(e, None) };
@@ -197,14 +199,12 @@ fn listening_ports_from_tables(
             match std::io::BufRead::read_line(&mut reader, &mut line) {
                 Ok(0) => break,
                 Ok(_) if std::mem::take(&mut header) => {}
-                Ok(_) => ports.extend(listen_row(&line).filter(|(inode, _)| inodes.contains(inode)).map(|(_, p)| p)),
+                Ok(_) => listeners.extend(listen_row(&line)),
                 Err(e) => return Err(proc_error(path, e)),
             }
         }
     }
-    ports.sort_unstable();
-    ports.dedup();
-    Ok(ports)
+    Ok(listeners)
 }
 
 /// (socket inode, local port) of the LISTEN rows of a /proc/net/tcp or tcp6
@@ -1764,7 +1764,15 @@ mod tests {
         // the sock_diag dump against the kernel's own TCP tables
         let process = proc_process(proc_root, me).unwrap();
         let inodes = socket_inodes_of(&process, &pid_dir(proc_root, me)).unwrap();
-        assert_eq!(ports, listening_ports_from_tables(proc_root, me, &inodes).unwrap());
+        let mut from_tables: Vec<u16> = listeners_from_tables(proc_root, me)
+            .unwrap()
+            .into_iter()
+            .filter(|(inode, _)| inodes.contains(inode))
+            .map(|(_, p)| p)
+            .collect();
+        from_tables.sort_unstable();
+        from_tables.dedup();
+        assert_eq!(ports, from_tables);
         drop(listener);
         assert!(is_alive(proc_root, me));
         assert!(start_time_ticks(proc_root, me).is_some());

@@ -22,10 +22,16 @@ pub const MAX_LISTENERS: usize = 65_536;
 /// Room for one netlink datagram of a dump (the kernel fills up to 32 KiB).
 const RECV_BUF: usize = 64 * 1024;
 
+/// How long one receive of a dump may wait. The kernel answers a dump
+/// request at once; past this, the dump is an error (the caller reads the
+/// TCP tables instead) rather than a collection stuck for good.
+const RECV_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// (socket inode, local port) of every TCP socket listening in the calling
 /// thread's network namespace, IPv4 and IPv6.
 pub fn listeners() -> std::io::Result<Vec<(u64, u16)>> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    set_recv_timeout(&socket, RECV_TIMEOUT)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
     let mut out = Vec::new();
@@ -33,6 +39,29 @@ pub fn listeners() -> std::io::Result<Vec<(u64, u16)>> {
         dump(&socket, family, &mut out)?;
     }
     Ok(out)
+}
+
+fn set_recv_timeout(socket: &Socket, timeout: std::time::Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: a valid socket descriptor and a timeval of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn dump(socket: &Socket, family: u8, out: &mut Vec<(u64, u16)>) -> std::io::Result<()> {
