@@ -199,7 +199,18 @@ fn listeners_from_tables(proc_root: &Path, pid: u32) -> Result<Vec<(u64, u16)>, 
             match std::io::BufRead::read_line(&mut reader, &mut line) {
                 Ok(0) => break,
                 Ok(_) if std::mem::take(&mut header) => {}
-                Ok(_) => listeners.extend(listen_row(&line)),
+                Ok(_) => {
+                    let Some(row) = listen_row(&line) else { continue };
+                    // the same bound as the dump's (sockdiag::MAX_LISTENERS)
+                    if listeners.len() >= crate::sockdiag::MAX_LISTENERS {
+                        let too_many = std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("more than {} listening sockets", crate::sockdiag::MAX_LISTENERS),
+                        );
+                        return Err(proc_error(path, too_many));
+                    }
+                    listeners.push(row);
+                }
                 Err(e) => return Err(proc_error(path, e)),
             }
         }
