@@ -224,6 +224,15 @@ fn litecoind_and_monerod_watched_at_once_each_on_its_own() {
     let sum = |c: &[Conn], pick: fn(&Conn) -> u64| c.iter().map(pick).sum::<u64>();
     assert_eq!(io("ltc", "transmit"), sum(&ltc_conns, |c| c.3), "ltc bytes sent in /metrics");
     assert_eq!(io("ltc", "receive"), sum(&ltc_conns, |c| c.4), "ltc bytes received in /metrics");
+    // the per-target total: the same bytes, one series per direction
+    let total = |target: &str, dir: &str| {
+        metric_sum(&m, "nodescope_p2p_io_bytes_total", &[("nodescope_target", target), ("network_io_direction", dir)])
+            as u64
+    };
+    assert_eq!(total("ltc", "transmit"), sum(&ltc_conns, |c| c.3), "ltc nodescope_p2p_io_bytes_total sent");
+    assert_eq!(total("ltc", "receive"), sum(&ltc_conns, |c| c.4), "ltc nodescope_p2p_io_bytes_total received");
+    assert!(total("xmr", "transmit") >= sum(&xmr_conns, |c| c.3), "xmr nodescope_p2p_io_bytes_total sent");
+    assert!(total("xmr", "receive") >= sum(&xmr_conns, |c| c.4), "xmr nodescope_p2p_io_bytes_total received");
     assert!(io("xmr", "transmit") >= sum(&xmr_conns, |c| c.3), "xmr bytes sent in /metrics");
     assert!(io("xmr", "receive") >= sum(&xmr_conns, |c| c.4), "xmr bytes received in /metrics");
     for target in ["ltc", "xmr"] {

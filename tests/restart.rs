@@ -74,8 +74,13 @@ fn counters(m: &str) -> std::collections::BTreeMap<String, f64> {
 }
 
 /// The network signal's counters, which the state file keeps.
-const NET_COUNTERS: [&str; 4] =
-    ["nodescope_peer_io", "nodescope_netgroup_io", "nodescope_connection_", "nodescope_peer_overflowed"];
+const NET_COUNTERS: [&str; 5] = [
+    "nodescope_peer_io",
+    "nodescope_netgroup_io",
+    "nodescope_p2p_io",
+    "nodescope_connection_",
+    "nodescope_peer_overflowed",
+];
 
 /// The node's P2P connections out (RPC clients are connections too).
 const P2P_OUTBOUND: [(&str, &str); 3] =
@@ -195,7 +200,7 @@ fn counters_continue_across_a_kill_and_the_connections_of_the_gap_are_counted() 
         .map(|series| series.split('{').next().unwrap().to_string())
         .filter(|name| NET_COUNTERS.iter().any(|p| name.starts_with(p)))
         .collect();
-    assert!(names.len() >= 4, "{names:?}");
+    assert!(names.len() >= 5, "{names:?}");
     for name in &names {
         let resets = prometheus.value(&format!("sum(resets({name}[{window}s]))"), Some(t1));
         assert_eq!(resets, Some(0.0), "Prometheus saw {name} reset over the restart");

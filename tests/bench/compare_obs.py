@@ -63,7 +63,9 @@ def nodescope(url, target):
             continue
         if name == "nodescope_connection_opened_total" and lab.get("nodescope_service") == "p2p":
             out["conns"] += v
-        elif name == "nodescope_peer_io_bytes_total":
+        elif name == "nodescope_p2p_io_bytes_total":
+            # the per-target total: a sum of the per-peer series loses the
+            # bytes of peers that left the top N (the storm's 2,000 peers)
             out["bytes"] += v
         elif name == "nodescope_file_written_bytes_total":
             out["file_bytes"] += v

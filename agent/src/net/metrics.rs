@@ -29,6 +29,32 @@ impl NetMetrics {
     pub fn register(meter: &Meter, net: Shared<NetSnapshot>) -> NetMetrics {
         let s = net.clone();
         meter
+            .u64_observable_counter("nodescope.p2p.io")
+            .with_unit("By")
+            .with_description(
+                "TCP payload bytes the node exchanged with all its P2P peers, per connection direction: the sum that \
+                 per-peer series cannot give once peers leave the top N or expire",
+            )
+            .with_callback(move |o| {
+                for t in &s.get().targets {
+                    for (dir, bytes) in &t.p2p_io {
+                        for (io, v) in [("transmit", bytes.sent), ("receive", bytes.received)] {
+                            o.observe(
+                                v,
+                                &[
+                                    KeyValue::new(TARGET, t.name.clone()),
+                                    KeyValue::new(CONN_DIRECTION, dir.as_str()),
+                                    KeyValue::new(IO_DIRECTION, io),
+                                ],
+                            );
+                        }
+                    }
+                }
+            })
+            .build();
+
+        let s = net.clone();
+        meter
             .u64_observable_counter("nodescope.peer.io")
             .with_unit("By")
             .with_description(

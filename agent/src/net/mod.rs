@@ -145,6 +145,10 @@ pub struct TargetNet {
     pub failed: BTreeMap<(Service, &'static str), u64>,
     /// Bytes per peer address and direction: the top N, then None for "other".
     pub peer_io: Vec<(Option<PeerKey>, Bytes)>,
+    /// Every P2P byte since the agent started, per connection direction: what
+    /// `peer_io` holds too, but as one total whatever peers move in and out
+    /// of the top N or expire (their series leave /metrics, these stay).
+    pub p2p_io: BTreeMap<Direction, Bytes>,
     pub netgroup_io: Vec<(Option<String>, Bytes)>,
     /// Distinct netgroups among connected P2P peers, per direction.
     pub netgroups: BTreeMap<Direction, u64>,
@@ -201,6 +205,7 @@ struct PerTarget {
     failed: BTreeMap<(Service, &'static str), u64>,
     peers: ByteBook<PeerKey>,
     netgroups: ByteBook<String>,
+    p2p_io: BTreeMap<Direction, Bytes>,
     /// Every lifetime at close so far, by histogram bucket, to save.
     lifetimes: BTreeMap<(Direction, Service), LifetimeTotals>,
     /// Lifetimes an earlier agent counted, for the first snapshot.
@@ -273,6 +278,9 @@ struct SavedTarget {
     failed: Vec<(Service, String, u64)>,
     peers: SavedBook<PeerKey>,
     netgroups: SavedBook<String>,
+    /// (direction, P2P bytes); absent from the files of earlier builds
+    #[serde(default)]
+    p2p_io: Vec<(Direction, Bytes)>,
     /// (direction, service, lifetimes per bucket)
     #[serde(default)]
     lifetimes: Vec<(Direction, Service, LifetimeTotals)>,
@@ -324,6 +332,7 @@ impl NetSignal {
                 failed: per.failed.iter().map(|((s, r), n)| (*s, r.to_string(), *n)).collect(),
                 peers: per.peers.save(now),
                 netgroups: per.netgroups.save(now),
+                p2p_io: per.p2p_io.iter().map(|(d, b)| (*d, *b)).collect(),
                 lifetimes: per.lifetimes.iter().map(|((d, s), l)| (*d, *s, l.clone())).collect(),
             })
             // targets not seen again yet keep what was restored for them
@@ -408,6 +417,7 @@ impl NetSignal {
                         failed: BTreeMap::new(),
                         peers: ByteBook::new(self.limits.max_peers),
                         netgroups: ByteBook::new(self.limits.max_peers),
+                        p2p_io: BTreeMap::new(),
                         lifetimes: BTreeMap::new(),
                         replay: Vec::new(),
                     },
@@ -490,6 +500,7 @@ impl NetSignal {
                 churn,
                 failed: per.failed.clone(),
                 peer_io: per.peers.export(self.limits.top_peers),
+                p2p_io: per.p2p_io.clone(),
                 netgroup_io: per.netgroups.export(self.limits.top_peers),
                 netgroups,
                 peers_overflowed: per.peers.overflowed,
@@ -624,6 +635,9 @@ impl NetSignal {
         if service.is_peer() {
             per.peers.add(&tracked.key, delta, now);
             per.netgroups.add(&tracked.netgroup, delta, now);
+            let total = per.p2p_io.entry(direction).or_default();
+            total.sent += delta.sent;
+            total.received += delta.received;
         }
 
         if rec.state == abi::CONN_CLOSED {
@@ -701,6 +715,7 @@ impl PerTarget {
             failed,
             peers: ByteBook::restore(saved.peers, max_peers, now),
             netgroups: ByteBook::restore(saved.netgroups, max_peers, now),
+            p2p_io: saved.p2p_io.into_iter().collect(),
             lifetimes,
             replay,
         }
@@ -795,11 +810,18 @@ mod tests {
             failed: vec![],
             peers: ByteBook::<PeerKey>::new(4).save(now),
             netgroups: ByteBook::<String>::new(4).save(now),
+            p2p_io: vec![(d, Bytes { sent: 5, received: 7 })],
             lifetimes: vec![(d, s, l.clone())],
         };
         let json = serde_json::to_string(&saved).unwrap();
         let per = PerTarget::restore(serde_json::from_str(&json).unwrap(), 4, now);
         assert_eq!(per.lifetimes[&(d, s)], l);
+        assert_eq!(per.p2p_io, [(d, Bytes { sent: 5, received: 7 })].into());
+        // a state file of a build without the P2P totals: they start at zero
+        let mut older: serde_json::Value = serde_json::from_str(&json).unwrap();
+        older.as_object_mut().unwrap().remove("p2p_io");
+        let per_older = PerTarget::restore(serde_json::from_value(older).unwrap(), 4, now);
+        assert!(per_older.p2p_io.is_empty());
         // each bucket's mean, in its own bucket, as often as it was seen
         assert_eq!(per.replay, vec![(d, s, 0.75, 2), (d, s, 5.25, 2), (d, s, 1e7, 1)]);
 
