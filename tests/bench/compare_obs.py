@@ -35,7 +35,7 @@ def wait_for(get, grown):
     fail("the observer did not move on in 30 s")
 
 
-SAMPLE = re.compile(r"^([a-z_]+)\{([^}]*)\} (\S+)$")
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\} (\S+)$")
 
 
 def scrape(url):
