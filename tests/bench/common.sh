@@ -100,3 +100,58 @@ for _ in range(1000):
     finally:
         s.close()'
 }
+
+# The connection churn of bench net and net-ab: an accept-and-close server
+# born in the watched group, and a bounded client. PREFIX (optional words,
+# e.g. taskset -c 0) runs before either.
+CHURN_SERVER='
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(512)
+while True:
+    c, _ = s.accept(); c.recv(16); c.close()
+'
+CHURN_CLIENT='
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(n):  # bounded: short connections to loopback
+    c = socket.create_connection(("127.0.0.1", port)); c.send(b"x"); c.close()
+'
+start_churn_server() { # PORT [PREFIX...]
+    local port=$1
+    shift
+    sh -c 'echo $$ > "$0/cgroup.procs"; exec "$@"' "$cg" "$@" python3 -c "$CHURN_SERVER" "$port" \
+        >"$work/churn-server.log" 2>&1 &
+    pids+=($!)
+}
+churn() { # PORT COUNT [PREFIX...]
+    local port=$1 n=$2
+    shift 2
+    "$@" python3 -c "$CHURN_CLIENT" "$port" "$n"
+}
+
+# The config of the network benches: the network signal alone (the disk
+# probes are measured by bench disk), one target for the watched group.
+net_only_config() { # FILE
+    cat >"$1" <<TOML
+[http]
+listen = "127.0.0.1:$http_port"
+[agent]
+interval = "1s"
+[disk]
+enabled = false
+[[targets]]
+name = "bench"
+cgroup = "$cg"
+TOML
+}
+
+# An empty program on TRACEPOINT (tests/bench/floor.py), stopped with the
+# bench: what running any program there costs in this VM state. Sets floor_id.
+start_floor() { # TRACEPOINT
+    python3 "$(dirname "${BASH_SOURCE[0]}")/floor.py" "$1" </dev/null >"$work/floor.id" &
+    pids+=($!)
+    for _ in $(seq 50); do [ -s "$work/floor.id" ] && break; sleep 0.1; done
+    floor_id=$(cat "$work/floor.id")
+    [ -n "$floor_id" ] || { echo "bench: the empty program did not attach to $1" >&2; exit 1; }
+}

@@ -28,36 +28,13 @@ source "$(dirname "$0")/common.sh"
 bench_setup net-ab /tmp
 
 churn_port=$(free_port)
-server='
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(512)
-while True:
-    c, _ = s.accept(); c.recv(16); c.close()
-'
 # shellcheck disable=SC2086 # PIN is a command prefix, split on purpose
-sh -c 'echo $$ > "$0/cgroup.procs"; exec "$@"' "$cg" ${PIN:-} python3 -c "$server" "$churn_port" >"$work/churn-server.log" 2>&1 &
-pids+=($!)
+start_churn_server "$churn_port" ${PIN:-}
 sleep 1
-
-cat >"$work/base.toml" <<TOML
-[http]
-listen = "127.0.0.1:$http_port"
-[agent]
-interval = "1s"
-[disk]
-enabled = false
-[[targets]]
-name = "bench"
-cgroup = "$cg"
-TOML
+net_only_config "$work/base.toml"
 
 sysctl -qw kernel.bpf_stats_enabled=1
-python3 "$(dirname "$0")/floor.py" inet_sock_set_state </dev/null >"$work/floor.id" &
-pids+=($!)
-for _ in $(seq 50); do [ -s "$work/floor.id" ] && break; sleep 0.1; done
-floor_id=$(cat "$work/floor.id")
-[ -n "$floor_id" ] || { echo "bench net-ab: the empty program did not attach" >&2; exit 1; }
+start_floor inet_sock_set_state
 
 for r in $(seq "$reps"); do
     for side in A B; do
@@ -74,12 +51,7 @@ for r in $(seq "$reps"); do
         for _ in $(seq "$blocks"); do
             bpftool prog show --json >"$work/before.json"
             # shellcheck disable=SC2086
-            ${PIN:-} python3 - "$churn_port" "$per_block" <<'PY'
-import socket, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-for _ in range(n):  # bounded: short connections to loopback
-    c = socket.create_connection(("127.0.0.1", port)); c.send(b"x"); c.close()
-PY
+            churn "$churn_port" "$per_block" ${PIN:-}
             bpftool prog show --json >"$work/after.json"
             line+=$(python3 - "$work/before.json" "$work/after.json" "$ids" "$floor_id" <<'PY'
 import json, sys

@@ -22,28 +22,10 @@ churn_port=$(free_port)
 # the watched workload: an iperf3 server and an accept-and-close server, born in the cgroup
 sh -c 'echo $$ > "$0/cgroup.procs"; exec iperf3 -s -B 127.0.0.1 -p "$1"' "$cg" "$port" >"$work/iperf-server.log" 2>&1 &
 pids+=($!)
-sh -c 'echo $$ > "$0/cgroup.procs"; exec python3 -c "
-import socket,sys
-s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((\"127.0.0.1\", int(sys.argv[1]))); s.listen(512)
-while True:
-    c,_=s.accept(); c.recv(16); c.close()
-" "$1"' "$cg" "$churn_port" >"$work/churn-server.log" 2>&1 &
-pids+=($!)
+start_churn_server "$churn_port"
 sleep 1
 
-cat >"$work/nodescope.toml" <<TOML
-[http]
-listen = "127.0.0.1:$http_port"
-[agent]
-interval = "1s"
-# the network signal alone: the disk probes are measured by bench disk
-[disk]
-enabled = false
-[[targets]]
-name = "bench"
-cgroup = "$cg"
-TOML
+net_only_config "$work/nodescope.toml"
 
 gbps() { # iperf3 client run -> Gbit/s received
     iperf3 -c 127.0.0.1 -p "$port" -t "$secs" "$@" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)'
@@ -71,19 +53,10 @@ blocks=${BLOCKS:-6}
 per_block=${PER_BLOCK:-500}
 # beside it, an empty program on the same tracepoint (tests/bench/floor.py):
 # what running any program there costs in this VM state at this moment
-python3 "$(dirname "$0")/floor.py" inet_sock_set_state </dev/null >"$work/floor.id" &
-pids+=($!)
-for _ in $(seq 50); do [ -s "$work/floor.id" ] && break; sleep 0.1; done
-floor_id=$(cat "$work/floor.id")
-[ -n "$floor_id" ] || { echo "bench net: the empty program did not attach" >&2; exit 1; }
+start_floor inet_sock_set_state
 bpftool prog show --json >"$work/progs.0.json"
 for b in $(seq "$blocks"); do
-    python3 - "$churn_port" "$per_block" <<'PY'
-import socket, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-for _ in range(n):  # bounded: short connections to loopback
-    c = socket.create_connection(("127.0.0.1", port)); c.send(b"x"); c.close()
-PY
+    churn "$churn_port" "$per_block"
     bpftool prog show --json >"$work/progs.$b.json"
 done
 # process and cgroup churn for the scope hooks: 1000 fork+exec+exit, 200
