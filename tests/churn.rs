@@ -33,7 +33,7 @@ const MAX_PEERS: u64 = 32;
 const TOTAL: u32 = 100_000;
 const WARM_UP: u32 = 40_000;
 /// The last connections of the warm-up and of the rest, made as fast as
-/// they go: a burst past what the kernel's event ring buffer holds for one
+/// they go: a burst past what the kernel's per-CPU event logs hold for one
 /// interval.
 const BURST: u32 = 5_000;
 /// The pace of the others: most connections are seen (and folded) by the
@@ -315,7 +315,7 @@ fn bounds_hold_under_100k_distinct_peers() {
     let closed = inbound(&m, "nodescope_connection_closed_total");
     // A few accepted connections reach the agent with local port 0, so it
     // infers them outbound: closed with no open. Those whose "opened" event
-    // found the ring buffer full and whose close was read from the socket:
+    // found its CPU's event log full and whose close was read from the socket:
     // at TCP_CLOSE, tcp_set_state releases the port (inet_num = 0) before the
     // state store that fires inet_sock_set_state (seen on 6.18 with
     // bpftrace: skc_num is 0 at every TCP_CLOSE), so skc_num no longer holds
@@ -336,7 +336,7 @@ fn bounds_hold_under_100k_distinct_peers() {
     // The kernel's table held at its bound, and what it could not hold was counted.
     assert_eq!(seen.conns_capacity, MAX_CONNECTIONS, "ns_conns capacity is limits.max_connections");
     assert!(seen.max_conns_entries <= MAX_CONNECTIONS, "{seen:?}");
-    assert!(deferred > 0, "the close events' ring buffer never filled: the test did not reach the bound");
+    assert!(deferred > 0, "the event logs never filled: the test did not reach the bound");
     // Every connection the agent saw was closed once (it tracked each as
     // one peer, as every client address is new); those it never saw were
     // dropped by the kernel, counted at least once each.

@@ -110,19 +110,31 @@ struct ns_conn {
 #define NS_CONN_F_FIN_SENT 1     /* the node queued its FIN: bytes_sent + 1 */
 #define NS_CONN_F_FIN_RECEIVED 2 /* the peer's FIN arrived: bytes_received + 1 */
 
-/* A connection sent to user space through the ring buffer as it happens:
- * accepted (state ESTABLISHED: the "opened" event, with its direction and
- * start), or closed or failed (with its final figures, so no later state
- * change can overwrite them; direction UNKNOWN and start 0 when it closed
- * before it had a record: the agent has both from its "opened" event). */
+/* A connection sent to user space as it happens, through the event log of
+ * the CPU it happened on: accepted (state ESTABLISHED: the "opened" event,
+ * with its direction and start), or closed or failed (with its final
+ * figures, so no later state change can overwrite them; direction UNKNOWN
+ * and start 0 when it closed before it had a record: the agent has both
+ * from its "opened" event). */
 struct ns_conn_event {
+	__u64 seq;    /* its position in its CPU's log plus one, written last:
+	               * the entry is whole once seq says so */
 	__u64 cookie;
 	struct ns_conn conn;
 };
 
+/* Where one CPU's event log stands (ns_log_pos[cpu]); one cache line each,
+ * so CPUs never share one. Positions only grow; entry n of CPU c is
+ * ns_conn_log[c * slots + n % slots]. */
+struct ns_log_pos {
+	__u64 written; /* entries taken by this CPU's program runs */
+	__u64 read;    /* entries the agent has read; written by the agent only */
+	__u64 _pad[6];
+};
+
 /* Indices of the per-CPU stats array of net.bpf.c. */
 #define NS_NET_STAT_CONN_DROPPED 0  /* connection not tracked: conns map full */
-#define NS_NET_STAT_EVENTS_FULL 1   /* event kept as a map record instead: ring buffer full */
+#define NS_NET_STAT_EVENTS_FULL 1   /* event kept as a map record instead: its CPU's log full */
 #define NS_NET_STAT_MAX 2
 
 /* ---- disk signal (disk.bpf.c, disk_syscalls.bpf.c) ---------------------- */

@@ -45,8 +45,12 @@ int main(void)
 	CONST(NS_NET_STAT_CONN_DROPPED);
 	CONST(NS_NET_STAT_EVENTS_FULL);
 	SIZE(ns_conn_event);
+	FIELD(ns_conn_event, seq);
 	FIELD(ns_conn_event, cookie);
 	FIELD(ns_conn_event, conn);
+	SIZE(ns_log_pos);
+	FIELD(ns_log_pos, written);
+	FIELD(ns_log_pos, read);
 
 	CONST(NS_TARGET_PENDING);
 	CONST(NS_COMM_LEN);

@@ -59,14 +59,15 @@ median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a
 # The ids of the BPF programs the running agent holds (from its fds' fdinfo),
 # comma-separated: per-program figures are this agent's only, never those of
 # another agent or tool on the host.
-agent_prog_ids() {
-    grep -h '^prog_id:' /proc/"$agent"/fdinfo/* 2>/dev/null | awk '{print $2}' | sort -un | paste -sd, -
-}
+agent_prog_ids() { prog_ids_of "$agent"; }
 
 # The ids of the BPF programs any process PID holds (its fds' fdinfo),
-# comma-separated: agent_prog_ids for another observer (bpftrace).
+# comma-separated: agent_prog_ids for another observer (bpftrace). An fd
+# that closes between the glob and the read (the agent's iterator or
+# netlink sockets come and go) makes grep exit 2 with the others read:
+# that is not a failure.
 prog_ids_of() {
-    grep -h '^prog_id:' /proc/"$1"/fdinfo/* 2>/dev/null | awk '{print $2}' | sort -un | paste -sd, -
+    { grep -h '^prog_id:' /proc/"$1"/fdinfo/* 2>/dev/null || [ $? -eq 2 ]; } | awk '{print $2}' | sort -un | paste -sd, -
 }
 
 # CPU clock ticks a process spent, user + system, its reaped children's

@@ -86,17 +86,35 @@ const _: () = {
     assert!(NET_STAT_CONN_DROPPED == layout::NS_NET_STAT_CONN_DROPPED);
     assert!(NET_STAT_EVENTS_FULL == layout::NS_NET_STAT_EVENTS_FULL);
     assert!(size_of::<ConnEvent>() == layout::ns_conn_event_SIZE);
+    assert!(offset_of!(ConnEvent, seq) == layout::ns_conn_event_seq);
     assert!(offset_of!(ConnEvent, cookie) == layout::ns_conn_event_cookie);
     assert!(offset_of!(ConnEvent, conn) == layout::ns_conn_event_conn);
+    assert!(size_of::<LogPos>() == layout::ns_log_pos_SIZE);
+    assert!(offset_of!(LogPos, written) == layout::ns_log_pos_written);
+    assert!(offset_of!(LogPos, read) == layout::ns_log_pos_read);
 };
 
-/// `struct ns_conn_event`: a closed or failed connection, from the ring buffer.
+/// `struct ns_conn_event`: an accepted, closed or failed connection, from
+/// a CPU's event log.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ConnEvent {
+    pub seq: u64,
     pub cookie: u64,
     pub conn: Conn,
 }
+
+/// `struct ns_log_pos`: where one CPU's event log stands.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogPos {
+    pub written: u64,
+    pub read: u64,
+    pub _pad: [u64; 6],
+}
+
+// SAFETY: plain old data (checked against the C layout above).
+unsafe impl aya::Pod for LogPos {}
 
 // ---- scope (scope.bpf.h) ----
 

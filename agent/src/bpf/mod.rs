@@ -3,6 +3,7 @@
 //! Each signal loads and reads its own object in its own module.
 
 pub mod abi;
+pub mod mapped;
 pub mod pins;
 
 use std::path::Path;
@@ -32,6 +33,8 @@ pub enum BpfError {
     Program { program: &'static str, source: aya::programs::ProgramError },
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: aya::maps::MapError },
+    #[error("map {map}: mapping it into memory: {reason}")]
+    Mapped { map: &'static str, reason: String },
     #[error("{0}")]
     Mount(String),
     #[error("running the iterator: {0}")]
@@ -60,9 +63,9 @@ pub fn kernel_btf() -> Result<Btf, BpfError> {
     Ok(Btf::from_sys_fs()?)
 }
 
-/// Loads an object, sizing maps as the caller asks. Its programs count
-/// nothing until `pins::activate` makes their generation (returned here)
-/// the active one. With `kept`, its maps are the pinned ones of an earlier
+/// Loads an object, sizing maps and setting `const volatile` globals as the
+/// caller asks. Its programs count nothing until `pins::activate` makes
+/// their generation (returned here) the active one. With `kept`, its maps are the pinned ones of an earlier
 /// agent when there are (made and pinned otherwise), and a map pinned with
 /// another size than asked drops all of them, logged.
 ///
@@ -73,6 +76,7 @@ pub fn load(
     object: &'static str,
     bytes: &[u8],
     max_entries: &[(&'static str, u32)],
+    globals: &[(&'static str, u32)],
     kept: Option<&pins::Kept>,
 ) -> Result<(Ebpf, u32), BpfError> {
     let mut loader = EbpfLoader::new();
@@ -105,6 +109,9 @@ pub fn load(
         loader.map_pin_path(name, path.as_path());
     }
     loader.override_global("ns_generation", &generation, true);
+    for (name, value) in globals {
+        loader.override_global(name, value, true);
+    }
     let ebpf = loader.load(bytes).map_err(|source| BpfError::Load { object, source })?;
     Ok((ebpf, generation))
 }

@@ -612,8 +612,8 @@ impl NetSignal {
         }
         let start_ns = tracked.start_ns;
         // A record the iterator made (start 0) can be read before the
-        // "opened" event of the same connection when that event waits in the
-        // ring buffer behind another CPU's uncommitted one: the open is
+        // "opened" event of the same connection when that event waits in its
+        // CPU's log behind an entry still being written: the open is
         // counted when the event arrives, so it is only marked counted here.
         if !tracked.counted_open && start_ns != 0 {
             tracked.counted_open = true;
@@ -725,11 +725,11 @@ impl PerTarget {
 /// Where a folded record came from.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Source {
-    /// The ring buffer's event for an accepted connection.
+    /// The event log's entry for an accepted connection.
     Opened,
     /// The record map (open connections, and tombstones).
     Record,
-    /// The ring buffer's event for a close or a failure.
+    /// The event log's entry for a close or a failure.
     Ended,
 }
 

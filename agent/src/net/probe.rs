@@ -1,11 +1,13 @@
 //! Loads `net.bpf.c`, tells it which sockets to watch and reads its records.
 
 use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{Map, MapData, RingBuf};
 use aya::programs::{BtfTracePoint, Iter};
 use aya::Ebpf;
 
+use crate::bpf::mapped::MappedArray;
 use crate::bpf::{self, abi, pins, BpfError, HookStatus};
 use crate::scope::{self, ScopePlan, ScopeStats};
 use crate::target::Scope;
@@ -16,11 +18,18 @@ const ITER_PROG: &str = "tcp_iter";
 /// max_entries of ns_target_inodes in net.bpf.c
 const INODE_MAP_SIZE: usize = 8192;
 
-const EVENTS: &str = "ns_conn_events";
+const LOG_POS: &str = "ns_log_pos";
+const LOG: &str = "ns_conn_log";
+const LOG_SLOTS: &str = "ns_log_slots";
+/// The ring buffer agents before the per-CPU logs sent events through.
+const LEGACY_EVENTS: &str = "ns_conn_events";
 
 pub struct NetProbe {
     ebpf: Ebpf,
-    events: RingBuf<MapData>,
+    log: EventLog,
+    /// Events read at load from an earlier agent's ring buffer, for the
+    /// first read.
+    pending: Vec<abi::ConnEvent>,
     _links: Vec<pins::HeldLink>,
 }
 
@@ -28,24 +37,122 @@ pub struct NetProbe {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KernelStats {
     pub conn_dropped: u64,
-    /// Events kept as map records because the ring buffer was full.
+    /// Events kept as map records because their CPU's event log was full.
     pub events_full: u64,
     pub scope: ScopeStats,
 }
 
 /// What one read returns: the records in the map (open connections, and
-/// tombstones of events the ring buffer had no room for), then the
-/// connections accepted, closed and failed since the last read, in order.
+/// tombstones of events the event logs had no room for), then the
+/// connections accepted, closed and failed since the last read, in the order
+/// they happened.
 pub struct NetRead {
     pub records: Vec<(u64, abi::Conn)>,
     pub events: Vec<abi::ConnEvent>,
 }
 
-/// Ring buffer size: room for every tracked connection to be accepted and
-/// to close within one interval, a power of two as the kernel requires.
-fn events_size(max_connections: u32) -> u32 {
-    let want = (max_connections as usize).saturating_mul(2 * (std::mem::size_of::<abi::ConnEvent>() + 8));
-    want.clamp(64 * 1024, 64 << 20).next_power_of_two() as u32
+/// Entries in each CPU's event log: room for every tracked connection to be
+/// accepted and to close within one interval, spread over the CPUs (the
+/// room the shared ring buffer had, about 1.8 MiB a CPU on two CPUs with the
+/// default limits); a power of two, as the program masks positions with it.
+/// A CPU that takes more in one interval keeps the rest as map records
+/// (counted, `nodescope_net_close_events_deferred_total`).
+fn log_slots(max_connections: u32, cpus: usize) -> u32 {
+    let want = (max_connections as usize).saturating_mul(2).div_ceil(cpus.max(1));
+    want.clamp(64, 1 << 20).next_power_of_two() as u32
+}
+
+/// net.bpf.c's per-CPU event logs, read in place. Each CPU's program runs
+/// append to its own log; the agent alone moves its read position.
+struct EventLog {
+    pos: MappedArray<abi::LogPos>,
+    entries: MappedArray<abi::ConnEvent>,
+    slots: usize,
+}
+
+impl EventLog {
+    fn take(ebpf: &mut Ebpf, slots: u32) -> Result<EventLog, BpfError> {
+        let pos = MappedArray::take(ebpf, LOG_POS)?;
+        let entries = MappedArray::take(ebpf, LOG)?;
+        let slots = slots as usize;
+        if entries.entries() != pos.entries() * slots {
+            return Err(BpfError::Mapped {
+                map: LOG,
+                reason: format!("{} entries for {} CPUs of {slots}", entries.entries(), pos.entries()),
+            });
+        }
+        Ok(EventLog { pos, entries, slots })
+    }
+
+    /// Appends every whole entry written since the last drain, per CPU in
+    /// the order written. An entry still being filled (its seq not yet
+    /// set) and those after it on its CPU wait for the next drain.
+    fn drain(&mut self, out: &mut Vec<abi::ConnEvent>) {
+        for cpu in 0..self.pos.entries() {
+            let pos = self.pos.entry(cpu);
+            // SAFETY: both fields are 8-byte aligned u64s of the live
+            // mapping; the kernel side updates them with atomics.
+            let (written, read) =
+                unsafe { (AtomicU64::from_ptr(&raw mut (*pos).written), AtomicU64::from_ptr(&raw mut (*pos).read)) };
+            let end = written.load(Ordering::Acquire);
+            let mut n = read.load(Ordering::Relaxed);
+            while n < end {
+                let entry = self.entries.entry(cpu * self.slots + (n as usize % self.slots));
+                // SAFETY: as above; seq is written last, with an atomic,
+                // and the entry is not written again until `read` passes it.
+                let seq = unsafe { AtomicU64::from_ptr(&raw mut (*entry).seq) };
+                if seq.load(Ordering::Acquire) != n + 1 {
+                    break;
+                }
+                // SAFETY: a whole entry (seq says so) of a plain-data type.
+                out.push(unsafe { std::ptr::read_volatile(entry) });
+                n += 1;
+            }
+            // Release: the entries are read before the program may reuse them.
+            read.store(n, Ordering::Release);
+        }
+    }
+}
+
+/// The events an agent before the per-CPU logs left in its pinned ring
+/// buffer (closes while no agent ran): read once, then its pin is removed.
+fn legacy_events(kept: &pins::Kept) -> Vec<abi::ConnEvent> {
+    let path = kept.map_path(LEGACY_EVENTS);
+    let Ok(data) = MapData::from_pin(&path) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if let Ok(mut ring) = RingBuf::try_from(Map::RingBuf(data)) {
+        while let Some(item) = ring.next() {
+            // that layout: the cookie, then struct ns_conn
+            let conn = std::mem::size_of::<abi::Conn>();
+            if item.len() >= 8 + conn {
+                let cookie = u64::from_ne_bytes(item[..8].try_into().expect("8 bytes"));
+                // SAFETY: a whole struct ns_conn (size checked above), plain
+                // data; read_unaligned as ring records are only 8-byte aligned.
+                let conn = unsafe { std::ptr::read_unaligned(item[8..].as_ptr().cast::<abi::Conn>()) };
+                out.push(abi::ConnEvent { seq: 0, cookie, conn });
+            }
+        }
+    }
+    match std::fs::remove_file(&path) {
+        Ok(()) => tracing::info!(
+            "{}: the previous agent's event ring buffer, {} events read, removed (events now go through per-CPU logs)",
+            path.display(),
+            out.len()
+        ),
+        Err(e) => tracing::warn!("{}: {e}", path.display()),
+    }
+    out
+}
+
+/// When what an event reports happened: ordering them across CPUs.
+fn event_time(e: &abi::ConnEvent) -> u64 {
+    if e.conn.state == abi::CONN_ESTABLISHED {
+        e.conn.start_ns
+    } else {
+        e.conn.end_ns
+    }
 }
 
 fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
@@ -63,8 +170,14 @@ impl NetProbe {
     /// iterator is attached for each read). With `kept`, the maps and links
     /// of an earlier agent are taken over (bpf::pins).
     pub fn load(max_connections: u32, kept: Option<&pins::Kept>) -> Result<NetProbe, BpfError> {
-        let sizes = [("ns_conns", max_connections), (EVENTS, events_size(max_connections))];
-        let (mut ebpf, generation) = bpf::load("net.bpf.o", bpf::NET_OBJ, &sizes, kept)?;
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| BpfError::Mapped {
+            map: LOG_POS,
+            reason: format!("counting the possible CPUs ({what}): {e}"),
+        })?;
+        let slots = log_slots(max_connections, cpus);
+        let sizes = [("ns_conns", max_connections), (LOG_POS, cpus as u32), (LOG, cpus as u32 * slots)];
+        let globals = [(LOG_SLOTS, slots)];
+        let (mut ebpf, generation) = bpf::load("net.bpf.o", bpf::NET_OBJ, &sizes, &globals, kept)?;
         // after the load, whose own parse is freed by now (bpf::load)
         let btf = bpf::kernel_btf()?;
         let mut links = scope::attach(&mut ebpf, &btf)?;
@@ -72,9 +185,10 @@ impl NetProbe {
         let iter: &mut Iter = prog(&mut ebpf, ITER_PROG)?;
         iter.load("tcp", &btf).map_err(|source| BpfError::Program { program: ITER_PROG, source })?;
         let links = pins::activate(&mut ebpf, generation, kept, links)?;
-        let events = ebpf.take_map(EVENTS).ok_or(BpfError::MissingMap(EVENTS))?;
-        let events = RingBuf::try_from(events).map_err(|source| BpfError::Map { map: EVENTS, source })?;
-        Ok(NetProbe { ebpf, events, _links: links })
+        let log = EventLog::take(&mut ebpf, slots)?;
+        // after the handover: the earlier agent's programs write no more
+        let pending = kept.map(legacy_events).unwrap_or_default();
+        Ok(NetProbe { ebpf, log, pending, _links: links })
     }
 
     /// The ring buffer of the scope programs' exec events, for a watcher
@@ -127,15 +241,10 @@ impl NetProbe {
                 let _ = conns.remove(cookie);
             }
         }
-        let mut events = Vec::new();
-        while let Some(item) = self.events.next() {
-            if item.len() >= std::mem::size_of::<abi::ConnEvent>() {
-                // SAFETY: the kernel wrote a whole ns_conn_event (size checked
-                // above); read_unaligned because ring buffer records are only
-                // 8-byte aligned by contract, not by type.
-                events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<abi::ConnEvent>()) });
-            }
-        }
+        let mut events = std::mem::take(&mut self.pending);
+        self.log.drain(&mut events);
+        // each CPU's log is in order; across CPUs, order by when it happened
+        events.sort_by_key(event_time);
         Ok(NetRead { records, events })
     }
 
@@ -181,7 +290,7 @@ impl NetProbe {
 pub fn probe_hooks() -> Vec<HookStatus> {
     let attempt = |program: &'static str,
                    load: &dyn Fn(&mut Ebpf, &aya::Btf) -> Result<(), aya::programs::ProgramError>| {
-        let (mut ebpf, _) = bpf::load("net.bpf.o", bpf::NET_OBJ, &[], None)?;
+        let (mut ebpf, _) = bpf::load("net.bpf.o", bpf::NET_OBJ, &[], &[], None)?;
         let btf = bpf::kernel_btf()?;
         load(&mut ebpf, &btf).map_err(|source| BpfError::Program { program, source })
     };
