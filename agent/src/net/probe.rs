@@ -325,3 +325,44 @@ pub fn probe_hooks() -> Vec<HookStatus> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_slots_hold_an_interval_of_opens_and_closes_over_the_cpus() {
+        // the default limits on 2, 64 and 1,024 CPUs; a tiny limit; the cap
+        for (max, cpus, want) in [
+            (16_384, 2, 16_384),
+            (16_384, 64, 512),
+            (16_384, 1024, 64),
+            (64, 2, 64),
+            (10_000, 3, 8_192),
+            (u32::MAX, 1, 1 << 20),
+        ] {
+            let slots = log_slots(max, cpus);
+            assert_eq!(slots, want, "max_connections {max}, {cpus} CPUs");
+            assert!(slots.is_power_of_two());
+        }
+        // every CPU's share of two events per connection fits, below the cap
+        for cpus in 1..=16 {
+            let slots = log_slots(16_384, cpus) as usize;
+            assert!(slots * cpus >= 2 * 16_384, "{cpus} CPUs: {slots} slots each");
+        }
+    }
+
+    #[test]
+    fn events_are_ordered_by_when_they_happened() {
+        let ev = |state, start_ns, end_ns| abi::ConnEvent {
+            conn: abi::Conn { state, start_ns, end_ns, ..Default::default() },
+            ..Default::default()
+        };
+        // an open at 5, a close at 3 (opened before the agent), a failure at 9
+        let mut events = [ev(abi::CONN_FAILED, 0, 9), ev(abi::CONN_ESTABLISHED, 5, 0), ev(abi::CONN_CLOSED, 1, 3)];
+        events.sort_by_key(event_time);
+        let times: Vec<u64> = events.iter().map(event_time).collect();
+        assert_eq!(times, [3, 5, 9]);
+        assert_eq!(events[1].conn.state, abi::CONN_ESTABLISHED);
+    }
+}
