@@ -51,15 +51,22 @@ pub struct NetRead {
     pub events: Vec<abi::ConnEvent>,
 }
 
+/// All CPUs' event logs together take at most this much kernel memory
+/// (the cap the shared ring buffer had); the agent maps all of it.
+const LOG_MAX_BYTES: usize = 64 << 20;
+
 /// Entries in each CPU's event log: room for every tracked connection to be
 /// accepted and to close within one interval, spread over the CPUs (the
 /// room the shared ring buffer had, about 1.8 MiB a CPU on two CPUs with the
-/// default limits); a power of two, as the program masks positions with it.
-/// A CPU that takes more in one interval keeps the rest as map records
-/// (counted, `nodescope_net_close_events_deferred_total`).
+/// default limits), within LOG_MAX_BYTES; at least 64, and a power of two,
+/// as the program masks positions with it. A CPU that takes more in one
+/// interval keeps the rest as map records (counted,
+/// `nodescope_net_close_events_deferred_total`).
 fn log_slots(max_connections: u32, cpus: usize) -> u32 {
-    let want = (max_connections as usize).saturating_mul(2).div_ceil(cpus.max(1));
-    want.clamp(64, 1 << 20).next_power_of_two() as u32
+    let cpus = cpus.max(1);
+    let want = (max_connections as usize).saturating_mul(2).div_ceil(cpus).next_power_of_two();
+    let cap = (LOG_MAX_BYTES / std::mem::size_of::<abi::ConnEvent>() / cpus + 1).next_power_of_two() / 2;
+    want.min(cap).max(64) as u32
 }
 
 /// net.bpf.c's per-CPU event logs, read in place. Each CPU's program runs
@@ -98,8 +105,9 @@ impl EventLog {
             let mut n = read.load(Ordering::Relaxed);
             while n < end {
                 let entry = self.entries.entry(cpu * self.slots + (n as usize % self.slots));
-                // SAFETY: as above; seq is written last, with an atomic,
-                // and the entry is not written again until `read` passes it.
+                // SAFETY: as above. seq is written last, ordered after the
+                // entry (net.bpf.c), and the entry is not written again
+                // until `read` passes it.
                 let seq = unsafe { AtomicU64::from_ptr(&raw mut (*entry).seq) };
                 if seq.load(Ordering::Acquire) != n + 1 {
                     break;
@@ -339,13 +347,17 @@ mod tests {
             (16_384, 1024, 64),
             (64, 2, 64),
             (10_000, 3, 8_192),
-            (u32::MAX, 1, 1 << 20),
+            // the largest limit: within 64 MiB in all, on 1 and 3 CPUs
+            (1 << 20, 1, 1 << 19),
+            (1 << 20, 3, 1 << 17),
         ] {
             let slots = log_slots(max, cpus);
             assert_eq!(slots, want, "max_connections {max}, {cpus} CPUs");
             assert!(slots.is_power_of_two());
+            let bytes = slots as usize * cpus * std::mem::size_of::<abi::ConnEvent>();
+            assert!(bytes <= LOG_MAX_BYTES || slots == 64, "{bytes} bytes");
         }
-        // every CPU's share of two events per connection fits, below the cap
+        // every CPU's share of two events per connection fits, under the cap
         for cpus in 1..=16 {
             let slots = log_slots(16_384, cpus) as usize;
             assert!(slots * cpus >= 2 * 16_384, "{cpus} CPUs: {slots} slots each");
