@@ -205,12 +205,15 @@ static __always_inline int send_event(__u64 cookie, struct ns_conn *c)
 	if (!pos)
 		goto full;
 	__u64 n = pos->written;
-	if (n - pos->read >= ns_log_slots || !__sync_bool_compare_and_swap(&pos->written, n, n + 1))
+	if (n - pos->read >= ns_log_slots)
 		goto full;
 	__u32 idx = cpu * ns_log_slots + (__u32)(n & (ns_log_slots - 1));
 	struct ns_conn_event *e = bpf_map_lookup_elem(&ns_conn_log, &idx);
-	if (!e)
-		goto full; /* not reached: the agent sizes the log for every CPU */
+	/* the entry first (the agent sizes the log for every CPU, so it is
+	 * there): a position taken is always filled, or the agent's read of
+	 * this CPU would wait on it for good */
+	if (!e || !__sync_bool_compare_and_swap(&pos->written, n, n + 1))
+		goto full;
 	e->cookie = cookie;
 	__builtin_memcpy(&e->conn, c, sizeof(*c));
 	/* Last, and ordered after the entry: the agent reads an entry only once
