@@ -65,9 +65,10 @@ pub fn kernel_btf() -> Result<Btf, BpfError> {
 
 /// Loads an object, sizing maps and setting `const volatile` globals as the
 /// caller asks. Its programs count nothing until `pins::activate` makes
-/// their generation (returned here) the active one. With `kept`, its maps are the pinned ones of an earlier
-/// agent when there are (made and pinned otherwise), and a map pinned with
-/// another size than asked drops all of them, logged.
+/// their generation (returned here) the active one. With `kept`, its maps
+/// are the pinned ones of an earlier agent when there are (made and pinned
+/// otherwise), and a map pinned with another size than asked drops all of
+/// them, logged.
 ///
 /// The loader parses the kernel's BTF itself (`EbpfLoader::new`), and it is
 /// freed on return: a caller parses its own for attaching only after this,

@@ -214,7 +214,7 @@ impl NetMetrics {
         let s = net.clone();
         meter
             .u64_observable_counter("nodescope.net.close_events.deferred")
-            .with_description("Connection closes the kernel kept as map records for the next read because the event log of the CPU it closed on was full")
+            .with_description("Connection opens and closes the kernel kept as map records for the next read because the event log of the CPU they happened on was full")
             .with_callback(move |o| o.observe(s.get().kernel.events_full, &[]))
             .build();
 

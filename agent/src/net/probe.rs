@@ -102,7 +102,8 @@ impl EventLog {
             let (written, read) =
                 unsafe { (AtomicU64::from_ptr(&raw mut (*pos).written), AtomicU64::from_ptr(&raw mut (*pos).read)) };
             let end = written.load(Ordering::Acquire);
-            let mut n = read.load(Ordering::Relaxed);
+            let start = read.load(Ordering::Relaxed);
+            let mut n = start;
             while n < end {
                 let entry = self.entries.entry(cpu * self.slots + (n as usize % self.slots));
                 // SAFETY: as above. seq is written last, ordered after the
@@ -116,8 +117,11 @@ impl EventLog {
                 out.push(unsafe { std::ptr::read_volatile(entry) });
                 n += 1;
             }
-            // Release: the entries are read before the program may reuse them.
-            read.store(n, Ordering::Release);
+            // Release: the entries are read before the program may reuse
+            // them. Only when it moved: the line is the CPU's own hot one.
+            if n != start {
+                read.store(n, Ordering::Release);
+            }
         }
     }
 }
