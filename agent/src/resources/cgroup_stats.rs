@@ -10,8 +10,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-
 use super::{CgroupStats, IoDevice};
 use crate::cgroup::{self, Mounts, ProcessCgroups};
 
@@ -27,17 +25,7 @@ pub const CONTROLLERS: &[(&str, &str)] =
 /// its CPU time when the node's v1 cpuacct group is the root.
 pub const UNIFIED: &str = "unified";
 
-/// Which hierarchy to read; hybrid hosts have both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum CgroupVersion {
-    /// cgroup2 when it carries the cpu, memory, io or pids controller, else
-    /// v1 when the node is in v1 groups, else cgroup2 with what it has.
-    #[default]
-    Auto,
-    V2,
-    V1,
-}
+pub use crate::config::CgroupVersion;
 
 /// Where a node's cgroup figures are read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
