@@ -374,8 +374,15 @@ impl TipState {
             Event::Tip { height, block_time, progress } => {
                 self.height = Some(height);
                 self.logged_at = Some(logged_at);
-                if block_time.is_some() {
-                    self.block_time = block_time;
+                if let Some(at) = block_time {
+                    self.block_time = Some(at);
+                    // Core leaves initial block download for good once its tip is
+                    // younger than its max tip age; a tip logged that young says
+                    // so too, when the "Leaving InitialBlockDownload" line is older
+                    // than the tail read (the agent restarted since)
+                    if (logged_at - at).abs() < CORE_MAX_TIP_AGE {
+                        self.left_ibd = true;
+                    }
                 }
                 if progress.is_some() {
                     self.progress = progress;
@@ -830,5 +837,18 @@ mod tests {
         log.tip.apply(Event::LeftIbd, 0.0);
         log.fill(&mut out, at + 2.0 * 86400.0);
         assert_eq!(out.initial_block_download, Some(false));
+
+        // no "Leaving InitialBlockDownload" in what was read, but a tip logged
+        // within a day of its block's time: the node had left it, and a stall
+        // of two days is a stall, not initial sync
+        let mut log = TargetLog::new(Chain::Litecoin);
+        log.tip.apply(parse_core_line(UPDATE_TIP).unwrap(), at + 5.0);
+        log.fill(&mut out, at + 2.0 * 86400.0);
+        assert_eq!(out.initial_block_download, Some(false));
+        // an old block logged now (the node syncing) does not latch it
+        let mut log = TargetLog::new(Chain::Litecoin);
+        log.tip.apply(parse_core_line(UPDATE_TIP).unwrap(), at + 3.0 * 86400.0);
+        log.fill(&mut out, at + 3.0 * 86400.0);
+        assert_eq!(out.initial_block_download, Some(true));
     }
 }

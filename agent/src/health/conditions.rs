@@ -647,7 +647,10 @@ fn chain_stalled(v: &View, threshold: f64) -> Outcome {
     // When the chain last moved: the node's log says when it took its tip;
     // else the last write to its block files. Either names a second, and
     // counting from that second's end never makes a stall look longer than it is.
-    let from_log = v.chain.filter(|c| c.source == "log");
+    // Only a log that tells the tip's age follows new blocks: a monerod at
+    // --log-level 0 that has synchronized logs none, and its last sync line
+    // is no tip (its lmdb writes are).
+    let from_log = v.chain.filter(|c| c.source == "log" && c.tip_age_seconds.is_some());
     let moved = match from_log.and_then(|c| Some((c, c.tip_logged_unix?))) {
         Some((c, logged)) => {
             if c.initial_block_download == Some(true) {
@@ -1116,6 +1119,22 @@ mod tests {
         let mut p = params("chain_stalled", 0);
         p.threshold = Some(10.0);
         assert!(matches!(check("chain_stalled", &p, &v, &h, s(0)), Outcome::Clear(_)));
+
+        // a monerod at --log-level 0 that has synchronized: its log's height is
+        // the one it synchronized at, long ago, and tells no tip age; its lmdb
+        // writes judge the chain (fresh here: no stall), and stop doing so when old
+        let synced_long_ago = crate::chainlog::TargetChain {
+            source: "log",
+            height: Some(7),
+            tip_age_seconds: None,
+            tip_logged_unix: Some(100.0),
+            initial_block_download: Some(false),
+            ..Default::default()
+        };
+        let v = View { chain: Some(&synced_long_ago), ..v };
+        assert!(matches!(check("chain_stalled", &p, &v, &h, s(0)), Outcome::Clear(_)), "lmdb written 1.5 s ago");
+        let v = View { now_unix: 1030.0, ..v };
+        assert!(matches!(check("chain_stalled", &p, &v, &h, s(0)), Outcome::Holds(_)), "lmdb quiet for 19 s");
     }
 
     fn hist(counts: &[u64]) -> TargetDisk {
