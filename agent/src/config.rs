@@ -740,7 +740,7 @@ impl Default for ResourcesConfig {
             datadir_rescan: Duration::from_secs(3600),
             datadir_write_test: Duration::from_secs(60),
             write_test: true,
-            forecast_window: Duration::from_secs(3600),
+            forecast_window: Duration::from_secs(6 * 3600),
         }
     }
 }

@@ -113,7 +113,7 @@ pub const RULES: &[RuleDef] = &[
     // The stall time is the threshold itself, so no extra `for`.
     rule("chain_stalled", Warning, K::Seconds, T::MonthlyGap, secs(0), secs(0), None),
     rule("disk_low", Warning, K::Percent, T::Value(20.0), secs(0), secs(300), None),
-    rule("disk_full_soon", Warning, K::Days, T::Value(7.0), secs(300), secs(600), None),
+    rule("disk_full_soon", Warning, K::Days, T::Value(7.0), secs(3600), secs(600), None),
     rule("memory_high", Warning, K::Percent, T::Value(80.0), secs(300), secs(300), None),
     rule("fds_high", Warning, K::Percent, T::Value(80.0), secs(300), secs(300), None),
     // for: a single slow burst (a backup, a compaction) inside the window
