@@ -172,12 +172,17 @@ pub fn run(config: Config, fresh: bool) -> anyhow::Result<()> {
                 }
             }
         });
+        ignore_stray_signals(&runtime)?;
     }
     runtime.spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).ok();
+        // SIGQUIT asks for a stop too: a clean one rather than a core dump
+        let mut quit = signal(SignalKind::quit()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            _ = delivered(term.as_mut()) => {}
+            _ = delivered(quit.as_mut()) => {}
         }
         let _ = stop_tx.send(Wake::Stop);
     });
@@ -394,4 +399,48 @@ fn release_freed_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// The next delivery of `s`; never, when its handler could not be installed.
+async fn delivered(s: Option<&mut tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Signals whose default action ends the process but which mean nothing to
+/// the agent (timers, I/O readiness, power, CPU and file-size limits, the
+/// real-time range): a stray `kill -ALRM` must not stop the watching. Each
+/// named one is taken and logged; the real-time ones are ignored outright.
+/// The faults (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGTRAP, SIGSYS) keep
+/// their default: the process is broken when one arrives.
+fn ignore_stray_signals(runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let _runtime = runtime.enter();
+    for (name, number) in [
+        ("SIGALRM", libc::SIGALRM),
+        ("SIGVTALRM", libc::SIGVTALRM),
+        ("SIGPROF", libc::SIGPROF),
+        ("SIGIO", libc::SIGIO),
+        ("SIGPWR", libc::SIGPWR),
+        ("SIGSTKFLT", libc::SIGSTKFLT),
+        ("SIGXCPU", libc::SIGXCPU),
+        ("SIGXFSZ", libc::SIGXFSZ),
+    ] {
+        let mut s = signal(SignalKind::from_raw(number)).with_context(|| format!("installing the {name} handler"))?;
+        runtime.spawn(async move {
+            while s.recv().await.is_some() {
+                tracing::info!("{name}: ignored");
+            }
+        });
+    }
+    for number in libc::SIGRTMIN()..=libc::SIGRTMAX() {
+        // SAFETY: SIG_IGN for a real-time signal, before any of them can be
+        // wanted by anything else in the process; no handler runs
+        unsafe { libc::signal(number, libc::SIG_IGN) };
+    }
+    Ok(())
 }
