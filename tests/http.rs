@@ -739,6 +739,16 @@ fn bpf_self_telemetry_matches_bpftool() {
     let m = agent.metrics();
     assert_eq!(metric_sum(&m, "nodescope_bpf_stats_enabled", &[]), if enabled { 1.0 } else { 0.0 });
     assert_eq!(metric_sum(&m, "nodescope_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+    // the commit the binary was built from: this checkout's (git's own word)
+    let head = std::process::Command::new("git")
+        .arg("-C")
+        .arg(repo_root())
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    assert_eq!(head.len(), 12, "git rev-parse HEAD in {}", repo_root().display());
+    assert_eq!(metric_sum(&m, "nodescope_build_info", &[("commit", &head)]), 1.0, "build_info's commit");
     let runs = |m: &str| metric_sum(m, "nodescope_bpf_program_runs_total", &[("program", "on_tcp_state")]);
     if enabled {
         // connections make the state tracepoint run

@@ -203,13 +203,13 @@ impl SelfMetrics {
     pub fn register(meter: &Meter, bpf: Shared<BpfSelfSnapshot>) -> SelfMetrics {
         meter
             .u64_gauge("nodescope.build_info")
-            .with_description("Always 1: the running nodescope's version and the commit it was built from (NODESCOPE_COMMIT at build time, else unknown)")
+            .with_description("Always 1: the running nodescope's version and the commit it was built from (GIT_COMMIT at build time, else unknown)")
             .build()
             .record(
                 1,
                 &[
                     KeyValue::new("version", env!("CARGO_PKG_VERSION")),
-                    KeyValue::new("commit", option_env!("NODESCOPE_COMMIT").unwrap_or("unknown")),
+                    KeyValue::new("commit", option_env!("GIT_COMMIT").unwrap_or("unknown")),
                 ],
             );
         let snap = bpf.clone();
