@@ -43,11 +43,7 @@ fn commit(repo: &std::path::Path) {
             println!("cargo:rerun-if-changed={}", git.join("packed-refs").display());
         }
     }
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(repo)
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output();
+    let out = std::process::Command::new("git").arg("-C").arg(repo).args(["rev-parse", "--short=12", "HEAD"]).output();
     if let Ok(out) = out {
         let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
         if out.status.success() && !hash.is_empty() {

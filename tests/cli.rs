@@ -358,3 +358,43 @@ fn port_zero_logs_the_bound_port_without_colour() {
     assert_eq!(status.ok(), Some(200), "{log}");
     assert!(!log.contains('\x1b'), "ANSI codes in a log that is not a terminal: {log:?}");
 }
+
+/// `[log] format = "json"`: every line on stderr is one JSON object with a
+/// timestamp, a level and the message, for log shippers.
+#[test]
+fn json_log_format_writes_one_object_per_line() {
+    common::require_root();
+    let dir = common::TempDir::new("cli-json-log");
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[http]\nlisten = \"127.0.0.1:0\"\n[agent]\ninterval = \"500ms\"\ndiscover = false\n[log]\nformat = \"json\"\n",
+    )
+    .unwrap();
+    let err_path = dir.path().join("err");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nodescope"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let serving = common::wait_for("the serving line", std::time::Duration::from_secs(20), || {
+        let log = std::fs::read_to_string(&err_path).unwrap_or_default();
+        log.lines().find(|l| l.contains("serving /metrics")).map(str::to_string)
+    });
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    common::stop_child(&mut child, std::time::Duration::from_secs(10));
+    let log = std::fs::read_to_string(&err_path).unwrap();
+    let line: serde_json::Value = serde_json::from_str(&serving).unwrap_or_else(|e| panic!("{e}: {serving}"));
+    assert_eq!(line["level"], "INFO", "{serving}");
+    assert!(line["fields"]["message"].as_str().is_some_and(|m| m.starts_with("serving /metrics")), "{serving}");
+    assert!(line["timestamp"].as_str().is_some_and(|t| t.len() >= 20), "{serving}");
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= 2, "{log}");
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"));
+        assert!(v.is_object() && v["level"].is_string() && v["fields"].is_object(), "{l}");
+    }
+}
