@@ -354,7 +354,8 @@ fn collector_down_for_a_minute_then_back() {
 }
 
 /// The agent's own spans (a span per collection cycle, with the scope and
-/// health spans inside it) and its log records reach the collector over
+/// health spans inside it; a detach span for a target whose node is not
+/// running and a span per rule transition) and its log records reach the collector over
 /// gRPC and over HTTP/protobuf, carrying the same resource as the metrics.
 #[test]
 fn spans_and_logs_reach_the_collector() {
@@ -379,7 +380,8 @@ fn spans_and_logs_reach_the_collector() {
         };
         let agent = start_agent_with_env(
             &format!(
-                "[agent]\ninterval = \"500ms\"\ndiscover = false\n[otlp]\nendpoint = \"{endpoint}\"\nprotocol = \"{protocol}\"\ninterval = \"1s\"\ntimeout = \"1s\"\n"
+                "[agent]\ninterval = \"500ms\"\ndiscover = false\n[otlp]\nendpoint = \"{endpoint}\"\nprotocol = \"{protocol}\"\ninterval = \"1s\"\ntimeout = \"1s\"\n\
+                 [[targets]]\nname = \"ghost\"\nprocess = \"no-such-node\"\nchain = \"litecoin\"\n"
             ),
             &[("OTEL_SERVICE_NAME", format!("spans-{}", protocol.replace('/', "-")))],
         );
@@ -389,6 +391,10 @@ fn spans_and_logs_reach_the_collector() {
             (log.contains("Name           : collection")
                 && log.contains("Name           : scope")
                 && log.contains("Name           : health")
+                && log.contains("Name           : detach")
+                && log.contains("Name           : rule_transition")
+                && log.contains("-> rule: Str(node_down)")
+                && log.contains("-> target_name: Str(ghost)")
                 && log.contains("Body: Str(serving /metrics and /peers on"))
             .then_some(log)
         });

@@ -324,9 +324,17 @@ impl Targets {
                 (Some(pid), _) => format!("pid {pid}, shared cgroup: scoped to the process and its listening ports"),
             };
             let name = t.name.clone();
+            // a span when the kernel scope takes a node (attach) or lets it go
+            // (detach: not running), the log line inside it
             self.log_once(&name, state.clone(), || match t.pid {
-                Some(_) => tracing::info!(target_name = %name, chain = t.chain.as_str(), p2p_ports = ?t.p2p_ports, rpc_ports = ?t.rpc_ports, proxies = ?t.proxies, onion_ports = ?t.onion_ports, "watching node: {state}"),
-                None => tracing::warn!(target_name = %name, "node not running; waiting for it to appear"),
+                Some(_) => {
+                    let _span = tracing::info_span!("attach", target_name = %name, state = %state).entered();
+                    tracing::info!(target_name = %name, chain = t.chain.as_str(), p2p_ports = ?t.p2p_ports, rpc_ports = ?t.rpc_ports, proxies = ?t.proxies, onion_ports = ?t.onion_ports, "watching node: {state}")
+                }
+                None => {
+                    let _span = tracing::info_span!("detach", target_name = %name).entered();
+                    tracing::warn!(target_name = %name, "node not running; waiting for it to appear")
+                }
             });
             out.push(t);
         }

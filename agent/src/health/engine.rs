@@ -232,6 +232,8 @@ fn log_transition(target: &str, rule: &str, severity: Severity, t: Transition, e
     let (from, to) = (t.from.as_str(), t.to.as_str());
     let severity = severity.as_str();
     crate::events::rule(target, rule, severity, from, to, evidence);
+    // a span per transition (OTLP traces), the log line below inside it
+    let _span = tracing::info_span!("rule_transition", target_name = target, rule, severity, from, to).entered();
     match (t.from, t.to) {
         (_, State::Firing) => {
             tracing::warn!(target_name = target, rule, severity, from, evidence = %evidence, "health rule {rule} firing on {target}")
