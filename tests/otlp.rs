@@ -296,8 +296,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// The collector (gRPC) stopped for a minute: collection goes on at its
 /// interval, scrapes stay within twice their latency before, failures are
-/// counted and logged a few times, not per export; started again on the
-/// same port, it receives exports again by itself.
+/// counted and logged a few times, not per export; then 20 s of a collector
+/// that accepts connections and never answers, with the same bounds;
+/// started again on the same port, it receives exports again by itself.
 #[test]
 fn collector_down_for_a_minute_then_back() {
     require_root();
@@ -337,6 +338,32 @@ fn collector_down_for_a_minute_then_back() {
     assert!(d <= 2.0 * b.max(1.0), "scrape median {d:.2} ms during, {b:.2} ms before");
     assert!(failed >= 30.0, "{failed} failed exports counted in a minute at 1 s");
     assert!((1..=4).contains(&warned), "{warned} failure lines in a minute:\n{}", agent.log());
+    // a collector that takes connections and never answers (a listener no
+    // one accepts on: the kernel completes the handshakes, nothing more):
+    // exports time out, and neither collection nor /metrics waits for them
+    let silent = std::net::TcpListener::bind(("127.0.0.1", grpc_port)).unwrap();
+    let c1 = collections(&agent.metrics());
+    let failed1 = metric_sum(&agent.metrics(), "nodescope_otlp_exports_total", &[("result", "failed")]);
+    let t1 = std::time::Instant::now();
+    let mut stuck = Vec::new();
+    while t1.elapsed() < Duration::from_secs(20) {
+        stuck.extend(scrape_times(agent.port, 5));
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    let m = agent.metrics();
+    let ran = collections(&m) - c1;
+    let expected = t1.elapsed().as_secs_f64() / 0.5;
+    let timed_out = metric_sum(&m, "nodescope_otlp_exports_total", &[("result", "failed")]) - failed1;
+    let s = median(stuck.clone());
+    eprintln!(
+        "collector silent 20 s: {ran} collections of {expected:.0} due, {timed_out} failed exports; /metrics median {s:.2} ms (max {:.2} ms)",
+        stuck.iter().cloned().fold(0.0, f64::max)
+    );
+    assert!(ran >= expected * 0.9, "collection stalled behind a silent collector: {ran} of {expected:.0}");
+    assert!(s <= 2.0 * b.max(1.0), "scrape median {s:.2} ms with a silent collector, {b:.2} ms before");
+    assert!(timed_out >= 5.0, "{timed_out} failed exports in 20 s against a silent collector");
+    drop(silent);
+
     // back on the same port: exports arrive again with nothing done to the agent
     let ok_before = metric_sum(&m, "nodescope_otlp_exports_total", &[("result", "ok")]);
     let log2 = dir.path().join("rotel-2.log");

@@ -173,6 +173,31 @@ fn top_once_prints_the_bytes_of_peers() {
     );
     assert!(stdout.contains("disk: data dir "), "{stdout}");
 
+    // At rest (the miner stopped), the bytes top prints are /peers' own, to
+    // the byte: a reading of /peers before top and one after that agree
+    // bracket nothing. A ping between them moves the bytes: tried again.
+    let bytes = |peers: &[Value]| -> Vec<(String, Value, Value)> {
+        peers.iter().map(|q| (endpoint(q), q["bytes_sent"].clone(), q["bytes_received"].clone())).collect()
+    };
+    let at_rest = (0..5).find_map(|_| {
+        let before = peers_of(&net.agent);
+        let out = top(&["--once", "--url", &url(&net.agent)]);
+        let after = peers_of(&net.agent);
+        (bytes(&before) == bytes(&after) && out.status.success())
+            .then(|| (before, String::from_utf8_lossy(&out.stdout).to_string()))
+    });
+    let (peers, stdout) = at_rest.expect("/peers never stood still over a top --once (5 tries)");
+    let p = peers.iter().find(|q| endpoint(q) == ep).unwrap_or_else(|| panic!("{ep} gone from /peers: {peers:?}"));
+    let row = stdout
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with(&format!("{ep} ")))
+        .unwrap_or_else(|| panic!("no row for {ep}: {stdout}"));
+    let f: Vec<&str> = row.split_whitespace().collect();
+    for (i, key) in [(7, "bytes_sent"), (8, "bytes_received")] {
+        assert_eq!(f[i].parse::<u64>().ok(), p[key].as_u64(), "{key} at rest: top {row:?}, /peers {p}");
+    }
+
     // no privilege needed: the same as nobody, with no groups (from a copy
     // of the binary nobody can reach, wherever the build tree lies)
     let copy = TempDir::new("top-bin");

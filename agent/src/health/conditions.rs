@@ -36,8 +36,10 @@ pub struct View<'a> {
     pub chain: Option<&'a crate::chainlog::TargetChain>,
 }
 
-/// A P2P connection's identity: address, the peer's port, direction.
-type PeerId = (String, u16, Direction);
+/// A P2P connection's identity: address, the peer's port, the node's port,
+/// direction. The node's port tells apart the peers a node reaches through
+/// one proxy (Tor, I2P, SOCKS), whose address and port are all the proxy's.
+type PeerId = (String, u16, u16, Direction);
 
 struct Sample {
     at: Duration,
@@ -167,7 +169,8 @@ impl History {
     /// window's start (the baseline it compares with), and a sample older
     /// than a part's lookback sheds that part.
     pub fn record(&mut self, now: Duration, v: &View, lookbacks: &Lookbacks) {
-        let peers = v.net.map(|n| n.p2p_peers().map(|c| (c.address.clone(), c.port, c.direction)).collect());
+        let peers =
+            v.net.map(|n| n.p2p_peers().map(|c| (c.address.clone(), c.port, c.local_port, c.direction)).collect());
         let outbound = v.net.map(|n| {
             let opened = [Service::P2p, Service::Proxy]
                 .iter()
@@ -768,6 +771,39 @@ mod tests {
         let fired = run_partition(&sets, 10);
         assert!(!fired[..12].iter().any(|f| *f));
         assert!(fired[13], "{fired:?}");
+    }
+
+    #[test]
+    fn proxied_peers_lost_en_masse_are_a_partition() {
+        // a Tor-only node: 5 outbound peers, every one to the proxy's address
+        // and port, told apart by the node's own ports; 4 of them drop
+        let t = target(Some(42));
+        let p = params("partition_suspected", 10);
+        let mut h = History::default();
+        let tor = |locals: &[u16]| {
+            let mut n = net(&locals.iter().map(|_| (9050, Direction::Outbound)).collect::<Vec<_>>());
+            for (c, local) in n.connections.iter_mut().zip(locals) {
+                c.local_port = *local;
+                c.service = Service::Proxy;
+                c.network = crate::chain::PeerNetwork::Onion;
+            }
+            n
+        };
+        let all = tor(&[40001, 40002, 40003, 40004, 40005]);
+        for i in 0..12 {
+            let v = net_view(&t, &all);
+            h.record(s(i), &v, &Lookbacks::keep_all(p.window, p.window * PARTITION_CONNECT_WINDOWS));
+            assert!(matches!(check("partition_suspected", &p, &v, &h, s(i)), Outcome::Clear(_)));
+        }
+        let one = tor(&[40001]);
+        let v = net_view(&t, &one);
+        h.record(s(12), &v, &Lookbacks::keep_all(p.window, p.window * PARTITION_CONNECT_WINDOWS));
+        match check("partition_suspected", &p, &v, &h, s(12)) {
+            Outcome::Holds(ev) => {
+                assert_eq!((ev["peers_before"].as_u64(), ev["peers_closed"].as_u64()), (Some(5), Some(4)))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

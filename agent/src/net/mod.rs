@@ -42,7 +42,7 @@ pub fn start(
     // instead of adding to it at the agent's peak
     let metrics = NetMetrics::register(meter, snapshot.clone());
     match loaded {
-        Ok(signal) => Some(Box::new(Running { signal, metrics, snapshot })),
+        Ok(signal) => Some(Box::new(Running { signal, metrics, snapshot, last_error: None })),
         Err(e) => {
             tracing::error!("network signal off: {e}");
             None
@@ -55,6 +55,8 @@ struct Running {
     signal: NetSignal,
     metrics: NetMetrics,
     snapshot: Shared<NetSnapshot>,
+    /// The last collection's failure, logged once rather than every interval.
+    last_error: Option<String>,
 }
 
 impl Signal for Running {
@@ -90,10 +92,18 @@ impl Signal for Running {
             Ok(snap) => {
                 self.metrics.record(&snap);
                 self.snapshot.publish(snap);
+                if self.last_error.take().is_some() {
+                    tracing::info!("network collection works again");
+                }
             }
             Err(e) => {
+                // once per distinct failure, not every interval
+                let msg = e.to_string();
+                if self.last_error.as_deref() != Some(msg.as_str()) {
+                    tracing::error!("network collection failed: {msg}");
+                    self.last_error = Some(msg);
+                }
                 // no stale figures: rules over peers turn unknown until it recovers
-                tracing::error!("network collection failed: {e}");
                 self.snapshot.publish(NetSnapshot::default());
             }
         }

@@ -165,6 +165,11 @@ impl Ui {
         let n = names.len();
         self.filter = names[if back { (at + n - 1) % n } else { (at + 1) % n }].clone();
     }
+
+    /// The targets the filter lets through.
+    fn visible(&self) -> Vec<model::TargetView> {
+        self.shown.iter().filter(|t| self.filter.as_ref().is_none_or(|f| *f == t.name)).cloned().collect()
+    }
 }
 
 fn live(url: &AgentUrl, mut history: History, interval: Duration) -> Result<(), Failure> {
@@ -187,9 +192,7 @@ fn live(url: &AgentUrl, mut history: History, interval: Duration) -> Result<(), 
                         width: area.width as usize,
                         height: area.height as usize,
                     };
-                    let shown: Vec<model::TargetView> =
-                        ui.shown.iter().filter(|t| ui.filter.as_ref().is_none_or(|f| *f == t.name)).cloned().collect();
-                    let lines = render::screen(&s, &shown);
+                    let lines = render::screen(&s, &ui.visible());
                     f.render_widget(ratatui::widgets::Paragraph::new(lines), area);
                 })
                 .map_err(Failure::Terminal)?;
@@ -222,4 +225,37 @@ fn live(url: &AgentUrl, mut history: History, interval: Duration) -> Result<(), 
     })();
     ratatui::restore();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_target_filter_goes_round_and_hides_the_others() {
+        let view = |name: &str| model::TargetView { name: name.into(), ..Default::default() };
+        let mut ui = Ui {
+            sort: Sort::Rate,
+            filter: None,
+            paused: false,
+            error: None,
+            shown: vec![view("btc"), view("xmr")],
+            shown_unix: 0,
+        };
+        let names = |ui: &Ui| ui.visible().iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&ui), ["btc", "xmr"]);
+        ui.next_filter(false);
+        assert_eq!((ui.filter.as_deref(), names(&ui)), (Some("btc"), vec!["btc".to_string()]));
+        ui.next_filter(false);
+        assert_eq!((ui.filter.as_deref(), names(&ui)), (Some("xmr"), vec!["xmr".to_string()]));
+        ui.next_filter(false);
+        assert_eq!((ui.filter.as_deref(), names(&ui).len()), (None, 2), "back to all");
+        ui.next_filter(true);
+        assert_eq!(ui.filter.as_deref(), Some("xmr"), "backwards from all: the last");
+        // a target that went away: the filter shows nothing of it, and moves on
+        ui.shown = vec![view("btc")];
+        assert!(names(&ui).is_empty());
+        ui.next_filter(false);
+        assert_eq!(ui.filter.as_deref(), Some("btc"));
+    }
 }

@@ -276,7 +276,7 @@ pub struct Disk {
     pub days_until_full: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TargetView {
     pub name: String,
     /// healthy, degraded, unhealthy; "unknown" when /health/detailed does not name it.
