@@ -676,8 +676,10 @@ fn node_as_nobody(dir: &TempDir) -> ContainerNode {
 
 /// What the agent reports of the node with `caps`: (open fds, data dir
 /// size, data dir writable), each None when absent, read once the write
-/// test has run.
-fn resource_figures(pod: &PodSpec, caps: &[String], node: &ContainerNode) -> (Option<f64>, Option<f64>, Option<f64>) {
+/// test has run; and its one capability line.
+type Figures = (Option<f64>, Option<f64>, Option<f64>, String);
+
+fn resource_figures(pod: &PodSpec, caps: &[String], node: &ContainerNode) -> Figures {
     let agent = AgentContainer::start(pod, caps, &[], &target_config(node));
     let m = wait_for("the data dir write test", Duration::from_secs(70), || {
         let m = agent.metrics();
@@ -691,10 +693,14 @@ fn resource_figures(pod: &PodSpec, caps: &[String], node: &ContainerNode) -> (Op
             .any(|l| l.starts_with(&format!("{name}{{")) && l.contains("nodescope_target=\"ltc\""))
             .then(|| metric_sum(m, name, &[("nodescope_target", "ltc")]))
     };
+    let logs = agent.logs();
+    let cap_lines: Vec<&str> = logs.lines().filter(|l| l.contains("capabilities:")).collect();
+    assert_eq!(cap_lines.len(), 1, "one capability line:\n{logs}");
     let out = (
         figure(&m2, "nodescope_process_open_fds"),
         figure(&m2, "nodescope_datadir_size_bytes"),
         figure(&m, "nodescope_datadir_writable"),
+        cap_lines[0].to_string(),
     );
     eprintln!("caps {}: open fds {:?}, data dir size {:?}, writable {:?}", caps.join(","), out.0, out.1, out.2);
     out
@@ -719,7 +725,8 @@ fn each_file_capability_is_needed_for_a_node_of_another_user() {
         caps
     };
 
-    let (fds, size, writable) = resource_figures(&pod, &pod.caps, &node);
+    let (fds, size, writable, line) = resource_figures(&pod, &pod.caps, &node);
+    assert!(line.contains("capabilities: all that nodescope uses"), "{line}");
     let real_fds = std::fs::read_dir(format!("/proc/{}/fd", node.pid())).unwrap().count() as f64;
     assert!(fds.is_some_and(|f| (f - real_fds).abs() <= 8.0), "open fds {fds:?}, /proc says {real_fds}");
     let du = du_sb(&node);
@@ -727,14 +734,17 @@ fn each_file_capability_is_needed_for_a_node_of_another_user() {
     assert_eq!(writable, Some(1.0), "the data dir is writable to its user");
 
     // the node's /proc entries: a process of another user
-    let (fds, _, _) = resource_figures(&pod, &without(&["CAP_SYS_PTRACE"]), &node);
+    let (fds, _, _, line) = resource_figures(&pod, &without(&["CAP_SYS_PTRACE"]), &node);
     assert_eq!(fds, None, "open fds read without CAP_SYS_PTRACE");
+    assert!(line.contains("without CAP_SYS_PTRACE: ") && line.matches("without CAP_").count() == 1, "{line}");
     // its 0700 data dir, and its /proc/PID/fd (mode 0500, its owner's):
     // read only with CAP_DAC_READ_SEARCH
-    let (fds, size, _) = resource_figures(&pod, &without(&["CAP_DAC_READ_SEARCH"]), &node);
+    let (fds, size, _, line) = resource_figures(&pod, &without(&["CAP_DAC_READ_SEARCH"]), &node);
+    assert!(line.contains("without CAP_DAC_READ_SEARCH: ") && line.matches("without CAP_").count() == 1, "{line}");
     assert!(size.is_none_or(|s| s < du * 0.5), "data dir size {size:?} without CAP_DAC_READ_SEARCH (du {du})");
     assert_eq!(fds, None, "open fds read without CAP_DAC_READ_SEARCH");
     // the write test as its user
-    let (_, _, writable) = resource_figures(&pod, &without(&["CAP_SETUID", "CAP_SETGID"]), &node);
+    let (_, _, writable, line) = resource_figures(&pod, &without(&["CAP_SETUID", "CAP_SETGID"]), &node);
+    assert!(line.contains("without CAP_SETUID") && line.contains("CAP_SETGID"), "{line}");
     assert_eq!(writable, Some(0.0), "as root without CAP_DAC_OVERRIDE, nobody's 0700 data dir is not writable");
 }
