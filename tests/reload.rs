@@ -190,6 +190,38 @@ fn sighup_adds_a_target_keeps_counters_and_refuses_a_broken_file() {
     let b_after = agent_bytes(&agent, "b");
     assert!(b_after <= b_bytes, "b's bytes still counted after it was removed: {b_bytes} -> {b_after}");
     assert_eq!(since("no_peers"), no_peers_since, "no_peers' timer restarted by a reload that did not change it");
+
+    // http.listen moved: a port that cannot be bound refuses the reload
+    // (the old one keeps serving); a free one serves from then on, and the
+    // old one stops accepting
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    std::fs::write(&config_path, config_for(taken_port, &[("a", &a, &cg_a)])).unwrap();
+    signal(&agent, libc::SIGHUP);
+    wait_for("the refused listen address in the log", Duration::from_secs(10), || {
+        agent.log().contains(&format!("SIGHUP: http.listen: binding 127.0.0.1:{taken_port}")).then_some(())
+    });
+    assert_eq!(http_get(port, "/health/live").unwrap().0, 200);
+    // (/metrics is encoded once per collection)
+    wait_for("the second refusal counted", Duration::from_secs(5), || {
+        (metric_sum(&agent.metrics(), "nodescope_config_reloads_total", &[("result", "rejected")]) == 2.0).then_some(())
+    });
+    drop(taken);
+    let moved = free_port();
+    std::fs::write(&config_path, config_for(moved, &[("a", &a, &cg_a)])).unwrap();
+    signal(&agent, libc::SIGHUP);
+    wait_for("the new listen address serving", Duration::from_secs(10), || {
+        http_get(moved, "/health/live").ok().filter(|r| r.0 == 200)
+    });
+    wait_for("the old listen address closed", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err().then_some(())
+    });
+    let m = wait_for("the fourth reload counted", Duration::from_secs(5), || {
+        let (status, m) = http_get(moved, "/metrics").unwrap();
+        (status == 200 && metric_sum(&m, "nodescope_config_reloads_total", &[("result", "applied")]) == 4.0)
+            .then_some(m)
+    });
+    assert!(metric_sum(&m, "nodescope_peer_io_bytes_total", &[("nodescope_target", "a")]) >= last);
     drop(agent);
     drop(b);
     drop(a);

@@ -140,9 +140,9 @@ pub fn run(config: Config, fresh: bool) -> anyhow::Result<()> {
         health: health_snapshot.clone(),
         self_metrics: self_metrics.clone(),
     });
-    let (stop_http, stop_rx) = tokio::sync::watch::channel(false);
+    let (mut stop_http, stop_rx) = tokio::sync::watch::channel(false);
     let guard = Arc::new(http::HttpGuard::new(&config.http, &meter));
-    let server = runtime.spawn(http::serve(listener, state.clone(), guard.clone(), stop_rx));
+    let mut server = runtime.spawn(http::serve(listener, state.clone(), guard.clone(), stop_rx));
 
     // Signals end the loop through this channel; the kernel's exec events
     // wake it to resolve a node that just started.
@@ -274,7 +274,17 @@ pub fn run(config: Config, fresh: bool) -> anyhow::Result<()> {
                 Wake::Stop => break 'collect,
                 Wake::Interval => break,
                 Wake::Reload => {
-                    if let Some(new) = reload(&config, &self_metrics, &telemetry) {
+                    if let Some((new, listener)) = reload(&config, &self_metrics, &telemetry, &runtime) {
+                        if let Some(listener) = listener {
+                            // the new address serves from now on; the old
+                            // listener stops accepting (its open connections
+                            // finish on their own)
+                            let bound = listener.local_addr().unwrap_or(new.http.listen);
+                            let (stop, stop_rx) = tokio::sync::watch::channel(false);
+                            let _ = std::mem::replace(&mut stop_http, stop).send(true);
+                            server = runtime.spawn(http::serve(listener, state.clone(), guard.clone(), stop_rx));
+                            tracing::info!("SIGHUP: serving /metrics and /peers on http://{bound} now");
+                        }
                         targets.reconfigure(&new);
                         guard.reconfigure(&new.http);
                         health_engine.reconfigure(&new);
@@ -306,10 +316,16 @@ pub fn run(config: Config, fresh: bool) -> anyhow::Result<()> {
 /// `[otlp]` (the standard OTEL_* variables still over it): when it resolves
 /// to other settings, the metric, span and log exporters are built anew
 /// (an exporter that cannot be built refuses the reload) and swapped in, the
-/// instruments and their values kept. What is fixed at start (the listening
-/// address, kernel map sizes, logging) is named in a warning when it
-/// changed, and applies at the next start.
-fn reload(running: &Config, self_metrics: &crate::selfmetrics::SelfMetrics, telemetry: &Telemetry) -> Option<Config> {
+/// instruments and their values kept. A new `http.listen` is bound here,
+/// and returned for the loop to serve on (an address that cannot be bound
+/// refuses the reload). What is fixed at start (kernel map sizes, logging)
+/// is named in a warning when it changed, and applies at the next start.
+fn reload(
+    running: &Config,
+    self_metrics: &crate::selfmetrics::SelfMetrics,
+    telemetry: &Telemetry,
+    runtime: &tokio::runtime::Runtime,
+) -> Option<(Config, Option<tokio::net::TcpListener>)> {
     use std::sync::atomic::Ordering;
     let source = running.source.as_deref();
     let shown = source.map_or("(no file: environment only)".to_string(), |p| p.display().to_string());
@@ -322,11 +338,22 @@ fn reload(running: &Config, self_metrics: &crate::selfmetrics::SelfMetrics, tele
             return None;
         }
     };
+    let mut listener = None;
+    if running.http.listen != new.http.listen {
+        match runtime.block_on(tokio::net::TcpListener::bind(new.http.listen)) {
+            Ok(l) => listener = Some(l),
+            Err(e) => {
+                self_metrics.counters.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "SIGHUP: http.listen: binding {}: {e}; still running the config loaded before from {shown}",
+                    new.http.listen
+                );
+                return None;
+            }
+        }
+    }
     let mut fixed = Vec::new();
     let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-    if running.http.listen != new.http.listen {
-        fixed.push("http.listen");
-    }
     if differs(&running.limits, &new.limits) {
         fixed.push("[limits]");
     }
@@ -354,7 +381,7 @@ fn reload(running: &Config, self_metrics: &crate::selfmetrics::SelfMetrics, tele
         new.rules.len(),
         new.agent.interval
     );
-    Some(new)
+    Some((new, listener))
 }
 
 /// What wakes the collection loop.
