@@ -328,17 +328,14 @@ fn config_path_that_is_not_a_small_file() {
     }
 }
 
-/// `listen = "127.0.0.1:0"`: the log names the port the kernel gave, which
-/// answers; the log has no colour codes when stderr is a file.
-#[test]
-fn port_zero_logs_the_bound_port_without_colour() {
-    common::require_root();
-    let dir = common::TempDir::new("cli-port0");
+/// `nodescope run` on port 0 with no targets and `extra` config lines, its
+/// stderr (with RUST_LOG unset) in a file of `dir`.
+fn run_on_port_zero(dir: &common::TempDir, extra: &str) -> (std::process::Child, std::path::PathBuf) {
     let config = dir.path().join("c.toml");
-    std::fs::write(&config, "[http]\nlisten = \"127.0.0.1:0\"\n[agent]\ninterval = \"500ms\"\ndiscover = false\n")
-        .unwrap();
+    let text = format!("[http]\nlisten = \"127.0.0.1:0\"\n[agent]\ninterval = \"500ms\"\ndiscover = false\n{extra}");
+    std::fs::write(&config, text).unwrap();
     let err_path = dir.path().join("err");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nodescope"))
+    let child = Command::new(env!("CARGO_BIN_EXE_nodescope"))
         .args(["run", "--config"])
         .arg(&config)
         .env_remove("RUST_LOG")
@@ -346,6 +343,16 @@ fn port_zero_logs_the_bound_port_without_colour() {
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
         .unwrap();
+    (child, err_path)
+}
+
+/// `listen = "127.0.0.1:0"`: the log names the port the kernel gave, which
+/// answers; the log has no colour codes when stderr is a file.
+#[test]
+fn port_zero_logs_the_bound_port_without_colour() {
+    common::require_root();
+    let dir = common::TempDir::new("cli-port0");
+    let (mut child, err_path) = run_on_port_zero(&dir, "");
     let port: u16 = common::wait_for("the serving line", std::time::Duration::from_secs(20), || {
         let log = std::fs::read_to_string(&err_path).unwrap_or_default();
         let line = log.lines().find(|l| l.contains("serving /metrics"))?.to_string();
@@ -365,21 +372,7 @@ fn port_zero_logs_the_bound_port_without_colour() {
 fn json_log_format_writes_one_object_per_line() {
     common::require_root();
     let dir = common::TempDir::new("cli-json-log");
-    let config = dir.path().join("c.toml");
-    std::fs::write(
-        &config,
-        "[http]\nlisten = \"127.0.0.1:0\"\n[agent]\ninterval = \"500ms\"\ndiscover = false\n[log]\nformat = \"json\"\n",
-    )
-    .unwrap();
-    let err_path = dir.path().join("err");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nodescope"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut child, err_path) = run_on_port_zero(&dir, "[log]\nformat = \"json\"\n");
     let serving = common::wait_for("the serving line", std::time::Duration::from_secs(20), || {
         let log = std::fs::read_to_string(&err_path).unwrap_or_default();
         log.lines().find(|l| l.contains("serving /metrics")).map(str::to_string)

@@ -316,17 +316,21 @@ fn collector_down_for_a_minute_then_back() {
     });
     let before = scrape_times(agent.port, 30);
     stop_child(&mut collector, Duration::from_secs(5));
-    let collections = |m: &str| metric_sum(m, "nodescope_collection_duration_seconds_count", &[]);
-    let c0 = collections(&agent.metrics());
-    let t0 = std::time::Instant::now();
-    let mut during = Vec::new();
-    while t0.elapsed() < Duration::from_secs(60) {
-        during.extend(scrape_times(agent.port, 5));
-        std::thread::sleep(Duration::from_millis(1000));
-    }
-    let m = agent.metrics();
-    let ran = collections(&m) - c0;
-    let expected = t0.elapsed().as_secs_f64() / 0.5;
+    // over `secs` of scrapes (5 a second): the collections run, those due
+    // at the 0.5 s interval, the scrape times, and /metrics at the end
+    let observe = |secs: u64| {
+        let collections = |m: &str| metric_sum(m, "nodescope_collection_duration_seconds_count", &[]);
+        let c0 = collections(&agent.metrics());
+        let t0 = std::time::Instant::now();
+        let mut times = Vec::new();
+        while t0.elapsed() < Duration::from_secs(secs) {
+            times.extend(scrape_times(agent.port, 5));
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+        let m = agent.metrics();
+        (collections(&m) - c0, t0.elapsed().as_secs_f64() / 0.5, times, m)
+    };
+    let (ran, expected, during, m) = observe(60);
     let failed = metric_sum(&m, "nodescope_otlp_exports_total", &[("result", "failed")]);
     let warned = agent.log().lines().filter(|l| l.contains("OTLP export") && l.contains("failed")).count();
     let (b, d) = (median(before.clone()), median(during.clone()));
@@ -342,17 +346,8 @@ fn collector_down_for_a_minute_then_back() {
     // one accepts on: the kernel completes the handshakes, nothing more):
     // exports time out, and neither collection nor /metrics waits for them
     let silent = std::net::TcpListener::bind(("127.0.0.1", grpc_port)).unwrap();
-    let c1 = collections(&agent.metrics());
     let failed1 = metric_sum(&agent.metrics(), "nodescope_otlp_exports_total", &[("result", "failed")]);
-    let t1 = std::time::Instant::now();
-    let mut stuck = Vec::new();
-    while t1.elapsed() < Duration::from_secs(20) {
-        stuck.extend(scrape_times(agent.port, 5));
-        std::thread::sleep(Duration::from_millis(1000));
-    }
-    let m = agent.metrics();
-    let ran = collections(&m) - c1;
-    let expected = t1.elapsed().as_secs_f64() / 0.5;
+    let (ran, expected, stuck, m) = observe(20);
     let timed_out = metric_sum(&m, "nodescope_otlp_exports_total", &[("result", "failed")]) - failed1;
     let s = median(stuck.clone());
     eprintln!(

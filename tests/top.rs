@@ -111,6 +111,16 @@ impl Drop for Miner {
     }
 }
 
+/// The row of peer `ep` in top's plain output, and its fields.
+fn peer_row<'a>(stdout: &'a str, ep: &str) -> (&'a str, Vec<&'a str>) {
+    let row = stdout
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with(&format!("{ep} ")))
+        .unwrap_or_else(|| panic!("no row for {ep}: {stdout}"));
+    (row, row.split_whitespace().collect())
+}
+
 fn top(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_nodescope")).arg("top").args(args).stdin(Stdio::null()).output().unwrap()
 }
@@ -148,13 +158,8 @@ fn top_once_prints_the_bytes_of_peers() {
     let p = &before[0];
     let ep = endpoint(p);
     let a = after.iter().find(|q| endpoint(q) == ep).unwrap_or_else(|| panic!("{ep} gone from /peers: {after:?}"));
-    let row = stdout
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with(&format!("{ep} ")))
-        .unwrap_or_else(|| panic!("no row for {ep}: {stdout}"));
     // ADDRESS DIRECTION SERVICE NETGROUP AGE SENT/s RECEIVED/s SENT RECEIVED
-    let f: Vec<&str> = row.split_whitespace().collect();
+    let (row, f) = peer_row(&stdout, &ep);
     assert_eq!(f.len(), 9, "{row}");
     assert_eq!(f[1], p["direction"].as_str().unwrap(), "{row}");
     assert_eq!(f[2], "p2p", "{row}");
@@ -188,12 +193,7 @@ fn top_once_prints_the_bytes_of_peers() {
     });
     let (peers, stdout) = at_rest.expect("/peers never stood still over a top --once (5 tries)");
     let p = peers.iter().find(|q| endpoint(q) == ep).unwrap_or_else(|| panic!("{ep} gone from /peers: {peers:?}"));
-    let row = stdout
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with(&format!("{ep} ")))
-        .unwrap_or_else(|| panic!("no row for {ep}: {stdout}"));
-    let f: Vec<&str> = row.split_whitespace().collect();
+    let (row, f) = peer_row(&stdout, &ep);
     for (i, key) in [(7, "bytes_sent"), (8, "bytes_received")] {
         assert_eq!(f[i].parse::<u64>().ok(), p[key].as_u64(), "{key} at rest: top {row:?}, /peers {p}");
     }
