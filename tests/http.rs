@@ -827,3 +827,29 @@ fn bpf_self_telemetry_matches_bpftool() {
     stop_child(&mut server, Duration::from_secs(5));
     drop(cgroup);
 }
+
+/// A keep-alive connection that asks nothing more after its answer is
+/// closed by the agent once http.idle_timeout has passed, and counted.
+#[test]
+fn idle_keep_alive_connection_is_closed() {
+    require_root();
+    let agent = Agent::start("idle_timeout = \"1s\"\n[agent]\ninterval = \"500ms\"\ndiscover = false\n");
+    let mut s = TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t = Instant::now();
+    let mut got = Vec::new();
+    // the answer, then the end of the stream when the agent closes it
+    let r = s.read_to_end(&mut got);
+    let took = t.elapsed();
+    let head = String::from_utf8_lossy(&got[..got.len().min(64)]).to_string();
+    assert!(r.is_ok(), "not closed within 10 s: {r:?}");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    eprintln!("idle keep-alive connection closed {took:?} after its request");
+    assert!(took >= Duration::from_millis(900) && took <= Duration::from_secs(3), "closed after {took:?}");
+    let closed = wait_for("the idle close counted", Duration::from_secs(5), || {
+        let n = metric_sum(&agent.metrics(), "nodescope_http_closed_total", &[("reason", "idle")]);
+        (n >= 1.0).then_some(n)
+    });
+    assert_eq!(closed, 1.0);
+}

@@ -401,6 +401,7 @@ fn conn_events(
     ports: &[u16],
     n: usize,
     timeout: Duration,
+    others: &mut Vec<(String, Value)>,
 ) -> Vec<(String, u16)> {
     let end = Instant::now() + timeout;
     let mut got = Vec::new();
@@ -421,6 +422,8 @@ fn conn_events(
                 assert_eq!(data["bytes_received"], 0, "the test sent nothing: {data}");
             }
             got.push((kind, port));
+        } else {
+            others.push((kind, data));
         }
     }
     got
@@ -428,8 +431,9 @@ fn conn_events(
 
 /// /events delivers the open and close of each connection of a scripted
 /// sequence, in the order they happened (also two within one collection
-/// interval); a reader that stops reading is dropped and counted while the
-/// agent and a reader that keeps up go on undisturbed.
+/// interval), a rule's transition and a refused connect of the node's; a
+/// reader that stops reading is dropped and counted while the agent and a
+/// reader that keeps up go on undisturbed.
 #[test]
 fn events_stream_connections_in_order_and_drop_a_stalled_reader() {
     require_root();
@@ -454,13 +458,39 @@ fn events_stream_connections_in_order_and_drop_a_stalled_reader() {
     let c = connect(p2p);
     let pc = port(&c);
     drop(c);
-    let got = conn_events(&rx, &[pa, pb, pc], 6, Duration::from_secs(10));
+    let mut others = Vec::new();
+    let got = conn_events(&rx, &[pa, pb, pc], 6, Duration::from_secs(10), &mut others);
     let want: Vec<(String, u16)> =
         [("open", pa), ("open", pb), ("close", pa), ("close", pb), ("open", pc), ("close", pc)]
             .into_iter()
             .map(|(k, p)| (k.to_string(), p))
             .collect();
     assert_eq!(got, want);
+    // no_peers left pending when a came: its transition is an event too
+    let cleared = others.iter().any(|(kind, d)| {
+        kind == "rule" && d["rule"] == "no_peers" && d["target"] == "ltc" && d["from"] == "pending" && d["to"] == "ok"
+    });
+    assert!(cleared, "no rule event for no_peers pending -> ok: {others:?}");
+
+    // a connect the node makes that is refused: a failed event, outbound, to that port
+    let refused = free_port();
+    node.cli(&["addnode", &format!("127.0.0.1:{refused}"), "onetry"]);
+    let failed = wait_for("the failed connect's event", Duration::from_secs(10), || {
+        while let Ok((_, kind, d)) = rx.try_recv() {
+            if kind == "failed" && d["port"] == refused {
+                return Some(d);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        None
+    });
+    assert!(
+        failed["target"] == "ltc"
+            && failed["direction"] == "outbound"
+            && failed["service"] == "p2p"
+            && failed["reason"] == "refused",
+        "{failed}"
+    );
 
     // a reader that never reads past the response head
     let (stalled, stalled_rx) = events_reader(&agent);
@@ -477,7 +507,7 @@ fn events_stream_connections_in_order_and_drop_a_stalled_reader() {
         let pd = port(&d);
         drop(d);
         let seen = Instant::now();
-        let events = conn_events(&rx, &[pd], 2, Duration::from_secs(3));
+        let events = conn_events(&rx, &[pd], 2, Duration::from_secs(3), &mut Vec::new());
         assert_eq!(events, [("open".to_string(), pd), ("close".to_string(), pd)]);
         eprintln!("after {made} connects: the keeping-up reader had its events in {:?}", seen.elapsed());
         assert_eq!(agent.get("/health/live").0, 200);

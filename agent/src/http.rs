@@ -839,6 +839,12 @@ async fn connection(stream: TcpStream, ip: IpAddr, act: Arc<Activity>, place: Pl
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
+                    // hyper's header read timeout (the idle timeout, at most
+                    // 10 s) closed a connection that sent no whole request:
+                    // an idle keep-alive connection, or a slow one
+                    if e.is_timeout() {
+                        guard.counters.idle.fetch_add(1, Ordering::Relaxed);
+                    }
                     tracing::debug!("http connection: {e}");
                 }
                 break;
