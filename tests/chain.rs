@@ -142,6 +142,7 @@ struct Monerod {
     child: std::process::Child,
     dir: TempDir,
     rpc_port: u16,
+    args: Vec<String>,
 }
 
 /// A valid mainnet address (the Monero project's donation address);
@@ -168,14 +169,25 @@ impl Monerod {
             None => args.push("--offline".into()),
         }
         let child = spawn_in(cgroup, "monerod", &args, &dir.path().join("stdout.log"));
-        let mut node = Monerod { child, dir, rpc_port };
+        let mut node = Monerod { child, dir, rpc_port, args };
+        node.wait_rpc();
+        node
+    }
+
+    fn wait_rpc(&mut self) {
         wait_for("monerod RPC", Duration::from_secs(120), || {
-            if let Ok(Some(st)) = node.child.try_wait() {
+            if let Ok(Some(st)) = self.child.try_wait() {
                 panic!("monerod exited with {st}");
             }
-            node.rpc("get_info", "{}").ok().filter(|v| v["result"]["status"] == "OK")
+            self.rpc("get_info", "{}").ok().filter(|v| v["result"]["status"] == "OK")
         });
-        node
+    }
+
+    /// Stopped, then started again on the same data dir and ports.
+    fn restart(&mut self, cgroup: Option<&Cgroup>) {
+        stop_child(&mut self.child, Duration::from_secs(30));
+        self.child = spawn_in(cgroup, "monerod", &self.args, &self.dir.path().join("stdout.log"));
+        self.wait_rpc();
     }
 
     fn rpc(&self, method: &str, params: &str) -> Result<Value, String> {
@@ -365,4 +377,85 @@ fn monerod_at_log_level_0_is_said_to_be_silent() {
     eprintln!("chain_stalled at level 0: {ev}");
     assert_eq!(ev["source"], "files", "chain_stalled from the lmdb files: {ev}");
     assert!(ev["last_lmdb_write"].as_f64().is_some(), "{ev}");
+}
+
+/// A monerod at its default log level 0 that synchronized from a peer: its
+/// log has the sync lines ("Synced N/M", "You are now synchronized") and
+/// then nothing as new blocks arrive. chain_stalled must not count from
+/// that last sync line (a healthy node would page for good): it judges the
+/// node's lmdb writes, stays ok while the peer's blocks come, fires once
+/// they stop for longer than the threshold, and clears on the next block.
+#[test]
+fn synchronized_monerod_at_log_level_0_is_judged_by_its_lmdb_writes() {
+    require_root();
+    let cgroup = Cgroup::new();
+    let (port, peer_port) = (free_port(), free_port());
+    let mut node = Monerod::start_with(Some(&cgroup), 10 << 20, port, Some(peer_port), 0);
+    let peer = Monerod::start_with(None, 10 << 20, peer_port, Some(port), 1);
+    let connected = |node: &Monerod| {
+        wait_for("monerod peers", Duration::from_secs(60), || {
+            let v = node.rpc("get_info", "{}").ok()?;
+            let n = v["result"]["incoming_connections_count"].as_u64()?
+                + v["result"]["outgoing_connections_count"].as_u64()?;
+            (n > 0).then_some(())
+        })
+    };
+    connected(&node);
+    peer.mine(1);
+    // blocks mined while the node is down: it syncs them when it is back,
+    // and logs that sync at level 0 ("Synced N/M"), nothing after
+    stop_child(&mut node.child, Duration::from_secs(30));
+    peer.mine(30);
+    node.restart(Some(&cgroup));
+    connected(&node);
+    let log = wait_for("the node synchronized from its peer", Duration::from_secs(90), || {
+        let log = std::fs::read_to_string(node.dir.path().join("bitmonero.log")).unwrap_or_default();
+        (node.height() == peer.height() && log.contains("Synced ")).then_some(log)
+    });
+    eprintln!(
+        "{}",
+        log.lines().filter(|l| l.contains("ynced") || l.contains("ynchronized")).collect::<Vec<_>>().join("\n")
+    );
+    let agent = Agent::start(
+        &(agent_config("xmr", "monero", &cgroup, node.dir.path()) + "[targets.rules.chain_stalled]\nthreshold = 8\n"),
+    );
+    // the log gave a height (the sync's), and no tip age: it follows no block
+    let chain = wait_for("the chain section from the log", Duration::from_secs(20), || {
+        let c = chain_section(&agent);
+        (c["source"] == "log").then_some(c)
+    });
+    eprintln!("chain section: {chain}");
+    assert_eq!(chain["tip_age_seconds"], Value::Null, "{chain}");
+    wait_for("chain_stalled evaluated", Duration::from_secs(30), || {
+        stalled_rule(&agent).filter(|(s, _)| s != "unknown")
+    });
+    // the peer's blocks every 2 s for 14 s, past the threshold since the sync line
+    let until = Instant::now() + Duration::from_secs(14);
+    while Instant::now() < until {
+        peer.mine(1);
+        let (state, ev) = stalled_rule(&agent).unwrap();
+        assert_eq!(state, "ok", "chain_stalled while blocks come: {ev}");
+        assert_eq!(ev["source"], "files", "{ev}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    peer.mine(1);
+    let last = Instant::now();
+    let height = peer.height();
+    wait_for("the node took the last block", Duration::from_secs(10), || (node.height() == height).then_some(()));
+    let ev = loop {
+        let (state, ev) = stalled_rule(&agent).unwrap();
+        if state == "firing" {
+            break ev;
+        }
+        assert!(last.elapsed() < Duration::from_secs(8 + 5), "chain_stalled not firing: {ev}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let fired = last.elapsed();
+    eprintln!("level 0: chain_stalled fired {fired:?} after the last block: {ev}");
+    assert!(fired >= Duration::from_secs(7), "fired early, {fired:?}: {ev}");
+    assert_eq!(ev["source"], "files", "{ev}");
+    peer.mine(1);
+    let resumed = Instant::now();
+    wait_for("chain_stalled cleared", Duration::from_secs(5), || stalled_rule(&agent).filter(|(s, _)| s == "ok"));
+    eprintln!("level 0: chain_stalled cleared {:?} after the next block", resumed.elapsed());
 }
