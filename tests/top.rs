@@ -314,6 +314,16 @@ fn top_live_view_in_a_pseudo_terminal() {
     eprintln!("{screen}");
     let v = verdict(&net.agent).to_uppercase();
     pty.wait_screen(&format!("the agent's verdict {v}"), Duration::from_secs(10), |s| s.contains(&format!("ltc {v}")));
+    // the agent's /events: a visitor's connection opens and closes on screen
+    let visitor = std::net::TcpStream::connect(net.node.addr()).unwrap();
+    let vport = visitor.local_addr().unwrap().port();
+    let opened = format!("open   in p2p 127.0.0.1:{vport} (ltc)");
+    pty.wait_screen("the visitor's open event", Duration::from_secs(10), |s| s.contains(&opened));
+    drop(visitor);
+    let closed = format!("close  in p2p 127.0.0.1:{vport} ");
+    let s = pty.wait_screen("the visitor's close event", Duration::from_secs(10), |s| s.contains(&closed));
+    eprintln!("{s}");
+    assert!(s.lines().any(|l| l == "events"), "{s}");
     // the peer row: address, direction, service, netgroup
     let row = screen.lines().find(|l| l.starts_with(&ep)).unwrap_or_else(|| panic!("no row for {ep}:\n{screen}"));
     let f: Vec<&str> = row.split_whitespace().collect();

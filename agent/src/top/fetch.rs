@@ -125,6 +125,56 @@ pub fn get(url: &AgentUrl, path: &str, timeout: Duration) -> Result<(u16, String
     parse_response(&raw).map_err(|why| FetchError(format!("{}: GET {path}: {why}", url.text)))
 }
 
+/// One event of the agent's /events stream: its kind (open, close, failed,
+/// rule) and its data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamEvent {
+    pub kind: String,
+    pub data: serde_json::Value,
+}
+
+/// Follows the agent's /events stream (server-sent events) on the calling
+/// thread, handing each event to `tx`, until `tx`'s receiver is gone. A
+/// failed connect or a stream that ends (the agent restarted) is tried
+/// again two seconds later (the thread ends with the view's process); events
+/// that arrive while `tx` is full are dropped (the view shows the last few
+/// anyway).
+pub fn follow_events(url: &AgentUrl, tx: &std::sync::mpsc::SyncSender<StreamEvent>) {
+    use std::io::BufRead;
+    use std::sync::mpsc::TrySendError;
+    loop {
+        let stream = (url.host.as_str(), url.port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok());
+        if let Some(mut s) = stream {
+            // HTTP/1.0: the stream comes as it is, not chunked, and ends with the connection
+            let request = format!(
+                "GET {}/events HTTP/1.0\r\nUser-Agent: nodescope-top\r\nAccept: text/event-stream\r\n\r\n",
+                url.prefix
+            );
+            if s.write_all(request.as_bytes()).is_ok() {
+                let mut lines = std::io::BufReader::new(s).lines();
+                let ok = lines.next().and_then(Result::ok).is_some_and(|l| l.split(' ').nth(1) == Some("200"));
+                let mut kind = String::new();
+                for line in lines.map_while(Result::ok).skip_while(|_| !ok) {
+                    if let Some(k) = line.strip_prefix("event: ") {
+                        kind = k.to_string();
+                    } else if let Some(d) = line.strip_prefix("data: ") {
+                        let Ok(data) = serde_json::from_str(d) else { continue };
+                        match tx.try_send(StreamEvent { kind: std::mem::take(&mut kind), data }) {
+                            Ok(()) | Err(TrySendError::Full(_)) => {}
+                            Err(TrySendError::Disconnected(_)) => return,
+                        }
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
 /// (status, body) of a whole HTTP/1.x response.
 pub fn parse_response(raw: &[u8]) -> Result<(u16, String), String> {
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("not an HTTP answer (no header end)")?;

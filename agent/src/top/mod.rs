@@ -7,6 +7,7 @@ mod model;
 mod prom;
 mod render;
 
+use std::collections::VecDeque;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::mpsc;
@@ -144,13 +145,21 @@ struct Ui {
     /// Every target's view (frozen while paused); the filter applies when drawn.
     shown: Vec<model::TargetView>,
     shown_unix: u64,
+    /// The latest /events lines, (target, line), oldest first, at most EVENTS_KEPT.
+    events: VecDeque<(String, String)>,
+    /// What the screen shows of them (frozen while paused).
+    shown_events: Vec<(String, String)>,
 }
+
+/// /events lines kept for the view.
+const EVENTS_KEPT: usize = 32;
 
 impl Ui {
     fn refresh(&mut self, history: &History) {
         if self.paused {
             return;
         }
+        self.shown_events = self.events.iter().cloned().collect();
         if let Some(latest) = history.latest() {
             self.shown = history.view(None);
             self.shown_unix = latest.unix;
@@ -166,6 +175,25 @@ impl Ui {
         self.filter = names[if back { (at + n - 1) % n } else { (at + 1) % n }].clone();
     }
 
+    /// An /events event in, the oldest out past EVENTS_KEPT.
+    fn event(&mut self, e: &fetch::StreamEvent) {
+        if let Some(line) = render::event_line(e) {
+            if self.events.len() == EVENTS_KEPT {
+                self.events.pop_front();
+            }
+            self.events.push_back(line);
+        }
+    }
+
+    /// The event lines of the targets the filter lets through.
+    fn visible_events(&self) -> Vec<String> {
+        self.shown_events
+            .iter()
+            .filter(|(t, _)| self.filter.as_ref().is_none_or(|f| f == t))
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
     /// The targets the filter lets through.
     fn visible(&self) -> Vec<model::TargetView> {
         self.shown.iter().filter(|t| self.filter.as_ref().is_none_or(|f| *f == t.name)).cloned().collect()
@@ -175,15 +203,35 @@ impl Ui {
 fn live(url: &AgentUrl, mut history: History, interval: Duration) -> Result<(), Failure> {
     let mut terminal = ratatui::try_init().map_err(Failure::Terminal)?;
     let readings = reader(url.clone(), interval);
-    let mut ui = Ui { sort: Sort::Rate, filter: None, paused: false, error: None, shown: Vec::new(), shown_unix: 0 };
+    let mut ui = Ui {
+        sort: Sort::Rate,
+        filter: None,
+        paused: false,
+        error: None,
+        shown: Vec::new(),
+        shown_unix: 0,
+        events: VecDeque::new(),
+        shown_events: Vec::new(),
+    };
     ui.refresh(&history);
+    // the agent's /events, followed on a thread of their own (it ends with the process)
+    let (events_tx, events_rx) = std::sync::mpsc::sync_channel(256);
+    {
+        let url = url.clone();
+        std::thread::Builder::new()
+            .name("top-events".into())
+            .spawn(move || fetch::follow_events(&url, &events_tx))
+            .expect("spawning a thread");
+    }
     let result = (|| -> Result<(), Failure> {
         loop {
             terminal
                 .draw(|f| {
                     let area = f.area();
+                    let events = ui.visible_events();
                     let s = render::Screen {
                         url: &url.text,
+                        events: &events,
                         unix: ui.shown_unix,
                         sort: ui.sort,
                         filter: ui.filter.as_deref(),
@@ -209,6 +257,14 @@ fn live(url: &AgentUrl, mut history: History, interval: Duration) -> Result<(), 
                     },
                     _ => {}
                 }
+                ui.refresh(&history);
+            }
+            let mut heard = false;
+            while let Ok(e) = events_rx.try_recv() {
+                ui.event(&e);
+                heard = true;
+            }
+            if heard {
                 ui.refresh(&history);
             }
             while let Ok(r) = readings.try_recv() {
@@ -241,6 +297,8 @@ mod tests {
             error: None,
             shown: vec![view("btc"), view("xmr")],
             shown_unix: 0,
+            events: VecDeque::new(),
+            shown_events: Vec::new(),
         };
         let names = |ui: &Ui| ui.visible().iter().map(|t| t.name.clone()).collect::<Vec<_>>();
         assert_eq!(names(&ui), ["btc", "xmr"]);

@@ -344,6 +344,8 @@ fn verdict_style(status: &str) -> Style {
 /// What the screen shows around the data.
 pub struct Screen<'a> {
     pub url: &'a str,
+    /// The latest lines of /events (event_line), oldest first.
+    pub events: &'a [String],
     pub unix: u64,
     pub sort: Sort,
     /// The target filter: None for all.
@@ -353,6 +355,39 @@ pub struct Screen<'a> {
     pub error: Option<&'a str>,
     pub width: usize,
     pub height: usize,
+}
+
+/// An /events event as one line of the live view, with its target (for the
+/// target filter): its time, what happened, and to whom. None for what the
+/// view does not show: connections of other services than peers (p2p,
+/// proxy), and kinds it does not know.
+pub fn event_line(e: &crate::top::fetch::StreamEvent) -> Option<(String, String)> {
+    let d = &e.data;
+    let text = |k: &str| d[k].as_str().unwrap_or("?").to_string();
+    let at = d["at"].as_f64().map_or_else(|| "--:--:--".to_string(), |t| clock(t as u64)[..8].to_string());
+    let peer = || {
+        let address = text("address");
+        let address = if address.contains(':') { format!("[{address}]") } else { address };
+        format!("{} {} {address}:{}", direction_short(&text("direction")), text("service"), d["port"])
+    };
+    let target = text("target");
+    // peers only: RPC clients (the operator's own scripts) would crowd them out
+    if e.kind != "rule" && !matches!(d["service"].as_str(), Some("p2p" | "proxy")) {
+        return None;
+    }
+    let what = match e.kind.as_str() {
+        "open" => format!("open   {}", peer()),
+        "close" => format!(
+            "close  {} sent {} received {}",
+            peer(),
+            human(d["bytes_sent"].as_f64().unwrap_or(0.0)),
+            human(d["bytes_received"].as_f64().unwrap_or(0.0))
+        ),
+        "failed" => format!("failed {} {}", peer(), text("reason")),
+        "rule" => format!("rule   {} {} -> {}", text("rule"), text("from"), text("to")),
+        _ => return None,
+    };
+    Some((target.clone(), format!("{at} {what} ({target})")))
 }
 
 /// The screen's lines, `height` of them at most.
@@ -447,8 +482,15 @@ pub fn screen<'a>(s: &Screen, targets: &[TargetView]) -> Vec<Line<'a>> {
         netgroups.len(),
         s.sort.name()
     ))));
+    // the latest events, as many as fit in 3 lines, under a heading
+    let mut events: Vec<Line> = Vec::new();
+    if !s.events.is_empty() {
+        events.push(Line::styled("events", Style::default().add_modifier(Modifier::BOLD)));
+        let from = s.events.len().saturating_sub(3);
+        events.extend(s.events[from..].iter().map(|e| Line::raw(cut(e.clone()))));
+    }
     // the peer table takes what is left between the rest and the key line, at least 3 rows
-    let reserved = out.len() + files.len() + 1 + 1 + 1;
+    let reserved = out.len() + files.len() + events.len() + 1 + 1 + 1;
     let room = s.height.saturating_sub(reserved).max(3);
     out.push(Line::styled(cut(header), Style::default().add_modifier(Modifier::BOLD)));
     let shown = table.len().min(room);
@@ -462,6 +504,7 @@ pub fn screen<'a>(s: &Screen, targets: &[TargetView]) -> Vec<Line<'a>> {
         ));
     }
     out.extend(files);
+    out.extend(events);
     out.truncate(s.height.saturating_sub(1));
     while out.len() < s.height.saturating_sub(1) {
         out.push(Line::raw(""));
@@ -473,6 +516,39 @@ pub fn screen<'a>(s: &Screen, targets: &[TargetView]) -> Vec<Line<'a>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_as_lines() {
+        use crate::top::fetch::StreamEvent;
+        let ev = |kind: &str, data: serde_json::Value| StreamEvent { kind: kind.into(), data };
+        let at = 1_796_029_969.25; // 09:12:49 UTC
+        let open = ev(
+            "open",
+            serde_json::json!({"at": at, "target": "ltc", "direction": "inbound", "service": "p2p", "address": "127.0.0.1", "port": 40001}),
+        );
+        assert_eq!(event_line(&open), Some(("ltc".into(), "09:12:49 open   in p2p 127.0.0.1:40001 (ltc)".into())));
+        let close = ev(
+            "close",
+            serde_json::json!({"at": at, "target": "ltc", "direction": "outbound", "service": "proxy", "address": "::1", "port": 9050, "bytes_sent": 2048, "bytes_received": 10}),
+        );
+        assert_eq!(event_line(&close).unwrap().1, "09:12:49 close  out proxy [::1]:9050 sent 2.0K received 10B (ltc)");
+        let failed = ev(
+            "failed",
+            serde_json::json!({"at": at, "target": "x", "direction": "outbound", "service": "p2p", "address": "10.0.0.1", "port": 8333, "reason": "refused"}),
+        );
+        assert_eq!(event_line(&failed).unwrap().1, "09:12:49 failed out p2p 10.0.0.1:8333 refused (x)");
+        let rule = ev(
+            "rule",
+            serde_json::json!({"at": 1_796_029_969u64, "target": "x", "rule": "no_peers", "from": "pending", "to": "firing"}),
+        );
+        assert_eq!(event_line(&rule).unwrap().1, "09:12:49 rule   no_peers pending -> firing (x)");
+        assert_eq!(event_line(&ev("other", serde_json::json!({}))), None);
+        let rpc = ev(
+            "open",
+            serde_json::json!({"at": at, "target": "x", "direction": "inbound", "service": "rpc", "address": "127.0.0.1", "port": 1}),
+        );
+        assert_eq!(event_line(&rpc), None, "RPC clients are not peers");
+    }
     use crate::top::model::{Counter, Peer};
 
     fn view() -> TargetView {
@@ -546,6 +622,7 @@ mod tests {
     #[test]
     fn top_screen_fits_80x24() {
         let s = Screen {
+            events: &[],
             url: "http://127.0.0.1:9464",
             unix: 0,
             sort: Sort::Rate,
@@ -581,6 +658,7 @@ mod tests {
             p.peer.target = other.name.clone();
         }
         let s = Screen {
+            events: &[],
             url: "http://127.0.0.1:9464",
             unix: 0,
             sort: Sort::Address,
