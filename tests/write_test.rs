@@ -24,15 +24,16 @@ fn figure(m: &str, name: &str) -> Option<f64> {
 }
 
 /// Watches a `sleep` whose "data dir" is `datadir`, with `resources` as the
-/// [resources] table, for 4 s after the first size figure: whether the
-/// data dir's mtime moved, and the last scrape.
-fn watch(datadir: &Path, resources: &str) -> (bool, String) {
+/// [resources] table and `target` as more lines of its target, for 4 s
+/// after the first size figure: whether the data dir's mtime moved, and the
+/// last scrape.
+fn watch(datadir: &Path, resources: &str, target: &str) -> (bool, String) {
     let mut node = Command::new("sleep").arg("60").stdin(Stdio::null()).spawn().unwrap();
     let pid_file = datadir.parent().unwrap().join(format!("{}.pid", node.id()));
     std::fs::write(&pid_file, format!("{}\n", node.id())).unwrap();
     let before = mtime(datadir);
     let agent = Agent::start(&format!(
-        "[agent]\ninterval = \"250ms\"\n\n[resources]\n{resources}\n\n[[targets]]\nname = \"n\"\npid_file = \"{}\"\ndatadir = \"{}\"\n",
+        "[agent]\ninterval = \"250ms\"\n\n[resources]\n{resources}\n\n[[targets]]\nname = \"n\"\npid_file = \"{}\"\ndatadir = \"{}\"\n{target}",
         pid_file.display(),
         datadir.display()
     ));
@@ -54,14 +55,14 @@ fn write_test_off_writes_nothing_in_the_data_dir() {
     std::fs::create_dir(&datadir).unwrap();
     std::fs::write(datadir.join("blk00000.dat"), vec![1u8; 4096]).unwrap();
 
-    let (moved, m) = watch(&datadir, "write_test = false");
+    let (moved, m) = watch(&datadir, "write_test = false", "");
     assert!(!moved, "the data dir was written with write_test = false");
     assert_eq!(figure(&m, "nodescope_datadir_writable"), None, "{m}");
     let du = Command::new("du").arg("-sb").arg(&datadir).output().unwrap();
     let du: f64 = String::from_utf8_lossy(&du.stdout).split_whitespace().next().unwrap().parse().unwrap();
     assert_eq!(figure(&m, "nodescope_datadir_size_bytes"), Some(du), "still measured, as du -sb");
 
-    let (moved, m) = watch(&datadir, "datadir_write_test = \"1s\"");
+    let (moved, m) = watch(&datadir, "datadir_write_test = \"1s\"", "");
     assert!(moved, "the write test did not touch the data dir");
     assert_eq!(figure(&m, "nodescope_datadir_writable"), Some(1.0), "{m}");
 }
@@ -96,22 +97,8 @@ fn the_agent_never_opens_wallet_files() {
         n.max(0) as usize
     };
 
-    let mut node = Command::new("sleep").arg("60").stdin(Stdio::null()).spawn().unwrap();
-    let pid_file = tmp.path().join("node.pid");
-    std::fs::write(&pid_file, format!("{}\n", node.id())).unwrap();
-    let agent = Agent::start(&format!(
-        "[agent]\ninterval = \"250ms\"\n\n[resources]\ndatadir_write_test = \"1s\"\n\n[[targets]]\nname = \"n\"\nchain = \"litecoin\"\npid_file = \"{}\"\ndatadir = \"{}\"\n",
-        pid_file.display(),
-        datadir.display()
-    ));
-    wait_for("the data dir measured", Duration::from_secs(20), || {
-        figure(&agent.metrics(), "nodescope_datadir_size_bytes")
-    });
-    std::thread::sleep(Duration::from_secs(4));
-    let m = agent.metrics();
+    let (_, m) = watch(&datadir, "datadir_write_test = \"1s\"", "chain = \"litecoin\"\n");
     let seen = events();
-    drop(agent);
-    stop_child(&mut node, Duration::from_secs(2));
     assert_eq!(seen, 0, "the agent opened or read a wallet file");
     // the walk did cover the wallets' bytes (by their size, not their contents)
     assert!(figure(&m, "nodescope_datadir_size_bytes").is_some_and(|s| s >= 2.0 * 8192.0), "{m}");
