@@ -35,3 +35,26 @@ pub trait Signal {
     /// What an earlier agent saved, handed over before the first collection.
     fn restore(&mut self, _saved: serde_json::Value) {}
 }
+
+/// A signal's collection failures in its log: each distinct failure once,
+/// not every interval, and one line when collection works again.
+#[derive(Default)]
+pub struct FailureLog {
+    last: Option<String>,
+}
+
+impl FailureLog {
+    pub fn failed(&mut self, signal: &str, e: &dyn std::fmt::Display) {
+        let msg = e.to_string();
+        if self.last.as_deref() != Some(msg.as_str()) {
+            tracing::error!("{signal} collection failed: {msg}");
+            self.last = Some(msg);
+        }
+    }
+
+    pub fn worked(&mut self, signal: &str) {
+        if self.last.take().is_some() {
+            tracing::info!("{signal} collection works again");
+        }
+    }
+}

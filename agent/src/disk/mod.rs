@@ -282,7 +282,7 @@ pub fn start(
         return None;
     }
     match DiskSignal::load(config) {
-        Ok(signal) => Some(Box::new(Running { signal, metrics, snapshot, last_error: None })),
+        Ok(signal) => Some(Box::new(Running { signal, metrics, snapshot, failures: Default::default() })),
         Err(e) => {
             tracing::error!("disk signal off: {e}; see `nodescope probes`");
             None
@@ -295,7 +295,7 @@ struct Running {
     signal: DiskSignal,
     metrics: metrics::DiskMetrics,
     snapshot: Shared<DiskSnapshot>,
-    last_error: Option<String>,
+    failures: crate::signal::FailureLog,
 }
 
 impl Signal for Running {
@@ -330,16 +330,9 @@ impl Signal for Running {
             Ok(snap) => {
                 self.metrics.record(&snap);
                 self.snapshot.publish(snap);
-                self.last_error = None;
+                self.failures.worked("disk");
             }
-            Err(e) => {
-                // once per distinct failure, not every interval
-                let msg = e.to_string();
-                if self.last_error.as_deref() != Some(msg.as_str()) {
-                    tracing::error!("disk collection failed: {msg}");
-                    self.last_error = Some(msg);
-                }
-            }
+            Err(e) => self.failures.failed("disk", &e),
         }
     }
 }

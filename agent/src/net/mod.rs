@@ -42,7 +42,7 @@ pub fn start(
     // instead of adding to it at the agent's peak
     let metrics = NetMetrics::register(meter, snapshot.clone());
     match loaded {
-        Ok(signal) => Some(Box::new(Running { signal, metrics, snapshot, last_error: None })),
+        Ok(signal) => Some(Box::new(Running { signal, metrics, snapshot, failures: Default::default() })),
         Err(e) => {
             tracing::error!("network signal off: {e}");
             None
@@ -55,8 +55,7 @@ struct Running {
     signal: NetSignal,
     metrics: NetMetrics,
     snapshot: Shared<NetSnapshot>,
-    /// The last collection's failure, logged once rather than every interval.
-    last_error: Option<String>,
+    failures: crate::signal::FailureLog,
 }
 
 impl Signal for Running {
@@ -92,17 +91,10 @@ impl Signal for Running {
             Ok(snap) => {
                 self.metrics.record(&snap);
                 self.snapshot.publish(snap);
-                if self.last_error.take().is_some() {
-                    tracing::info!("network collection works again");
-                }
+                self.failures.worked("network");
             }
             Err(e) => {
-                // once per distinct failure, not every interval
-                let msg = e.to_string();
-                if self.last_error.as_deref() != Some(msg.as_str()) {
-                    tracing::error!("network collection failed: {msg}");
-                    self.last_error = Some(msg);
-                }
+                self.failures.failed("network", &e);
                 // no stale figures: rules over peers turn unknown until it recovers
                 self.snapshot.publish(NetSnapshot::default());
             }

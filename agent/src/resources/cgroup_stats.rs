@@ -25,7 +25,7 @@ pub const CONTROLLERS: &[(&str, &str)] =
 /// its CPU time when the node's v1 cpuacct group is the root.
 pub const UNIFIED: &str = "unified";
 
-pub use crate::config::CgroupVersion;
+use crate::config::CgroupVersion;
 
 /// Where a node's cgroup figures are read from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,12 +22,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::cgroup::{Mounts, ProcessCgroups};
+use crate::config::CgroupVersion;
 use crate::config::ResourcesConfig;
 use crate::scope::ScopePlan;
 use crate::signal::Signal;
 use crate::snapshot::Shared;
 use crate::target::{Scope, Target};
-use cgroup_stats::CgroupVersion;
 use datadir::{DatadirWatcher, WalkLimits, WatchKey, WatchRequest};
 use forecast::Trend;
 use process::ProcessReader;

@@ -73,28 +73,26 @@ fn reason(e: &std::io::Error) -> String {
     }
 }
 
+/// A connection to the agent, trying each of its addresses within
+/// `timeout`; the reason, worded for the terminal, when none answers.
+fn connect(url: &AgentUrl, timeout: Duration) -> Result<TcpStream, String> {
+    let addrs: Vec<SocketAddr> = (url.host.as_str(), url.port).to_socket_addrs().map_err(|e| e.to_string())?.collect();
+    let mut last = None;
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.map_or_else(|| "no address".into(), |e| reason(&e)))
+}
+
 /// GET `path` from the agent: (status, body). `timeout` bounds the connect
 /// and the whole exchange.
 pub fn get(url: &AgentUrl, path: &str, timeout: Duration) -> Result<(u16, String), FetchError> {
     let unreachable = |why: String| FetchError(format!("no nodescope agent at {}: {why}", url.text));
     let deadline = Instant::now() + timeout;
-    let addrs: Vec<SocketAddr> =
-        (url.host.as_str(), url.port).to_socket_addrs().map_err(|e| unreachable(e.to_string()))?.collect();
-    let mut last = None;
-    let mut stream = None;
-    for a in &addrs {
-        match TcpStream::connect_timeout(a, timeout) {
-            Ok(s) => {
-                stream = Some(s);
-                break;
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    let mut s = match stream {
-        Some(s) => s,
-        None => return Err(unreachable(last.map_or_else(|| "no address".into(), |e| reason(&e)))),
-    };
+    let mut s = connect(url, timeout).map_err(unreachable)?;
     let io = |e: std::io::Error| unreachable(reason(&e));
     s.set_write_timeout(Some(timeout)).map_err(io)?;
     let host = if url.host.contains(':') { format!("[{}]", url.host) } else { url.host.clone() };
@@ -143,12 +141,7 @@ pub fn follow_events(url: &AgentUrl, tx: &std::sync::mpsc::SyncSender<StreamEven
     use std::io::BufRead;
     use std::sync::mpsc::TrySendError;
     loop {
-        let stream = (url.host.as_str(), url.port)
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok());
-        if let Some(mut s) = stream {
+        if let Ok(mut s) = connect(url, Duration::from_secs(2)) {
             // HTTP/1.0: the stream comes as it is, not chunked, and ends with the connection
             let request = format!(
                 "GET {}/events HTTP/1.0\r\nUser-Agent: nodescope-top\r\nAccept: text/event-stream\r\n\r\n",
@@ -158,7 +151,7 @@ pub fn follow_events(url: &AgentUrl, tx: &std::sync::mpsc::SyncSender<StreamEven
                 let mut lines = std::io::BufReader::new(s).lines();
                 let ok = lines.next().and_then(Result::ok).is_some_and(|l| l.split(' ').nth(1) == Some("200"));
                 let mut kind = String::new();
-                for line in lines.map_while(Result::ok).skip_while(|_| !ok) {
+                for line in lines.map_while(Result::ok).take_while(|_| ok) {
                     if let Some(k) = line.strip_prefix("event: ") {
                         kind = k.to_string();
                     } else if let Some(d) = line.strip_prefix("data: ") {
